@@ -1,0 +1,307 @@
+//! Channel bridging: carries one local channel's traffic to its upstream
+//! channel and back, byte for byte, with EOF, exit status and close in order.
+//!
+//! Three tasks per bridged channel:
+//! - the *pump* drains the upstream channel at once into a [`SpillQueue`]
+//!   (so no upstream channel can stall the shared connection) and routes
+//!   request replies;
+//! - the *forwarder* moves events from the queue to the local client,
+//!   waiting on the local window (this is where a slow reader waits);
+//! - the *uplink* moves local data to upstream, waiting on the upstream
+//!   window; it blocks only its own local connection, which is what
+//!   backpressure on that client should do.
+
+pub mod spill;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use russh::{ChannelMsg, ChannelWriteHalf, client, server};
+use tokio::sync::oneshot;
+
+use spill::{Event, PushError, SpillQueue};
+
+/// A channel request that needs the upstream's answer.
+pub enum Request {
+    /// `pty-req`.
+    Pty {
+        /// TERM.
+        term: String,
+        /// Width in characters.
+        cols: u32,
+        /// Height in rows.
+        rows: u32,
+        /// Width in pixels.
+        pix_width: u32,
+        /// Height in pixels.
+        pix_height: u32,
+        /// Terminal modes.
+        modes: Vec<(russh::Pty, u32)>,
+    },
+    /// `shell`.
+    Shell,
+    /// `exec` with the command.
+    Exec(Vec<u8>),
+    /// `subsystem` with its name.
+    Subsystem(String),
+    /// `auth-agent-req@openssh.com`.
+    AgentForward,
+}
+
+/// The upstream write side of a bridged channel, shared by the local
+/// handler (requests) and the bridge tasks.
+pub struct Upstream {
+    /// Writes to the upstream channel.
+    pub write: ChannelWriteHalf<client::Msg>,
+    /// Replies we are waiting for, in request order (SSH answers in order).
+    replies: Mutex<VecDeque<oneshot::Sender<bool>>>,
+}
+
+impl Upstream {
+    /// Sends a request upstream with want-reply and waits for the verdict:
+    /// `false` when refused or when the channel died first.
+    pub async fn request(&self, req: Request) -> bool {
+        let (tx, rx) = oneshot::channel();
+        self.replies.lock().unwrap().push_back(tx);
+        let w = &self.write;
+        let sent = match req {
+            Request::Pty {
+                term,
+                cols,
+                rows,
+                pix_width,
+                pix_height,
+                modes,
+            } => {
+                w.request_pty(true, &term, cols, rows, pix_width, pix_height, &modes)
+                    .await
+            }
+            Request::Shell => w.request_shell(true).await,
+            Request::Exec(cmd) => w.exec(true, cmd).await,
+            Request::Subsystem(name) => w.request_subsystem(true, name).await,
+            Request::AgentForward => w.agent_forward(true).await,
+        };
+        if sent.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Hands a reply to the oldest waiting request.
+    fn reply(&self, ok: bool) {
+        if let Some(tx) = self.replies.lock().unwrap().pop_front() {
+            let _ = tx.send(ok);
+        }
+    }
+}
+
+/// Bridges a local (server-side) channel to an upstream (client-side)
+/// channel until both are closed. Returns the upstream write side so the
+/// caller can forward channel requests.
+pub fn spawn(
+    local: russh::Channel<server::Msg>,
+    local_handle: server::Handle,
+    upstream: russh::Channel<client::Msg>,
+) -> Arc<Upstream> {
+    let local_id = local.id();
+    let (mut local_read, local_write) = local.split();
+    let (up_read, up_write) = upstream.split();
+    let up = Arc::new(Upstream {
+        write: up_write,
+        replies: Mutex::new(VecDeque::new()),
+    });
+    let queue = Arc::new(SpillQueue::new());
+    tokio::spawn(pump(up_read, up.clone(), queue.clone(), local_id));
+
+    // Forwarder: queue -> local client, at the local reader's pace.
+    let (q, u) = (queue, up.clone());
+    tokio::spawn(async move {
+        let sent = async {
+            loop {
+                let ok = match q.pop().await? {
+                    Event::Data(d) => local_write.data_bytes(d).await.is_ok(),
+                    Event::Ext(e, d) => local_write.extended_data_bytes(e, d).await.is_ok(),
+                    Event::Eof => local_write.eof().await.is_ok(),
+                    Event::ExitStatus(s) => local_write.exit_status(s).await.is_ok(),
+                    Event::ExitSignal {
+                        signal,
+                        core_dumped,
+                        message,
+                        lang,
+                    } => local_handle
+                        .exit_signal_request(local_id, signal, core_dumped, message, lang)
+                        .await
+                        .is_ok(),
+                    Event::Close => {
+                        let _ = local_write.close().await;
+                        return Ok::<_, std::io::Error>(());
+                    }
+                };
+                if !ok {
+                    return Ok(());
+                }
+            }
+        };
+        if let Err(e) = sent.await {
+            tracing::warn!("channel {local_id:?}: reading buffered data failed: {e}");
+        }
+        // Local side gone or closed: stop buffering and end the remote
+        // command at once.
+        q.close_reader();
+        let _ = u.write.close().await;
+    });
+
+    // Uplink: local client -> upstream, at the upstream's pace.
+    let u = up.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = local_read.wait().await {
+            let ok = match msg {
+                ChannelMsg::Data { data } => u.write.data_bytes(data).await.is_ok(),
+                ChannelMsg::ExtendedData { ext, data } => {
+                    u.write.extended_data_bytes(ext, data).await.is_ok()
+                }
+                ChannelMsg::Eof => u.write.eof().await.is_ok(),
+                ChannelMsg::Close => break,
+                // Requests arrive here too; the handler answers them.
+                _ => true,
+            };
+            if !ok {
+                break;
+            }
+        }
+        let _ = u.write.close().await;
+    });
+
+    up
+}
+
+/// Drains an upstream channel into `q` as fast as it delivers, routing
+/// request replies to `u`. Ends with a `Close` event.
+async fn pump(
+    mut up_read: russh::ChannelReadHalf,
+    u: Arc<Upstream>,
+    q: Arc<SpillQueue>,
+    what: impl std::fmt::Debug,
+) {
+    let mut overflowed = false;
+    while let Some(msg) = up_read.wait().await {
+        let ev = match msg {
+            ChannelMsg::Data { data } => Event::Data(data),
+            ChannelMsg::ExtendedData { ext, data } => Event::Ext(ext, data),
+            ChannelMsg::Eof => Event::Eof,
+            ChannelMsg::ExitStatus { exit_status } => Event::ExitStatus(exit_status),
+            ChannelMsg::ExitSignal {
+                signal_name,
+                core_dumped,
+                error_message,
+                lang_tag,
+            } => Event::ExitSignal {
+                signal: signal_name,
+                core_dumped,
+                message: error_message,
+                lang: lang_tag,
+            },
+            ChannelMsg::Success => {
+                u.reply(true);
+                continue;
+            }
+            ChannelMsg::Failure => {
+                u.reply(false);
+                continue;
+            }
+            ChannelMsg::Close => break,
+            _ => continue,
+        };
+        if overflowed {
+            continue;
+        }
+        if let Err(e) = q.push(ev) {
+            // The local reader has stalled past the disk cap: end this
+            // channel rather than let it hold memory or disk without bound.
+            let why = match e {
+                PushError::Full => format!(
+                    "the local reader stopped reading and {} MiB are buffered",
+                    spill::CHANNEL_DISK >> 20
+                ),
+                PushError::Io(e) => format!("cannot buffer for a slow reader: {e}"),
+            };
+            tracing::warn!("closing channel {what:?}: {why}");
+            q.push_control(Event::Ext(
+                1,
+                format!("\r\nsshshim: channel closed: {why}\r\n").into(),
+            ));
+            q.push_control(Event::Close);
+            overflowed = true;
+            let _ = u.write.close().await;
+        }
+    }
+    // Wake any request still waiting: the channel is gone.
+    u.replies.lock().unwrap().clear();
+    q.push_control(Event::Close);
+}
+
+/// Bridges a byte stream (a TCP or Unix socket of an sshshim-owned
+/// forward) to an upstream channel, with half-close carried both ways.
+pub fn spawn_stream<S>(stream: S, upstream: russh::Channel<client::Msg>, what: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (up_read, up_write) = upstream.split();
+    let up = Arc::new(Upstream {
+        write: up_write,
+        replies: Mutex::new(VecDeque::new()),
+    });
+    let queue = Arc::new(SpillQueue::new());
+    tokio::spawn(pump(up_read, up.clone(), queue.clone(), what));
+
+    // Upstream -> socket.
+    let (q, u) = (queue, up.clone());
+    tokio::spawn(async move {
+        loop {
+            let ok = match q.pop().await {
+                Ok(Event::Data(d)) => wr.write_all(&d).await.is_ok(),
+                // Only sessions carry stderr; a forward has none to give.
+                Ok(Event::Ext(..) | Event::ExitStatus(_) | Event::ExitSignal { .. }) => true,
+                Ok(Event::Eof) => {
+                    let _ = wr.shutdown().await;
+                    true
+                }
+                Ok(Event::Close) | Err(_) => break,
+            };
+            if !ok {
+                break;
+            }
+        }
+        q.close_reader();
+        let _ = u.write.close().await;
+    });
+
+    // Socket -> upstream. One buffer whose spare capacity is reused, so a
+    // chunk costs no allocation of its own until the buffer is used up.
+    tokio::spawn(async move {
+        let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
+        loop {
+            if buf.capacity() < 16 * 1024 {
+                buf.reserve(64 * 1024);
+            }
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = up.write.eof().await;
+                    break;
+                }
+                Ok(_) => {
+                    if up.write.data_bytes(buf.split().freeze()).await.is_err() {
+                        let _ = up.write.close().await;
+                        break;
+                    }
+                }
+                Err(_) => {
+                    let _ = up.write.close().await;
+                    break;
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,294 @@
+//! A per-channel queue that never blocks its producer: the cure for
+//! russh's head-of-line blocking.
+//!
+//! russh's client grants window credit when data *arrives* and its session
+//! loop awaits each channel's bounded queue (russh#730, #392). A channel
+//! whose local reader stalls would therefore freeze the whole upstream
+//! connection. So every upstream channel is drained at once into one of
+//! these queues. Payload stays in memory up to a per-channel and a global
+//! budget, beyond which it goes to an unlinked temporary file (as nginx
+//! buffers slow clients), up to a per-channel disk cap. A reader that is slow
+//! but progressing loses nothing; one stalled past the disk cap has its
+//! channel closed with a message rather than stalling everyone else.
+//!
+//! We chose this over moving heavy channels to extra upstream connections
+//! because a second connection is not always possible (one-time passwords)
+//! and because it keeps one connection, which is what users come for.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use russh::Sig;
+use tokio::sync::Notify;
+
+/// In-memory payload one channel may hold before it spills to disk.
+pub const CHANNEL_MEMORY: usize = 1024 * 1024;
+/// In-memory payload all channels together may hold before spilling.
+pub const GLOBAL_MEMORY: usize = 64 * 1024 * 1024;
+/// Disk one channel may use for a stalled reader before it is closed.
+pub const CHANNEL_DISK: u64 = 1024 * 1024 * 1024;
+
+/// Payload bytes held in memory by all queues together.
+static IN_MEMORY: AtomicUsize = AtomicUsize::new(0);
+
+/// What flows from upstream to a local channel, in order.
+#[derive(Debug)]
+pub enum Event {
+    /// Channel data.
+    Data(Bytes),
+    /// Extended data (1 = stderr).
+    Ext(u32, Bytes),
+    /// The remote will send no more data.
+    Eof,
+    /// The remote command exited.
+    ExitStatus(u32),
+    /// The remote command was killed by a signal.
+    ExitSignal {
+        /// The signal.
+        signal: Sig,
+        /// Whether it dumped core.
+        core_dumped: bool,
+        /// Message for the user.
+        message: String,
+        /// Language tag of the message.
+        lang: String,
+    },
+    /// The channel is closed; nothing follows.
+    Close,
+}
+
+/// A queued item: an event, or data whose bytes are in the spill file.
+enum Item {
+    /// Held in memory.
+    Event(Event),
+    /// `len` bytes at the spill file's read offset.
+    Spilled { ext: Option<u32>, len: usize },
+}
+
+/// The state behind the queue's lock.
+#[derive(Default)]
+struct Inner {
+    /// Items in order.
+    items: VecDeque<Item>,
+    /// Payload bytes of in-memory items.
+    mem: usize,
+    /// The spill file, created on first need.
+    file: Option<File>,
+    /// Next write position in the spill file.
+    write_off: u64,
+    /// Next read position in the spill file.
+    read_off: u64,
+    /// The consumer is gone: drop what comes.
+    reader_gone: bool,
+}
+
+/// Why a push was refused.
+#[derive(Debug)]
+pub enum PushError {
+    /// The channel's disk cap is reached.
+    Full,
+    /// The spill file could not be written.
+    Io(std::io::Error),
+}
+
+/// An unbounded-producer, spill-to-disk FIFO of [`Event`]s.
+#[derive(Default)]
+pub struct SpillQueue {
+    /// Items and spill state.
+    inner: Mutex<Inner>,
+    /// Wakes the consumer.
+    ready: Notify,
+}
+
+impl SpillQueue {
+    /// A new, empty queue.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends an event; never waits. Data goes to disk once the memory
+    /// budgets are used (and stays there while the file has unread bytes,
+    /// to keep order).
+    pub fn push(&self, ev: Event) -> Result<(), PushError> {
+        let mut g = self.inner.lock().unwrap();
+        if g.reader_gone {
+            return Ok(());
+        }
+        let (ext, data) = match &ev {
+            Event::Data(d) => (None, d),
+            Event::Ext(e, d) => (Some(*e), d),
+            _ => {
+                g.items.push_back(Item::Event(ev));
+                drop(g);
+                self.ready.notify_one();
+                return Ok(());
+            }
+        };
+        let len = data.len();
+        let spilling = g.read_off < g.write_off
+            || g.mem + len > CHANNEL_MEMORY
+            || IN_MEMORY.load(Ordering::Relaxed) + len > GLOBAL_MEMORY;
+        if spilling {
+            if g.write_off - g.read_off + len as u64 > CHANNEL_DISK {
+                return Err(PushError::Full);
+            }
+            if g.file.is_none() {
+                g.file = Some(tempfile::tempfile().map_err(PushError::Io)?);
+            }
+            let off = g.write_off;
+            g.file
+                .as_ref()
+                .expect("created above")
+                .write_all_at(data, off)
+                .map_err(PushError::Io)?;
+            g.write_off += len as u64;
+            g.items.push_back(Item::Spilled { ext, len });
+        } else {
+            g.mem += len;
+            IN_MEMORY.fetch_add(len, Ordering::Relaxed);
+            g.items.push_back(Item::Event(ev));
+        }
+        drop(g);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Appends an event even past the caps (for the final message and
+    /// close after an overflow).
+    pub fn push_control(&self, ev: Event) {
+        let mut g = self.inner.lock().unwrap();
+        if !g.reader_gone {
+            g.items.push_back(Item::Event(ev));
+        }
+        drop(g);
+        self.ready.notify_one();
+    }
+
+    /// Takes the next event, waiting for one.
+    pub async fn pop(&self) -> std::io::Result<Event> {
+        loop {
+            let notified = self.ready.notified();
+            if let Some(ev) = self.try_pop()? {
+                return Ok(ev);
+            }
+            notified.await;
+        }
+    }
+
+    /// Takes the next event if there is one.
+    fn try_pop(&self) -> std::io::Result<Option<Event>> {
+        let mut g = self.inner.lock().unwrap();
+        let Some(item) = g.items.pop_front() else {
+            return Ok(None);
+        };
+        Ok(Some(match item {
+            Item::Event(ev) => {
+                if let Event::Data(d) | Event::Ext(_, d) = &ev {
+                    g.mem -= d.len();
+                    IN_MEMORY.fetch_sub(d.len(), Ordering::Relaxed);
+                }
+                ev
+            }
+            Item::Spilled { ext, len } => {
+                let mut buf = vec![0u8; len];
+                let off = g.read_off;
+                g.file
+                    .as_ref()
+                    .expect("spilled items imply a file")
+                    .read_exact_at(&mut buf, off)?;
+                g.read_off += len as u64;
+                if g.read_off == g.write_off {
+                    // Drained: start over at the front, freeing the blocks.
+                    g.read_off = 0;
+                    g.write_off = 0;
+                    if let Some(f) = &g.file {
+                        let _ = f.set_len(0);
+                    }
+                }
+                let data = Bytes::from(buf);
+                match ext {
+                    None => Event::Data(data),
+                    Some(e) => Event::Ext(e, data),
+                }
+            }
+        }))
+    }
+
+    /// Bytes waiting in the spill file.
+    pub fn spilled(&self) -> u64 {
+        let g = self.inner.lock().unwrap();
+        g.write_off - g.read_off
+    }
+
+    /// The consumer is gone: free everything and drop further pushes.
+    pub fn close_reader(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.reader_gone = true;
+        g.items.clear();
+        IN_MEMORY.fetch_sub(g.mem, Ordering::Relaxed);
+        g.mem = 0;
+        g.file = None;
+    }
+}
+
+impl Drop for SpillQueue {
+    fn drop(&mut self) {
+        self.close_reader();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn order_is_kept_across_memory_and_disk() {
+        let q = SpillQueue::new();
+        let chunk = Bytes::from(vec![7u8; 300 * 1024]);
+        let mut expected = Vec::new();
+        for i in 0..20u8 {
+            let mut v = chunk.to_vec();
+            v[0] = i;
+            expected.extend_from_slice(&v);
+            let ev = if i % 3 == 0 {
+                Event::Ext(1, Bytes::from(v))
+            } else {
+                Event::Data(Bytes::from(v))
+            };
+            q.push(ev).unwrap();
+        }
+        assert!(q.spilled() > 0, "20 x 300 KiB must spill past 1 MiB");
+        q.push(Event::ExitStatus(3)).unwrap();
+        q.push(Event::Close).unwrap();
+        let mut got = Vec::new();
+        let mut stderr_chunks = 0;
+        loop {
+            match q.pop().await.unwrap() {
+                Event::Data(d) => got.extend_from_slice(&d),
+                Event::Ext(1, d) => {
+                    stderr_chunks += 1;
+                    got.extend_from_slice(&d)
+                }
+                Event::ExitStatus(s) => assert_eq!(s, 3),
+                Event::Close => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, expected);
+        assert_eq!(stderr_chunks, 7);
+        assert_eq!(q.spilled(), 0);
+    }
+
+    #[tokio::test]
+    async fn reader_gone_drops_everything() {
+        let q = SpillQueue::new();
+        q.push(Event::Data(Bytes::from_static(b"x"))).unwrap();
+        q.close_reader();
+        q.push(Event::Data(Bytes::from_static(b"y"))).unwrap();
+        assert!(q.try_pop().unwrap().is_none());
+    }
+}

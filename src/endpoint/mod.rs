@@ -1,0 +1,549 @@
+//! The local endpoint: an SSH server on loopback that admits only our own
+//! user and hands every channel to the bridge.
+
+pub mod auth;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::keys::{PrivateKey, ssh_key::LineEnding};
+use russh::server::{self, Auth, Msg, Session};
+use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty, Sig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::{self, Request};
+use crate::forward::{LocalSession, Registry};
+use crate::upstream::Upstream;
+use auth::AuthorizedKeys;
+
+/// Loads the endpoint host key, or generates one under the state directory
+/// the first time so clients always see the same key.
+pub fn load_or_create_host_key(explicit: Option<&Path>) -> Result<(PrivateKey, PathBuf), String> {
+    if let Some(p) = explicit {
+        let key = russh::keys::load_secret_key(p, None)
+            .map_err(|e| format!("cannot load host key {}: {e}", p.display()))?;
+        return Ok((key, p.to_path_buf()));
+    }
+    let dir = crate::config::state_dir()
+        .map_err(|e| format!("cannot create the state directory: {e}"))?;
+    let path = dir.join("host_key_ed25519");
+    if path.exists() {
+        let key = russh::keys::load_secret_key(&path, None)
+            .map_err(|e| format!("cannot load host key {}: {e}", path.display()))?;
+        return Ok((key, path));
+    }
+    let key = PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+        .map_err(|e| format!("cannot generate a host key: {e}"))?;
+    let text = key
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| format!("cannot encode the host key: {e}"))?;
+    write_private(&path, text.as_bytes())
+        .map_err(|e| format!("cannot write host key {}: {e}", path.display()))?;
+    tracing::info!("generated endpoint host key {}", path.display());
+    Ok((key, path))
+}
+
+/// Writes a new file readable by its owner only (created 0600, never
+/// widened even for an instant).
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)
+}
+
+/// russh server settings for the endpoint.
+pub fn server_config(host_key: PrivateKey) -> server::Config {
+    server::Config {
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        // OpenSSH probes with "none" first; rejecting it slowly would add a
+        // second to every connect.
+        auth_rejection_time: Duration::from_millis(100),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        // Local sessions may idle for days (a shell in tmux).
+        inactivity_timeout: None,
+        window_size: crate::config::WINDOW_SIZE,
+        maximum_packet_size: crate::config::MAX_PACKET,
+        channel_buffer_size: crate::config::CHANNEL_BUFFER,
+        preferred: crate::config::preferred_algorithms(),
+        nodelay: true,
+        server_id: russh::SshId::Standard(
+            concat!("SSH-2.0-sshshim_", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// Shared state of the endpoint, cloned into every connection.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// russh server settings.
+    pub config: Arc<server::Config>,
+    /// The upstream connection.
+    pub upstream: Arc<Upstream>,
+    /// Keys allowed in.
+    pub authorized: Arc<AuthorizedKeys>,
+    /// Forward registry (client-requested and sshshim-owned forwards).
+    pub forwards: Arc<Registry>,
+    /// Accept peers that are not on loopback (then the uid check cannot apply).
+    pub allow_non_loopback: bool,
+}
+
+impl Endpoint {
+    /// Accepts local clients until `shutdown`.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        let local = listener.local_addr().ok();
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => return,
+            };
+            if let Err(why) = self.admit(peer, local.or(stream.local_addr().ok())) {
+                tracing::warn!("refused local connection from {peer}: {why}");
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let handler = LocalHandler {
+                ep: self.clone(),
+                peer,
+                handle: None,
+                channels: Arc::new(Mutex::new(HashMap::new())),
+                session: None,
+            };
+            let config = self.config.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let running = match server::run_stream(config, stream, handler).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!("local handshake with {peer} failed: {e:?}");
+                        return;
+                    }
+                };
+                let handle = running.handle();
+                tokio::select! {
+                    r = running => if let Err(e) = r {
+                        tracing::debug!("local session {peer} ended: {e:?}");
+                    },
+                    _ = shutdown.cancelled() => {
+                        let _ = handle.disconnect(russh::Disconnect::ByApplication, "sshshim is shutting down".into(), "en".into()).await;
+                    }
+                }
+            });
+        }
+    }
+
+    /// The same-user check done before any SSH byte is exchanged.
+    fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Result<(), String> {
+        if !peer.ip().is_loopback() {
+            return if self.allow_non_loopback {
+                Ok(())
+            } else {
+                Err("not a loopback address".into())
+            };
+        }
+        let Some(local) = local else {
+            return Err("cannot tell the local address".into());
+        };
+        if !Path::new("/proc/net/tcp").exists() {
+            // Not Linux: key authentication alone decides.
+            return Ok(());
+        }
+        match auth::peer_uid(peer, local) {
+            Some(uid) if uid == auth::my_uid() => Ok(()),
+            Some(uid) => Err(format!("its socket belongs to uid {uid}, not ours")),
+            None => Err("cannot find the owner of its socket".into()),
+        }
+    }
+}
+
+/// Per-connection russh callbacks.
+pub struct LocalHandler {
+    /// Shared endpoint state.
+    ep: Endpoint,
+    /// The client's address, for logs.
+    peer: SocketAddr,
+    /// Our handle on this connection, set once authenticated.
+    handle: Option<server::Handle>,
+    /// Bridged session channels, for request forwarding.
+    channels: Arc<Mutex<HashMap<ChannelId, Arc<bridge::Upstream>>>>,
+    /// Forwards this connection asked for; cancelled when it ends.
+    session: Option<Arc<LocalSession>>,
+}
+
+impl LocalHandler {
+    /// The bridge of a local session channel.
+    fn bridge(&self, id: ChannelId) -> Option<Arc<bridge::Upstream>> {
+        self.channels.lock().unwrap().get(&id).cloned()
+    }
+
+    /// Forwards a channel request upstream and answers the local client with
+    /// the upstream's verdict. Answered inline: russh keeps one want-reply
+    /// flag per channel and OpenSSH pipelines requests, so a deferred answer
+    /// could be lost.
+    async fn relay(
+        &self,
+        id: ChannelId,
+        session: &mut Session,
+        req: Request,
+    ) -> Result<(), russh::Error> {
+        let ok = match self.bridge(id) {
+            Some(b) => b.request(req).await,
+            None => false,
+        };
+        if ok {
+            session.channel_success(id)
+        } else {
+            session.channel_failure(id)
+        }
+    }
+
+    /// Opens the upstream twin of a local channel in the background (the
+    /// open takes a round trip we must not spend inside the session loop),
+    /// then bridges them.
+    fn open_and_bridge<F, Fut>(
+        &self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+        open: F,
+    ) where
+        F: FnOnce(Arc<crate::upstream::Connection>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Channel<russh::client::Msg>, russh::Error>> + Send,
+    {
+        let upstream = self.ep.upstream.clone();
+        let channels = self.channels.clone();
+        let handle = session.handle();
+        tokio::spawn(async move {
+            let conn = match upstream.connection().await {
+                Ok(c) => c,
+                Err(why) => {
+                    tracing::warn!("refusing channel: {why}");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    return;
+                }
+            };
+            match open(conn).await {
+                Ok(up) => {
+                    let id = channel.id();
+                    let b = bridge::spawn(channel, handle, up);
+                    channels.lock().unwrap().insert(id, b);
+                    reply.accept().await;
+                }
+                Err(russh::Error::ChannelOpenFailure(reason)) => reply.reject(reason).await,
+                Err(e) => {
+                    tracing::warn!("upstream channel open failed: {e}");
+                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        });
+    }
+}
+
+impl server::Handler for LocalHandler {
+    type Error = russh::Error;
+
+    async fn auth_none(&mut self, _user: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::Reject {
+            proceed_with_methods: Some(MethodSet::from(&[MethodKind::PublicKey][..])),
+            partial_success: false,
+        })
+    }
+
+    async fn auth_password(&mut self, _user: &str, _password: &str) -> Result<Auth, Self::Error> {
+        Ok(Auth::reject())
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: server::PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // The user name is ignored: the endpoint serves exactly one account.
+        Ok(if self.ep.authorized.allows(offer.public_key) {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        _user: &str,
+        key: server::VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self.ep.authorized.allows(key.public_key) {
+            Ok(Auth::Accept)
+        } else {
+            tracing::warn!("local client {} offered an unauthorized key", self.peer);
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        self.handle = Some(session.handle());
+        self.session = Some(LocalSession::new(
+            self.ep.forwards.clone(),
+            session.handle(),
+        ));
+        tracing::debug!("local client {} authenticated", self.peer);
+        Ok(())
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.open_and_bridge(channel, reply, session, |c| async move {
+            c.handle.channel_open_session().await
+        });
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let (host, orig) = (host_to_connect.to_owned(), originator_address.to_owned());
+        self.open_and_bridge(channel, reply, session, move |c| async move {
+            c.handle
+                .channel_open_direct_tcpip(host, port_to_connect, orig, originator_port)
+                .await
+        });
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: server::ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let path = socket_path.to_owned();
+        self.open_and_bridge(channel, reply, session, move |c| async move {
+            c.handle.channel_open_direct_streamlocal(path).await
+        });
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.channels.lock().unwrap().remove(&channel);
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        modes: &[(Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let req = Request::Pty {
+            term: term.to_owned(),
+            cols: col_width,
+            rows: row_height,
+            pix_width,
+            pix_height,
+            modes: modes.to_vec(),
+        };
+        self.relay(channel, session, req).await
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // OpenSSH sends env without want-reply, so pass it on the same way
+        // and spare a round trip.
+        if let Some(b) = self.bridge(channel) {
+            let _ = b.write.set_env(false, name, value).await;
+        }
+        session.channel_success(channel)
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.relay(channel, session, Request::Shell).await
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.relay(channel, session, Request::Exec(data.to_vec()))
+            .await
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.relay(channel, session, Request::Subsystem(name.to_owned()))
+            .await
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        row_height: u32,
+        pix_width: u32,
+        pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(b) = self.bridge(channel) {
+            let _ = b
+                .write
+                .window_change(col_width, row_height, pix_width, pix_height)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &mut self,
+        channel: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(b) = self.bridge(channel) {
+            let _ = b.write.signal(signal).await;
+        }
+        Ok(())
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // The upstream's agent channels are served from our own agent, so
+        // only ask for forwarding when we have one.
+        if std::env::var_os("SSH_AUTH_SOCK").is_none() {
+            return Ok(false);
+        }
+        Ok(match self.bridge(channel) {
+            Some(b) => b.request(Request::AgentForward).await,
+            None => false,
+        })
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(s) = &self.session else {
+            return Ok(false);
+        };
+        Ok(match s.tcpip_forward(address, *port).await {
+            Some(bound) => {
+                *port = bound;
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(s) = &self.session else {
+            return Ok(false);
+        };
+        Ok(s.cancel_tcpip_forward(address, port).await)
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(s) = &self.session else {
+            return Ok(false);
+        };
+        Ok(s.streamlocal_forward(socket_path).await)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some(s) = &self.session else {
+            return Ok(false);
+        };
+        Ok(s.cancel_streamlocal_forward(socket_path).await)
+    }
+}
+
+impl Drop for LocalHandler {
+    fn drop(&mut self) {
+        // The local connection is gone: its forwards must stop listening
+        // upstream.
+        if let Some(s) = self.session.take() {
+            s.end();
+        }
+    }
+}

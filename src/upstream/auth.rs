@@ -1,0 +1,304 @@
+//! Upstream authentication: agent, then identity files, then password.
+//!
+//! Secrets are asked for once, on the terminal, and kept in memory only so
+//! that reconnects never prompt again.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use russh::client::{self, AuthResult};
+use russh::keys::agent::client::AgentClient;
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::{MethodKind, MethodSet};
+
+use super::UpstreamError;
+
+/// A credential that has worked once and is reused on reconnect.
+#[derive(Clone)]
+enum Proven {
+    /// A key held by the agent.
+    Agent(PublicKey),
+    /// A decrypted private key, in memory only.
+    Key(Arc<PrivateKey>),
+    /// A password typed once.
+    Password(Arc<String>),
+}
+
+/// Authenticates upstream connections for one destination.
+pub struct Authenticator {
+    /// Upstream login name.
+    user: String,
+    /// Identity files to try after the agent.
+    identities: Vec<PathBuf>,
+    /// Whether the user named the identity files (missing ones are errors).
+    identities_explicit: bool,
+    /// What worked last time; tried first, and alone when prompting is off.
+    proven: Mutex<Option<Proven>>,
+}
+
+impl Authenticator {
+    /// An authenticator for `user` with these identity files.
+    pub fn new(user: String, identities: Vec<PathBuf>, identities_explicit: bool) -> Self {
+        Authenticator {
+            user,
+            identities,
+            identities_explicit,
+            proven: Mutex::new(None),
+        }
+    }
+
+    /// The login name used upstream.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// Runs authentication on a fresh connection. With `interactive` false
+    /// (reconnects) only the credential proven earlier is used: no prompts.
+    pub async fn authenticate<H: client::Handler>(
+        &self,
+        handle: &mut client::Handle<H>,
+        interactive: bool,
+    ) -> Result<(), UpstreamError> {
+        let mut tried = Vec::new();
+        let mut offered: Option<MethodSet> = None;
+        let proven = self.proven.lock().unwrap().clone();
+        if let Some(p) = proven {
+            match self.try_proven(handle, &p).await? {
+                AuthResult::Success => return Ok(()),
+                AuthResult::Failure {
+                    remaining_methods, ..
+                } => offered = Some(remaining_methods),
+            }
+            if !interactive {
+                return Err(UpstreamError::AuthRejected {
+                    user: self.user.clone(),
+                    offered: methods_text(offered.as_ref()),
+                    tried: "the credential that worked before".into(),
+                });
+            }
+        }
+
+        let rsa_hash = handle
+            .best_supported_rsa_hash()
+            .await
+            .ok()
+            .flatten()
+            .flatten();
+
+        // 1. The agent, if there is one.
+        if let Some(mut agent) = connect_agent().await {
+            let ids = agent.request_identities().await.unwrap_or_default();
+            if !ids.is_empty() {
+                tried.push(format!("ssh-agent ({} keys)", ids.len()));
+            }
+            for id in ids {
+                let key = id.public_key().into_owned();
+                let hash = if key.algorithm().is_rsa() {
+                    rsa_hash
+                } else {
+                    None
+                };
+                match handle
+                    .authenticate_publickey_with(&self.user, key.clone(), hash, &mut agent)
+                    .await
+                {
+                    Ok(AuthResult::Success) => {
+                        *self.proven.lock().unwrap() = Some(Proven::Agent(key));
+                        return Ok(());
+                    }
+                    Ok(AuthResult::Failure {
+                        remaining_methods, ..
+                    }) => offered = Some(remaining_methods),
+                    Err(e) => tracing::debug!("agent signing failed: {e}"),
+                }
+            }
+        }
+
+        // 2. Identity files.
+        for path in &self.identities {
+            if !path.exists() {
+                if self.identities_explicit {
+                    return Err(UpstreamError::BadKey(path.clone(), "no such file".into()));
+                }
+                continue;
+            }
+            let key = match load_key(path, interactive)? {
+                Some(k) => Arc::new(k),
+                None => continue,
+            };
+            tried.push(path.display().to_string());
+            let hash = if key.algorithm().is_rsa() {
+                rsa_hash
+            } else {
+                None
+            };
+            let res = handle
+                .authenticate_publickey(&self.user, PrivateKeyWithHashAlg::new(key.clone(), hash))
+                .await?;
+            match res {
+                AuthResult::Success => {
+                    *self.proven.lock().unwrap() = Some(Proven::Key(key));
+                    return Ok(());
+                }
+                AuthResult::Failure {
+                    remaining_methods, ..
+                } => offered = Some(remaining_methods),
+            }
+        }
+
+        // 3. Password, when the server offers it and we can ask.
+        let password_offered = offered
+            .as_ref()
+            .is_none_or(|m| m.contains(&MethodKind::Password));
+        if password_offered && interactive {
+            if let Some(pw) = prompt(&format!("{}'s password: ", self.user))? {
+                tried.push("password".into());
+                let pw = Arc::new(pw);
+                match handle
+                    .authenticate_password(&self.user, pw.as_str())
+                    .await?
+                {
+                    AuthResult::Success => {
+                        *self.proven.lock().unwrap() = Some(Proven::Password(pw));
+                        return Ok(());
+                    }
+                    AuthResult::Failure {
+                        remaining_methods, ..
+                    } => offered = Some(remaining_methods),
+                }
+            } else if tried.is_empty() {
+                return Err(UpstreamError::NoTerminal(
+                    "the server wants a password".into(),
+                ));
+            }
+        }
+
+        Err(UpstreamError::AuthRejected {
+            user: self.user.clone(),
+            offered: methods_text(offered.as_ref()),
+            tried: if tried.is_empty() {
+                "nothing (no agent keys, no identity files)".into()
+            } else {
+                tried.join(", ")
+            },
+        })
+    }
+
+    /// Replays a credential that worked before.
+    async fn try_proven<H: client::Handler>(
+        &self,
+        handle: &mut client::Handle<H>,
+        p: &Proven,
+    ) -> Result<AuthResult, UpstreamError> {
+        let rsa_hash = handle
+            .best_supported_rsa_hash()
+            .await
+            .ok()
+            .flatten()
+            .flatten();
+        Ok(match p {
+            Proven::Agent(key) => {
+                let Some(mut agent) = connect_agent().await else {
+                    return Err(UpstreamError::Other(
+                        "the ssh-agent that authenticated us is gone".into(),
+                    ));
+                };
+                let hash = if key.algorithm().is_rsa() {
+                    rsa_hash
+                } else {
+                    None
+                };
+                handle
+                    .authenticate_publickey_with(&self.user, key.clone(), hash, &mut agent)
+                    .await
+                    .map_err(|e| UpstreamError::Other(format!("ssh-agent: {e}")))?
+            }
+            Proven::Key(key) => {
+                let hash = if key.algorithm().is_rsa() {
+                    rsa_hash
+                } else {
+                    None
+                };
+                handle
+                    .authenticate_publickey(
+                        &self.user,
+                        PrivateKeyWithHashAlg::new(key.clone(), hash),
+                    )
+                    .await?
+            }
+            Proven::Password(pw) => {
+                handle
+                    .authenticate_password(&self.user, pw.as_str())
+                    .await?
+            }
+        })
+    }
+}
+
+/// Connects to `$SSH_AUTH_SOCK`, if set and reachable.
+pub async fn connect_agent() -> Option<AgentClient<tokio::net::UnixStream>> {
+    let sock = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty())?;
+    match AgentClient::connect_uds(&sock).await {
+        Ok(a) => Some(a),
+        Err(e) => {
+            tracing::debug!("ssh-agent at {sock:?} unreachable: {e}");
+            None
+        }
+    }
+}
+
+/// Loads a private key, asking for its passphrase on the terminal if needed.
+/// `Ok(None)`: encrypted and we may not (or cannot) ask; skipped.
+fn load_key(path: &PathBuf, interactive: bool) -> Result<Option<PrivateKey>, UpstreamError> {
+    match russh::keys::load_secret_key(path, None) {
+        Ok(k) => Ok(Some(k)),
+        Err(russh::keys::Error::KeyIsEncrypted) => {
+            if !interactive {
+                return Ok(None);
+            }
+            let Some(pass) = prompt(&format!("Enter passphrase for key '{}': ", path.display()))?
+            else {
+                tracing::warn!(
+                    "{} is passphrase-protected and there is no terminal to ask on; skipped \
+                     (add it to ssh-agent instead)",
+                    path.display()
+                );
+                return Ok(None);
+            };
+            russh::keys::load_secret_key(path, Some(&pass))
+                .map(Some)
+                .map_err(|e| {
+                    UpstreamError::BadKey(path.clone(), format!("{e} (wrong passphrase?)"))
+                })
+        }
+        Err(e) => Err(UpstreamError::BadKey(path.clone(), e.to_string())),
+    }
+}
+
+/// Asks on the controlling terminal without echo; `Ok(None)` if there is none.
+fn prompt(text: &str) -> Result<Option<String>, UpstreamError> {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/tty")
+        .is_err()
+    {
+        return Ok(None);
+    }
+    rpassword::prompt_password(text)
+        .map(Some)
+        .map_err(|e| UpstreamError::Other(format!("reading from the terminal: {e}")))
+}
+
+/// "publickey,password" for an error message.
+fn methods_text(m: Option<&MethodSet>) -> String {
+    match m {
+        None => "unknown".into(),
+        Some(m) if m.is_empty() => "none".into(),
+        Some(m) => m
+            .iter()
+            .map(|k| <&str>::from(k))
+            .collect::<Vec<_>>()
+            .join(","),
+    }
+}

@@ -1,0 +1,435 @@
+//! Upstream host key verification against OpenSSH known_hosts files.
+//!
+//! russh ships a known_hosts checker, but it fails on any line it cannot
+//! parse (a `@cert-authority` line or an unsupported key type would make
+//! every check an error) and does not report the recorded key on a change.
+//! This reader handles plain, hashed (`|1|`), `[host]:port`, wildcard and
+//! negated patterns and the `@revoked` marker, and skips what it does not know.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use hmac::{KeyInit, Mac};
+use russh::keys::{HashAlg, PublicKey};
+
+/// What a known_hosts lookup decided.
+#[derive(Debug)]
+pub enum HostKeyError {
+    /// No file names this host: refused unless the user accepts new keys.
+    Unknown {
+        /// The host as looked up (`host` or `[host]:port`).
+        host: String,
+        /// SHA256 fingerprint of the key offered.
+        fingerprint: String,
+        /// The file `--accept-new` would record the key in.
+        file: PathBuf,
+    },
+    /// A file holds a different key of the same type for this host.
+    Changed {
+        /// The host as looked up.
+        host: String,
+        /// Where the recorded key is.
+        file: PathBuf,
+        /// Line number of the recorded key.
+        line: usize,
+        /// Fingerprint of the recorded key.
+        expected: String,
+        /// Fingerprint of the key the server offered.
+        offered: String,
+    },
+    /// The key offered is marked `@revoked`.
+    Revoked {
+        /// Where the marker is.
+        file: PathBuf,
+        /// Line number of the marker.
+        line: usize,
+        /// Fingerprint of the revoked key.
+        fingerprint: String,
+    },
+    /// Recording a new key failed.
+    Record(PathBuf, std::io::Error),
+}
+
+impl fmt::Display for HostKeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostKeyError::Unknown {
+                host,
+                fingerprint,
+                file,
+            } => write!(
+                f,
+                "the host key of {host} is not known.\n  \
+                 Offered key fingerprint: {fingerprint}\n  \
+                 Check this fingerprint with the server's administrator, then run again with\n  \
+                 --accept-new to record it in {}",
+                file.display()
+            ),
+            HostKeyError::Changed {
+                host,
+                file,
+                line,
+                expected,
+                offered,
+            } => write!(
+                f,
+                "WARNING: THE HOST KEY OF {host} HAS CHANGED!\n  \
+                 Someone could be eavesdropping on you right now (man-in-the-middle attack),\n  \
+                 or the host key has just been replaced.\n  \
+                 Recorded key:  {expected} ({}:{line})\n  \
+                 Offered key:   {offered}\n  \
+                 sshshim refuses to connect. If the change is expected, remove the old key with\n  \
+                 ssh-keygen -R '{host}' -f {}",
+                file.display(),
+                file.display()
+            ),
+            HostKeyError::Revoked {
+                file,
+                line,
+                fingerprint,
+            } => write!(
+                f,
+                "the host key {fingerprint} is marked @revoked in {}:{line}; refusing to connect",
+                file.display()
+            ),
+            HostKeyError::Record(file, e) => {
+                write!(
+                    f,
+                    "could not record the host key in {}: {e}",
+                    file.display()
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for HostKeyError {}
+
+/// Checks an upstream host's key against known_hosts files.
+#[derive(Debug, Clone)]
+pub struct HostKeyVerifier {
+    /// Host name as the user gave it (known_hosts entries are keyed by it).
+    pub host: String,
+    /// Port, which selects `[host]:port` entries when not 22.
+    pub port: u16,
+    /// The user's file: read, and written with `accept_new`.
+    pub user_file: PathBuf,
+    /// System files, read only.
+    pub global_files: Vec<PathBuf>,
+    /// Record an unknown host's key instead of refusing.
+    pub accept_new: bool,
+}
+
+/// One key recorded for the host being checked.
+struct Recorded {
+    file: PathBuf,
+    line: usize,
+    revoked: bool,
+    key: PublicKey,
+}
+
+/// SHA256 fingerprint in OpenSSH's `SHA256:...` form.
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+impl HostKeyVerifier {
+    /// The name known_hosts entries use for this host.
+    fn lookup_name(&self) -> String {
+        if self.port == 22 {
+            self.host.clone()
+        } else {
+            format!("[{}]:{}", self.host, self.port)
+        }
+    }
+
+    /// Accepts `key` if a known_hosts file vouches for it, records it when
+    /// the host is unknown and `accept_new` is set, and refuses otherwise.
+    pub fn verify(&self, key: &PublicKey) -> Result<(), HostKeyError> {
+        let name = self.lookup_name();
+        let mut recorded = Vec::new();
+        for file in std::iter::once(&self.user_file).chain(&self.global_files) {
+            read_entries(file, &name, &mut recorded);
+        }
+        let offered = fingerprint(key);
+        if let Some(r) = recorded.iter().find(|r| r.revoked && key_eq(&r.key, key)) {
+            return Err(HostKeyError::Revoked {
+                file: r.file.clone(),
+                line: r.line,
+                fingerprint: offered,
+            });
+        }
+        let plain: Vec<&Recorded> = recorded.iter().filter(|r| !r.revoked).collect();
+        if plain.iter().any(|r| key_eq(&r.key, key)) {
+            return Ok(());
+        }
+        // Any recorded key for this host that is not the offered one means
+        // the host's identity is not what we knew: refuse, never re-learn.
+        // Report the same-type key when there is one, as it is the likely
+        // predecessor.
+        if let Some(r) = plain
+            .iter()
+            .find(|r| r.key.algorithm() == key.algorithm())
+            .or(plain.first())
+        {
+            return Err(HostKeyError::Changed {
+                host: name,
+                file: r.file.clone(),
+                line: r.line,
+                expected: fingerprint(&r.key),
+                offered,
+            });
+        }
+        if self.accept_new {
+            self.record(&name, key)
+                .map_err(|e| HostKeyError::Record(self.user_file.clone(), e))?;
+            tracing::warn!(
+                "recorded new host key {offered} for {name} in {}",
+                self.user_file.display()
+            );
+            return Ok(());
+        }
+        Err(HostKeyError::Unknown {
+            host: name,
+            fingerprint: offered,
+            file: self.user_file.clone(),
+        })
+    }
+
+    /// Appends `name key` to the user's file, creating it 0600 in a 0700 dir.
+    fn record(&self, name: &str, key: &PublicKey) -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = self.user_file.parent()
+            && !dir.as_os_str().is_empty()
+            && !dir.exists()
+        {
+            crate::config::create_private_dir(dir)?;
+        }
+        let mut existing = std::fs::read(&self.user_file).unwrap_or_default();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&self.user_file)?;
+        let line = key.to_openssh().map_err(std::io::Error::other)?;
+        if !existing.is_empty() && existing.last() != Some(&b'\n') {
+            existing.clear();
+            f.write_all(b"\n")?;
+        }
+        writeln!(f, "{name} {line}")
+    }
+}
+
+/// Compares key material only (comments differ between files).
+fn key_eq(a: &PublicKey, b: &PublicKey) -> bool {
+    a.key_data() == b.key_data()
+}
+
+/// Collects the entries of `file` that match `name`; unreadable files and
+/// lines are skipped, as OpenSSH does.
+fn read_entries(file: &Path, name: &str, out: &mut Vec<Recorded>) {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return;
+    };
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let mut first = fields.next().unwrap_or_default();
+        let mut revoked = false;
+        if let Some(marker) = first.strip_prefix('@') {
+            match marker {
+                "revoked" => revoked = true,
+                // @cert-authority and anything newer: not a host key.
+                _ => continue,
+            }
+            first = fields.next().unwrap_or_default();
+        }
+        let (Some(_kind), Some(b64)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !revoked && !patterns_match(first, name) {
+            continue;
+        }
+        if let Ok(key) = russh::keys::parse_public_key_base64(b64) {
+            out.push(Recorded {
+                file: file.to_path_buf(),
+                line: i + 1,
+                revoked,
+                key,
+            });
+        }
+    }
+}
+
+/// OpenSSH host pattern list semantics: any negated match vetoes, else any
+/// positive match (plain, hashed or glob) accepts.
+fn patterns_match(list: &str, name: &str) -> bool {
+    let mut matched = false;
+    for pat in list.split(',') {
+        if let Some(neg) = pat.strip_prefix('!') {
+            if glob(neg, name) {
+                return false;
+            }
+        } else if let Some(hashed) = pat.strip_prefix("|1|") {
+            matched |= hashed_match(hashed, name);
+        } else {
+            matched |= glob(pat, name);
+        }
+    }
+    matched
+}
+
+/// Matches `|1|salt|hash` (the `|1|` already removed): HMAC-SHA1 of the name.
+fn hashed_match(entry: &str, name: &str) -> bool {
+    let b64 = data_encoding::BASE64;
+    let Some((salt, hash)) = entry.split_once('|') else {
+        return false;
+    };
+    let (Ok(salt), Ok(hash)) = (b64.decode(salt.as_bytes()), b64.decode(hash.as_bytes())) else {
+        return false;
+    };
+    let Ok(mut mac) = hmac::Hmac::<sha1::Sha1>::new_from_slice(&salt) else {
+        return false;
+    };
+    mac.update(name.as_bytes());
+    mac.verify_slice(&hash).is_ok()
+}
+
+/// Shell-style glob with `*` and `?`, case-insensitive as OpenSSH host names.
+fn glob(pat: &str, name: &str) -> bool {
+    fn rec(p: &[u8], n: &[u8]) -> bool {
+        match p.split_first() {
+            None => n.is_empty(),
+            Some((b'*', rest)) => (0..=n.len()).any(|i| rec(rest, &n[i..])),
+            Some((b'?', rest)) => !n.is_empty() && rec(rest, &n[1..]),
+            Some((c, rest)) => {
+                n.first().is_some_and(|d| c.eq_ignore_ascii_case(d)) && rec(rest, &n[1..])
+            }
+        }
+    }
+    rec(pat.as_bytes(), name.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY_A: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIHz2V0FmQkFUM8WwiDGx1Co4aa2wuqmz8rn4UcTwmPxQ";
+
+    fn key() -> PublicKey {
+        russh::keys::parse_public_key_base64(KEY_A).unwrap()
+    }
+
+    fn other_key() -> PublicKey {
+        let k = russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+            .unwrap();
+        k.public_key().clone()
+    }
+
+    fn verifier(dir: &Path, port: u16, accept_new: bool) -> HostKeyVerifier {
+        HostKeyVerifier {
+            host: "example.org".into(),
+            port,
+            user_file: dir.join("known_hosts"),
+            global_files: vec![dir.join("global")],
+            accept_new,
+        }
+    }
+
+    #[test]
+    fn plain_hashed_port_and_global_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = verifier(dir.path(), 22, false);
+        std::fs::write(
+            dir.path().join("known_hosts"),
+            format!("# comment\n@cert-authority *.org ssh-ed25519 {KEY_A}\nexample.org ssh-ed25519 {KEY_A}\n"),
+        )
+        .unwrap();
+        v.verify(&key()).unwrap();
+
+        // Hashed entry made by `ssh-keygen -H` for "[example.org]:2200".
+        let salt = b"0123456789abcdefghij";
+        let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(salt).unwrap();
+        mac.update(b"[example.org]:2200");
+        let hash = mac.finalize().into_bytes();
+        let b64 = data_encoding::BASE64;
+        std::fs::write(
+            dir.path().join("global"),
+            format!(
+                "|1|{}|{} ssh-ed25519 {KEY_A}\n",
+                b64.encode(salt),
+                b64.encode(&hash)
+            ),
+        )
+        .unwrap();
+        verifier(dir.path(), 2200, false).verify(&key()).unwrap();
+        // The same key on yet another port is unknown.
+        assert!(matches!(
+            verifier(dir.path(), 2201, false).verify(&key()),
+            Err(HostKeyError::Unknown { .. })
+        ));
+    }
+
+    #[test]
+    fn changed_key_is_refused_even_with_accept_new() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("known_hosts"),
+            format!("other.org,example.org ssh-ed25519 {KEY_A}\n"),
+        )
+        .unwrap();
+        let err = verifier(dir.path(), 22, true)
+            .verify(&other_key())
+            .unwrap_err();
+        let HostKeyError::Changed { line, expected, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(*line, 1);
+        assert_eq!(expected, &fingerprint(&key()));
+        assert!(err.to_string().contains("HAS CHANGED"));
+    }
+
+    #[test]
+    fn unknown_host_is_refused_then_recorded_with_accept_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = verifier(dir.path(), 2222, false)
+            .verify(&key())
+            .unwrap_err();
+        assert!(err.to_string().contains("--accept-new"), "{err}");
+        assert!(err.to_string().contains(&fingerprint(&key())));
+        verifier(dir.path(), 2222, true).verify(&key()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("known_hosts")).unwrap();
+        assert!(
+            text.starts_with("[example.org]:2222 ssh-ed25519 "),
+            "{text}"
+        );
+        verifier(dir.path(), 2222, false).verify(&key()).unwrap();
+    }
+
+    #[test]
+    fn negation_and_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("known_hosts"),
+            format!("*.org,!example.org ssh-ed25519 {KEY_A}\n"),
+        )
+        .unwrap();
+        assert!(matches!(
+            verifier(dir.path(), 22, false).verify(&key()),
+            Err(HostKeyError::Unknown { .. })
+        ));
+        std::fs::write(
+            dir.path().join("known_hosts"),
+            format!("example.org ssh-ed25519 {KEY_A}\n@revoked * ssh-ed25519 {KEY_A}\n"),
+        )
+        .unwrap();
+        assert!(matches!(
+            verifier(dir.path(), 22, false).verify(&key()),
+            Err(HostKeyError::Revoked { line: 2, .. })
+        ));
+    }
+}

@@ -1,0 +1,529 @@
+//! The upstream connection: TCP connect, host key verification,
+//! authentication, keepalive, and reconnect with backoff.
+//!
+//! One [`Upstream`] owns the single SSH connection every local channel is
+//! multiplexed onto. Other modules ask it for the current [`Connection`]
+//! and never see a connection being replaced.
+
+pub mod auth;
+pub mod known_hosts;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use russh::client;
+use russh::keys::PublicKeyOrCertificate;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::UpConfig;
+use crate::forward::Registry;
+use auth::Authenticator;
+use known_hosts::{HostKeyError, HostKeyVerifier};
+
+/// Why an upstream connection could not be made or was lost.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// The host key did not verify (unknown, changed or revoked).
+    HostKey(HostKeyError),
+    /// TCP connect failed.
+    Connect {
+        /// `host:port` as tried.
+        target: String,
+        /// The socket error.
+        source: std::io::Error,
+    },
+    /// TCP connect or the handshake took longer than the connect timeout.
+    Timeout(String),
+    /// The server rejected every credential we have.
+    AuthRejected {
+        /// Login name.
+        user: String,
+        /// Methods the server said it accepts.
+        offered: String,
+        /// What was tried, for the message.
+        tried: String,
+    },
+    /// A key file could not be read or decrypted.
+    BadKey(std::path::PathBuf, String),
+    /// A secret is needed and there is no terminal to ask on.
+    NoTerminal(String),
+    /// The SSH protocol layer failed.
+    Ssh(russh::Error),
+    /// Anything else, already phrased for the user.
+    Other(String),
+}
+
+impl UpstreamError {
+    /// Whether retrying cannot help (a supervisor should stop, not loop).
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::HostKey(_)
+                | UpstreamError::AuthRejected { .. }
+                | UpstreamError::BadKey(..)
+                | UpstreamError::NoTerminal(_)
+        )
+    }
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::HostKey(e) => write!(f, "{e}"),
+            UpstreamError::Connect { target, source } => {
+                let hint = match source.kind() {
+                    std::io::ErrorKind::ConnectionRefused => {
+                        " (connection refused: is sshd running on that port?)"
+                    }
+                    std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable => {
+                        " (host unreachable: check the host name and your network)"
+                    }
+                    _ => "",
+                };
+                write!(f, "cannot connect to {target}: {source}{hint}")
+            }
+            UpstreamError::Timeout(target) => {
+                write!(
+                    f,
+                    "timed out connecting to {target} (host unreachable or filtered?)"
+                )
+            }
+            UpstreamError::AuthRejected {
+                user,
+                offered,
+                tried,
+            } => write!(
+                f,
+                "authentication as '{user}' was rejected; the server accepts: {offered}; \
+                 tried: {tried}"
+            ),
+            UpstreamError::BadKey(p, e) => write!(f, "cannot use key file {}: {e}", p.display()),
+            UpstreamError::NoTerminal(why) => write!(
+                f,
+                "{why}, but there is no terminal to ask on (use ssh-agent or an unencrypted key \
+                 for unattended runs)"
+            ),
+            UpstreamError::Ssh(e) => write!(f, "SSH error: {e}"),
+            UpstreamError::Other(s) => f.write_str(s),
+        }
+    }
+}
+
+impl std::error::Error for UpstreamError {}
+
+impl From<russh::Error> for UpstreamError {
+    fn from(e: russh::Error) -> Self {
+        UpstreamError::Ssh(e)
+    }
+}
+
+/// russh callbacks for the upstream connection.
+pub struct ClientHandler {
+    /// Checks the server's host key.
+    verifier: HostKeyVerifier,
+    /// Routes forwarded-tcpip/streamlocal channels to their owners.
+    forwards: Arc<Registry>,
+    /// Told when the connection ends, with the reason.
+    closed: watch::Sender<Option<String>>,
+}
+
+impl client::Handler for ClientHandler {
+    type Error = UpstreamError;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            // We never ask for certificates, so a server must not send one.
+            _ => return Ok(false),
+        };
+        self.verifier.verify(&key).map_err(UpstreamError::HostKey)?;
+        Ok(true)
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        // The remote only opens agent channels on sessions whose local client
+        // asked for forwarding; local clients are our own user, so our own
+        // agent is theirs.
+        let Some(sock) = std::env::var_os("SSH_AUTH_SOCK") else {
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        match tokio::net::UnixStream::connect(&sock).await {
+            Ok(mut agent) => {
+                reply.accept().await;
+                tokio::spawn(async move {
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut agent).await;
+                });
+            }
+            Err(e) => {
+                tracing::warn!("agent forwarding: cannot reach {sock:?}: {e}");
+                reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.forwards.route_tcpip(
+            channel,
+            connected_address,
+            connected_port,
+            originator_address,
+            originator_port,
+            reply,
+        );
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.forwards.route_streamlocal(channel, socket_path, reply);
+        Ok(())
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let why = match reason {
+            client::DisconnectReason::ReceivedDisconnect(_) => {
+                "the server closed the connection".into()
+            }
+            client::DisconnectReason::Error(e) => e.to_string(),
+        };
+        let _ = self.closed.send(Some(why));
+        Ok(())
+    }
+}
+
+/// One authenticated upstream SSH connection.
+pub struct Connection {
+    /// The russh handle; channels are opened through it.
+    pub handle: client::Handle<ClientHandler>,
+    /// Becomes `Some(reason)` when the connection is gone.
+    closed: watch::Receiver<Option<String>>,
+    /// Monotonic id, so owners can tell a reconnect happened.
+    pub generation: u64,
+}
+
+impl Connection {
+    /// Waits until this connection has ended and says why.
+    pub async fn closed(&self) -> String {
+        let mut rx = self.closed.clone();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if self.handle.is_closed() {
+                return "connection closed".into();
+            }
+            // Poll as a safety net: the handler is not told about every way
+            // the session task can end.
+            if tokio::time::timeout(Duration::from_millis(500), rx.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
+                return "connection closed".into();
+            }
+        }
+    }
+
+    /// Whether the connection is still usable.
+    pub fn is_alive(&self) -> bool {
+        self.closed.borrow().is_none() && !self.handle.is_closed()
+    }
+}
+
+/// What local channels see of the upstream right now.
+#[derive(Clone)]
+pub enum State {
+    /// A live connection.
+    Up(Arc<Connection>),
+    /// Down; reconnecting.
+    Reconnecting {
+        /// Attempt number of the next try.
+        attempt: u32,
+        /// Why the last attempt or connection failed.
+        last_error: String,
+    },
+    /// Given up for good (host key changed, credentials rejected, shut down).
+    Failed(String),
+}
+
+/// The upstream side of the shim: owns the connection and replaces it when
+/// it dies.
+pub struct Upstream {
+    /// Resolved settings.
+    cfg: Arc<UpConfig>,
+    /// Credentials, remembered across reconnects.
+    auth: Authenticator,
+    /// Host key policy.
+    verifier: HostKeyVerifier,
+    /// Where forwarded channels are routed.
+    forwards: Arc<Registry>,
+    /// Current state; local channels wait on it.
+    state: watch::Sender<State>,
+    /// russh client settings.
+    client_config: Arc<client::Config>,
+}
+
+impl Upstream {
+    /// Builds the upstream side; nothing is connected yet.
+    pub fn new(cfg: Arc<UpConfig>, forwards: Arc<Registry>) -> Arc<Self> {
+        let verifier = HostKeyVerifier {
+            host: cfg.host.clone(),
+            port: cfg.port,
+            user_file: cfg.known_hosts.clone(),
+            global_files: cfg.global_known_hosts.clone(),
+            accept_new: cfg.accept_new,
+        };
+        let auth = Authenticator::new(
+            cfg.user.clone(),
+            cfg.identities.clone(),
+            cfg.identities_explicit,
+        );
+        let client_config = client::Config {
+            // russh declares the connection dead after `keepalive_max`
+            // unanswered keepalives: our dead-path detection.
+            keepalive_interval: Some(cfg.keepalive),
+            keepalive_max: cfg.keepalive_max,
+            inactivity_timeout: None,
+            window_size: crate::config::WINDOW_SIZE,
+            maximum_packet_size: crate::config::MAX_PACKET,
+            channel_buffer_size: crate::config::CHANNEL_BUFFER,
+            preferred: crate::config::preferred_algorithms(),
+            nodelay: true,
+            ..Default::default()
+        };
+        let (state, _) = watch::channel(State::Reconnecting {
+            attempt: 1,
+            last_error: "not connected yet".into(),
+        });
+        Arc::new(Upstream {
+            cfg,
+            auth,
+            verifier,
+            forwards,
+            state,
+            client_config: Arc::new(client_config),
+        })
+    }
+
+    /// Subscribes to state changes.
+    pub fn watch(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
+    }
+
+    /// `user@host:port`, for messages.
+    pub fn target(&self) -> String {
+        format!("{}@{}:{}", self.auth.user(), self.cfg.host, self.cfg.port)
+    }
+
+    /// Makes one connection: TCP, handshake (host key check), auth.
+    async fn connect_once(
+        &self,
+        interactive: bool,
+        generation: u64,
+    ) -> Result<Connection, UpstreamError> {
+        let target = format!("{}:{}", self.cfg.host, self.cfg.port);
+        let deadline = self.cfg.connect_timeout;
+        let stream = tokio::time::timeout(
+            deadline,
+            tokio::net::TcpStream::connect((self.cfg.host.as_str(), self.cfg.port)),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout(target.clone()))?
+        .map_err(|source| UpstreamError::Connect {
+            target: target.clone(),
+            source,
+        })?;
+        let _ = stream.set_nodelay(true);
+        set_tcp_keepalive(&stream, self.cfg.keepalive);
+        let (closed_tx, closed_rx) = watch::channel(None);
+        let handler = ClientHandler {
+            verifier: self.verifier.clone(),
+            forwards: self.forwards.clone(),
+            closed: closed_tx,
+        };
+        let mut handle = tokio::time::timeout(
+            deadline,
+            client::connect_stream(self.client_config.clone(), stream, handler),
+        )
+        .await
+        .map_err(|_| UpstreamError::Timeout(target.clone()))??;
+        // Prompts may take as long as the user likes: no timeout around auth
+        // when interactive.
+        if interactive {
+            self.auth.authenticate(&mut handle, true).await?;
+        } else {
+            tokio::time::timeout(deadline, self.auth.authenticate(&mut handle, false))
+                .await
+                .map_err(|_| UpstreamError::Timeout(target))??;
+        }
+        Ok(Connection {
+            handle,
+            closed: closed_rx,
+            generation,
+        })
+    }
+
+    /// The first connection, made in the foreground so errors (and prompts)
+    /// reach the user before the endpoint opens.
+    pub async fn connect_first(&self) -> Result<(), UpstreamError> {
+        let conn = self.connect_once(true, 1).await?;
+        tracing::info!("connected to {}", self.target());
+        self.state.send_replace(State::Up(Arc::new(conn)));
+        Ok(())
+    }
+
+    /// Keeps the connection alive until `shutdown`: when it dies, reconnects
+    /// with exponential backoff and full jitter. Returns an error only for
+    /// failures retrying cannot fix.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), UpstreamError> {
+        let mut generation = 1;
+        let new_backoff = || {
+            backon::ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(500))
+                .with_max_delay(self.cfg.max_backoff)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        };
+        let mut backoff = new_backoff();
+        loop {
+            let State::Up(conn) = self.state.borrow().clone() else {
+                unreachable!("run() starts after connect_first and loops back only when up")
+            };
+            let up_since = Instant::now();
+            self.forwards.replay(conn.clone());
+            let why = tokio::select! {
+                why = conn.closed() => why,
+                _ = shutdown.cancelled() => {
+                    let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "sshshim shutting down", "en").await;
+                    self.state.send_replace(State::Failed("shutting down".into()));
+                    return Ok(());
+                }
+            };
+            drop(conn);
+            tracing::warn!("disconnected from {}: {why}", self.target());
+            // Only a connection that stayed up a while resets the backoff, so
+            // a server that accepts and then drops us is not hammered.
+            if up_since.elapsed() >= Duration::from_secs(60) {
+                backoff = new_backoff();
+            }
+            let mut last_error = why;
+            let mut attempt = 1u32;
+            loop {
+                self.state.send_replace(State::Reconnecting {
+                    attempt,
+                    last_error: last_error.clone(),
+                });
+                let delay = backoff.next().unwrap_or(self.cfg.max_backoff);
+                tracing::info!(
+                    "retrying in {:.1}s (attempt {attempt})",
+                    delay.as_secs_f32()
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {
+                        self.state.send_replace(State::Failed("shutting down".into()));
+                        return Ok(());
+                    }
+                }
+                generation += 1;
+                let res = tokio::select! {
+                    r = self.connect_once(false, generation) => r,
+                    _ = shutdown.cancelled() => {
+                        self.state.send_replace(State::Failed("shutting down".into()));
+                        return Ok(());
+                    }
+                };
+                match res {
+                    Ok(conn) => {
+                        tracing::info!("reconnected to {} (attempt {attempt})", self.target());
+                        self.state.send_replace(State::Up(Arc::new(conn)));
+                        break;
+                    }
+                    Err(e) if e.is_permanent() => {
+                        self.state.send_replace(State::Failed(e.to_string()));
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        tracing::warn!("reconnect attempt {attempt} failed: {e}");
+                        last_error = e.to_string();
+                        attempt += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The live connection, waiting up to the connect timeout while
+    /// reconnecting. The error text says why there is none.
+    pub async fn connection(&self) -> Result<Arc<Connection>, String> {
+        let mut rx = self.state.subscribe();
+        let wait = async {
+            loop {
+                match &*rx.borrow_and_update() {
+                    State::Up(c) if c.is_alive() => return Ok(c.clone()),
+                    State::Failed(why) => return Err(format!("upstream unavailable: {why}")),
+                    _ => {}
+                }
+                if rx.changed().await.is_err() {
+                    return Err("upstream unavailable: shutting down".to_string());
+                }
+            }
+        };
+        match tokio::time::timeout(self.cfg.connect_timeout, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(match &*self.state.borrow() {
+                State::Reconnecting {
+                    attempt,
+                    last_error,
+                } => format!(
+                    "upstream unavailable: reconnecting (attempt {attempt}, last error: {last_error})"
+                ),
+                State::Failed(why) => format!("upstream unavailable: {why}"),
+                State::Up(_) => "upstream unavailable: connection just closed".to_string(),
+            }),
+        }
+    }
+}
+
+/// TCP keepalive catches a dead path even while SSH keepalives are not
+/// due (and keeps idle NAT mappings alive).
+fn set_tcp_keepalive(stream: &tokio::net::TcpStream, interval: Duration) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(interval)
+        .with_interval(interval)
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!("cannot set TCP keepalive: {e}");
+    }
+}
