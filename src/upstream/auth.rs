@@ -297,7 +297,7 @@ fn methods_text(m: Option<&MethodSet>) -> String {
         Some(m) if m.is_empty() => "none".into(),
         Some(m) => m
             .iter()
-            .map(|k| <&str>::from(k))
+            .map(<&str>::from)
             .collect::<Vec<_>>()
             .join(","),
     }
