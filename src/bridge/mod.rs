@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use russh::{ChannelMsg, ChannelWriteHalf, client, server};
 use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use spill::{Event, PushError, SpillQueue};
 
@@ -55,6 +56,13 @@ pub struct Upstream {
     pub write: ChannelWriteHalf<client::Msg>,
     /// Replies we are waiting for, in request order (SSH answers in order).
     replies: Mutex<VecDeque<oneshot::Sender<bool>>>,
+    /// Set when the local client can no longer take output
+    /// (`eow@openssh.com`): output is dropped, exit status still delivered.
+    discard: CancellationToken,
+    /// Set when we close the upstream channel ourselves. russh then drops
+    /// everything the server still sends on it, including its close, so the
+    /// pump must stop on this instead of waiting for a close that never comes.
+    closing: CancellationToken,
 }
 
 impl Upstream {
@@ -87,6 +95,21 @@ impl Upstream {
         rx.await.unwrap_or(false)
     }
 
+    /// The local client can take no more output (it sent
+    /// `eow@openssh.com`): drop pending output and close upstream so the
+    /// remote command ends, as sshd would on receiving that request.
+    pub fn output_closed(&self) {
+        self.discard.cancel();
+    }
+
+    /// Closes the upstream channel (once) and stops its pump.
+    pub async fn close(&self) {
+        if !self.closing.is_cancelled() {
+            self.closing.cancel();
+            let _ = self.write.close().await;
+        }
+    }
+
     /// Hands a reply to the oldest waiting request.
     fn reply(&self, ok: bool) {
         if let Some(tx) = self.replies.lock().unwrap().pop_front() {
@@ -109,6 +132,8 @@ pub fn spawn(
     let up = Arc::new(Upstream {
         write: up_write,
         replies: Mutex::new(VecDeque::new()),
+        discard: CancellationToken::new(),
+        closing: CancellationToken::new(),
     });
     let queue = Arc::new(SpillQueue::new());
     tokio::spawn(pump(up_read, up.clone(), queue.clone(), local_id));
@@ -119,8 +144,17 @@ pub fn spawn(
         let sent = async {
             loop {
                 let ok = match q.pop().await? {
-                    Event::Data(d) => local_write.data_bytes(d).await.is_ok(),
-                    Event::Ext(e, d) => local_write.extended_data_bytes(e, d).await.is_ok(),
+                    // The client discards output after eow@openssh.com and
+                    // stops granting window for it: do not wait on it.
+                    Event::Data(_) | Event::Ext(..) if u.discard.is_cancelled() => true,
+                    Event::Data(d) => tokio::select! {
+                        r = local_write.data_bytes(d) => r.is_ok(),
+                        _ = u.discard.cancelled() => true,
+                    },
+                    Event::Ext(e, d) => tokio::select! {
+                        r = local_write.extended_data_bytes(e, d) => r.is_ok(),
+                        _ = u.discard.cancelled() => true,
+                    },
                     Event::Eof => local_write.eof().await.is_ok(),
                     Event::ExitStatus(s) => local_write.exit_status(s).await.is_ok(),
                     Event::ExitSignal {
@@ -148,7 +182,7 @@ pub fn spawn(
         // Local side gone or closed: stop buffering and end the remote
         // command at once.
         q.close_reader();
-        let _ = u.write.close().await;
+        u.close().await;
     });
 
     // Uplink: local client -> upstream, at the upstream's pace.
@@ -169,7 +203,7 @@ pub fn spawn(
                 break;
             }
         }
-        let _ = u.write.close().await;
+        u.close().await;
     });
 
     up
@@ -184,7 +218,12 @@ async fn pump(
     what: impl std::fmt::Debug,
 ) {
     let mut overflowed = false;
-    while let Some(msg) = up_read.wait().await {
+    loop {
+        let msg = tokio::select! {
+            m = up_read.wait() => m,
+            _ = u.closing.cancelled() => None,
+        };
+        let Some(msg) = msg else { break };
         let ev = match msg {
             ChannelMsg::Data { data } => Event::Data(data),
             ChannelMsg::ExtendedData { ext, data } => Event::Ext(ext, data),
@@ -232,9 +271,10 @@ async fn pump(
             ));
             q.push_control(Event::Close);
             overflowed = true;
-            let _ = u.write.close().await;
+            u.close().await;
         }
     }
+    tracing::trace!("pump {what:?}: upstream channel closed");
     // Wake any request still waiting: the channel is gone.
     u.replies.lock().unwrap().clear();
     q.push_control(Event::Close);
@@ -252,6 +292,8 @@ where
     let up = Arc::new(Upstream {
         write: up_write,
         replies: Mutex::new(VecDeque::new()),
+        discard: CancellationToken::new(),
+        closing: CancellationToken::new(),
     });
     let queue = Arc::new(SpillQueue::new());
     tokio::spawn(pump(up_read, up.clone(), queue.clone(), what));
@@ -275,7 +317,7 @@ where
             }
         }
         q.close_reader();
-        let _ = u.write.close().await;
+        u.close().await;
     });
 
     // Socket -> upstream. One buffer whose spare capacity is reused, so a
@@ -293,12 +335,12 @@ where
                 }
                 Ok(_) => {
                     if up.write.data_bytes(buf.split().freeze()).await.is_err() {
-                        let _ = up.write.close().await;
+                        up.close().await;
                         break;
                     }
                 }
                 Err(_) => {
-                    let _ = up.write.close().await;
+                    up.close().await;
                     break;
                 }
             }

@@ -2,6 +2,7 @@
 //! user and hands every channel to the bridge.
 
 pub mod auth;
+pub mod eow;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -76,12 +77,18 @@ pub fn server_config(host_key: PrivateKey) -> server::Config {
         channel_buffer_size: crate::config::CHANNEL_BUFFER,
         preferred: crate::config::preferred_algorithms(),
         nodelay: true,
+        // OpenSSH clients use their extensions (eow@openssh.com above all,
+        // which ends `ssh host yes | head` promptly) only with servers whose
+        // version starts with "OpenSSH"; we implement what they need.
         server_id: russh::SshId::Standard(
-            concat!("SSH-2.0-sshshim_", env!("CARGO_PKG_VERSION")).into(),
+            concat!("SSH-2.0-OpenSSH_sshshim-", env!("CARGO_PKG_VERSION")).into(),
         ),
         ..Default::default()
     }
 }
+
+/// A local connection's bridged session channels, by local channel id.
+pub type Channels = Mutex<HashMap<ChannelId, Arc<bridge::Upstream>>>;
 
 /// Shared state of the endpoint, cloned into every connection.
 #[derive(Clone)]
@@ -183,7 +190,7 @@ pub struct LocalHandler {
     /// Our handle on this connection, set once authenticated.
     handle: Option<server::Handle>,
     /// Bridged session channels, for request forwarding.
-    channels: Arc<Mutex<HashMap<ChannelId, Arc<bridge::Upstream>>>>,
+    channels: Arc<Channels>,
     /// Forwards this connection asked for; cancelled when it ends.
     session: Option<Arc<LocalSession>>,
 }
@@ -299,6 +306,7 @@ impl server::Handler for LocalHandler {
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.handle = Some(session.handle());
+        eow::register(&self.channels);
         self.session = Some(LocalSession::new(
             self.ep.forwards.clone(),
             session.handle(),

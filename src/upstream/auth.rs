@@ -295,10 +295,6 @@ fn methods_text(m: Option<&MethodSet>) -> String {
     match m {
         None => "unknown".into(),
         Some(m) if m.is_empty() => "none".into(),
-        Some(m) => m
-            .iter()
-            .map(<&str>::from)
-            .collect::<Vec<_>>()
-            .join(","),
+        Some(m) => m.iter().map(<&str>::from).collect::<Vec<_>>().join(","),
     }
 }

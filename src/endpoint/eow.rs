@@ -1,0 +1,108 @@
+//! Noticing `eow@openssh.com` from local clients.
+//!
+//! When an OpenSSH client can no longer write a session's output (`ssh host
+//! yes | head`), it sends `eow@openssh.com` and from then on discards what
+//! arrives; sshd reacts by closing the command's output so it dies of
+//! SIGPIPE. russh 0.65's server drops unknown channel requests without a
+//! callback, only logging "unknown channel request eow@openssh.com" from the
+//! connection's session task. So we watch for that log event, find the
+//! connection by the Tokio task it came from, and close the upstream channel,
+//! which ends the remote command just as promptly. Remove this once russh
+//! passes unknown requests to the handler.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Metadata, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
+
+use super::Channels;
+
+/// Where russh logs the request it ignored.
+const TARGET: &str = "russh::server::encrypted";
+/// The log message for an ignored `eow@openssh.com`.
+const MESSAGE: &str = "unknown channel request eow@openssh.com";
+
+/// Local connections by the Tokio task running their russh session.
+fn connections() -> &'static Mutex<HashMap<tokio::task::Id, Weak<Channels>>> {
+    static MAP: OnceLock<Mutex<HashMap<tokio::task::Id, Weak<Channels>>>> = OnceLock::new();
+    MAP.get_or_init(Default::default)
+}
+
+/// Registers the connection whose session task is running this call (call
+/// from a handler callback).
+pub fn register(channels: &Arc<Channels>) {
+    if let Some(id) = tokio::task::try_id() {
+        let mut map = connections().lock().unwrap();
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(id, Arc::downgrade(channels));
+    }
+}
+
+/// A tracing layer that turns russh's log line into the close described
+/// above. Its filter admits that one kind of event only, so it costs nothing
+/// on the data path.
+pub fn layer<S>() -> impl Layer<S>
+where
+    S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let only_ours = tracing_subscriber::filter::FilterFn::new(|meta: &Metadata<'_>| {
+        *meta.level() == tracing::Level::WARN && meta.target() == TARGET
+    })
+    .with_max_level_hint(tracing::level_filters::LevelFilter::WARN);
+    EowLayer.with_filter(only_ours)
+}
+
+/// The layer behind [`layer`].
+struct EowLayer;
+
+impl<S: Subscriber> Layer<S> for EowLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut msg = MessageText(String::new());
+        event.record(&mut msg);
+        if msg.0 != MESSAGE {
+            return;
+        }
+        let Some(task) = tokio::task::try_id() else {
+            tracing::debug!("eow: not on a task");
+            return;
+        };
+        let Some(channels) = connections()
+            .lock()
+            .unwrap()
+            .get(&task)
+            .and_then(Weak::upgrade)
+        else {
+            return;
+        };
+        // One ssh client runs one session; with several we cannot tell which
+        // one the request named, so leave them alone.
+        let only = {
+            let g = channels.lock().unwrap();
+            (g.len() == 1).then(|| g.values().next().cloned()).flatten()
+        };
+        tracing::debug!("eow@openssh.com from a local client: closing its upstream channel");
+        if let Some(up) = only {
+            up.output_closed();
+            tokio::spawn(async move { up.close().await });
+        }
+    }
+}
+
+/// Collects an event's `message` field.
+struct MessageText(String);
+
+impl Visit for MessageText {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0 = value.to_owned();
+        }
+    }
+}
