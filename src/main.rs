@@ -99,13 +99,13 @@ struct UpArgs {
 
     /// Local forward owned by sshshim: [bind:]port:host:hostport, or with
     /// socket paths. Repeatable.
-    #[arg(short = 'L', value_name = "SPEC")]
-    local_forward: Vec<String>,
+    #[arg(short = 'L', value_name = "SPEC", value_parser = |s: &str| ForwardSpec::parse(Kind::Local, s))]
+    local_forward: Vec<ForwardSpec>,
 
     /// Remote forward owned by sshshim: [bind:]port:host:hostport, or with
     /// socket paths. Repeatable. Kept alive across reconnects.
-    #[arg(short = 'R', value_name = "SPEC")]
-    remote_forward: Vec<String>,
+    #[arg(short = 'R', value_name = "SPEC", value_parser = |s: &str| ForwardSpec::parse(Kind::Remote, s))]
+    remote_forward: Vec<ForwardSpec>,
 
     /// Seconds between SSH keepalives sent upstream.
     #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
@@ -129,13 +129,11 @@ impl UpArgs {
     /// Resolves flags into a configuration. (ssh_config lookup slots in here.)
     fn resolve(self) -> Result<(UpConfig, sshshim::shim::EndpointOptions), String> {
         let dest = self.destination;
-        let mut forwards = Vec::new();
-        for s in &self.local_forward {
-            forwards.push(ForwardSpec::parse(Kind::Local, s)?);
-        }
-        for s in &self.remote_forward {
-            forwards.push(ForwardSpec::parse(Kind::Remote, s)?);
-        }
+        let forwards = self
+            .local_forward
+            .into_iter()
+            .chain(self.remote_forward)
+            .collect();
         let identities_explicit = !self.identity.is_empty();
         let identities = if identities_explicit {
             self.identity

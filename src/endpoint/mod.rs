@@ -7,6 +7,7 @@ pub mod eow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -133,6 +134,7 @@ impl Endpoint {
                 handle: None,
                 channels: Arc::new(Mutex::new(HashMap::new())),
                 session: None,
+                agent_channels: Default::default(),
             };
             let config = self.config.clone();
             let shutdown = shutdown.clone();
@@ -193,6 +195,8 @@ pub struct LocalHandler {
     channels: Arc<Channels>,
     /// Forwards this connection asked for; cancelled when it ends.
     session: Option<Arc<LocalSession>>,
+    /// Session channels that have agent forwarding on.
+    agent_channels: std::collections::HashSet<ChannelId>,
 }
 
 impl LocalHandler {
@@ -366,6 +370,12 @@ impl server::Handler for LocalHandler {
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
         self.channels.lock().unwrap().remove(&channel);
+        if self.agent_channels.remove(&channel) {
+            self.ep
+                .upstream
+                .agent_sessions()
+                .fetch_sub(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -475,10 +485,17 @@ impl server::Handler for LocalHandler {
         if std::env::var_os("SSH_AUTH_SOCK").is_none() {
             return Ok(false);
         }
-        Ok(match self.bridge(channel) {
+        let ok = match self.bridge(channel) {
             Some(b) => b.request(Request::AgentForward).await,
             None => false,
-        })
+        };
+        if ok && self.agent_channels.insert(channel) {
+            self.ep
+                .upstream
+                .agent_sessions()
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(ok)
     }
 
     async fn x11_request(
@@ -552,6 +569,13 @@ impl Drop for LocalHandler {
         // upstream.
         if let Some(s) = self.session.take() {
             s.end();
+        }
+        let n = self.agent_channels.len();
+        if n > 0 {
+            self.ep
+                .upstream
+                .agent_sessions()
+                .fetch_sub(n, Ordering::Relaxed);
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod known_hosts;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
@@ -128,6 +129,8 @@ pub struct ClientHandler {
     forwards: Arc<Registry>,
     /// Told when the connection ends, with the reason.
     closed: watch::Sender<Option<String>>,
+    /// Local sessions that asked for agent forwarding right now.
+    agent_sessions: Arc<AtomicUsize>,
 }
 
 impl client::Handler for ClientHandler {
@@ -152,10 +155,18 @@ impl client::Handler for ClientHandler {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        // The remote only opens agent channels on sessions whose local client
-        // asked for forwarding; local clients are our own user, so our own
-        // agent is theirs.
-        let Some(sock) = std::env::var_os("SSH_AUTH_SOCK") else {
+        // Local clients are our own user, so our own agent is theirs. sshd
+        // keeps an agent socket for the whole connection once any session
+        // asked for one, and agent channels name no session; so serve them
+        // only while some local session that asked (-A) is open.
+        let sock = std::env::var_os("SSH_AUTH_SOCK");
+        if self.agent_sessions.load(Ordering::Relaxed) == 0 || sock.is_none() {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let Some(sock) = sock else {
             reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
@@ -291,6 +302,8 @@ pub struct Upstream {
     state: watch::Sender<State>,
     /// russh client settings.
     client_config: Arc<client::Config>,
+    /// Local sessions with agent forwarding open right now.
+    agent_sessions: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -332,7 +345,14 @@ impl Upstream {
             forwards,
             state,
             client_config: Arc::new(client_config),
+            agent_sessions: Arc::default(),
         })
+    }
+
+    /// Counts local sessions that asked for agent forwarding; the remote's
+    /// agent channels are served only while it is not zero.
+    pub fn agent_sessions(&self) -> Arc<AtomicUsize> {
+        self.agent_sessions.clone()
     }
 
     /// Subscribes to state changes.
@@ -370,6 +390,7 @@ impl Upstream {
             verifier: self.verifier.clone(),
             forwards: self.forwards.clone(),
             closed: closed_tx,
+            agent_sessions: self.agent_sessions.clone(),
         };
         let mut handle = tokio::time::timeout(
             deadline,

@@ -1,0 +1,377 @@
+//! Session channels through the shim behave exactly as against sshd:
+//! differential tests with real OpenSSH clients.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// Runs tests/tools/pty_driver.py with `steps` around `cmd`; returns its stdout.
+fn pty_drive(rows: u16, cols: u16, steps: &[&str], cmd: Command) -> String {
+    let mut c = Command::new("python3");
+    c.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/tools/pty_driver.py"
+    ))
+    .arg(rows.to_string())
+    .arg(cols.to_string())
+    .args(steps)
+    .arg("--")
+    .arg(cmd.get_program())
+    .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    let out = run_with_timeout(&mut c, b"", Duration::from_secs(60));
+    assert_success(&out, &format!("pty driver {steps:?}"));
+    stdout_text(&out)
+}
+
+#[test]
+fn simple_commands_match_sshd() {
+    let rig = Rig::start();
+    let out = rig.compare(&["echo hello"]);
+    assert_eq!(stdout_text(&out), "hello\n");
+    let out = rig.compare(&["exit 42"]);
+    assert_eq!(exit_code(&out.status), 42);
+    let out = rig.compare(&["echo only-stderr >&2; exit 3"]);
+    assert_eq!(stderr_text(&out), "only-stderr\n");
+    assert!(out.stdout.is_empty());
+    // Killed by a signal: same exit code and message as sshd gives.
+    rig.compare(&["kill -9 $$"]);
+    // A shell without a pty reading its commands from stdin.
+    let out = rig.compare_stdin(&[], b"echo from-stdin\nexit 7\n");
+    assert_eq!(exit_code(&out.status), 7);
+    // An unknown subsystem fails the same way.
+    let out = rig.compare(&["-s", "no-such-subsystem"]);
+    assert_ne!(exit_code(&out.status), 0);
+}
+
+#[test]
+fn bulk_data_both_ways_is_byte_exact() {
+    let rig = Rig::start();
+    let input = pseudo_random_bytes(64 << 20, 7);
+    let out = rig.compare_stdin(&["cat"], &input);
+    assert_eq!(sha256_hex(&out.stdout), sha256_hex(&input));
+    // 200 MiB of output, with stderr interleaved at the end.
+    let out = rig.compare(&["head -c 209715200 /dev/zero | tr '\\0' 'x'; echo done >&2"]);
+    assert_eq!(out.stdout.len(), 200 << 20);
+    assert_eq!(stderr_text(&out), "done\n");
+}
+
+#[test]
+fn environment_via_sendenv() {
+    let rig = Rig::start();
+    let run_on = |port: u16| {
+        let mut c = rig.env.ssh_cmd(
+            port,
+            &["-o", "SendEnv=SSHSHIM_TEST_VAR"],
+            &["echo \"[$SSHSHIM_TEST_VAR]\""],
+        );
+        c.env("SSHSHIM_TEST_VAR", "sent through");
+        run(&mut c)
+    };
+    let direct = run_on(rig.sshd.port());
+    let shim = run_on(rig.shim.port());
+    assert_same_output(&direct, &shim, "SendEnv");
+    assert_eq!(stdout_text(&shim), "[sent through]\n");
+}
+
+#[test]
+fn pty_size_interactive_shell_and_window_change() {
+    let rig = Rig::start();
+    for port in [rig.sshd.port(), rig.shim.port()] {
+        // -tt sees a tty of the client's size.
+        let out = pty_drive(
+            33,
+            111,
+            &["expect:33 111", "wait"],
+            rig.env.ssh_cmd(port, &["-tt"], &["stty size"]),
+        );
+        assert!(out.contains("EXIT 0"), "{out}");
+
+        // An interactive login shell: run a command, resize, exit 3 at once.
+        let started = Instant::now();
+        let out = pty_drive(
+            24,
+            80,
+            &[
+                "send:echo MARK$((40+2))\\n",
+                "expect:MARK42",
+                "send:stty size\\n",
+                "expect:24 80",
+                "resize:40:120",
+                "send:stty size\\n",
+                "expect:40 120",
+                "send:exit 3\\n",
+                "wait",
+            ],
+            rig.env.ssh_cmd(port, &["-tt"], &[]),
+        );
+        assert!(out.contains("EXIT 3"), "port {port}: {out}");
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "interactive exit took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn reader_going_away_ends_remote_command() {
+    let rig = Rig::start();
+    // `yes` with a marker argument so we can look for it among processes.
+    let ssh = rig.shim.ssh(&["yes sshshim-eow-marker"]);
+    let cmdline = format!(
+        "{} | head -c 1000 | wc -c",
+        std::iter::once(ssh.get_program())
+            .chain(ssh.get_args())
+            .map(|a| format!("'{}'", a.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out = run_with_timeout(
+        Command::new("sh")
+            .arg("-c")
+            .arg(&cmdline)
+            .env_remove("SSH_AUTH_SOCK"),
+        b"",
+        Duration::from_secs(20),
+    );
+    assert_eq!(stdout_text(&out).trim(), "1000");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_with_arg("sshshim-eow-marker") {
+        assert!(Instant::now() < deadline, "remote `yes` still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether any process has `arg` in its command line.
+fn process_with_arg(arg: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        std::fs::read(e.path().join("cmdline"))
+            .map(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+            .unwrap_or(false)
+    })
+}
+
+#[test]
+fn killed_client_closes_remote_command() {
+    let rig = Rig::start();
+    let mut child = rig
+        .shim
+        .ssh(&["bash -c 'while :; do echo tick; sleep 0.1; done' sshshim-kill-marker"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !process_with_arg("sshshim-kill-marker") {
+        assert!(Instant::now() < deadline, "remote command never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The shim closes the upstream channel at once; the remote command's
+    // next write fails and it ends, as it does when a direct client dies.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_with_arg("sshshim-kill-marker") {
+        assert!(
+            Instant::now() < deadline,
+            "remote command survived its client"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn file_transfer_tools() {
+    let rig = Rig::start();
+    let env = &rig.env;
+    let port = rig.shim.port();
+    let data = pseudo_random_bytes(3 << 20, 11);
+    let src = env.path("src.bin");
+    std::fs::write(&src, &data).unwrap();
+    let want = sha256_hex(&data);
+
+    // scp (SFTP protocol by default) and legacy scp -O, both directions.
+    let up = env.path("up.bin");
+    assert_success(
+        &run(&mut env.scp(port, &[src.to_str().unwrap(), &env.remote(&up)])),
+        "scp upload",
+    );
+    assert_eq!(sha256_file(&up), want);
+    let down = env.path("down.bin");
+    assert_success(
+        &run(&mut env.scp(port, &["-O", &env.remote(&up), down.to_str().unwrap()])),
+        "scp -O download",
+    );
+    assert_eq!(sha256_file(&down), want);
+
+    // sftp -b.
+    let got = env.path("sftp.bin");
+    let out = run(&mut env.sftp(
+        port,
+        &format!(
+            "put {} {}\nget {} {}\n",
+            src.display(),
+            env.path("sftp-up.bin").display(),
+            env.path("sftp-up.bin").display(),
+            got.display()
+        ),
+    ));
+    assert_success(&out, "sftp -b");
+    assert_eq!(sha256_file(&got), want);
+
+    // rsync -e ssh.
+    let dst = env.path("rsync.bin");
+    assert_success(
+        &run(&mut env.rsync(port, &["-a", src.to_str().unwrap(), &env.remote(&dst)])),
+        "rsync",
+    );
+    assert_eq!(sha256_file(&dst), want);
+}
+
+#[test]
+fn agent_forwarding_reaches_our_agent() {
+    let env = TestEnv::new();
+    let sock = env.path("agent.sock");
+    let mut agent = Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "ssh-agent did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let add = run(Command::new("ssh-add")
+        .arg(env.user_key())
+        .env("SSH_AUTH_SOCK", &sock));
+    assert_success(&add, "ssh-add");
+
+    let sshd = Sshd::start(&env);
+    let shim = env
+        .shim_builder(sshd.port())
+        .env("SSH_AUTH_SOCK", sock.to_str().unwrap())
+        .start();
+    let list = |port: u16| {
+        let mut c = env.ssh_cmd(port, &["-A"], &["ssh-add -l"]);
+        c.env("SSH_AUTH_SOCK", &sock);
+        run(&mut c)
+    };
+    let direct = list(sshd.port());
+    let via = list(shim.port());
+    assert_same_output(&direct, &via, "ssh -A ssh-add -l");
+    assert!(
+        stdout_text(&via).contains("ED25519"),
+        "{}",
+        stdout_text(&via)
+    );
+    // Without -A the remote cannot use the agent (sshd may still show a
+    // socket left from the earlier -A session; the shim refuses it).
+    let mut c = env.ssh_cmd(shim.port(), &[], &["ssh-add -l; echo rc=$?"]);
+    c.env("SSH_AUTH_SOCK", &sock);
+    let out = stdout_text(&run(&mut c));
+    assert!(!out.contains("ED25519") && !out.contains("rc=0"), "{out}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+#[test]
+fn stalled_reader_does_not_block_other_clients() {
+    let rig = Rig::start();
+    // A client whose output nobody reads: its stdout pipe fills and stays full.
+    let mut stalled = rig
+        .shim
+        .ssh(&["cat /dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Ready when the shim has started buffering to its spill file.
+    let fd_dir = format!("/proc/{}/fd", rig.shim.pid());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let spilling = std::fs::read_dir(&fd_dir).unwrap().flatten().any(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|p| p.to_string_lossy().contains("(deleted)"))
+        });
+        if spilling {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shim never spilled the stalled channel"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let out = run_with_timeout(&mut rig.shim.ssh(&["true"]), b"", Duration::from_secs(20));
+        assert_success(&out, "ssh true beside a stalled reader");
+        times.push(t.elapsed());
+    }
+    times.sort();
+    assert!(
+        times[1] < Duration::from_secs(1),
+        "ssh true took {times:?} while another reader was stalled"
+    );
+    // Memory stays bounded while the stalled channel spills to disk.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", rig.shim.pid())).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        rss_kib < 200 * 1024,
+        "shim RSS {rss_kib} KiB while spilling"
+    );
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+}
+
+#[test]
+fn sigterm_exits_promptly_and_cleanly() {
+    let mut rig = Rig::start();
+    let mut session = rig
+        .shim
+        .ssh(&["sleep 300"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the session is established (the remote sleep exists).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !process_with_arg("300") {
+        assert!(Instant::now() < deadline, "session never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
+    rig.shim.signal("TERM");
+    let status = rig
+        .shim
+        .wait_exit(Duration::from_secs(5))
+        .expect("shim did not exit after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    let status = wait_child(&mut session, Duration::from_secs(5)).expect("client still running");
+    assert!(!status.success());
+}
