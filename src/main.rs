@@ -115,9 +115,9 @@ struct UpArgs {
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     keepalive_max: u64,
 
-    /// Longest wait between reconnect attempts, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    max_backoff: u64,
+    /// Longest wait between reconnect attempts, in seconds (fractions allowed).
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
+    max_backoff: Duration,
 
     /// Seconds to wait for a connection (and, while reconnecting, how long
     /// a new local channel waits for the upstream).
@@ -159,12 +159,22 @@ impl UpArgs {
             connect_timeout: Duration::from_secs(self.connect_timeout),
             keepalive: Duration::from_secs(self.keepalive),
             keepalive_max: self.keepalive_max as usize,
-            max_backoff: Duration::from_secs(self.max_backoff),
+            max_backoff: self.max_backoff,
         };
         let opts = sshshim::shim::EndpointOptions {
             allow_non_loopback: self.allow_non_loopback,
         };
         Ok((cfg, opts))
+    }
+}
+
+/// Parses a positive number of seconds, fractions allowed ("0.5").
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86400.0 => Ok(Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds between 0 and 86400"
+        )),
     }
 }
 

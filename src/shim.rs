@@ -89,23 +89,25 @@ pub async fn run(cfg: UpConfig, opts: EndpointOptions) -> Result<(), String> {
     let serving = tokio::spawn(ep.serve(listener, shutdown.clone()));
     let mut running = tokio::spawn(upstream.clone().run(shutdown.clone()));
 
-    let outcome = tokio::select! {
+    let (outcome, upstream_done) = tokio::select! {
         _ = signal() => {
             tracing::info!("shutting down");
-            Ok(())
+            (Ok(()), false)
         }
         r = &mut running => match r {
-            Ok(Err(e)) => Err(format!("giving up: {e}")),
-            _ => Ok(()),
+            Ok(Err(e)) => (Err(format!("giving up: {e}")), true),
+            _ => (Ok(()), true),
         },
-        r = wait_first_error(&mut local_forwards) => Err(r),
+        r = wait_first_error(&mut local_forwards) => (Err(r), false),
     };
     shutdown.cancel();
     // Closing upstream closes every bridged channel; give that a moment to
     // reach local clients, but never hang the exit.
     let _ = tokio::time::timeout(Duration::from_millis(1500), async {
         let _ = serving.await;
-        let _ = running.await;
+        if !upstream_done {
+            let _ = running.await;
+        }
     })
     .await;
     outcome

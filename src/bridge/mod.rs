@@ -121,10 +121,13 @@ impl Upstream {
 /// Bridges a local (server-side) channel to an upstream (client-side)
 /// channel until both are closed. Returns the upstream write side so the
 /// caller can forward channel requests.
+/// `session` marks a session channel: if the upstream connection is lost,
+/// its client is told so on stderr before the channel closes.
 pub fn spawn(
     local: russh::Channel<server::Msg>,
     local_handle: server::Handle,
     upstream: russh::Channel<client::Msg>,
+    session: bool,
 ) -> Arc<Upstream> {
     let local_id = local.id();
     let (mut local_read, local_write) = local.split();
@@ -136,7 +139,7 @@ pub fn spawn(
         closing: CancellationToken::new(),
     });
     let queue = Arc::new(SpillQueue::new());
-    tokio::spawn(pump(up_read, up.clone(), queue.clone(), local_id));
+    tokio::spawn(pump(up_read, up.clone(), queue.clone(), local_id, session));
 
     // Forwarder: queue -> local client, at the local reader's pace.
     let (q, u) = (queue, up.clone());
@@ -216,6 +219,7 @@ async fn pump(
     u: Arc<Upstream>,
     q: Arc<SpillQueue>,
     what: impl std::fmt::Debug,
+    session: bool,
 ) {
     let mut overflowed = false;
     loop {
@@ -223,7 +227,17 @@ async fn pump(
             m = up_read.wait() => m,
             _ = u.closing.cancelled() => None,
         };
-        let Some(msg) = msg else { break };
+        let Some(msg) = msg else {
+            // No Close from the server and not closed by us: the whole
+            // upstream connection went away under this channel.
+            if session && !u.closing.is_cancelled() && !overflowed {
+                q.push_control(Event::Ext(
+                    1,
+                    "sshshim: the upstream connection was lost; this session has ended\r\n".into(),
+                ));
+            }
+            break;
+        };
         let ev = match msg {
             ChannelMsg::Data { data } => Event::Data(data),
             ChannelMsg::ExtendedData { ext, data } => Event::Ext(ext, data),
@@ -296,7 +310,7 @@ where
         closing: CancellationToken::new(),
     });
     let queue = Arc::new(SpillQueue::new());
-    tokio::spawn(pump(up_read, up.clone(), queue.clone(), what));
+    tokio::spawn(pump(up_read, up.clone(), queue.clone(), what, false));
 
     // Upstream -> socket.
     let (q, u) = (queue, up.clone());

@@ -234,6 +234,7 @@ impl LocalHandler {
         channel: Channel<Msg>,
         reply: server::ChannelOpenHandle,
         session: &mut Session,
+        is_session: bool,
         open: F,
     ) where
         F: FnOnce(Arc<crate::upstream::Connection>) -> Fut + Send + 'static,
@@ -247,14 +248,20 @@ impl LocalHandler {
                 Ok(c) => c,
                 Err(why) => {
                     tracing::warn!("refusing channel: {why}");
-                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    if is_session {
+                        // An open failure carries no text through russh; a
+                        // session can at least say why on stderr.
+                        explain_and_close(channel, reply, &why).await;
+                    } else {
+                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    }
                     return;
                 }
             };
             match open(conn).await {
                 Ok(up) => {
                     let id = channel.id();
-                    let b = bridge::spawn(channel, handle, up);
+                    let b = bridge::spawn(channel, handle, up, is_session);
                     channels.lock().unwrap().insert(id, b);
                     reply.accept().await;
                 }
@@ -266,6 +273,18 @@ impl LocalHandler {
             }
         });
     }
+}
+
+/// Accepts a session channel only to tell its client why it cannot be
+/// served, then ends it with exit status 255 (what ssh uses for its own
+/// failures).
+async fn explain_and_close(channel: Channel<Msg>, reply: server::ChannelOpenHandle, why: &str) {
+    reply.accept().await;
+    let msg = format!("sshshim: {why}\r\n");
+    let _ = channel.extended_data_bytes(1, msg.into_bytes()).await;
+    let _ = channel.exit_status(255).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
 }
 
 impl server::Handler for LocalHandler {
@@ -325,7 +344,7 @@ impl server::Handler for LocalHandler {
         reply: server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.open_and_bridge(channel, reply, session, |c| async move {
+        self.open_and_bridge(channel, reply, session, true, |c| async move {
             c.handle.channel_open_session().await
         });
         Ok(())
@@ -342,7 +361,7 @@ impl server::Handler for LocalHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let (host, orig) = (host_to_connect.to_owned(), originator_address.to_owned());
-        self.open_and_bridge(channel, reply, session, move |c| async move {
+        self.open_and_bridge(channel, reply, session, false, move |c| async move {
             c.handle
                 .channel_open_direct_tcpip(host, port_to_connect, orig, originator_port)
                 .await
@@ -358,7 +377,7 @@ impl server::Handler for LocalHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let path = socket_path.to_owned();
-        self.open_and_bridge(channel, reply, session, move |c| async move {
+        self.open_and_bridge(channel, reply, session, false, move |c| async move {
             c.handle.channel_open_direct_streamlocal(path).await
         });
         Ok(())

@@ -8,8 +8,8 @@
 pub mod auth;
 pub mod known_hosts;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
@@ -131,10 +131,23 @@ pub struct ClientHandler {
     closed: watch::Sender<Option<String>>,
     /// Local sessions that asked for agent forwarding right now.
     agent_sessions: Arc<AtomicUsize>,
+    /// The server's version string, learnt during the handshake.
+    server_version: Arc<Mutex<String>>,
 }
 
 impl client::Handler for ClientHandler {
     type Error = UpstreamError;
+
+    async fn kex_done(
+        &mut self,
+        _shared_secret: Option<&[u8]>,
+        _names: &russh::Names,
+        session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        *self.server_version.lock().unwrap() =
+            String::from_utf8_lossy(session.remote_sshid()).into_owned();
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
@@ -239,8 +252,17 @@ pub struct Connection {
     pub handle: client::Handle<ClientHandler>,
     /// Becomes `Some(reason)` when the connection is gone.
     closed: watch::Receiver<Option<String>>,
+    /// Lets the keepalive monitor declare the connection dead.
+    kill: watch::Sender<Option<String>>,
+    /// A second handle on the socket: shutting it down ends russh's session
+    /// at once even when a write is stuck on a dead path.
+    socket: std::net::TcpStream,
     /// Monotonic id, so owners can tell a reconnect happened.
     pub generation: u64,
+    /// The server's version string.
+    pub server_version: String,
+    /// Round-trip time of the last answered keepalive.
+    pub rtt: Mutex<Option<Duration>>,
 }
 
 impl Connection {
@@ -261,6 +283,44 @@ impl Connection {
                 .is_ok_and(|r| r.is_err())
             {
                 return "connection closed".into();
+            }
+        }
+    }
+
+    /// Declares the connection dead: every channel on it ends now.
+    pub fn kill(&self, why: String) {
+        let _ = self.kill.send(Some(why));
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Sends a keepalive every `interval`; after `max` unanswered in a row
+    /// the path is dead (a blackhole sends no RST, so nothing else would
+    /// notice for a long time). Records the round-trip time.
+    async fn monitor(self: Arc<Self>, interval: Duration, max: usize) {
+        let mut missed = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.closed() => return,
+            }
+            let sent = Instant::now();
+            match tokio::time::timeout(interval, self.handle.send_ping()).await {
+                Ok(Ok(())) => {
+                    missed = 0;
+                    *self.rtt.lock().unwrap() = Some(sent.elapsed());
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    missed += 1;
+                    tracing::debug!("keepalive {missed}/{max} unanswered");
+                    if missed >= max {
+                        self.kill(format!(
+                            "no answer to {max} keepalives in {}s (dead network path?)",
+                            (interval * max as u32).as_secs()
+                        ));
+                        return;
+                    }
+                }
             }
         }
     }
@@ -322,10 +382,9 @@ impl Upstream {
             cfg.identities_explicit,
         );
         let client_config = client::Config {
-            // russh declares the connection dead after `keepalive_max`
-            // unanswered keepalives: our dead-path detection.
-            keepalive_interval: Some(cfg.keepalive),
-            keepalive_max: cfg.keepalive_max,
+            // Our own monitor sends keepalives (it measures RTT and can cut a
+            // socket whose writes are stuck); russh's would only duplicate it.
+            keepalive_interval: None,
             inactivity_timeout: None,
             window_size: crate::config::WINDOW_SIZE,
             maximum_packet_size: crate::config::MAX_PACKET,
@@ -385,12 +444,18 @@ impl Upstream {
         })?;
         let _ = stream.set_nodelay(true);
         set_tcp_keepalive(&stream, self.cfg.keepalive);
+        let socket = socket2::SockRef::from(&stream)
+            .try_clone()
+            .map(std::net::TcpStream::from)
+            .map_err(|e| UpstreamError::Other(format!("cannot duplicate the socket: {e}")))?;
         let (closed_tx, closed_rx) = watch::channel(None);
+        let server_version = Arc::new(Mutex::new(String::new()));
         let handler = ClientHandler {
             verifier: self.verifier.clone(),
             forwards: self.forwards.clone(),
-            closed: closed_tx,
+            closed: closed_tx.clone(),
             agent_sessions: self.agent_sessions.clone(),
+            server_version: server_version.clone(),
         };
         let mut handle = tokio::time::timeout(
             deadline,
@@ -407,19 +472,35 @@ impl Upstream {
                 .await
                 .map_err(|_| UpstreamError::Timeout(target))??;
         }
+        let server_version = server_version.lock().unwrap().clone();
         Ok(Connection {
             handle,
             closed: closed_rx,
+            kill: closed_tx,
+            socket,
             generation,
+            server_version,
+            rtt: Mutex::new(None),
         })
+    }
+
+    /// Publishes a fresh connection and starts watching it.
+    fn install(&self, conn: Connection) -> Arc<Connection> {
+        let conn = Arc::new(conn);
+        tokio::spawn(
+            conn.clone()
+                .monitor(self.cfg.keepalive, self.cfg.keepalive_max),
+        );
+        self.state.send_replace(State::Up(conn.clone()));
+        conn
     }
 
     /// The first connection, made in the foreground so errors (and prompts)
     /// reach the user before the endpoint opens.
     pub async fn connect_first(&self) -> Result<(), UpstreamError> {
         let conn = self.connect_once(true, 1).await?;
-        tracing::info!("connected to {}", self.target());
-        self.state.send_replace(State::Up(Arc::new(conn)));
+        tracing::info!("connected to {} ({})", self.target(), conn.server_version);
+        self.install(conn);
         Ok(())
     }
 
@@ -430,7 +511,7 @@ impl Upstream {
         let mut generation = 1;
         let new_backoff = || {
             backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(500))
+                .with_min_delay(Duration::from_millis(500).min(self.cfg.max_backoff))
                 .with_max_delay(self.cfg.max_backoff)
                 .with_jitter()
                 .without_max_times()
@@ -451,8 +532,16 @@ impl Upstream {
                     return Ok(());
                 }
             };
+            let rtt = *conn.rtt.lock().unwrap();
             drop(conn);
-            tracing::warn!("disconnected from {}: {why}", self.target());
+            tracing::warn!(
+                "disconnected from {}: {why} (last keepalive RTT: {})",
+                self.target(),
+                rtt.map_or("none".into(), |d| format!(
+                    "{:.1} ms",
+                    d.as_secs_f64() * 1e3
+                ))
+            );
             // Only a connection that stayed up a while resets the backoff, so
             // a server that accepts and then drops us is not hammered.
             if up_since.elapsed() >= Duration::from_secs(60) {
@@ -487,8 +576,12 @@ impl Upstream {
                 };
                 match res {
                     Ok(conn) => {
-                        tracing::info!("reconnected to {} (attempt {attempt})", self.target());
-                        self.state.send_replace(State::Up(Arc::new(conn)));
+                        tracing::info!(
+                            "reconnected to {} ({}) after {attempt} attempt(s)",
+                            self.target(),
+                            conn.server_version
+                        );
+                        self.install(conn);
                         break;
                     }
                     Err(e) if e.is_permanent() => {

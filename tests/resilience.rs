@@ -1,0 +1,326 @@
+//! Surviving the network: real faults injected between the shim and sshd
+//! (a TCP proxy that drops, freezes or refuses) and sshd killed and restarted.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+use support::*;
+
+/// A TCP service answering every connection with `reply`.
+fn service(reply: &'static [u8]) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.write_all(reply);
+        }
+    });
+    port
+}
+
+/// Reads what a connection to 127.0.0.1:port says, or None if refused.
+fn fetch(port: u16) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
+/// Polls `f` every 50 ms until it is true; panics after `within`.
+fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Whether `ssh shim true` succeeds now (each try bounded).
+fn shim_works(env: &TestEnv, shim: &Shim) -> bool {
+    let mut c = env.ssh_cmd(shim.port(), &["-o", "ConnectTimeout=5"], &["true"]);
+    run_with_timeout(&mut c, b"", Duration::from_secs(40))
+        .status
+        .success()
+}
+
+/// sshd, a fault proxy in front of it, and a shim that connects through the
+/// proxy (with a known_hosts entry for the proxy's port).
+fn proxied(env: &TestEnv, sshd: &Sshd, shim_args: &[&str]) -> (FaultProxy, Shim) {
+    let proxy = FaultProxy::start(sshd.port());
+    let kh = env.path(&format!("kh_proxy_{}", proxy.port()));
+    std::fs::write(
+        &kh,
+        format!("[127.0.0.1]:{} {}\n", proxy.port(), env.host_key_line()),
+    )
+    .unwrap();
+    let shim = env
+        .shim_builder(proxy.port())
+        .known_hosts(&kh)
+        .args(shim_args)
+        .start();
+    (proxy, shim)
+}
+
+/// Counts open file descriptors of a process.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Resident memory of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn dropped_connection_is_replaced() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(&env, &sshd, &[]);
+    assert!(shim_works(&env, &shim));
+    proxy.drop_all();
+    let took = eventually(Duration::from_secs(5), "exec after a drop", || {
+        shim_works(&env, &shim)
+    });
+    eprintln!("recovered {took:?} after the drop");
+    assert!(
+        shim.wait_stderr("reconnected", Duration::from_secs(1)),
+        "{}",
+        shim.stderr_text()
+    );
+}
+
+#[test]
+fn sshd_restart_replays_reverse_forwards_on_the_same_ports() {
+    let env = TestEnv::new();
+    let mut sshd = Sshd::start(&env);
+    let svc = service(b"lab machine");
+    let (r_client, r_owned) = (free_port(), free_port());
+    let shim = env
+        .shim_builder(sshd.port())
+        .args(&[
+            "-R",
+            &format!("{r_owned}:127.0.0.1:{svc}"),
+            "--max-backoff",
+            "1",
+        ])
+        .start();
+    // A long-lived local client holding its own -R forward.
+    let mut client: Child = env
+        .ssh_cmd(
+            shim.port(),
+            &[
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                &format!("{r_client}:127.0.0.1:{svc}"),
+            ],
+            &[],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(15), "forwards up", || {
+        fetch(r_client).as_deref() == Some(b"lab machine")
+            && fetch(r_owned).as_deref() == Some(b"lab machine")
+    });
+
+    sshd.kill();
+    // The outage itself: the server stays down for 3 s.
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        fetch(r_owned).is_none(),
+        "port still open while sshd is down"
+    );
+    sshd.restart();
+    let took = eventually(Duration::from_secs(5), "both forwards back", || {
+        fetch(r_client).as_deref() == Some(b"lab machine")
+            && fetch(r_owned).as_deref() == Some(b"lab machine")
+    });
+    eprintln!("forwards back {took:?} after sshd restarted");
+    assert!(
+        wait_child(&mut client, Duration::from_millis(1)).is_none(),
+        "the -R client must stay connected"
+    );
+    let _ = client.kill();
+    let _ = client.wait();
+}
+
+#[test]
+fn frozen_path_is_detected_and_recovered() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(
+        &env,
+        &sshd,
+        &[
+            "--keepalive",
+            "2",
+            "--keepalive-max",
+            "3",
+            "--connect-timeout",
+            "3",
+            "--max-backoff",
+            "2",
+        ],
+    );
+    assert!(shim_works(&env, &shim));
+    proxy.set_mode(Mode::Freeze);
+    let frozen_at = Instant::now();
+    assert!(
+        shim.wait_stderr("disconnected", Duration::from_secs(10)),
+        "blackhole not noticed within 10 s: {}",
+        shim.stderr_text()
+    );
+    eprintln!("noticed after {:?}", frozen_at.elapsed());
+    // Stay frozen for the rest of a minute, as a long outage would.
+    thread::sleep(Duration::from_secs(60).saturating_sub(frozen_at.elapsed()));
+    proxy.set_mode(Mode::Pass);
+    let took = eventually(
+        Duration::from_secs(5),
+        "exec after the path passes again",
+        || shim_works(&env, &shim),
+    );
+    eprintln!("recovered {took:?} after the path passed again");
+}
+
+#[test]
+fn replay_retries_while_the_server_still_holds_the_port() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let svc = service(b"behind NAT");
+    let rport = free_port();
+    let (proxy, shim) = proxied(
+        &env,
+        &sshd,
+        &[
+            "-R",
+            &format!("{rport}:127.0.0.1:{svc}"),
+            "--max-backoff",
+            "1",
+        ],
+    );
+    eventually(Duration::from_secs(15), "forward up", || {
+        fetch(rport).as_deref() == Some(b"behind NAT")
+    });
+
+    // Drop the connection and take the port before the shim can re-request
+    // it, as a server that has not yet noticed the old session would.
+    proxy.drop_all();
+    // sshd listens on both loopback addresses for "localhost"; hold both.
+    let mut holder = None;
+    eventually(Duration::from_secs(5), "grab the freed port", || {
+        holder = TcpListener::bind(("127.0.0.1", rport)).ok();
+        holder.is_some()
+    });
+    let holder6 = TcpListener::bind(("::1", rport)).ok();
+    assert!(
+        shim.wait_stderr("retrying", Duration::from_secs(10)),
+        "no retry logged: {}",
+        shim.stderr_text()
+    );
+    // Meanwhile everything else works.
+    assert!(shim_works(&env, &shim));
+    thread::sleep(Duration::from_secs(2));
+    drop(holder);
+    drop(holder6);
+    eventually(
+        Duration::from_secs(15),
+        "forward back after the port is free",
+        || fetch(rport).as_deref() == Some(b"behind NAT"),
+    );
+}
+
+#[test]
+fn exec_during_outage_fails_with_reason_or_waits_for_return() {
+    let env = TestEnv::new();
+    let mut sshd = Sshd::start(&env);
+    let shim = env
+        .shim_builder(sshd.port())
+        .args(&["--connect-timeout", "3", "--max-backoff", "1"])
+        .start();
+    assert!(shim_works(&env, &shim));
+    sshd.kill();
+    assert!(shim.wait_stderr("disconnected", Duration::from_secs(5)));
+    let t = Instant::now();
+    let out = run_with_timeout(&mut shim.ssh(&["true"]), b"", Duration::from_secs(20));
+    assert_eq!(exit_code(&out.status), 255);
+    let err = stderr_text(&out);
+    assert!(
+        err.contains("upstream unavailable: reconnecting (attempt") && err.contains("last error"),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // An exec started during the outage succeeds once the server returns.
+    let mut c = shim.ssh(&["echo back"]);
+    let waiter = thread::spawn(move || run_with_timeout(&mut c, b"", Duration::from_secs(20)));
+    thread::sleep(Duration::from_millis(500));
+    sshd.restart();
+    let out = waiter.join().unwrap();
+    assert_success(&out, "exec across the outage");
+    assert_eq!(stdout_text(&out), "back\n");
+}
+
+#[test]
+fn changed_host_key_on_reconnect_is_fatal() {
+    let env = TestEnv::new();
+    let mut sshd = Sshd::start(&env);
+    let mut shim = env
+        .shim_builder(sshd.port())
+        .args(&["--max-backoff", "1"])
+        .start();
+    sshd.kill();
+    // The server comes back with another identity.
+    let key = env.host_key();
+    let _ = std::fs::remove_file(&key);
+    let _ = std::fs::remove_file(key.with_extension("pub"));
+    keygen(&key);
+    sshd.restart();
+    let status = shim
+        .wait_exit(Duration::from_secs(20))
+        .expect("shim kept running after the host key changed");
+    assert_eq!(status.code(), Some(1));
+    let err = shim.stderr_text();
+    assert!(err.contains("HAS CHANGED"), "{err}");
+}
+
+#[test]
+fn many_drop_cycles_leak_nothing() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(&env, &sshd, &["--max-backoff", "0.3"]);
+    assert!(shim_works(&env, &shim));
+    let (fds0, rss0) = (fd_count(shim.pid()), rss_kib(shim.pid()));
+    for i in 0..200 {
+        proxy.drop_all();
+        eventually(Duration::from_secs(10), &format!("reconnect {i}"), || {
+            shim_works(&env, &shim)
+        });
+    }
+    assert!(shim_works(&env, &shim));
+    let (fds1, rss1) = (fd_count(shim.pid()), rss_kib(shim.pid()));
+    eprintln!("fds {fds0} -> {fds1}, rss {rss0} KiB -> {rss1} KiB");
+    assert!(fds1 <= fds0 + 2, "fd leak: {fds0} -> {fds1}");
+    assert!(rss1 < rss0 + 16 * 1024, "memory grew: {rss0} -> {rss1} KiB");
+}
