@@ -63,6 +63,7 @@ fn proxied(env: &TestEnv, sshd: &Sshd, shim_args: &[&str]) -> (FaultProxy, Shim)
         .shim_builder(proxy.port())
         .known_hosts(&kh)
         .args(shim_args)
+        .env("RUST_LOG", "sshshim=debug")
         .start();
     (proxy, shim)
 }

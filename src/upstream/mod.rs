@@ -299,9 +299,13 @@ impl Connection {
     async fn monitor(self: Arc<Self>, interval: Duration, max: usize) {
         let mut missed = 0;
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
-                _ = self.closed() => return,
+            // After a miss the next keepalive is already due: we just waited
+            // a whole interval for the answer.
+            if missed == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = self.closed() => return,
+                }
             }
             let sent = Instant::now();
             match tokio::time::timeout(interval, self.handle.send_ping()).await {
