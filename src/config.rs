@@ -130,6 +130,9 @@ pub struct UpConfig {
     pub keepalive_max: usize,
     /// Longest wait between reconnect attempts.
     pub max_backoff: Duration,
+    /// Most upstream connections to open when the server limits sessions
+    /// per connection (sshd's MaxSessions).
+    pub max_upstreams: usize,
 }
 
 /// SSH channel window on both legs. 2 MiB matches OpenSSH; a fixed 16 MiB

@@ -305,7 +305,7 @@ impl Registry {
                     {
                         Ok(local) => {
                             reply.accept().await;
-                            bridge::spawn(local, h, channel, false);
+                            bridge::spawn(local, h, channel, false, None);
                         }
                         Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
                     }
@@ -335,7 +335,7 @@ impl Registry {
                 Some(Owner::Client(h)) => match h.channel_open_forwarded_streamlocal(path).await {
                     Ok(local) => {
                         reply.accept().await;
-                        bridge::spawn(local, h, channel, false);
+                        bridge::spawn(local, h, channel, false, None);
                     }
                     Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
                 },

@@ -7,8 +7,12 @@
 //! what the user asked for. [`shim`] wires them together for `sshshim up`.
 
 pub mod bridge;
+pub mod client_config;
 pub mod config;
 pub mod endpoint;
 pub mod forward;
+pub mod profile;
+pub mod service;
 pub mod shim;
+pub mod ssh_config;
 pub mod upstream;

@@ -119,6 +119,11 @@ struct UpArgs {
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
     max_backoff: Duration,
 
+    /// Most upstream connections to use when the server limits sessions per
+    /// connection (sshd's MaxSessions, 10 by default); extra ones close when idle.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    max_upstreams: u64,
+
     /// Seconds to wait for a connection (and, while reconnecting, how long
     /// a new local channel waits for the upstream).
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -160,6 +165,7 @@ impl UpArgs {
             keepalive: Duration::from_secs(self.keepalive),
             keepalive_max: self.keepalive_max as usize,
             max_backoff: self.max_backoff,
+            max_upstreams: self.max_upstreams as usize,
         };
         let opts = sshshim::shim::EndpointOptions {
             allow_non_loopback: self.allow_non_loopback,

@@ -128,6 +128,7 @@ pub fn spawn(
     local_handle: server::Handle,
     upstream: russh::Channel<client::Msg>,
     session: bool,
+    load: Option<crate::upstream::LoadGuard>,
 ) -> Arc<Upstream> {
     let local_id = local.id();
     let (mut local_read, local_write) = local.split();
@@ -139,7 +140,12 @@ pub fn spawn(
         closing: CancellationToken::new(),
     });
     let queue = Arc::new(SpillQueue::new());
-    tokio::spawn(pump(up_read, up.clone(), queue.clone(), local_id, session));
+    let (up2, queue2) = (up.clone(), queue.clone());
+    tokio::spawn(async move {
+        pump(up_read, up2, queue2, local_id, session).await;
+        // The upstream channel is gone: it no longer loads its connection.
+        drop(load);
+    });
 
     // Forwarder: queue -> local client, at the local reader's pace.
     let (q, u) = (queue, up.clone());

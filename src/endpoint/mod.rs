@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{self, Request};
 use crate::forward::{LocalSession, Registry};
-use crate::upstream::Upstream;
+use crate::upstream::{LoadGuard, Upstream};
 use auth::AuthorizedKeys;
 
 /// Loads the endpoint host key, or generates one under the state directory
@@ -237,8 +237,9 @@ impl LocalHandler {
         is_session: bool,
         open: F,
     ) where
-        F: FnOnce(Arc<crate::upstream::Connection>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Channel<russh::client::Msg>, russh::Error>> + Send,
+        F: FnOnce(Arc<Upstream>, Arc<crate::upstream::Connection>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(Channel<russh::client::Msg>, Option<LoadGuard>), russh::Error>>
+            + Send,
     {
         let upstream = self.ep.upstream.clone();
         let channels = self.channels.clone();
@@ -258,14 +259,17 @@ impl LocalHandler {
                     return;
                 }
             };
-            match open(conn).await {
-                Ok(up) => {
+            match open(upstream, conn).await {
+                Ok((up, load)) => {
                     let id = channel.id();
-                    let b = bridge::spawn(channel, handle, up, is_session);
+                    let b = bridge::spawn(channel, handle, up, is_session, load);
                     channels.lock().unwrap().insert(id, b);
                     reply.accept().await;
                 }
-                Err(russh::Error::ChannelOpenFailure(reason)) => reply.reject(reason).await,
+                Err(russh::Error::ChannelOpenFailure(reason)) => {
+                    tracing::debug!("upstream refused a channel: {reason:?}");
+                    reply.reject(reason).await
+                }
                 Err(e) => {
                     tracing::warn!("upstream channel open failed: {e}");
                     reply.reject(ChannelOpenFailure::ConnectFailed).await;
@@ -344,8 +348,8 @@ impl server::Handler for LocalHandler {
         reply: server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.open_and_bridge(channel, reply, session, true, |c| async move {
-            c.handle.channel_open_session().await
+        self.open_and_bridge(channel, reply, session, true, |up, c| async move {
+            up.open_session(c).await.map(|(ch, load)| (ch, Some(load)))
         });
         Ok(())
     }
@@ -361,10 +365,12 @@ impl server::Handler for LocalHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let (host, orig) = (host_to_connect.to_owned(), originator_address.to_owned());
-        self.open_and_bridge(channel, reply, session, false, move |c| async move {
-            c.handle
+        self.open_and_bridge(channel, reply, session, false, move |_, c| async move {
+            let ch = c
+                .handle
                 .channel_open_direct_tcpip(host, port_to_connect, orig, originator_port)
-                .await
+                .await?;
+            Ok((ch, None))
         });
         Ok(())
     }
@@ -377,8 +383,9 @@ impl server::Handler for LocalHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let path = socket_path.to_owned();
-        self.open_and_bridge(channel, reply, session, false, move |c| async move {
-            c.handle.channel_open_direct_streamlocal(path).await
+        self.open_and_bridge(channel, reply, session, false, move |_, c| async move {
+            let ch = c.handle.channel_open_direct_streamlocal(path).await?;
+            Ok((ch, None))
         });
         Ok(())
     }

@@ -8,7 +8,7 @@
 pub mod auth;
 pub mod known_hosts;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -263,6 +263,33 @@ pub struct Connection {
     pub server_version: String,
     /// Round-trip time of the last answered keepalive.
     pub rtt: Mutex<Option<Duration>>,
+    /// Session channels open on this connection (for placing new ones).
+    sessions: AtomicUsize,
+}
+
+/// Counts one session channel against its connection while alive.
+pub struct LoadGuard(Arc<Connection>);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Connection {
+    /// Session channels currently open on this connection.
+    pub fn load(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Opens a session channel, counting it against this connection.
+    async fn open_counted(
+        self: &Arc<Self>,
+    ) -> Result<(russh::Channel<client::Msg>, LoadGuard), russh::Error> {
+        let ch = self.handle.channel_open_session().await?;
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        Ok((ch, LoadGuard(self.clone())))
+    }
 }
 
 impl Connection {
@@ -368,7 +395,17 @@ pub struct Upstream {
     client_config: Arc<client::Config>,
     /// Local sessions with agent forwarding open right now.
     agent_sessions: Arc<AtomicUsize>,
+    /// Extra connections opened when the server refused more sessions on
+    /// the existing ones (sshd's MaxSessions); they close again when idle.
+    extras: Mutex<Vec<Arc<Connection>>>,
+    /// Serialises the opening of extra connections.
+    opening_extra: tokio::sync::Mutex<()>,
+    /// Generation numbers for new connections.
+    next_generation: AtomicU64,
 }
+
+/// How long an extra connection may sit without sessions before it closes.
+const EXTRA_IDLE: Duration = Duration::from_secs(30);
 
 impl Upstream {
     /// Builds the upstream side; nothing is connected yet.
@@ -409,6 +446,9 @@ impl Upstream {
             state,
             client_config: Arc::new(client_config),
             agent_sessions: Arc::default(),
+            extras: Mutex::new(Vec::new()),
+            opening_extra: tokio::sync::Mutex::new(()),
+            next_generation: AtomicU64::new(1000),
         })
     }
 
@@ -485,6 +525,7 @@ impl Upstream {
             generation,
             server_version,
             rtt: Mutex::new(None),
+            sessions: AtomicUsize::new(0),
         })
     }
 
@@ -602,6 +643,103 @@ impl Upstream {
         }
     }
 
+    /// Opens a session channel on the least loaded live connection. When the
+    /// server refuses more sessions on every connection (sshd's MaxSessions),
+    /// opens another connection with the
+    /// credentials we hold, up to `--max-upstreams`.
+    pub async fn open_session(
+        &self,
+        primary: Arc<Connection>,
+    ) -> Result<(russh::Channel<client::Msg>, LoadGuard), russh::Error> {
+        // sshd answers "no more sessions" with "connect failed"; other
+        // servers say "administratively prohibited" or "resource shortage".
+        // A session open has nothing else to connect to, so all mean "full".
+        let refused = |e: &russh::Error| {
+            use russh::ChannelOpenFailure as F;
+            matches!(
+                e,
+                russh::Error::ChannelOpenFailure(
+                    F::AdministrativelyProhibited | F::ConnectFailed | F::ResourceShortage
+                )
+            )
+        };
+        let mut candidates = vec![primary];
+        {
+            let mut extras = self.extras.lock().unwrap();
+            extras.retain(|c| c.is_alive());
+            candidates.extend(extras.iter().cloned());
+        }
+        candidates.sort_by_key(|c| c.load());
+        let mut last_err = None;
+        for c in &candidates {
+            match c.open_counted().await {
+                Ok(x) => return Ok(x),
+                Err(e) if refused(&e) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        // Every connection is full: open one more, one opener at a time (a
+        // burst of opens must not start a burst of connections).
+        let _turn = self.opening_extra.lock().await;
+        let live = 1 + self
+            .extras
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.is_alive())
+            .count();
+        let newest = self.extras.lock().unwrap().last().cloned();
+        if let Some(c) = newest
+            && !candidates.iter().any(|k| Arc::ptr_eq(k, &c))
+        {
+            // Someone opened one while we waited: try it first.
+            match c.open_counted().await {
+                Ok(x) => return Ok(x),
+                Err(e) if refused(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if live >= self.cfg.max_upstreams {
+            tracing::warn!(
+                "the server refuses more sessions on all {live} upstream connections (--max-upstreams)"
+            );
+            return Err(last_err.unwrap_or(russh::Error::Disconnect));
+        }
+        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        let conn = match self.connect_once(false, generation).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::warn!("cannot open an extra upstream connection: {e}");
+                return Err(last_err.unwrap_or(russh::Error::Disconnect));
+            }
+        };
+        tracing::info!(
+            "server refused more sessions; opened upstream connection {} of at most {}",
+            live + 1,
+            self.cfg.max_upstreams
+        );
+        tokio::spawn(
+            conn.clone()
+                .monitor(self.cfg.keepalive, self.cfg.keepalive_max),
+        );
+        tokio::spawn(close_when_idle(conn.clone()));
+        self.extras.lock().unwrap().push(conn.clone());
+        conn.open_counted().await
+    }
+
+    /// Upstream connections alive now (the primary plus extras).
+    pub fn connection_count(&self) -> usize {
+        let primary = matches!(&*self.state.borrow(), State::Up(c) if c.is_alive());
+        usize::from(primary)
+            + self
+                .extras
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|c| c.is_alive())
+                .count()
+    }
+
     /// The live connection, waiting up to the connect timeout while
     /// reconnecting. The error text says why there is none.
     pub async fn connection(&self) -> Result<Arc<Connection>, String> {
@@ -630,6 +768,31 @@ impl Upstream {
                 State::Failed(why) => format!("upstream unavailable: {why}"),
                 State::Up(_) => "upstream unavailable: connection just closed".to_string(),
             }),
+        }
+    }
+}
+
+/// Closes an extra connection once it has carried no session for a while.
+async fn close_when_idle(conn: Arc<Connection>) {
+    let mut idle_since = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = conn.closed() => return,
+        }
+        if conn.load() > 0 {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= EXTRA_IDLE {
+            tracing::info!("closing an idle extra upstream connection");
+            let _ = conn
+                .handle
+                .disconnect(russh::Disconnect::ByApplication, "idle", "en")
+                .await;
+            conn.kill("idle extra connection closed".into());
+            return;
         }
     }
 }
