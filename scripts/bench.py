@@ -949,8 +949,11 @@ LogLevel ERROR
         if tot_bytes:
             res_lines.append(["CPU s per GiB moved, all fast bulk tests (user+sys)", "%.2f" % (tot_cpu / (tot_bytes / GiB))])
         labels = {t["key"]: t["label"].replace(" (MiB/s)", "") for t in self.test_defs}
+        korder = [t["key"] for t in self.test_defs]
+        corder = lambda who: [who.startswith(c) for c in self.CONTENDERS].index(True)
         fwd_lines = [[labels.get(k, k), who, "%.2f" % (v[0] / (v[1] / GiB))]
-                     for (k, who), v in sorted(self.fwd_cpu.items()) if v[1]]
+                     for (k, who), v in sorted(self.fwd_cpu.items(), key=lambda kv: (korder.index(kv[0][0]), corder(kv[0][1]), kv[0][1]))
+                     if v[1]]
 
         # stdout
         print()
@@ -1007,7 +1010,7 @@ LogLevel ERROR
                   "time from request to last byte (upload: until the sink acknowledges all bytes).")
         md.append("- exec cat: `head -c N /dev/zero | ssh … 'cat > /dev/null'` and `ssh … 'head -c N /dev/zero'` "
                   "(byte count checked); these include the connection set-up of each contender.")
-        md.append("- sftp: `sftp -b` with `put`/`get` of a %d MiB file (tmpfs/page cache), size checked." % a.sftp_mib)
+        md.append("- sftp: `sftp -b` with `put`/`get` of a %d MiB file (in the page cache), size checked." % a.sftp_mib)
         md.append("- %d ms RTT: a userspace delay proxy (Python asyncio, %d ms per chunk each way, order kept, "
                   "no bandwidth cap) in front of sshd; direct and ControlMaster connect through it, "
                   "sshshim's upstream goes through it (the local client leg stays on plain loopback)." %
@@ -1074,16 +1077,17 @@ LogLevel ERROR
     def verdicts(self, rows):
         out = []
         for r in rows:
+            r = dict(r, t=dict(r["t"], label=r["t"]["label"].replace(" (MiB/s)", "")))
             k = r["t"]["key"]
             if k == "exec" and r["r_cm"] is not None:
                 ok = r["r_cm"] <= 2.0
-                out.append("- exec latency: sshshim/CM = %.2f (target ≤ 2): %s" % (r["r_cm"], "met" if ok else "**missed**"))
+                out.append("- exec latency: sshshim/CM = %.3f (target ≤ 2): %s" % (r["r_cm"], "met" if ok else "**missed**"))
             elif k in ("fwd_up", "fwd_down", "cat_up", "cat_down", "sftp_put", "sftp_get") and r["r_cm"] is not None:
                 ok = r["r_cm"] >= 0.7
-                out.append("- %s: sshshim/CM = %.2f (target ≥ 0.7): %s" % (r["t"]["label"], r["r_cm"], "met" if ok else "**missed**"))
+                out.append("- %s: sshshim/CM = %.3f (target ≥ 0.7): %s" % (r["t"]["label"], r["r_cm"], "met" if ok else "**missed**"))
             elif k in ("rtt_fwd_down", "rtt_cat_down") and r["r_direct"] is not None:
                 ok = r["r_direct"] >= 2.0
-                out.append("- %s: sshshim/direct = %.2f (target ≥ 2): %s" % (r["t"]["label"], r["r_direct"], "met" if ok else "**missed**"))
+                out.append("- %s: sshshim/direct = %.3f (target ≥ 2): %s" % (r["t"]["label"], r["r_direct"], "met" if ok else "**missed**"))
             elif r["r_cm"] is None and r["t"]["key"] != "rtt_exec":
                 out.append("- %s: **no result** (error)" % r["t"]["label"])
         return "\n".join(out)
@@ -1200,9 +1204,11 @@ def svg_chart(rows, a):
     out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#333"/>' % (left, y(0), left + pw, y(0)))
     out.append('<line x1="%d" y1="%.1f" x2="%d" y2="%.1f" stroke="#1f5fbf" stroke-width="2" stroke-dasharray="6,4"/>'
                % (left, y(1), left + pw, y(1)))
-    out.append('<text x="%d" y="%.1f" fill="#1f5fbf" font-size="11">ControlMaster = 1.0</text>'
-               % (left + 4, y(1) - 4))
-    lx = left + pw - 360
+    lx = left + pw - 540
+    out.append('<line x1="%d" y1="56" x2="%d" y2="56" stroke="#1f5fbf" stroke-width="2" stroke-dasharray="6,4"/>'
+               % (lx, lx + 24))
+    out.append('<text x="%d" y="60">ControlMaster = 1.0</text>' % (lx + 30))
+    lx += 180
     for j, (name, col) in enumerate(series):
         out.append('<rect x="%d" y="%d" width="12" height="12" fill="%s"/>' % (lx + j * 180, 50, col))
         out.append('<text x="%d" y="%d">%s</text>' % (lx + j * 180 + 16, 60, name))

@@ -20,6 +20,25 @@ const INCLUDE_LINE: &str = "Include config.d/sshshim";
 /// Comment placed above the Include line so users know where it came from.
 const INCLUDE_COMMENT: &str = "# Added by sshshim: Host entries for local sshshim endpoints";
 
+/// A name made safe for Host patterns, aliases and file names: characters
+/// other than letters, digits, `.`, `_` and `-` become `_`.
+pub fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// The HostKeyAlias of an endpoint: `sshshim-NAME`.
+pub fn alias(name: &str) -> String {
+    format!("sshshim-{}", sanitize(name))
+}
+
 /// One Host block for a running or configured endpoint.
 pub struct Endpoint<'a> {
     /// Profile/alias base name, e.g. "prod" -> `Host prod-shim`.

@@ -272,6 +272,12 @@ impl Registry {
             .map(|e| e.owner.clone())
     }
 
+    /// A meter for a forwarded channel (counted only while attached).
+    fn meter(&self, kind: &'static str) -> Option<crate::upstream::ChannelMeter> {
+        let up = self.upstream.lock().unwrap().upgrade()?;
+        Some(up.stats().open(kind))
+    }
+
     /// Routes an incoming `forwarded-tcpip` channel to its owner. Runs in
     /// the upstream session loop, so the work is spawned.
     pub fn route_tcpip(
@@ -290,6 +296,10 @@ impl Registry {
         let listen = Addr::Tcp(connected_address.to_owned(), port);
         let owner = self.owner_of(&listen);
         let (addr, orig) = (connected_address.to_owned(), originator_address.to_owned());
+        let Some(meter) = self.meter("forwarded-tcpip") else {
+            drop(reply);
+            return;
+        };
         tokio::spawn(async move {
             match owner {
                 None => {
@@ -305,12 +315,12 @@ impl Registry {
                     {
                         Ok(local) => {
                             reply.accept().await;
-                            bridge::spawn(local, h, channel, false, None);
+                            bridge::spawn(local, h, channel, false, None, meter);
                         }
                         Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
                     }
                 }
-                Some(Owner::Shim(target)) => connect_target(target, channel, reply).await,
+                Some(Owner::Shim(target)) => connect_target(target, channel, reply, meter).await,
             }
         });
     }
@@ -325,6 +335,10 @@ impl Registry {
         let listen = Addr::Unix(socket_path.to_owned());
         let owner = self.owner_of(&listen);
         let path = socket_path.to_owned();
+        let Some(meter) = self.meter("forwarded-streamlocal") else {
+            drop(reply);
+            return;
+        };
         tokio::spawn(async move {
             match owner {
                 None => {
@@ -335,11 +349,11 @@ impl Registry {
                 Some(Owner::Client(h)) => match h.channel_open_forwarded_streamlocal(path).await {
                     Ok(local) => {
                         reply.accept().await;
-                        bridge::spawn(local, h, channel, false, None);
+                        bridge::spawn(local, h, channel, false, None, meter);
                     }
                     Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
                 },
-                Some(Owner::Shim(target)) => connect_target(target, channel, reply).await,
+                Some(Owner::Shim(target)) => connect_target(target, channel, reply, meter).await,
             }
         });
     }
@@ -476,6 +490,7 @@ async fn connect_target(
     target: Addr,
     channel: russh::Channel<client::Msg>,
     reply: client::ChannelOpenHandle,
+    meter: crate::upstream::ChannelMeter,
 ) {
     let what = format!("forward to {target}");
     match &target {
@@ -483,7 +498,7 @@ async fn connect_target(
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 reply.accept().await;
-                bridge::spawn_stream(s, channel, what);
+                bridge::spawn_stream(s, channel, what, meter);
             }
             Err(e) => {
                 tracing::warn!("remote forward: cannot connect to {target}: {e}");
@@ -494,7 +509,7 @@ async fn connect_target(
             match tokio::net::UnixStream::connect(crate::config::expand_tilde(p.as_ref())).await {
                 Ok(s) => {
                     reply.accept().await;
-                    bridge::spawn_stream(s, channel, what);
+                    bridge::spawn_stream(s, channel, what, meter);
                 }
                 Err(e) => {
                     tracing::warn!("remote forward: cannot connect to {target}: {e}");
@@ -706,7 +721,12 @@ pub async fn run_local_forward(
                 Addr::Unix(p) => conn.handle.channel_open_direct_streamlocal(p.clone()).await,
             };
             match opened {
-                Ok(ch) => bridge::spawn_stream(stream, ch, spec2.to_string()),
+                Ok(ch) => bridge::spawn_stream(
+                    stream,
+                    ch,
+                    spec2.to_string(),
+                    up.stats().open("direct-tcpip"),
+                ),
                 Err(e) => tracing::warn!("{spec2}: upstream refused the connection: {e}"),
             }
         });

@@ -9,10 +9,12 @@
 pub mod bridge;
 pub mod client_config;
 pub mod config;
+pub mod control;
 pub mod endpoint;
 pub mod forward;
 pub mod profile;
 pub mod service;
 pub mod shim;
 pub mod ssh_config;
+pub mod supervisor;
 pub mod upstream;

@@ -6,9 +6,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Parser, Subcommand};
-use sshshim::config::{self, Destination, UpConfig};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use sshshim::config;
 use sshshim::forward::{ForwardSpec, Kind};
+use sshshim::profile::Profile;
 
 /// One verified SSH connection, shared by every ssh, scp, sftp and rsync you run.
 ///
@@ -24,15 +25,41 @@ struct Cli {
     /// Less log output: warnings and errors only (-qq: errors only).
     #[arg(short, long, action = ArgAction::Count, global = true, conflicts_with = "verbose")]
     quiet: u8,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+/// `--log-format`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for machines.
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Connect to DESTINATION and serve the local endpoint in the foreground.
+    /// Connect to DESTINATION (or run profile NAME) and serve the local endpoint in the foreground.
     #[command(after_help = UP_EXAMPLES)]
-    Up(UpArgs),
+    Up(Box<UpArgs>),
+    /// Run every profile of the config file (or the ones named), each isolated, until stopped.
+    Supervise(SuperviseArgs),
+    /// Show the state of running profiles (upstream, clients, channels, forwards).
+    Status(StatusArgs),
+    /// Stop a running profile gracefully.
+    Down {
+        /// Profile (or destination) name, as shown by `sshshim status`.
+        name: String,
+    },
+    /// Install, inspect or remove the systemd service that runs `sshshim supervise`.
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Print (or --install) ssh_config Host blocks for endpoints: `ssh NAME-shim` just works.
+    SshConfig(SshConfigArgs),
 }
 
 /// Examples shown under `sshshim up --help`.
@@ -40,47 +67,58 @@ const UP_EXAMPLES: &str = "\
 Examples:
   sshshim up alice@login.example.org
       then: ssh -p 2222 localhost | scp -P 2222 f localhost: | sftp -P 2222 localhost
+  sshshim up prod                               a Host alias from ~/.ssh/config, or a profile
   sshshim up gw -R 2222:localhost:22            keep this machine reachable via gw
   sshshim up db-bastion -L 15432:db:5432        a database behind a bastion
+  sshshim up node7 -J login.hpc.example.org     through a jump host
   sshshim up host --listen 127.0.0.1:2300       a second shim on another port";
 
+/// Options shared by `up` and the profiles it can run.
 #[derive(Args, Debug)]
 struct UpArgs {
-    /// Where to connect: [user@]host[:port]
-    #[arg(value_name = "DESTINATION")]
-    destination: Destination,
+    /// Where to connect: [user@]host[:port], a Host alias from ssh_config, or a profile name.
+    #[arg(value_name = "DESTINATION|PROFILE")]
+    destination: String,
 
-    /// Upstream port (default: the destination's, else 22).
+    /// Profiles file (default: ~/.config/sshshim/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// ssh_config file to resolve DESTINATION with (as `ssh -F`).
+    #[arg(short = 'F', value_name = "FILE")]
+    ssh_config: Option<PathBuf>,
+
+    /// Jump hosts, comma-separated [user@]host[:port] (as `ssh -J`; overrides ProxyJump).
+    #[arg(short = 'J', long = "jump", value_name = "HOSTS")]
+    jump: Option<String>,
+
+    /// Upstream port (default: the destination's, ssh_config's, else 22).
     #[arg(short, long, value_parser = config::parse_port)]
     port: Option<u16>,
 
-    /// Upstream login name (default: the destination's, else your own).
+    /// Upstream login name (default: the destination's, ssh_config's, else your own).
     #[arg(short = 'l', long)]
     user: Option<String>,
 
-    /// Identity file to authenticate with; repeatable. Default:
-    /// ~/.ssh/id_ed25519, id_ecdsa, id_rsa. The agent is always tried first.
+    /// Identity file to authenticate with; repeatable. Default: ssh_config's
+    /// IdentityFile, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa. The agent is tried first.
     #[arg(short, long = "identity", value_name = "FILE")]
     identity: Vec<PathBuf>,
 
-    /// known_hosts file to verify the upstream host key against.
+    /// known_hosts file to verify the upstream host key against (default:
+    /// ssh_config's UserKnownHostsFile, else ~/.ssh/known_hosts).
     /// /etc/ssh/ssh_known_hosts is also read (never written).
-    #[arg(long, value_name = "FILE", default_value = "~/.ssh/known_hosts")]
-    known_hosts: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    known_hosts: Option<PathBuf>,
 
     /// Record the host key of a host not yet in known_hosts (a CHANGED key is
     /// always refused).
     #[arg(long)]
     accept_new: bool,
 
-    /// Address of the local endpoint.
-    #[arg(
-        long,
-        value_name = "ADDR:PORT",
-        default_value = "127.0.0.1:2222",
-        env = "SSHSHIM_LISTEN"
-    )]
-    listen: SocketAddr,
+    /// Address of the local endpoint [default: 127.0.0.1:2222].
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
 
     /// Allow --listen on a non-loopback address (other machines could try to
     /// connect; key authentication still applies).
@@ -107,71 +145,173 @@ struct UpArgs {
     #[arg(short = 'R', value_name = "SPEC", value_parser = |s: &str| ForwardSpec::parse(Kind::Remote, s))]
     remote_forward: Vec<ForwardSpec>,
 
-    /// Seconds between SSH keepalives sent upstream.
-    #[arg(long, value_name = "SECS", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
-    keepalive: u64,
+    /// Seconds between SSH keepalives sent upstream [default: ServerAliveInterval, else 15].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive: Option<u64>,
 
-    /// Unanswered keepalives after which the upstream is declared dead.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
-    keepalive_max: u64,
+    /// Unanswered keepalives after which the upstream is declared dead [default: 3].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    keepalive_max: Option<u64>,
 
-    /// Longest wait between reconnect attempts, in seconds (fractions allowed).
-    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
-    max_backoff: Duration,
+    /// Longest wait between reconnect attempts, in seconds, fractions allowed [default: 30].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    max_backoff: Option<Duration>,
+
+    /// Seconds to wait for a connection (and, while reconnecting, how long a
+    /// new local channel waits for the upstream) [default: ConnectTimeout, else 30].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    connect_timeout: Option<u64>,
 
     /// Most upstream connections to use when the server limits sessions per
     /// connection (sshd's MaxSessions, 10 by default); extra ones close when idle.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
     max_upstreams: u64,
 
-    /// Seconds to wait for a connection (and, while reconnecting, how long
-    /// a new local channel waits for the upstream).
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    connect_timeout: u64,
+    /// Run CMD on events (connected, disconnected, forward-failed, ...), with
+    /// SSHSHIM_EVENT, SSHSHIM_PROFILE and SSHSHIM_REASON set; rate-limited.
+    #[arg(long, value_name = "CMD")]
+    on_event: Option<String>,
+
+    /// Serve Prometheus metrics (/metrics) and status JSON (/status) over HTTP
+    /// on this loopback address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
 }
 
 impl UpArgs {
-    /// Resolves flags into a configuration. (ssh_config lookup slots in here.)
-    fn resolve(self) -> Result<(UpConfig, sshshim::shim::EndpointOptions), String> {
-        let dest = self.destination;
-        let forwards = self
-            .local_forward
-            .into_iter()
-            .chain(self.remote_forward)
-            .collect();
-        let identities_explicit = !self.identity.is_empty();
-        let identities = if identities_explicit {
-            self.identity
+    /// The flags as the top layer of a profile.
+    fn as_profile(&self) -> Profile {
+        Profile {
+            destination: None,
+            port: self.port,
+            user: self.user.clone(),
+            identity: self
+                .identity
                 .iter()
                 .map(|p| config::expand_tilde(p))
-                .collect()
-        } else {
-            config::default_identities()
-        };
-        let cfg = UpConfig {
-            port: self.port.or(dest.port).unwrap_or(22),
-            user: self.user.or(dest.user).unwrap_or_else(config::current_user),
-            host: dest.host,
-            identities,
-            identities_explicit,
-            known_hosts: config::expand_tilde(&self.known_hosts),
-            global_known_hosts: vec![PathBuf::from("/etc/ssh/ssh_known_hosts")],
-            accept_new: self.accept_new,
+                .collect(),
+            known_hosts: self.known_hosts.as_ref().map(|p| config::expand_tilde(p)),
+            accept_new: self.accept_new.then_some(true),
             listen: self.listen,
-            authorized_keys: self.authorized_keys.map(|p| config::expand_tilde(&p)),
-            host_key: self.host_key.map(|p| config::expand_tilde(&p)),
-            forwards,
-            connect_timeout: Duration::from_secs(self.connect_timeout),
-            keepalive: Duration::from_secs(self.keepalive),
-            keepalive_max: self.keepalive_max as usize,
+            allow_non_loopback: self.allow_non_loopback.then_some(true),
+            authorized_keys: self.authorized_keys.clone(),
+            host_key: self.host_key.clone(),
+            local_forwards: self.local_forward.clone(),
+            remote_forwards: self.remote_forward.clone(),
+            keepalive: self.keepalive,
+            keepalive_max: self.keepalive_max,
             max_backoff: self.max_backoff,
-            max_upstreams: self.max_upstreams as usize,
-        };
-        let opts = sshshim::shim::EndpointOptions {
-            allow_non_loopback: self.allow_non_loopback,
-        };
-        Ok((cfg, opts))
+            connect_timeout: self.connect_timeout,
+            on_event: self.on_event.clone(),
+            metrics: self.metrics,
+        }
     }
+
+    /// Resolves flags over environment over profile (if NAME is one) over ssh_config.
+    fn resolve(&self) -> Result<config::UpConfig, String> {
+        let path = self
+            .config
+            .clone()
+            .unwrap_or_else(sshshim::profile::default_path);
+        let file = sshshim::profile::load(&path, self.config.is_some())?;
+        let from_file = file.profiles.get(&self.destination).cloned();
+        let is_profile = from_file.is_some();
+        let layered = self
+            .as_profile()
+            .or(sshshim::profile::from_env()?)
+            .or(from_file.unwrap_or_default());
+        config::resolve_up(config::UpRequest {
+            name: &self.destination,
+            profile: layered,
+            ssh_config: self.ssh_config.as_deref(),
+            jump: self.jump.as_deref(),
+            max_upstreams: self.max_upstreams as usize,
+            // A profile may serve no endpoint; an ad-hoc `up` always does.
+            default_listen: (!is_profile).then(|| "127.0.0.1:2222".parse().expect("valid")),
+        })
+    }
+}
+
+/// `sshshim supervise`.
+#[derive(Args, Debug)]
+struct SuperviseArgs {
+    /// Profiles file (default: ~/.config/sshshim/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Serve Prometheus metrics and status JSON for all profiles on this loopback address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
+    /// Run CMD on events of any profile (a profile's own on_event wins).
+    #[arg(long, value_name = "CMD")]
+    on_event: Option<String>,
+    /// Profiles to run (default: all). SIGHUP re-reads the file.
+    names: Vec<String>,
+}
+
+/// `sshshim status`.
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Only this profile.
+    name: Option<String>,
+    /// Print JSON (a stable format, see README).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ServiceCommand {
+    /// Write a systemd unit running `sshshim supervise` (or the named profiles), enable and start it.
+    Install {
+        /// Profiles (default: all).
+        names: Vec<String>,
+        /// A system unit in /etc/systemd/system instead of a user unit.
+        #[arg(long)]
+        system: bool,
+        /// Profiles file the service should read.
+        #[arg(short = 'c', long = "config", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the unit and the commands instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show `systemctl status` of the sshshim unit(s).
+    Status {
+        /// Unit or profile name (default: every sshshim unit).
+        name: Option<String>,
+        /// The system unit.
+        #[arg(long)]
+        system: bool,
+    },
+    /// Stop, disable and delete the sshshim unit(s).
+    Remove {
+        /// Unit or profile name (default: every sshshim unit).
+        name: Option<String>,
+        /// The system unit.
+        #[arg(long)]
+        system: bool,
+        /// Print what would be done.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// `sshshim ssh-config`.
+#[derive(Args, Debug)]
+struct SshConfigArgs {
+    /// Profiles or destinations to write Host blocks for (default: every profile).
+    names: Vec<String>,
+    /// Profiles file (default: ~/.config/sshshim/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Endpoint port for names that are not profiles [default: 2222].
+    #[arg(long)]
+    port: Option<u16>,
+    /// IdentityFile for the blocks (default: none; ssh offers your usual keys).
+    #[arg(short, long = "identity", value_name = "FILE")]
+    identity: Option<PathBuf>,
+    /// Write ~/.ssh/config.d/sshshim and add one Include line to ~/.ssh/config (backed up first).
+    #[arg(long)]
+    install: bool,
 }
 
 /// Parses a positive number of seconds, fractions allowed ("0.5").
@@ -186,13 +326,29 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.quiet);
-    let result = match cli.command {
-        Command::Up(args) => args.resolve().and_then(|(cfg, opts)| {
-            tokio::runtime::Runtime::new()
-                .map_err(|e| format!("cannot start the runtime: {e}"))?
-                .block_on(sshshim::shim::run(cfg, opts))
+    init_logging(cli.verbose, cli.quiet, cli.log_format);
+    let runtime =
+        || tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"));
+    let result: Result<(), String> = match cli.command {
+        Command::Up(args) => args
+            .resolve()
+            .and_then(|cfg| runtime()?.block_on(sshshim::supervisor::up(cfg))),
+        Command::Supervise(a) => runtime().and_then(|rt| {
+            rt.block_on(sshshim::supervisor::supervise(
+                sshshim::supervisor::SuperviseOptions {
+                    config: a.config,
+                    names: a.names,
+                    metrics: a.metrics,
+                    on_event: a.on_event,
+                },
+            ))
         }),
+        Command::Status(a) => status(a),
+        Command::Down { name } => sshshim::control::down(&name).map(|()| {
+            println!("sshshim: asked profile '{name}' to stop");
+        }),
+        Command::Service(c) => service(c),
+        Command::SshConfig(a) => ssh_config(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -203,8 +359,112 @@ fn main() -> ExitCode {
     }
 }
 
+/// `sshshim status [NAME] [--json]`.
+fn status(a: StatusArgs) -> Result<(), String> {
+    let names = match a.name {
+        Some(n) => vec![n],
+        None => sshshim::control::running(),
+    };
+    let mut all = Vec::new();
+    for n in &names {
+        all.push(sshshim::control::query(n)?);
+    }
+    if a.json {
+        let text = serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?;
+        println!("{text}");
+    } else if all.is_empty() {
+        println!("no sshshim is running");
+    } else {
+        print!("{}", sshshim::control::render(&all));
+    }
+    Ok(())
+}
+
+/// `sshshim service …`.
+fn service(c: ServiceCommand) -> Result<(), String> {
+    use sshshim::service;
+    let out = match c {
+        ServiceCommand::Install {
+            names,
+            system,
+            config,
+            dry_run,
+        } => {
+            let exe =
+                std::env::current_exe().map_err(|e| format!("cannot find my own path: {e}"))?;
+            let spec = service::UnitSpec {
+                profiles: names,
+                system,
+                config,
+                exe,
+            };
+            service::install(&spec, dry_run)?
+        }
+        ServiceCommand::Status { name, system } => service::status(system, name.as_deref())?,
+        ServiceCommand::Remove {
+            name,
+            system,
+            dry_run,
+        } => service::remove(system, name.as_deref(), dry_run)?,
+    };
+    print!("{out}");
+    if !out.ends_with('\n') {
+        println!();
+    }
+    Ok(())
+}
+
+/// `sshshim ssh-config [NAME…] [--install]`.
+fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
+    let path = a
+        .config
+        .clone()
+        .unwrap_or_else(sshshim::profile::default_path);
+    let file = sshshim::profile::load(&path, a.config.is_some())?;
+    let names: Vec<String> = if a.names.is_empty() {
+        file.profiles.keys().cloned().collect()
+    } else {
+        a.names.clone()
+    };
+    if names.is_empty() {
+        return Err(
+            "no profiles in the config file; name the endpoints: sshshim ssh-config NAME".into(),
+        );
+    }
+    let state =
+        config::state_dir().map_err(|e| format!("cannot create the state directory: {e}"))?;
+    let known_hosts = state.join("known_hosts");
+    let mut blocks = String::new();
+    for name in &names {
+        let listen = file.profiles.get(name).and_then(|p| p.listen);
+        let port = listen.map(|l| l.port()).or(a.port).unwrap_or(2222);
+        let identity = a.identity.as_ref().map(|p| config::expand_tilde(p));
+        let clean = sshshim::client_config::sanitize(name);
+        blocks.push_str(&sshshim::client_config::host_block(
+            &sshshim::client_config::Endpoint {
+                name: &clean,
+                port,
+                host_key_alias: sshshim::client_config::alias(name),
+                known_hosts: &known_hosts,
+                identity_file: identity.as_deref(),
+            },
+        ));
+        blocks.push('\n');
+    }
+    if a.install {
+        let ssh_dir = config::home_dir().ok_or("HOME is not set")?.join(".ssh");
+        let summary = sshshim::client_config::install(&ssh_dir, &blocks)
+            .map_err(|e| format!("cannot install the Host blocks: {e}"))?;
+        println!("{summary}");
+    } else {
+        print!("{blocks}");
+    }
+    Ok(())
+}
+
 /// Logs go to stderr; `RUST_LOG` wins over -v/-q.
-fn init_logging(verbose: u8, quiet: u8) {
+fn init_logging(verbose: u8, quiet: u8, format: LogFormat) {
+    use tracing_subscriber::prelude::*;
     let level = match (verbose, quiet) {
         (0, 0) => "info",
         (1, _) => "debug",
@@ -212,14 +472,17 @@ fn init_logging(verbose: u8, quiet: u8) {
         (_, 1) => "warn",
         _ => "error",
     };
-    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("sshshim={level},warn")));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(filter);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let fmt = if format == LogFormat::Json {
+        fmt.json().with_filter(filter).boxed()
+    } else {
+        fmt.with_filter(filter).boxed()
+    };
     tracing_subscriber::registry()
         .with(fmt)
         .with(sshshim::endpoint::eow::layer())

@@ -1,6 +1,8 @@
-//! `sshshim up`: binds the endpoint, connects upstream, serves until a
-//! signal or an unrecoverable upstream failure.
+//! One running profile: binds the endpoint, connects upstream, serves until
+//! told to stop or until the upstream fails for good. `sshshim up` runs one
+//! in the foreground; `sshshim supervise` runs several.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,57 +12,93 @@ use tokio_util::sync::CancellationToken;
 use crate::config::UpConfig;
 use crate::endpoint::{self, Endpoint, auth::AuthorizedKeys};
 use crate::forward::{self, Kind, Registry};
-use crate::upstream::{Upstream, known_hosts::fingerprint};
+use crate::upstream::{Upstream, UpstreamError, known_hosts::fingerprint};
 
-/// Options of `up` that concern the endpoint rather than the upstream.
-#[derive(Debug, Clone, Default)]
-pub struct EndpointOptions {
-    /// Permit a non-loopback `--listen` address.
-    pub allow_non_loopback: bool,
+/// How a profile ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// Stopped on request.
+    Stopped,
+    /// Could not start or gave up; `permanent` when retrying cannot help
+    /// (host key changed, credentials rejected, bad settings).
+    Failed {
+        /// The message for the user.
+        message: String,
+        /// Whether a supervisor should not restart it soon.
+        permanent: bool,
+    },
 }
 
-/// Runs the shim in the foreground. `Err` carries the message for the user.
-pub async fn run(cfg: UpConfig, opts: EndpointOptions) -> Result<(), String> {
-    let cfg = Arc::new(cfg);
-    if !cfg.listen.ip().is_loopback() {
-        if !opts.allow_non_loopback {
-            return Err(format!(
-                "--listen {} is not a loopback address; anyone who can reach it could try to \
-                 log in. Pass --allow-non-loopback if you really mean it.",
-                cfg.listen
-            ));
-        }
-        tracing::warn!(
-            "the endpoint listens on {}, which is reachable from other machines",
-            cfg.listen
-        );
-    }
-    let (host_key, host_key_path) = endpoint::load_or_create_host_key(cfg.host_key.as_deref())?;
-    let host_fp = fingerprint(host_key.public_key());
-    let authorized = match &cfg.authorized_keys {
-        Some(p) => AuthorizedKeys::from_file(p)?,
-        None => AuthorizedKeys::users_own().await,
-    };
-    if authorized.is_empty() {
-        return Err(
-            "no public key to admit local clients with: create a key (ssh-keygen -t \
-                    ed25519), load one into ssh-agent, or pass --authorized-keys FILE"
-                .into(),
-        );
-    }
+/// What a started profile exposes to its owner (status, banner).
+pub struct Started {
+    /// The upstream side.
+    pub upstream: Arc<Upstream>,
+    /// The forward registry.
+    pub forwards: Arc<Registry>,
+    /// The endpoint address actually bound, if any.
+    pub endpoint: Option<SocketAddr>,
+    /// Endpoint host key fingerprint and file.
+    pub host_key: (String, std::path::PathBuf),
+    /// Local clients connected right now.
+    pub local_clients: Arc<std::sync::atomic::AtomicUsize>,
+}
 
-    // Bind before connecting, so a taken port fails before any prompt.
-    let listener = TcpListener::bind(cfg.listen).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            format!(
-                "port {} is already in use (another sshshim?); choose another with --listen 127.0.0.1:PORT",
-                cfg.listen.port()
-            )
-        } else {
-            format!("cannot listen on {}: {e}", cfg.listen)
+/// Runs one profile until `stop` is cancelled. `on_start` is called once
+/// the upstream is connected and the endpoint is listening.
+pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&Started)) -> Exit {
+    let fail = |message: String| Exit::Failed {
+        message,
+        permanent: true,
+    };
+    let cfg = Arc::new(cfg);
+    let mut listener = None;
+    let mut key = None;
+    let mut authorized = None;
+    if let Some(listen) = cfg.listen {
+        if !listen.ip().is_loopback() {
+            if !cfg.allow_non_loopback {
+                return fail(format!(
+                    "--listen {listen} is not a loopback address; anyone who can reach it could \
+                     try to log in. Pass --allow-non-loopback if you really mean it."
+                ));
+            }
+            tracing::warn!(
+                "the endpoint listens on {listen}, which is reachable from other machines"
+            );
         }
-    })?;
-    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        match endpoint::load_or_create_host_key(cfg.host_key.as_deref()) {
+            Ok(k) => key = Some(k),
+            Err(e) => return fail(e),
+        }
+        let keys = match &cfg.authorized_keys {
+            Some(p) => match AuthorizedKeys::from_file(p) {
+                Ok(k) => k,
+                Err(e) => return fail(e),
+            },
+            None => AuthorizedKeys::users_own().await,
+        };
+        if keys.is_empty() {
+            return fail(
+                "no public key to admit local clients with: create a key (ssh-keygen -t \
+                 ed25519), load one into ssh-agent, or pass --authorized-keys FILE"
+                    .into(),
+            );
+        }
+        authorized = Some(keys);
+        // Bind before connecting, so a taken port fails before any prompt.
+        match TcpListener::bind(listen).await {
+            Ok(l) => listener = Some(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return fail(format!(
+                    "port {} is already in use (another sshshim?); choose another with \
+                     --listen 127.0.0.1:PORT",
+                    listen.port()
+                ));
+            }
+            Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
+        }
+    }
+    let endpoint_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let registry = Registry::new();
     let upstream = Upstream::new(cfg.clone(), registry.clone());
@@ -68,7 +106,17 @@ pub async fn run(cfg: UpConfig, opts: EndpointOptions) -> Result<(), String> {
     for spec in cfg.forwards.iter().filter(|f| f.kind == Kind::Remote) {
         registry.add_owned_remote(spec);
     }
-    upstream.connect_first().await.map_err(|e| e.to_string())?;
+    let first = tokio::select! {
+        r = upstream.connect_first() => r,
+        _ = stop.cancelled() => return Exit::Stopped,
+    };
+    if let Err(e) = first {
+        let permanent = e.is_permanent();
+        return Exit::Failed {
+            message: e.to_string(),
+            permanent,
+        };
+    }
 
     let shutdown = CancellationToken::new();
     let mut local_forwards = tokio::task::JoinSet::new();
@@ -77,40 +125,78 @@ pub async fn run(cfg: UpConfig, opts: EndpointOptions) -> Result<(), String> {
         local_forwards.spawn(fut);
     }
 
-    print_banner(&upstream.target(), bound, &host_fp, &host_key_path);
-
-    let ep = Endpoint {
-        config: Arc::new(endpoint::server_config(host_key)),
+    let local_clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut serving = None;
+    let mut host_key = (String::new(), std::path::PathBuf::new());
+    if let (Some(listener), Some((k, path)), Some(authorized)) = (listener, key, authorized) {
+        host_key = (fingerprint(k.public_key()), path);
+        record_alias(&cfg.name, &k);
+        let ep = Endpoint {
+            config: Arc::new(endpoint::server_config(k)),
+            upstream: upstream.clone(),
+            authorized: Arc::new(authorized),
+            forwards: registry.clone(),
+            allow_non_loopback: cfg.allow_non_loopback,
+            clients: local_clients.clone(),
+        };
+        serving = Some(tokio::spawn(ep.serve(listener, shutdown.clone())));
+    }
+    on_start(&Started {
         upstream: upstream.clone(),
-        authorized: Arc::new(authorized),
-        forwards: registry,
-        allow_non_loopback: opts.allow_non_loopback,
-    };
-    let serving = tokio::spawn(ep.serve(listener, shutdown.clone()));
-    let mut running = tokio::spawn(upstream.clone().run(shutdown.clone()));
+        forwards: registry.clone(),
+        endpoint: endpoint_addr,
+        host_key,
+        local_clients,
+    });
 
-    let (outcome, upstream_done) = tokio::select! {
-        _ = signal() => {
-            tracing::info!("shutting down");
-            (Ok(()), false)
-        }
+    let mut running = tokio::spawn(upstream.clone().run(shutdown.clone()));
+    let (exit, upstream_done) = tokio::select! {
+        _ = stop.cancelled() => (Exit::Stopped, false),
         r = &mut running => match r {
-            Ok(Err(e)) => (Err(format!("giving up: {e}")), true),
-            _ => (Ok(()), true),
+            Ok(Err(e)) => (gave_up(e), true),
+            _ => (Exit::Stopped, true),
         },
-        r = wait_first_error(&mut local_forwards) => (Err(r), false),
+        r = wait_first_error(&mut local_forwards) => (fail(r), false),
     };
     shutdown.cancel();
     // Closing upstream closes every bridged channel; give that a moment to
     // reach local clients, but never hang the exit.
     let _ = tokio::time::timeout(Duration::from_millis(1500), async {
-        let _ = serving.await;
+        if let Some(s) = serving {
+            let _ = s.await;
+        }
         if !upstream_done {
             let _ = running.await;
         }
     })
     .await;
-    outcome
+    exit
+}
+
+/// The exit for an upstream that gave up.
+fn gave_up(e: UpstreamError) -> Exit {
+    Exit::Failed {
+        permanent: e.is_permanent(),
+        message: format!("giving up: {e}"),
+    }
+}
+
+/// Records the endpoint's host key under the alias `sshshim-NAME` in
+/// sshshim's own known_hosts, so the Host block from `sshshim ssh-config`
+/// connects without a prompt.
+fn record_alias(name: &str, key: &russh::keys::PrivateKey) {
+    let Ok(dir) = crate::config::state_dir() else {
+        return;
+    };
+    let Ok(line) = key.public_key().to_openssh() else {
+        return;
+    };
+    let alias = crate::client_config::alias(name);
+    if let Err(e) =
+        crate::client_config::record_endpoint_key(&dir.join("known_hosts"), &alias, &line)
+    {
+        tracing::debug!("cannot record the endpoint key for {alias}: {e}");
+    }
 }
 
 /// Waits until one of the local forwards fails to start (a bind error).
@@ -124,7 +210,7 @@ async fn wait_first_error(tasks: &mut tokio::task::JoinSet<Result<(), String>>) 
 }
 
 /// SIGINT or SIGTERM.
-async fn signal() {
+pub async fn signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
@@ -136,8 +222,15 @@ async fn signal() {
 
 /// Tells the user where the endpoint is and how to use it. The first line
 /// is stable: scripts and tests wait for it.
-fn print_banner(target: &str, bound: std::net::SocketAddr, fp: &str, key_path: &std::path::Path) {
+pub fn print_banner(name: &str, s: &Started) {
     use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let target = s.upstream.target();
+    let Some(bound) = s.endpoint else {
+        let _ = writeln!(out, "sshshim: connected to {target} (no local endpoint)");
+        let _ = out.flush();
+        return;
+    };
     let port = bound.port();
     let host = if bound.ip().is_loopback() {
         "localhost".to_string()
@@ -154,13 +247,23 @@ fn print_banner(target: &str, bound: std::net::SocketAddr, fp: &str, key_path: &
     } else {
         format!(" -P {port}")
     };
-    let mut out = std::io::stdout().lock();
+    let alias = format!("{}-shim", crate::client_config::sanitize(name));
     let _ = writeln!(out, "sshshim: listening on {bound}");
     let _ = writeln!(out, "  upstream:  {target} (connected)");
-    let _ = writeln!(out, "  host key:  {fp} ({})", key_path.display());
+    let _ = writeln!(
+        out,
+        "  host key:  {} ({})",
+        s.host_key.0,
+        s.host_key.1.display()
+    );
     let _ = writeln!(out, "  try:       ssh{p} {host}");
     let _ = writeln!(out, "             scp{cap_p} FILE {host}:");
     let _ = writeln!(out, "             sftp{cap_p} {host}");
     let _ = writeln!(out, "             rsync -e 'ssh{p}' SRC {host}:DST");
+    let _ = writeln!(out, "  or, after `sshshim ssh-config --install {name}`:");
+    let _ = writeln!(
+        out,
+        "             ssh {alias}   scp FILE {alias}:   sftp {alias}   rsync -e ssh SRC {alias}:DST"
+    );
     let _ = out.flush();
 }

@@ -20,6 +20,7 @@ use russh::{ChannelMsg, ChannelWriteHalf, client, server};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use crate::upstream::ChannelMeter;
 use spill::{Event, PushError, SpillQueue};
 
 /// A channel request that needs the upstream's answer.
@@ -129,6 +130,7 @@ pub fn spawn(
     upstream: russh::Channel<client::Msg>,
     session: bool,
     load: Option<crate::upstream::LoadGuard>,
+    meter: ChannelMeter,
 ) -> Arc<Upstream> {
     let local_id = local.id();
     let (mut local_read, local_write) = local.split();
@@ -141,6 +143,8 @@ pub fn spawn(
     });
     let queue = Arc::new(SpillQueue::new());
     let (up2, queue2) = (up.clone(), queue.clone());
+    let meter = Arc::new(meter);
+    let meter_up = meter.clone();
     tokio::spawn(async move {
         pump(up_read, up2, queue2, local_id, session).await;
         // The upstream channel is gone: it no longer loads its connection.
@@ -156,10 +160,13 @@ pub fn spawn(
                     // The client discards output after eow@openssh.com and
                     // stops granting window for it: do not wait on it.
                     Event::Data(_) | Event::Ext(..) if u.discard.is_cancelled() => true,
-                    Event::Data(d) => tokio::select! {
-                        r = local_write.data_bytes(d) => r.is_ok(),
-                        _ = u.discard.cancelled() => true,
-                    },
+                    Event::Data(d) => {
+                        meter.add_in(d.len());
+                        tokio::select! {
+                            r = local_write.data_bytes(d) => r.is_ok(),
+                            _ = u.discard.cancelled() => true,
+                        }
+                    }
                     Event::Ext(e, d) => tokio::select! {
                         r = local_write.extended_data_bytes(e, d) => r.is_ok(),
                         _ = u.discard.cancelled() => true,
@@ -199,7 +206,10 @@ pub fn spawn(
     tokio::spawn(async move {
         while let Some(msg) = local_read.wait().await {
             let ok = match msg {
-                ChannelMsg::Data { data } => u.write.data_bytes(data).await.is_ok(),
+                ChannelMsg::Data { data } => {
+                    meter_up.add_out(data.len());
+                    u.write.data_bytes(data).await.is_ok()
+                }
                 ChannelMsg::ExtendedData { ext, data } => {
                     u.write.extended_data_bytes(ext, data).await.is_ok()
                 }
@@ -302,8 +312,12 @@ async fn pump(
 
 /// Bridges a byte stream (a TCP or Unix socket of an sshshim-owned
 /// forward) to an upstream channel, with half-close carried both ways.
-pub fn spawn_stream<S>(stream: S, upstream: russh::Channel<client::Msg>, what: String)
-where
+pub fn spawn_stream<S>(
+    stream: S,
+    upstream: russh::Channel<client::Msg>,
+    what: String,
+    meter: ChannelMeter,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -318,12 +332,17 @@ where
     let queue = Arc::new(SpillQueue::new());
     tokio::spawn(pump(up_read, up.clone(), queue.clone(), what, false));
 
+    let meter = Arc::new(meter);
+    let meter_up = meter.clone();
     // Upstream -> socket.
     let (q, u) = (queue, up.clone());
     tokio::spawn(async move {
         loop {
             let ok = match q.pop().await {
-                Ok(Event::Data(d)) => wr.write_all(&d).await.is_ok(),
+                Ok(Event::Data(d)) => {
+                    meter.add_in(d.len());
+                    wr.write_all(&d).await.is_ok()
+                }
                 // Only sessions carry stderr; a forward has none to give.
                 Ok(Event::Ext(..) | Event::ExitStatus(_) | Event::ExitSignal { .. }) => true,
                 Ok(Event::Eof) => {
@@ -353,7 +372,8 @@ where
                     let _ = up.write.eof().await;
                     break;
                 }
-                Ok(_) => {
+                Ok(n) => {
+                    meter_up.add_out(n);
                     if up.write.data_bytes(buf.split().freeze()).await.is_err() {
                         up.close().await;
                         break;

@@ -7,7 +7,7 @@ pub mod eow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,6 +104,8 @@ pub struct Endpoint {
     pub forwards: Arc<Registry>,
     /// Accept peers that are not on loopback (then the uid check cannot apply).
     pub allow_non_loopback: bool,
+    /// Local clients connected right now (for status).
+    pub clients: Arc<AtomicUsize>,
 }
 
 impl Endpoint {
@@ -128,6 +130,7 @@ impl Endpoint {
                 continue;
             }
             let _ = stream.set_nodelay(true);
+            self.clients.fetch_add(1, Ordering::Relaxed);
             let handler = LocalHandler {
                 ep: self.clone(),
                 peer,
@@ -234,7 +237,7 @@ impl LocalHandler {
         channel: Channel<Msg>,
         reply: server::ChannelOpenHandle,
         session: &mut Session,
-        is_session: bool,
+        kind: &'static str,
         open: F,
     ) where
         F: FnOnce(Arc<Upstream>, Arc<crate::upstream::Connection>) -> Fut + Send + 'static,
@@ -244,6 +247,7 @@ impl LocalHandler {
         let upstream = self.ep.upstream.clone();
         let channels = self.channels.clone();
         let handle = session.handle();
+        let is_session = kind == "session";
         tokio::spawn(async move {
             let conn = match upstream.connection().await {
                 Ok(c) => c,
@@ -259,10 +263,11 @@ impl LocalHandler {
                     return;
                 }
             };
+            let stats = upstream.stats();
             match open(upstream, conn).await {
                 Ok((up, load)) => {
                     let id = channel.id();
-                    let b = bridge::spawn(channel, handle, up, is_session, load);
+                    let b = bridge::spawn(channel, handle, up, is_session, load, stats.open(kind));
                     channels.lock().unwrap().insert(id, b);
                     reply.accept().await;
                 }
@@ -348,7 +353,7 @@ impl server::Handler for LocalHandler {
         reply: server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.open_and_bridge(channel, reply, session, true, |up, c| async move {
+        self.open_and_bridge(channel, reply, session, "session", |up, c| async move {
             up.open_session(c).await.map(|(ch, load)| (ch, Some(load)))
         });
         Ok(())
@@ -365,13 +370,19 @@ impl server::Handler for LocalHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let (host, orig) = (host_to_connect.to_owned(), originator_address.to_owned());
-        self.open_and_bridge(channel, reply, session, false, move |_, c| async move {
-            let ch = c
-                .handle
-                .channel_open_direct_tcpip(host, port_to_connect, orig, originator_port)
-                .await?;
-            Ok((ch, None))
-        });
+        self.open_and_bridge(
+            channel,
+            reply,
+            session,
+            "direct-tcpip",
+            move |_, c| async move {
+                let ch = c
+                    .handle
+                    .channel_open_direct_tcpip(host, port_to_connect, orig, originator_port)
+                    .await?;
+                Ok((ch, None))
+            },
+        );
         Ok(())
     }
 
@@ -383,10 +394,16 @@ impl server::Handler for LocalHandler {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         let path = socket_path.to_owned();
-        self.open_and_bridge(channel, reply, session, false, move |_, c| async move {
-            let ch = c.handle.channel_open_direct_streamlocal(path).await?;
-            Ok((ch, None))
-        });
+        self.open_and_bridge(
+            channel,
+            reply,
+            session,
+            "direct-streamlocal",
+            move |_, c| async move {
+                let ch = c.handle.channel_open_direct_streamlocal(path).await?;
+                Ok((ch, None))
+            },
+        );
         Ok(())
     }
 
@@ -596,6 +613,7 @@ impl Drop for LocalHandler {
         if let Some(s) = self.session.take() {
             s.end();
         }
+        self.ep.clients.fetch_sub(1, Ordering::Relaxed);
         let n = self.agent_channels.len();
         if n > 0 {
             self.ep

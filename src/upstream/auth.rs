@@ -32,19 +32,37 @@ pub struct Authenticator {
     identities: Vec<PathBuf>,
     /// Whether the user named the identity files (missing ones are errors).
     identities_explicit: bool,
+    /// Offer only agent keys that match the identity files.
+    identities_only: bool,
+    /// The agent socket, if any.
+    agent: Option<PathBuf>,
     /// What worked last time; tried first, and alone when prompting is off.
     proven: Mutex<Option<Proven>>,
 }
 
 impl Authenticator {
-    /// An authenticator for `user` with these identity files.
-    pub fn new(user: String, identities: Vec<PathBuf>, identities_explicit: bool) -> Self {
+    /// An authenticator for one hop.
+    pub fn new(h: &crate::config::HostSpec) -> Self {
         Authenticator {
-            user,
-            identities,
-            identities_explicit,
+            user: h.user.clone(),
+            identities: h.identities.clone(),
+            identities_explicit: h.identities_explicit,
+            identities_only: h.identities_only,
+            agent: h.agent.clone(),
             proven: Mutex::new(None),
         }
+    }
+
+    /// Whether an agent key may be offered: with IdentitiesOnly, only keys
+    /// whose `.pub` sits next to a configured identity file.
+    fn agent_key_allowed(&self, key: &PublicKey) -> bool {
+        !self.identities_only
+            || self.identities.iter().any(|p| {
+                let mut pubp = p.clone().into_os_string();
+                pubp.push(".pub");
+                russh::keys::load_public_key(PathBuf::from(pubp))
+                    .is_ok_and(|k| k.key_data() == key.key_data())
+            })
     }
 
     /// The login name used upstream.
@@ -86,8 +104,9 @@ impl Authenticator {
             .flatten();
 
         // 1. The agent, if there is one.
-        if let Some(mut agent) = connect_agent().await {
-            let ids = agent.request_identities().await.unwrap_or_default();
+        if let Some(mut agent) = connect_agent_at(self.agent.as_deref()).await {
+            let mut ids = agent.request_identities().await.unwrap_or_default();
+            ids.retain(|id| self.agent_key_allowed(&id.public_key()));
             if !ids.is_empty() {
                 tried.push(format!("ssh-agent ({} keys)", ids.len()));
             }
@@ -198,7 +217,7 @@ impl Authenticator {
             .flatten();
         Ok(match p {
             Proven::Agent(key) => {
-                let Some(mut agent) = connect_agent().await else {
+                let Some(mut agent) = connect_agent_at(self.agent.as_deref()).await else {
                     return Err(UpstreamError::Other(
                         "the ssh-agent that authenticated us is gone".into(),
                     ));
@@ -238,7 +257,15 @@ impl Authenticator {
 /// Connects to `$SSH_AUTH_SOCK`, if set and reachable.
 pub async fn connect_agent() -> Option<AgentClient<tokio::net::UnixStream>> {
     let sock = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty())?;
-    match AgentClient::connect_uds(&sock).await {
+    connect_agent_at(Some(std::path::Path::new(&sock))).await
+}
+
+/// Connects to the agent at `sock`, if given and reachable.
+async fn connect_agent_at(
+    sock: Option<&std::path::Path>,
+) -> Option<AgentClient<tokio::net::UnixStream>> {
+    let sock = sock?;
+    match AgentClient::connect_uds(sock).await {
         Ok(a) => Some(a),
         Err(e) => {
             tracing::debug!("ssh-agent at {sock:?} unreachable: {e}");
