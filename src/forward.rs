@@ -429,6 +429,15 @@ impl Registry {
         }
     }
 
+    /// The connection is gone: nothing listens upstream until the replay.
+    pub fn mark_down(&self) {
+        for e in self.entries.lock().unwrap().iter_mut() {
+            if e.state == FwdState::Active {
+                e.state = FwdState::Pending;
+            }
+        }
+    }
+
     /// Adds the sshshim-owned `-R` forwards; they are requested by
     /// [`Registry::replay`] as soon as a connection is up.
     pub fn add_owned_remote(&self, spec: &ForwardSpec) {

@@ -569,6 +569,11 @@ impl Upstream {
             target: target.clone(),
             source,
         })?;
+        // The server speaks first: the time until its banner arrives is our
+        // round-trip estimate (a TCP connect alone can finish locally, at a
+        // proxy or VPN endpoint).
+        let mut probe = [0u8; 1];
+        let _ = tokio::time::timeout(deadline, stream.peek(&mut probe)).await;
         let client_config = self.tuned_config(connect_started.elapsed());
         let _ = stream.set_nodelay(true);
         set_tcp_keepalive(&stream, self.cfg.keepalive);
@@ -646,7 +651,8 @@ impl Upstream {
         unreachable!("the loop returns at the last hop")
     }
 
-    /// The client settings for a connection whose TCP handshake took `rtt`.
+    /// The client settings for a connection whose server banner took `rtt`
+    /// to arrive (between half a round trip and two).
     /// The receive window bounds one channel's download to window / RTT:
     /// OpenSSH's fixed 2 MiB gives ~40 MB/s at 50 ms. So size it for the
     /// bandwidth-delay product of a fast link at this RTT, bounded: 2 MiB
@@ -656,7 +662,7 @@ impl Upstream {
     fn tuned_config(&self, rtt: Duration) -> Arc<client::Config> {
         const MIN: u64 = crate::config::WINDOW_SIZE as u64;
         const MAX: u64 = 32 << 20;
-        let window = ((rtt.as_secs_f64() * 400.0 * (1u64 << 20) as f64) as u64).clamp(MIN, MAX);
+        let window = ((rtt.as_secs_f64() * 800.0 * (1u64 << 20) as f64) as u64).clamp(MIN, MAX);
         if window == MIN {
             return self.client_config.clone();
         }
@@ -714,6 +720,7 @@ impl Upstream {
             };
             let rtt = *conn.rtt.lock().unwrap();
             drop(conn);
+            self.forwards.mark_down();
             tracing::warn!(
                 "disconnected from {}: {why} (last keepalive RTT: {})",
                 self.target(),
