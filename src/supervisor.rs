@@ -292,10 +292,14 @@ pub async fn up(cfg: UpConfig) -> Result<(), String> {
     // Fail fast if this profile is already running.
     tokio::task::yield_now().await;
     if control.is_finished() {
-        if let Ok(Err(e)) = control.await {
-            return Err(e.to_string());
+        match control.await {
+            Ok(Err(e)) if e.to_string().contains("already running") => return Err(e.to_string()),
+            // Status is a convenience: without it the tunnel still runs.
+            Ok(Err(e)) => {
+                tracing::warn!("no control socket (sshshim status will not see this): {e}")
+            }
+            _ => {}
         }
-        return Err("the control socket stopped".into());
     }
     if let Some(addr) = cfg.metrics {
         let l = live.clone();

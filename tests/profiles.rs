@@ -4,42 +4,11 @@
 
 mod support;
 
-use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::*;
-
-/// A TCP service answering every connection with `reply`.
-fn service(reply: &'static [u8]) -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    thread::spawn(move || {
-        for mut s in l.incoming().flatten() {
-            let _ = std::io::Write::write_all(&mut s, reply);
-        }
-    });
-    port
-}
-
-/// What 127.0.0.1:port says, or None.
-fn fetch(port: u16) -> Option<Vec<u8>> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).ok()?;
-    Some(out)
-}
-
-/// Polls until `f` holds; panics after `within`.
-fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// One `[profile.NAME]` table for an sshd on `port` with a shim-owned -R.
 fn profile(

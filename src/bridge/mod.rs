@@ -67,6 +67,16 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// Wraps the write half of a freshly opened upstream channel.
+    fn new(write: ChannelWriteHalf<client::Msg>) -> Arc<Self> {
+        Arc::new(Upstream {
+            write,
+            replies: Mutex::new(VecDeque::new()),
+            discard: CancellationToken::new(),
+            closing: CancellationToken::new(),
+        })
+    }
+
     /// Sends a request upstream with want-reply and waits for the verdict:
     /// `false` when refused or when the channel died first.
     pub async fn request(&self, req: Request) -> bool {
@@ -135,12 +145,7 @@ pub fn spawn(
     let local_id = local.id();
     let (mut local_read, local_write) = local.split();
     let (up_read, up_write) = upstream.split();
-    let up = Arc::new(Upstream {
-        write: up_write,
-        replies: Mutex::new(VecDeque::new()),
-        discard: CancellationToken::new(),
-        closing: CancellationToken::new(),
-    });
+    let up = Upstream::new(up_write);
     let queue = Arc::new(SpillQueue::new());
     let (up2, queue2) = (up.clone(), queue.clone());
     let meter = Arc::new(meter);
@@ -323,12 +328,7 @@ pub fn spawn_stream<S>(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut rd, mut wr) = tokio::io::split(stream);
     let (up_read, up_write) = upstream.split();
-    let up = Arc::new(Upstream {
-        write: up_write,
-        replies: Mutex::new(VecDeque::new()),
-        discard: CancellationToken::new(),
-        closing: CancellationToken::new(),
-    });
+    let up = Upstream::new(up_write);
     let queue = Arc::new(SpillQueue::new());
     tokio::spawn(pump(up_read, up.clone(), queue.clone(), what, false));
 

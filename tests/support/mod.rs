@@ -1454,3 +1454,38 @@ fn pump(mut from: TcpStream, mut to: TcpStream, sh: &ProxyShared, killed: &Atomi
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Small services and polling shared by the resilience and profile tests
+// ---------------------------------------------------------------------------
+
+/// A TCP service answering every connection with `reply`.
+pub fn service(reply: &'static [u8]) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.write_all(reply);
+        }
+    });
+    port
+}
+
+/// Reads what a connection to 127.0.0.1:port says, or None if refused.
+pub fn fetch(port: u16) -> Option<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    Some(out)
+}
+
+/// Polls `f` every 50 ms until it is true; panics after `within`.
+pub fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
