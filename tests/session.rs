@@ -241,14 +241,24 @@ fn file_transfer_tools() {
 fn agent_forwarding_reaches_our_agent() {
     let env = TestEnv::new();
     let sock = env.path("agent.sock");
-    let mut agent = Command::new("ssh-agent")
-        .arg("-D")
-        .arg("-a")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    /// Kills the agent even when an assertion fails first.
+    struct Agent(std::process::Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Agent(
+        Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
         assert!(Instant::now() < deadline, "ssh-agent did not start");
@@ -283,8 +293,6 @@ fn agent_forwarding_reaches_our_agent() {
     c.env("SSH_AUTH_SOCK", &sock);
     let out = stdout_text(&run(&mut c));
     assert!(!out.contains("ED25519") && !out.contains("rc=0"), "{out}");
-    let _ = agent.kill();
-    let _ = agent.wait();
 }
 
 #[test]
