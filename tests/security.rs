@@ -156,51 +156,35 @@ fn bad_input_gets_clear_errors() {
     assert_eq!(code, 1);
     assert!(err.contains("connection refused"), "{err}");
 
-    // A key file that is not a key.
+    // A key file that is not a key, and a key the server does not accept
+    // (auth rejected, methods named).
     let junk = env.path("junk_key");
     std::fs::write(&junk, "not a key\n").unwrap();
-    let (code, _o, err) = env
-        .shim_builder(sshd.port())
-        .no_default_args()
-        .args(&[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--known-hosts",
-            env.known_hosts().to_str().unwrap(),
-            "-i",
-            junk.to_str().unwrap(),
-            "--authorized-keys",
-            env.authorized_keys().to_str().unwrap(),
-            "-p",
-            &sshd.port().to_string(),
-            &env.dest(),
-        ])
-        .run_expect_exit(Duration::from_secs(20));
-    assert_eq!(code, 1);
-    assert!(err.contains("junk_key"), "{err}");
-
-    // A key the server does not accept: auth rejected, methods named.
     let stranger = env.path("stranger");
     keygen(&stranger);
-    let (code, _o, err) = env
-        .shim_builder(sshd.port())
-        .no_default_args()
-        .args(&[
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--known-hosts",
-            env.known_hosts().to_str().unwrap(),
-            "-i",
-            stranger.to_str().unwrap(),
-            "--authorized-keys",
-            env.authorized_keys().to_str().unwrap(),
-            "-p",
-            &sshd.port().to_string(),
-            &env.dest(),
-        ])
-        .run_expect_exit(Duration::from_secs(20));
+    let up_with_key = |key: &std::path::Path| {
+        env.shim_builder(sshd.port())
+            .no_default_args()
+            .args(&[
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--known-hosts",
+                env.known_hosts().to_str().unwrap(),
+                "-i",
+                key.to_str().unwrap(),
+                "--authorized-keys",
+                env.authorized_keys().to_str().unwrap(),
+                "-p",
+                &sshd.port().to_string(),
+                &env.dest(),
+            ])
+            .run_expect_exit(Duration::from_secs(20))
+    };
+    let (code, _o, err) = up_with_key(&junk);
+    assert_eq!(code, 1);
+    assert!(err.contains("junk_key"), "{err}");
+    let (code, _o, err) = up_with_key(&stranger);
     assert_eq!(code, 1);
     assert!(
         err.contains("rejected") && err.contains("publickey"),

@@ -150,6 +150,24 @@ fn reader_going_away_ends_remote_command() {
     }
 }
 
+/// Starts a client with its standard streams closed.
+fn spawn_quiet(mut cmd: Command) -> std::process::Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits (10 s at most) until a process with `arg` in its command line exists.
+fn wait_for_process(arg: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !process_with_arg(arg) {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Whether any process has `arg` in its command line.
 fn process_with_arg(arg: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
@@ -162,19 +180,11 @@ fn process_with_arg(arg: &str) -> bool {
 #[test]
 fn killed_client_closes_remote_command() {
     let rig = Rig::start();
-    let mut child = rig
-        .shim
-        .ssh(&["bash -c 'while :; do echo tick; sleep 0.1; done' sshshim-kill-marker"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !process_with_arg("sshshim-kill-marker") {
-        assert!(Instant::now() < deadline, "remote command never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = spawn_quiet(
+        rig.shim
+            .ssh(&["bash -c 'while :; do echo tick; sleep 0.1; done' sshshim-kill-marker"]),
+    );
+    wait_for_process("sshshim-kill-marker", "remote command never started");
     child.kill().unwrap();
     child.wait().unwrap();
     // The shim closes the upstream channel at once; the remote command's
@@ -354,20 +364,9 @@ fn stalled_reader_does_not_block_other_clients() {
 #[test]
 fn sigterm_exits_promptly_and_cleanly() {
     let mut rig = Rig::start();
-    let mut session = rig
-        .shim
-        .ssh(&["sleep 300"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut session = spawn_quiet(rig.shim.ssh(&["sleep 300"]));
     // Wait until the session is established (the remote sleep exists).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !process_with_arg("300") {
-        assert!(Instant::now() < deadline, "session never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_process("300", "session never started");
     let t = Instant::now();
     rig.shim.signal("TERM");
     let status = rig
