@@ -503,16 +503,25 @@ fn down_at(path: &Path, name: &str) -> Result<(), String> {
     }
 }
 
+/// The socket of profile `name`, for a client. A control directory that
+/// cannot exist (say $XDG_RUNTIME_DIR points nowhere) means nothing runs.
+fn client_socket_path(name: &str) -> Result<PathBuf, String> {
+    socket_path(name).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => format!("no running sshshim for profile {name}"),
+        _ => e.to_string(),
+    })
+}
+
 /// Client side: queries one profile (bounded by a 3 s timeout). Fails with
 /// "no running sshshim for profile NAME" when the socket is absent or refused.
 pub fn query(name: &str) -> Result<ProfileStatus, String> {
-    let path = socket_path(name).map_err(|e| e.to_string())?;
+    let path = client_socket_path(name)?;
     query_at(&path, name)
 }
 
 /// Sends "down" to one profile; Ok when acknowledged.
 pub fn down(name: &str) -> Result<(), String> {
-    let path = socket_path(name).map_err(|e| e.to_string())?;
+    let path = client_socket_path(name)?;
     down_at(&path, name)
 }
 

@@ -391,14 +391,20 @@ fn start(name: &str, p: Profile, default_hook: &Option<String>) -> Supervised {
     let task = tokio::spawn(async move {
         let mut delay = Duration::from_secs(2);
         loop {
-            let cfg = config::resolve_up(config::UpRequest {
-                name: &n,
-                profile: prof.clone(),
-                ssh_config: None,
-                jump: None,
-                max_upstreams: 4,
-                default_listen: None,
-            });
+            // Resolving may run `ssh -G`: keep that off the async workers.
+            let (name, profile) = (n.clone(), prof.clone());
+            let cfg = tokio::task::spawn_blocking(move || {
+                config::resolve_up(config::UpRequest {
+                    name: &name,
+                    profile,
+                    ssh_config: None,
+                    jump: None,
+                    max_upstreams: 4,
+                    default_listen: None,
+                })
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("resolving profile {n} failed: {e}")));
             let exit = match cfg {
                 Ok(cfg) => {
                     *l.stop.lock().unwrap() = st.child_token();

@@ -162,6 +162,26 @@ fn up_runs_a_profile_with_flags_winning_then_down_stops_it() {
 }
 
 #[test]
+fn down_and_status_of_nothing_running_say_so() {
+    let env = TestEnv::new();
+    // Both an existing runtime directory and one that does not exist (as
+    // after logout, when $XDG_RUNTIME_DIR is gone) mean "nothing runs".
+    for runtime in [env.runtime_dir(), env.path("no-such-runtime-dir")] {
+        for args in [&["down", "ghost"][..], &["status", "ghost"][..]] {
+            let out = run(sshshim(&env, args).env("XDG_RUNTIME_DIR", &runtime));
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {out:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("no running sshshim for profile ghost"),
+                "{args:?} with {}: {err}",
+                runtime.display()
+            );
+        }
+    }
+    assert!(!env.path("no-such-runtime-dir").exists());
+}
+
+#[test]
 fn supervisor_isolates_profiles_and_reloads_on_sighup() {
     let env = TestEnv::new();
     let kh = env.path("kh_all");

@@ -51,6 +51,56 @@ fn simple_commands_match_sshd() {
     assert_ne!(exit_code(&out.status), 0);
 }
 
+/// Whether this CPU has the AES instructions sshshim looks for.
+fn cpu_has_aes() -> bool {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = |f: &str| {
+        info.lines().any(|l| {
+            (l.starts_with("flags") || l.starts_with("Features"))
+                && l.split_whitespace().any(|w| w == f)
+        })
+    };
+    if cfg!(target_arch = "x86_64") {
+        flags("aes") && flags("pclmulqdq")
+    } else {
+        cfg!(target_arch = "aarch64") && flags("aes")
+    }
+}
+
+#[test]
+fn local_leg_negotiates_aes_gcm_when_the_cpu_has_aes() {
+    let rig = Rig::start();
+    let out = run(&mut rig.env.ssh_cmd(rig.shim.port(), &["-v"], &["true"]));
+    assert_success(&out, "ssh -v true");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = if cpu_has_aes() {
+        "aes128-gcm@openssh.com"
+    } else {
+        "chacha20-poly1305@openssh.com"
+    };
+    for dir in ["client->server", "server->client"] {
+        assert!(
+            err.contains(&format!("kex: {dir} cipher: {want}")),
+            "expected {want} for {dir}:\n{err}"
+        );
+    }
+    if cpu_has_aes() {
+        // A client limited to ChaCha20 learns what the endpoint offers.
+        let out = run(&mut rig.env.ssh_cmd(
+            rig.shim.port(),
+            // ssh reports the failed negotiation at INFO level.
+            &["-o", "LogLevel=INFO", "-c", "chacha20-poly1305@openssh.com"],
+            &["true"],
+        ));
+        assert_eq!(exit_code(&out.status), 255);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("no matching cipher found") && err.contains("aes128-gcm@openssh.com"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn bulk_data_both_ways_is_byte_exact() {
     let rig = Rig::start();

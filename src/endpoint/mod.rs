@@ -76,7 +76,7 @@ pub fn server_config(host_key: PrivateKey) -> server::Config {
         window_size: crate::config::WINDOW_SIZE,
         maximum_packet_size: crate::config::MAX_PACKET,
         channel_buffer_size: crate::config::CHANNEL_BUFFER,
-        preferred: crate::config::preferred_algorithms(),
+        preferred: crate::config::endpoint_algorithms(),
         nodelay: true,
         // OpenSSH clients use their extensions (eow@openssh.com above all,
         // which ends `ssh host yes | head` promptly) only with servers whose

@@ -927,7 +927,7 @@ fn client_config(window: u32) -> client::Config {
         window_size: window,
         maximum_packet_size: crate::config::MAX_PACKET,
         channel_buffer_size: crate::config::CHANNEL_BUFFER,
-        preferred: crate::config::preferred_algorithms(),
+        preferred: crate::config::upstream_algorithms(),
         nodelay: true,
         ..Default::default()
     }
