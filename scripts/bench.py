@@ -473,7 +473,11 @@ PermitRootLogin yes
 PidFile none
 Subsystem sftp internal-sftp
 LogLevel ERROR
-""" % (self.sshd_port, d, d))
+# An empty HOME for the remote shell: bash run by sshd reads ~/.bashrc, and a
+# heavy one (pyenv, conda: 150+ ms) would hide the contenders' own latency.
+SetEnv HOME=%s/home
+""" % (self.sshd_port, d, d, d))
+        os.makedirs(os.path.join(d, "home"), exist_ok=True)
         p = self.spawn("sshd", ["/usr/sbin/sshd", "-D", "-e", "-f", cfg])
         wait_port(self.sshd_port, proc=p)
         hostkey = " ".join(open(os.path.join(d, "sshd_host_key.pub")).read().split()[:2])
@@ -999,7 +1003,9 @@ LogLevel ERROR
         md.append("All three contenders talk to the same private sshd on 127.0.0.1 (loopback only); "
                   "contenders are interleaved in every round (order rotated per round); "
                   "each number is the median over %d round(s) (exec latency: median of %d runs per round, "
-                  "%d runs at 50 ms RTT)." % (a.rounds, a.exec_runs, a.rtt_exec_runs))
+                  "%d runs at 50 ms RTT). sshd gives the remote shell an empty HOME (`SetEnv`), so a "
+                  "heavy ~/.bashrc on the bench machine does not hide the contenders' latency." %
+                  (a.rounds, a.exec_runs, a.rtt_exec_runs))
         md.append("")
         md.append("- **direct**: a fresh `ssh` to sshd for every exec/sftp; one `ssh -N -L` client for the forwards.")
         md.append("- **ControlMaster**: `ssh -o ControlMaster=yes -o ControlPersist=yes -N -f` once, clients with "

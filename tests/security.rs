@@ -206,3 +206,48 @@ fn bad_input_gets_clear_errors() {
     assert_eq!(exit_code(&out.status), 2);
     assert!(!stderr_text(&out).contains("panicked"));
 }
+
+/// What a raw TCP client running as `nobody` gets from `port`: the first
+/// bytes the server sends, or "" if it closes first.
+fn banner_as_nobody(port: u16) -> Option<String> {
+    let script = format!(
+        "import socket; s=socket.create_connection(('127.0.0.1',{port})); \
+         s.settimeout(10); print(s.recv(100).decode(errors='replace'), end='')"
+    );
+    let mut cmd = std::process::Command::new("setpriv");
+    // The system python: a user-installed one may be unreadable to nobody.
+    cmd.current_dir("/").args([
+        "--reuid=nobody",
+        "--regid=nogroup",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        &script,
+    ]);
+    let out = run(&mut cmd);
+    out.status.success().then(|| stdout_text(&out))
+}
+
+#[test]
+fn another_local_user_is_refused_before_the_handshake() {
+    // SAFETY: getuid has no preconditions.
+    let tools = ["/usr/bin/setpriv", "/usr/bin/python3"];
+    if unsafe { libc::getuid() } != 0 || !tools.iter().all(|t| std::path::Path::new(t).exists()) {
+        eprintln!("skipped: needs root, setpriv and /usr/bin/python3 to act as another user");
+        return;
+    }
+    let rig = Rig::start();
+    // sshd itself lets anyone see its banner; the shim shows nobody anything.
+    let direct = banner_as_nobody(rig.sshd.port()).expect("nobody reaches sshd");
+    assert!(direct.starts_with("SSH-2.0-"), "{direct:?}");
+    let shim = banner_as_nobody(rig.shim.port()).expect("nobody's client ran");
+    assert_eq!(shim, "", "another user got a banner from the shim");
+    assert!(
+        rig.shim
+            .wait_stderr("refused local connection", Duration::from_secs(5)),
+        "{}",
+        rig.shim.stderr_text()
+    );
+    // Our own user is still served.
+    assert_eq!(stdout_text(&run(&mut rig.ssh_shim(&["echo ok"]))), "ok\n");
+}

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod eow;
+pub mod quickack;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -142,7 +143,13 @@ impl Endpoint {
             let config = self.config.clone();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                let running = match server::run_stream(config, stream, handler).await {
+                let running = match server::run_stream(
+                    config,
+                    quickack::QuickAck::new(stream),
+                    handler,
+                )
+                .await
+                {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::debug!("local handshake with {peer} failed: {e:?}");
