@@ -1,6 +1,6 @@
 //! Who may use the local endpoint: the same user, proven twice. The TCP
-//! peer's socket must belong to our uid (Linux `/proc/net/tcp*`), and the
-//! client must hold a private key we recognise as the user's own.
+//! peer's socket must belong to our uid (on Linux, asked of the kernel), and
+//! the client must hold a private key we recognise as the user's own.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
