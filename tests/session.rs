@@ -432,3 +432,101 @@ fn sigterm_exits_promptly_and_cleanly() {
     let status = wait_child(&mut session, Duration::from_secs(5)).expect("client still running");
     assert!(!status.success());
 }
+
+/// `python3` that reads stdin slowly (256 KiB every 10 ms) and prints the
+/// byte count and sha256 of what it read.
+const SLOW_READER: &str = "import sys,time,hashlib\nh=hashlib.sha256(); n=0\nwhile True:\n b=sys.stdin.buffer.read(262144)\n if not b: break\n h.update(b); n+=len(b); time.sleep(0.01)\nprint(n, h.hexdigest())";
+
+/// Remote command writing `mib` MiB of a fixed pattern (bytes 0..=255).
+fn pattern_cmd(mib: usize) -> String {
+    format!(
+        "python3 -c 'import sys; b=bytes(range(256))*4096; [sys.stdout.buffer.write(b) for _ in range({mib})]'"
+    )
+}
+
+/// "COUNT SHA256" of what [`pattern_cmd`] writes.
+fn pattern_digest(mib: usize) -> String {
+    let script = format!(
+        "import hashlib; h=hashlib.sha256(); b=bytes(range(256))*4096\n\
+         for _ in range({mib}): h.update(b)\n\
+         print({mib}*len(b), h.hexdigest())"
+    );
+    let out = run(std::process::Command::new("python3").arg("-c").arg(script));
+    stdout_text(&out).trim().to_string()
+}
+
+#[test]
+fn slow_reader_past_the_spill_cap_gets_every_byte() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    // A 4 MiB disk cap: a 48 MiB download read at ~25 MB/s hits it early
+    // and then proceeds at the reader's pace (backpressure), losing nothing.
+    let shim = env
+        .shim_builder(sshd.port())
+        .env("SSHSHIM_SPILL_DISK_MIB", "4")
+        .arg("-v")
+        .start();
+    let mut child = shim
+        .ssh(&[&pattern_cmd(48)])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let reader = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(SLOW_READER)
+        .stdin(child.stdout.take().unwrap())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_child(&mut child, Duration::from_secs(120)).expect("ssh still running");
+    let out = reader.wait_with_output().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(
+        status.success(),
+        "ssh: {status:?} {err}\n{}",
+        shim.stderr_text()
+    );
+    assert_eq!(stdout_text(&out).trim(), pattern_digest(48), "{err}");
+    assert!(!err.contains("channel closed"), "{err}");
+    assert!(
+        shim.stderr_text().contains("channel buffer full"),
+        "the download never reached the cap, so this tested nothing"
+    );
+}
+
+#[test]
+fn reader_stalled_past_the_spill_cap_is_closed_and_others_go_on() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let shim = env
+        .shim_builder(sshd.port())
+        .env("SSHSHIM_SPILL_DISK_MIB", "4")
+        .start();
+    // Nobody reads this client's stdout: its buffer fills, then the cap.
+    let mut stalled = shim
+        .ssh(&["cat /dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        shim.wait_stderr("closing channel", Duration::from_secs(30)),
+        "the stalled channel was never closed: {}",
+        shim.stderr_text()
+    );
+    assert!(shim.stderr_text().contains("stopped reading"));
+    let t = Instant::now();
+    let out = run_with_timeout(&mut shim.ssh(&["echo alive"]), b"", Duration::from_secs(20));
+    assert_eq!(stdout_text(&out), "alive\n");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+}

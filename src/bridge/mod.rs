@@ -15,6 +15,7 @@ pub mod spill;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use russh::{ChannelMsg, ChannelWriteHalf, client, server};
 use tokio::sync::oneshot;
@@ -289,13 +290,13 @@ async fn pump(
         if overflowed {
             continue;
         }
-        if let Err(e) = q.push(ev) {
-            // The local reader has stalled past the disk cap: end this
-            // channel rather than let it hold memory or disk without bound.
+        if let Err(e) = push_or_wait(&q, ev).await {
+            // The local reader stopped for good (or the disk failed): end
+            // this channel rather than hold the connection or disk for it.
             let why = match e {
-                PushError::Full => format!(
-                    "the local reader stopped reading and {} MiB are buffered",
-                    spill::CHANNEL_DISK >> 20
+                PushError::Full(_) => format!(
+                    "the local reader stopped reading with {} MiB buffered",
+                    spill::channel_disk() >> 20
                 ),
                 PushError::Io(e) => format!("cannot buffer for a slow reader: {e}"),
             };
@@ -313,6 +314,36 @@ async fn pump(
     // Wake any request still waiting: the channel is gone.
     u.replies.lock().unwrap().clear();
     q.push_control(Event::Close);
+}
+
+/// How long a reader whose buffer is full may make no progress at all
+/// before its channel is closed. While the pump waits here the shared
+/// upstream connection waits too (russh reads no further until this channel
+/// takes its message), so this is short; a reader that is merely slow never
+/// reaches it.
+const READER_STALL: Duration = Duration::from_secs(5);
+
+/// Queues `ev`; when the channel's buffer is full, waits for the local
+/// reader to take something and tries again. That wait is backpressure: a
+/// slow download gets through at the reader's pace instead of being cut
+/// off. Fails with `Full` only if the reader makes no progress for
+/// [`READER_STALL`].
+async fn push_or_wait(q: &SpillQueue, mut ev: Event) -> Result<(), PushError> {
+    loop {
+        match q.push(ev) {
+            Err(PushError::Full(back)) => {
+                tracing::debug!("channel buffer full: waiting for the local reader");
+                if tokio::time::timeout(READER_STALL, q.progressed())
+                    .await
+                    .is_err()
+                {
+                    return Err(PushError::Full(back));
+                }
+                ev = back;
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Bridges a byte stream (a TCP or Unix socket of an sshshim-owned

@@ -8,8 +8,9 @@
 //! these queues. Payload stays in memory up to a per-channel and a global
 //! budget, beyond which it goes to an unlinked temporary file (as nginx
 //! buffers slow clients), up to a per-channel disk cap. A reader that is slow
-//! but progressing loses nothing; one stalled past the disk cap has its
-//! channel closed with a message rather than stalling everyone else.
+//! but progressing loses nothing: at the cap the pump waits for it
+//! (backpressure); one that stops for good there has its channel closed
+//! with a message rather than stalling everyone else.
 //!
 //! We chose this over moving heavy channels to extra upstream connections
 //! because a second connection is not always possible (one-time passwords)
@@ -29,8 +30,20 @@ use tokio::sync::Notify;
 pub const CHANNEL_MEMORY: usize = 1024 * 1024;
 /// In-memory payload all channels together may hold before spilling.
 pub const GLOBAL_MEMORY: usize = 64 * 1024 * 1024;
-/// Disk one channel may use for a stalled reader before it is closed.
-pub const CHANNEL_DISK: u64 = 1024 * 1024 * 1024;
+/// Disk one channel may use for a slow reader (1 GiB; the environment
+/// variable `SSHSHIM_SPILL_DISK_MIB` changes it, e.g. for a small /tmp).
+/// Past it the pump waits for the reader (backpressure) and closes the
+/// channel only if the reader makes no progress at all.
+pub fn channel_disk() -> u64 {
+    static CAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        std::env::var("SSHSHIM_SPILL_DISK_MIB")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|&m| m > 0)
+            .map_or(1024 * 1024 * 1024, |m| m << 20)
+    })
+}
 
 /// Payload bytes held in memory by all queues together.
 static IN_MEMORY: AtomicUsize = AtomicUsize::new(0);
@@ -89,8 +102,9 @@ struct Inner {
 /// Why a push was refused.
 #[derive(Debug)]
 pub enum PushError {
-    /// The channel's disk cap is reached.
-    Full,
+    /// The channel's disk cap is reached; the event is handed back so it
+    /// can be pushed again once the reader has made room.
+    Full(Event),
     /// The spill file could not be written.
     Io(std::io::Error),
 }
@@ -102,6 +116,8 @@ pub struct SpillQueue {
     inner: Mutex<Inner>,
     /// Wakes the consumer.
     ready: Notify,
+    /// Wakes a producer waiting for room: the consumer took something.
+    progress: Notify,
 }
 
 impl SpillQueue {
@@ -133,8 +149,9 @@ impl SpillQueue {
             || g.mem + len > CHANNEL_MEMORY
             || IN_MEMORY.load(Ordering::Relaxed) + len > GLOBAL_MEMORY;
         if spilling {
-            if g.write_off - g.read_off + len as u64 > CHANNEL_DISK {
-                return Err(PushError::Full);
+            if g.write_off - g.read_off + len as u64 > channel_disk() {
+                drop(g);
+                return Err(PushError::Full(ev));
             }
             if g.file.is_none() {
                 g.file = Some(tempfile::tempfile().map_err(PushError::Io)?);
@@ -179,12 +196,19 @@ impl SpillQueue {
         }
     }
 
+    /// Waits until the consumer takes an event (or has taken one since the
+    /// last call), for a producer refused with [`PushError::Full`].
+    pub async fn progressed(&self) {
+        self.progress.notified().await;
+    }
+
     /// Takes the next event if there is one.
     fn try_pop(&self) -> std::io::Result<Option<Event>> {
         let mut g = self.inner.lock().unwrap();
         let Some(item) = g.items.pop_front() else {
             return Ok(None);
         };
+        self.progress.notify_one();
         Ok(Some(match item {
             Item::Event(ev) => {
                 if let Event::Data(d) | Event::Ext(_, d) = &ev {
