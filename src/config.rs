@@ -373,21 +373,34 @@ pub fn upstream_algorithms() -> russh::Preferred {
 }
 
 /// Local endpoint (server leg) algorithm preferences. Here the client's
-/// order decides, and OpenSSH lists chacha20-poly1305 first, so offering
-/// AES-GCM "first" changes nothing: with AES instructions we offer AES-GCM
-/// only (every OpenSSH client has it; uploads through the shim measured
-/// 15-25% faster than with ChaCha20 on the local leg).
+/// order decides, so what we leave out is what steers it.
+/// - Ciphers: OpenSSH lists chacha20-poly1305 first, so offering AES-GCM
+///   "first" changes nothing: with AES instructions we offer AES-GCM only
+///   (every OpenSSH client has it; uploads through the shim measured 15-25%
+///   faster than with ChaCha20 on the local leg).
+/// - Key exchange: OpenSSH computes curve25519 (and sntrup761) with slow
+///   portable code but NIST P-256 with OpenSSL, so leaving curve25519 out
+///   made each `ssh -p 2222 localhost true` ~4.5 ms (18%) faster. The DH
+///   groups stay as a fallback for clients configured without NIST curves.
 pub fn endpoint_algorithms() -> russh::Preferred {
-    use russh::cipher;
+    use russh::{cipher, kex};
     static GCM_ONLY: &[cipher::Name] = &[cipher::AES_128_GCM, cipher::AES_256_GCM];
+    static KEX: &[kex::Name] = &[
+        kex::ECDH_SHA2_NISTP256,
+        kex::ECDH_SHA2_NISTP384,
+        kex::DH_GEX_SHA256,
+        kex::DH_G16_SHA512,
+        kex::DH_G18_SHA512,
+        kex::DH_G14_SHA256,
+        kex::EXTENSION_SUPPORT_AS_SERVER,
+        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+    ];
+    let mut p = upstream_algorithms();
     if aes_hardware() {
-        russh::Preferred {
-            cipher: std::borrow::Cow::Borrowed(GCM_ONLY),
-            ..Default::default()
-        }
-    } else {
-        upstream_algorithms()
+        p.cipher = std::borrow::Cow::Borrowed(GCM_ONLY);
     }
+    p.kex = std::borrow::Cow::Borrowed(KEX);
+    p
 }
 
 /// The OpenSSH default identity files, in the order OpenSSH tries them.

@@ -68,7 +68,7 @@ fn cpu_has_aes() -> bool {
 }
 
 #[test]
-fn local_leg_negotiates_aes_gcm_when_the_cpu_has_aes() {
+fn local_leg_negotiates_fast_algorithms_openssh_accepts() {
     let rig = Rig::start();
     let out = run(&mut rig.env.ssh_cmd(rig.shim.port(), &["-v"], &["true"]));
     assert_success(&out, "ssh -v true");
@@ -84,6 +84,19 @@ fn local_leg_negotiates_aes_gcm_when_the_cpu_has_aes() {
             "expected {want} for {dir}:\n{err}"
         );
     }
+    // OpenSSH does P-256 with OpenSSL, curve25519 with slower portable code.
+    assert!(err.contains("kex: algorithm: ecdh-sha2-nistp256"), "{err}");
+    // A client configured without NIST curves still gets in (via DH).
+    let hardened = run(&mut rig.env.ssh_cmd(
+        rig.shim.port(),
+        &[
+            "-o",
+            "KexAlgorithms=sntrup761x25519-sha512@openssh.com,curve25519-sha256,\
+             diffie-hellman-group-exchange-sha256,diffie-hellman-group16-sha512",
+        ],
+        &["echo hardened"],
+    ));
+    assert_eq!(stdout_text(&hardened), "hardened\n", "{hardened:?}");
     if cpu_has_aes() {
         // A client limited to ChaCha20 learns what the endpoint offers.
         let out = run(&mut rig.env.ssh_cmd(
