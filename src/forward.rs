@@ -562,18 +562,35 @@ impl LocalSession {
         let port = u16::try_from(port).ok()?;
         let conn = self.conn().await?;
         let listen = Addr::Tcp(address.to_owned(), port);
+        // sshd accepts connections as soon as it listens, possibly before
+        // its reply reaches us: route a fixed port from the start so none
+        // is refused. (A port-0 forward is unknown to anyone until the
+        // client is told the port, after this returns.)
+        let early = (port != 0).then(|| {
+            self.registry.add(
+                listen.clone(),
+                Some(port),
+                Owner::Client(self.handle.clone()),
+                conn.generation,
+            )
+        });
         match request_remote(&conn, &listen, None).await {
             Ok(bound) => {
-                let id = self.registry.add(
-                    listen,
-                    Some(bound),
-                    Owner::Client(self.handle.clone()),
-                    conn.generation,
-                );
+                let id = early.unwrap_or_else(|| {
+                    self.registry.add(
+                        listen,
+                        Some(bound),
+                        Owner::Client(self.handle.clone()),
+                        conn.generation,
+                    )
+                });
                 self.ids.lock().unwrap().push(id);
                 Some(bound as u32)
             }
             Err(why) => {
+                if let Some(id) = early {
+                    self.registry.remove(id);
+                }
                 tracing::info!("client forward {address}:{port} refused: {why}");
                 None
             }
@@ -592,18 +609,20 @@ impl LocalSession {
             return false;
         };
         let listen = Addr::Unix(path.to_owned());
+        // Routed before sshd listens, as for TCP above.
+        let id = self.registry.add(
+            listen.clone(),
+            Some(0),
+            Owner::Client(self.handle.clone()),
+            conn.generation,
+        );
         match request_remote(&conn, &listen, None).await {
             Ok(_) => {
-                let id = self.registry.add(
-                    listen,
-                    Some(0),
-                    Owner::Client(self.handle.clone()),
-                    conn.generation,
-                );
                 self.ids.lock().unwrap().push(id);
                 true
             }
             Err(why) => {
+                self.registry.remove(id);
                 tracing::info!("client forward {path} refused: {why}");
                 false
             }
