@@ -468,17 +468,24 @@ fn pattern_digest(mib: usize) -> String {
     stdout_text(&out).trim().to_string()
 }
 
-#[test]
-fn slow_reader_past_the_spill_cap_gets_every_byte() {
+/// sshd and a shim (with `args`) whose spill cap is 4 MiB, so tests reach
+/// it quickly. The environment and sshd are returned to keep them alive.
+fn small_spill_cap_rig(args: &[&str]) -> (TestEnv, Sshd, Shim) {
     let env = TestEnv::new();
     let sshd = Sshd::start(&env);
-    // A 4 MiB disk cap: a 48 MiB download read at ~25 MB/s hits it early
-    // and then proceeds at the reader's pace (backpressure), losing nothing.
     let shim = env
         .shim_builder(sshd.port())
         .env("SSHSHIM_SPILL_DISK_MIB", "4")
-        .arg("-v")
+        .args(args)
         .start();
+    (env, sshd, shim)
+}
+
+#[test]
+fn slow_reader_past_the_spill_cap_gets_every_byte() {
+    // A 48 MiB download read at ~25 MB/s hits the 4 MiB cap early and then
+    // proceeds at the reader's pace (backpressure), losing nothing.
+    let (_env, _sshd, shim) = small_spill_cap_rig(&["-v"]);
     let mut child = shim
         .ssh(&[&pattern_cmd(48)])
         .stdin(Stdio::null())
@@ -512,12 +519,7 @@ fn slow_reader_past_the_spill_cap_gets_every_byte() {
 
 #[test]
 fn reader_stalled_past_the_spill_cap_is_closed_and_others_go_on() {
-    let env = TestEnv::new();
-    let sshd = Sshd::start(&env);
-    let shim = env
-        .shim_builder(sshd.port())
-        .env("SSHSHIM_SPILL_DISK_MIB", "4")
-        .start();
+    let (_env, _sshd, shim) = small_spill_cap_rig(&[]);
     // Nobody reads this client's stdout: its buffer fills, then the cap.
     let mut stalled = shim
         .ssh(&["cat /dev/zero"])
