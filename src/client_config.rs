@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Path of the generated file, relative to the ssh directory.
@@ -20,23 +20,9 @@ const INCLUDE_LINE: &str = "Include config.d/sshshim";
 /// Comment placed above the Include line so users know where it came from.
 const INCLUDE_COMMENT: &str = "# Added by sshshim: Host entries for local sshshim endpoints";
 
-/// A name made safe for Host patterns, aliases and file names: characters
-/// other than letters, digits, `.`, `_` and `-` become `_`.
-pub fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 /// The HostKeyAlias of an endpoint: `sshshim-NAME`.
 pub fn alias(name: &str) -> String {
-    format!("sshshim-{}", sanitize(name))
+    format!("sshshim-{}", crate::paths::safe_name(name))
 }
 
 /// One Host block for a running or configured endpoint.
@@ -101,9 +87,9 @@ fn config_path(p: &Path) -> String {
 /// A symlinked `config` (dotfile managers) is edited through the link.
 pub fn install(ssh_dir: &Path, blocks: &str) -> io::Result<String> {
     let mut summary = Vec::new();
-    create_private_dir(ssh_dir)?;
+    ensure_dir(ssh_dir)?;
     let block_path = ssh_dir.join(BLOCK_FILE);
-    create_private_dir(block_path.parent().unwrap_or(ssh_dir))?;
+    ensure_dir(block_path.parent().unwrap_or(ssh_dir))?;
     if fs::read(&block_path).ok().as_deref() == Some(blocks.as_bytes()) {
         // Still tighten permissions in case someone loosened them.
         fs::set_permissions(&block_path, fs::Permissions::from_mode(0o600))?;
@@ -229,7 +215,7 @@ pub fn record_endpoint_key(path: &Path, alias: &str, key_openssh: &str) -> io::R
     }
     let entry = format!("{alias} {key}");
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        create_private_dir(parent)?;
+        ensure_dir(parent)?;
     }
     let old = match fs::read_to_string(path) {
         Ok(t) => t,
@@ -266,20 +252,16 @@ pub fn record_endpoint_key(path: &Path, alias: &str, key_openssh: &str) -> io::R
 
 /// `~/.ssh` of the current user, if a home directory is known.
 fn home_ssh_dir() -> Option<PathBuf> {
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(|h| PathBuf::from(h).join(".ssh"))
+    crate::paths::home_dir().map(|h| h.join(".ssh"))
 }
 
-/// Creates `dir` (and parents) with mode 0700 if missing; existing dirs are left as they are.
-fn create_private_dir(dir: &Path) -> io::Result<()> {
+/// Creates `dir` 0700 if it is missing. An existing directory of the
+/// user's (`~/.ssh`) is left as it is, as OpenSSH does.
+fn ensure_dir(dir: &Path) -> io::Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
+    crate::paths::create_private_dir(dir)
 }
 
 /// Replaces `path` with `data` via a temp file and rename, so readers never see a partial file.

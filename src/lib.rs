@@ -1,10 +1,29 @@
 //! sshshim: one verified, authenticated upstream SSH connection, served to
 //! standard OpenSSH tools through a local SSH endpoint.
 //!
-//! Data flows one way through the modules:
-//! [`endpoint`] (local clients) -> [`bridge`] -> [`upstream`] (the server),
-//! with [`forward`] keeping the registry of forwards and [`config`] holding
-//! what the user asked for. [`shim`] wires them together for `sshshim up`.
+//! Modules, higher ones above; every `use crate::` edge points down:
+//!
+//! ```text
+//!   main (CLI)
+//!     |
+//!   supervisor ---------------------------- service, control, hooks
+//!     |                                         |
+//!   shim (one running profile)                  |
+//!     |                                         |
+//!   endpoint (local SSH server) ---+            |
+//!     |                            |            |
+//!   forward (registry, routing) -- local_channel|
+//!     |           |                             |
+//!   upstream    bridge (spill)             resolve
+//!   (pool, auth,  |                        /     \
+//!    known_hosts) |                  profile    ssh_config   client_config
+//!     |           |                     |           |            |
+//!   config ------ stats, tuning -------- spec, paths (ground: import nothing)
+//! ```
+//!
+//! Data flows one way: local clients -> [`endpoint`] -> [`bridge`] ->
+//! [`upstream`]. Channels the server opens leave [`upstream`] as events
+//! that [`forward`] consumes; nothing calls back up.
 
 pub mod bridge;
 pub mod client_config;
@@ -12,9 +31,15 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod forward;
+pub mod local_channel;
+pub mod paths;
 pub mod profile;
+pub mod resolve;
 pub mod service;
 pub mod shim;
+pub mod spec;
 pub mod ssh_config;
+pub mod stats;
 pub mod supervisor;
+pub mod tuning;
 pub mod upstream;

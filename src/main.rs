@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
-use sshshim::config;
-use sshshim::forward::{ForwardSpec, Kind};
+use sshshim::paths;
 use sshshim::profile::Profile;
+use sshshim::resolve;
+use sshshim::spec::{ForwardSpec, Kind};
 
 /// One verified SSH connection, shared by every ssh, scp, sftp and rsync you run.
 ///
@@ -93,7 +94,7 @@ struct UpArgs {
     jump: Option<String>,
 
     /// Upstream port (default: the destination's, ssh_config's, else 22).
-    #[arg(short, long, value_parser = config::parse_port)]
+    #[arg(short, long, value_parser = sshshim::spec::parse_port)]
     port: Option<u16>,
 
     /// Upstream login name (default: the destination's, ssh_config's, else your own).
@@ -176,6 +177,13 @@ struct UpArgs {
     /// on this loopback address.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
+
+    /// Seconds a local reader that stopped reading may hold its full buffer
+    /// (the spill cap) before its channel is closed, with a message on its
+    /// stderr [default: 5]. Meanwhile new channels use another upstream
+    /// connection.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    stall_limit: Option<u64>,
 }
 
 impl UpArgs {
@@ -188,9 +196,9 @@ impl UpArgs {
             identity: self
                 .identity
                 .iter()
-                .map(|p| config::expand_tilde(p))
+                .map(|p| paths::expand_tilde(p))
                 .collect(),
-            known_hosts: self.known_hosts.as_ref().map(|p| config::expand_tilde(p)),
+            known_hosts: self.known_hosts.as_ref().map(|p| paths::expand_tilde(p)),
             accept_new: self.accept_new.then_some(true),
             listen: self.listen,
             allow_non_loopback: self.allow_non_loopback.then_some(true),
@@ -204,11 +212,12 @@ impl UpArgs {
             connect_timeout: self.connect_timeout,
             on_event: self.on_event.clone(),
             metrics: self.metrics,
+            stall_limit: self.stall_limit,
         }
     }
 
     /// Resolves flags over environment over profile (if NAME is one) over ssh_config.
-    fn resolve(&self) -> Result<config::UpConfig, String> {
+    fn resolve(&self) -> Result<sshshim::config::UpConfig, String> {
         let path = self
             .config
             .clone()
@@ -220,7 +229,7 @@ impl UpArgs {
             .as_profile()
             .or(sshshim::profile::from_env()?)
             .or(from_file.unwrap_or_default());
-        config::resolve_up(config::UpRequest {
+        resolve::resolve_up(resolve::UpRequest {
             name: &self.destination,
             profile: layered,
             ssh_config: self.ssh_config.as_deref(),
@@ -446,14 +455,14 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
         );
     }
     let state =
-        config::state_dir().map_err(|e| format!("cannot create the state directory: {e}"))?;
+        paths::state_dir().map_err(|e| format!("cannot create the state directory: {e}"))?;
     let known_hosts = state.join("known_hosts");
     let mut blocks = String::new();
     for name in &names {
         let listen = file.profiles.get(name).and_then(|p| p.listen);
         let port = listen.map(|l| l.port()).or(a.port).unwrap_or(2222);
-        let identity = a.identity.as_ref().map(|p| config::expand_tilde(p));
-        let clean = sshshim::client_config::sanitize(name);
+        let identity = a.identity.as_ref().map(|p| paths::expand_tilde(p));
+        let clean = sshshim::paths::safe_name(name);
         blocks.push_str(&sshshim::client_config::host_block(
             &sshshim::client_config::Endpoint {
                 name: &clean,
@@ -466,7 +475,9 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
         blocks.push('\n');
     }
     if a.install {
-        let ssh_dir = config::home_dir().ok_or("HOME is not set")?.join(".ssh");
+        let ssh_dir = paths::home_dir()
+            .ok_or("no home directory (HOME is not set)")?
+            .join(".ssh");
         let summary = sshshim::client_config::install(&ssh_dir, &blocks)
             .map_err(|e| format!("cannot install the Host blocks: {e}"))?;
         println!("{summary}");

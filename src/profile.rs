@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use toml::de::{DeTable, DeValue};
 
-use crate::config::{Destination, expand_tilde, home_dir};
-use crate::forward::{ForwardSpec, Kind};
+use crate::paths::{expand_tilde, home_dir};
+use crate::spec::{Destination, ForwardSpec, Kind};
 
 /// The keys a profile may set: the long options of `sshshim up`, with `-`
 /// written `_`.
@@ -36,6 +36,7 @@ pub const KEYS: &[&str] = &[
     "connect_timeout",
     "on_event",
     "metrics",
+    "stall_limit",
 ];
 
 /// The settings of one profile. `None` / empty means "not set here", so
@@ -78,6 +79,9 @@ pub struct Profile {
     pub on_event: Option<String>,
     /// Address of the metrics endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Seconds a stalled local reader may take nothing at its buffer's
+    /// cap before its channel is closed (>= 1).
+    pub stall_limit: Option<u64>,
 }
 
 impl Profile {
@@ -112,6 +116,7 @@ impl Profile {
             connect_timeout: self.connect_timeout.or(lower.connect_timeout),
             on_event: self.on_event.or(lower.on_event),
             metrics: self.metrics.or(lower.metrics),
+            stall_limit: self.stall_limit.or(lower.stall_limit),
         }
     }
 }
@@ -146,13 +151,10 @@ impl ConfigFile {
 /// Default config path: `$XDG_CONFIG_HOME/sshshim/config.toml`, else
 /// `~/.config/sshshim/config.toml`.
 pub fn default_path() -> PathBuf {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| home_dir().map(|h| h.join(".config")))
+    crate::paths::config_dir()
         // No HOME at all: a relative path is the least surprising fallback.
-        .unwrap_or_else(|| PathBuf::from(".config"));
-    base.join("sshshim").join("config.toml")
+        .unwrap_or_else(|_| PathBuf::from(".config/sshshim"))
+        .join("config.toml")
 }
 
 /// Loads and validates a file. A missing file at the default path is an
@@ -414,6 +416,7 @@ fn set(p: &mut Profile, key: &str, v: Val) -> Result<(), Bad> {
         "connect_timeout" => p.connect_timeout = Some(int_of(v, 1, i64::MAX, secs)? as u64),
         "on_event" => p.on_event = Some(str_of(v, "a command (string)")?),
         "metrics" => p.metrics = Some(addr_of(v)?),
+        "stall_limit" => p.stall_limit = Some(int_of(v, 1, i64::MAX, secs)? as u64),
         _ => return Err(Bad::whole(unknown_key(key))),
     }
     Ok(())

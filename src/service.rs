@@ -8,8 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::config::home_dir;
-
 /// What to run and where.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnitSpec {
@@ -327,10 +325,9 @@ fn unit_dir(system: bool) -> PathBuf {
     if system {
         return PathBuf::from("/etc/systemd/system");
     }
-    std::env::var_os("XDG_CONFIG_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| home_dir().map(|h| h.join(".config")))
+    crate::paths::config_dir()
+        .ok()
+        .and_then(|d| d.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from(".config"))
         .join("systemd/user")
 }
@@ -468,7 +465,7 @@ fn invoking_user() -> String {
     std::env::var("SUDO_USER")
         .ok()
         .filter(|u| !u.is_empty())
-        .unwrap_or_else(crate::config::current_user)
+        .unwrap_or_else(crate::paths::current_user)
 }
 
 #[cfg(test)]

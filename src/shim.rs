@@ -9,10 +9,19 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
 use crate::config::UpConfig;
 use crate::endpoint::{self, Endpoint, auth::AuthorizedKeys};
-use crate::forward::{self, Kind, Registry};
-use crate::upstream::{Upstream, UpstreamError, known_hosts::fingerprint};
+use crate::forward::{self, Registry};
+use crate::spec::Kind;
+use crate::stats::Gauge;
+use crate::upstream::{Pool, UpstreamError, known_hosts::fingerprint};
+
+/// How long the exit waits for local sessions and bridges to finish after
+/// the upstream is closed.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(1500);
 
 /// How a profile ended.
 #[derive(Debug)]
@@ -32,7 +41,7 @@ pub enum Exit {
 /// What a started profile exposes to its owner (status, banner).
 pub struct Started {
     /// The upstream side.
-    pub upstream: Arc<Upstream>,
+    pub pool: Arc<Pool>,
     /// The forward registry.
     pub forwards: Arc<Registry>,
     /// The endpoint address actually bound, if any.
@@ -40,7 +49,7 @@ pub struct Started {
     /// Endpoint host key fingerprint and file.
     pub host_key: (String, std::path::PathBuf),
     /// Local clients connected right now.
-    pub local_clients: Arc<std::sync::atomic::AtomicUsize>,
+    pub local_clients: Gauge,
 }
 
 /// Runs one profile until `stop` is cancelled. `on_start` is called once
@@ -100,17 +109,30 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
     }
     let endpoint_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let registry = Registry::new();
-    let upstream = Upstream::new(cfg.clone(), registry.clone());
-    registry.attach(&upstream);
+    // Everything this profile starts runs on `tasks`, so the exit can wait
+    // for it; `shutdown` tells it all to stop.
+    let tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    let (pool, server_opens) = Pool::new(cfg.clone());
+    let registry = Registry::new(pool.clone(), tasks.clone(), cfg.stall_limit);
     for spec in cfg.forwards.iter().filter(|f| f.kind == Kind::Remote) {
         registry.add_owned_remote(spec);
     }
+    tasks.spawn(
+        registry
+            .clone()
+            .serve(server_opens, shutdown.clone())
+            .in_current_span(),
+    );
     let first = tokio::select! {
-        r = upstream.connect_first() => r,
-        _ = stop.cancelled() => return Exit::Stopped,
+        r = pool.connect_first() => r,
+        _ = stop.cancelled() => {
+            shutdown.cancel();
+            return Exit::Stopped;
+        }
     };
     if let Err(e) = first {
+        shutdown.cancel();
         let permanent = e.is_permanent();
         return Exit::Failed {
             message: e.to_string(),
@@ -118,38 +140,38 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
         };
     }
 
-    let shutdown = CancellationToken::new();
     let mut local_forwards = tokio::task::JoinSet::new();
     for spec in cfg.forwards.iter().filter(|f| f.kind == Kind::Local) {
-        let fut = forward::run_local_forward(spec.clone(), upstream.clone(), shutdown.clone());
-        local_forwards.spawn(fut);
+        let fut = forward::local::run(spec.clone(), registry.clone(), shutdown.clone());
+        local_forwards.spawn(fut.in_current_span());
     }
 
-    let local_clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut serving = None;
+    let local_clients = Gauge::default();
     let mut host_key = (String::new(), std::path::PathBuf::new());
     if let (Some(listener), Some((k, path)), Some(authorized)) = (listener, key, authorized) {
         host_key = (fingerprint(k.public_key()), path);
         record_alias(&cfg.name, &k);
         let ep = Endpoint {
             config: Arc::new(endpoint::server_config(k)),
-            upstream: upstream.clone(),
+            pool: pool.clone(),
             authorized: Arc::new(authorized),
             forwards: registry.clone(),
             allow_non_loopback: cfg.allow_non_loopback,
             clients: local_clients.clone(),
+            tasks: tasks.clone(),
+            stall_limit: cfg.stall_limit,
         };
-        serving = Some(tokio::spawn(ep.serve(listener, shutdown.clone())));
+        tasks.spawn(ep.serve(listener, shutdown.clone()).in_current_span());
     }
     on_start(&Started {
-        upstream: upstream.clone(),
+        pool: pool.clone(),
         forwards: registry.clone(),
         endpoint: endpoint_addr,
         host_key,
         local_clients,
     });
 
-    let mut running = tokio::spawn(upstream.clone().run(shutdown.clone()));
+    let mut running = tokio::spawn(pool.clone().run(shutdown.clone()).in_current_span());
     let (exit, upstream_done) = tokio::select! {
         _ = stop.cancelled() => (Exit::Stopped, false),
         r = &mut running => match r {
@@ -159,17 +181,20 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
         r = wait_first_error(&mut local_forwards) => (fail(r), false),
     };
     shutdown.cancel();
-    // Closing upstream closes every bridged channel; give that a moment to
-    // reach local clients, but never hang the exit.
-    let _ = tokio::time::timeout(Duration::from_millis(1500), async {
-        if let Some(s) = serving {
-            let _ = s.await;
-        }
+    // Closing upstream closes every bridged channel; wait for local sessions
+    // and bridges to pass that on to their clients, but never hang the exit.
+    tasks.close();
+    let waited = tokio::time::timeout(SHUTDOWN_GRACE, async {
         if !upstream_done {
             let _ = running.await;
         }
+        local_forwards.shutdown().await;
+        tasks.wait().await;
     })
     .await;
+    if waited.is_err() {
+        tracing::debug!("{} tasks still running at exit", tasks.len());
+    }
     exit
 }
 
@@ -185,7 +210,7 @@ fn gave_up(e: UpstreamError) -> Exit {
 /// sshshim's own known_hosts, so the Host block from `sshshim ssh-config`
 /// connects without a prompt.
 fn record_alias(name: &str, key: &russh::keys::PrivateKey) {
-    let Ok(dir) = crate::config::state_dir() else {
+    let Ok(dir) = crate::paths::state_dir() else {
         return;
     };
     let Ok(line) = key.public_key().to_openssh() else {
@@ -225,7 +250,7 @@ pub async fn signal() {
 pub fn print_banner(name: &str, s: &Started) {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    let target = s.upstream.target();
+    let target = s.pool.target();
     let Some(bound) = s.endpoint else {
         let _ = writeln!(out, "sshshim: connected to {target} (no local endpoint)");
         let _ = out.flush();
@@ -247,7 +272,7 @@ pub fn print_banner(name: &str, s: &Started) {
     } else {
         format!(" -P {port}")
     };
-    let alias = format!("{}-shim", crate::client_config::sanitize(name));
+    let alias = format!("{}-shim", crate::paths::safe_name(name));
     let _ = writeln!(out, "sshshim: listening on {bound}");
     let _ = writeln!(out, "  upstream:  {target} (connected)");
     let _ = writeln!(

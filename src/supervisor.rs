@@ -5,18 +5,21 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::Instrument;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, UpConfig};
+use crate::config::UpConfig;
 use crate::control::{self, EventHook, ForwardStatus, ProfileStatus, StatusSource, UpstreamStatus};
 use crate::forward::{FwdState, Registry};
 use crate::profile::{self, Profile};
 use crate::service;
 use crate::shim::{self, Exit, Started};
-use crate::upstream::{State, Upstream};
+use crate::stats::Gauge;
+use crate::upstream::{Pool, State};
 
 /// Unix seconds of `t`.
 fn unix(t: SystemTime) -> u64 {
@@ -28,13 +31,13 @@ fn unix(t: SystemTime) -> u64 {
 /// What a profile has once it is running.
 struct Parts {
     /// The upstream side.
-    upstream: Arc<Upstream>,
+    pool: Arc<Pool>,
     /// Its forwards.
     forwards: Arc<Registry>,
     /// Endpoint address, if any.
     endpoint: Option<SocketAddr>,
     /// Local clients connected.
-    clients: Arc<AtomicUsize>,
+    clients: Gauge,
 }
 
 /// A profile's live status, shared with the control socket and metrics.
@@ -114,9 +117,9 @@ impl StatusSource for Live {
         let Some(p) = parts.as_ref() else {
             return status;
         };
-        up.reconnects += p.upstream.reconnects();
-        up.connections = p.upstream.connection_count();
-        match p.upstream.state() {
+        up.reconnects += p.pool.reconnects();
+        up.connections = p.pool.connection_count();
+        match p.pool.state() {
             State::Up(c) => {
                 up.rtt_ms = c.rtt.lock().unwrap().map(|d| d.as_secs_f64() * 1e3);
                 up.server_version = Some(c.server_version.clone());
@@ -129,17 +132,15 @@ impl StatusSource for Live {
             }
             State::Failed(_) => {}
         }
-        let stats = p.upstream.stats();
+        let stats = p.pool.stats();
         status.upstream = up;
         status.endpoint = p.endpoint.map(|e| e.to_string());
-        status.local_clients = p.clients.load(Ordering::Relaxed);
+        status.local_clients = p.clients.get();
         status.channels = stats
-            .channels
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(k, n)| (k.to_string(), *n))
+            .channels()
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| (k.to_string(), n))
             .collect();
         status.bytes_in = stats.bytes_in.load(Ordering::Relaxed);
         status.bytes_out = stats.bytes_out.load(Ordering::Relaxed);
@@ -147,8 +148,9 @@ impl StatusSource for Live {
             .forwards
             .snapshot()
             .into_iter()
-            .map(|(spec, owned, state, port)| {
-                let (state, error) = match state {
+            .map(|f| {
+                let (spec, owned, port) = (f.listen, f.shim_owned, f.bound);
+                let (state, error) = match f.state {
                     FwdState::Active => ("active", None),
                     FwdState::Pending => ("pending", None),
                     FwdState::Retrying(e) => ("retrying", Some(e)),
@@ -174,7 +176,7 @@ impl StatusSource for Live {
 /// fires events, once per change (so once per outage).
 async fn follow(
     live: Arc<Live>,
-    upstream: Arc<Upstream>,
+    pool: Arc<Pool>,
     forwards: Arc<Registry>,
     hook: Option<Arc<EventHook>>,
 ) {
@@ -183,7 +185,7 @@ async fn follow(
             h.emit(&live.name, event, reason);
         }
     };
-    let mut rx = upstream.watch();
+    let mut rx = pool.watch();
     let mut was_up = false;
     let mut retrying: Vec<String> = Vec::new();
     loop {
@@ -220,8 +222,8 @@ async fn follow(
         let now: Vec<(String, String)> = forwards
             .snapshot()
             .into_iter()
-            .filter_map(|(spec, _, st, _)| match st {
-                FwdState::Retrying(e) => Some((spec, e)),
+            .filter_map(|f| match f.state {
+                FwdState::Retrying(e) => Some((f.listen, e)),
                 _ => None,
             })
             .collect();
@@ -245,22 +247,27 @@ async fn run_profile(
     let token = live.token();
     let started = |s: &Started| {
         *live.parts.lock().unwrap() = Some(Parts {
-            upstream: s.upstream.clone(),
+            pool: s.pool.clone(),
             forwards: s.forwards.clone(),
             endpoint: s.endpoint,
             clients: s.local_clients.clone(),
         });
-        tokio::spawn(follow(
-            live.clone(),
-            s.upstream.clone(),
-            s.forwards.clone(),
-            hook.clone(),
-        ));
+        tokio::spawn(
+            follow(
+                live.clone(),
+                s.pool.clone(),
+                s.forwards.clone(),
+                hook.clone(),
+            )
+            .in_current_span(),
+        );
         if banner {
             shim::print_banner(&name, s);
         }
     };
-    let exit = shim::run(cfg, token, started).await;
+    // One span per profile: under `supervise` every log line says whose it is.
+    let span = tracing::info_span!("profile", name = %name);
+    let exit = shim::run(cfg, token, started).instrument(span).await;
     match &exit {
         Exit::Stopped => live.set("stopped", None),
         Exit::Failed { message, .. } => live.set("failed", Some(message.clone())),
@@ -394,7 +401,7 @@ fn start(name: &str, p: Profile, default_hook: &Option<String>) -> Supervised {
             // Resolving may run `ssh -G`: keep that off the async workers.
             let (name, profile) = (n.clone(), prof.clone());
             let cfg = tokio::task::spawn_blocking(move || {
-                config::resolve_up(config::UpRequest {
+                crate::resolve::resolve_up(crate::resolve::UpRequest {
                     name: &name,
                     profile,
                     ssh_config: None,

@@ -1,28 +1,64 @@
 //! Channel bridging: carries one local channel's traffic to its upstream
 //! channel and back, byte for byte, with EOF, exit status and close in order.
 //!
+//! The local end is anything that implements [`LocalIn`] and [`LocalOut`]:
+//! a channel of the local SSH endpoint, a socket of an sshshim-owned
+//! forward ([`stream`]), or descriptors passed over the multiplexing socket.
+//! No local protocol's types appear here, so the spill and backpressure
+//! logic exists once, below that seam.
+//!
 //! Three tasks per bridged channel:
 //! - the *pump* drains the upstream channel at once into a [`SpillQueue`]
 //!   (so no upstream channel can stall the shared connection) and routes
 //!   request replies;
-//! - the *forwarder* moves events from the queue to the local client,
-//!   waiting on the local window (this is where a slow reader waits);
-//! - the *uplink* moves local data to upstream, waiting on the upstream
-//!   window; it blocks only its own local connection, which is what
-//!   backpressure on that client should do.
+//! - the *forwarder* moves events from the queue to the local end, at the
+//!   local reader's pace;
+//! - the *uplink* moves local input upstream, at the upstream's pace; it
+//!   blocks only its own local end, which is what backpressure should do.
 
 pub mod spill;
+pub mod stream;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use russh::{ChannelMsg, ChannelWriteHalf, client, server};
+use bytes::Bytes;
+use russh::{ChannelMsg, ChannelWriteHalf, client};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
-use crate::upstream::ChannelMeter;
+use crate::stats::ChannelMeter;
 use spill::{Event, PushError, SpillQueue};
+
+pub use spill::Event as Output;
+
+/// What the local end sends towards the server.
+pub enum Input {
+    /// Channel data (a session's stdin).
+    Data(Bytes),
+    /// Extended data.
+    Ext(u32, Bytes),
+    /// The local end will send no more data.
+    Eof,
+}
+
+/// The local end's input side: what the bridge reads from it.
+pub trait LocalIn: Send + 'static {
+    /// The next input; `None` once the local end is closed or gone.
+    fn recv(&mut self) -> impl Future<Output = Option<Input>> + Send;
+}
+
+/// The local end's output side: what the bridge delivers to it. Each call
+/// returns when the local end has taken the item (this is where a slow
+/// reader makes the bridge wait); an error means it is gone.
+pub trait LocalOut: Send + 'static {
+    /// Delivers one event ([`Output::Close`] last).
+    fn send(&mut self, ev: Output) -> impl Future<Output = std::io::Result<()>> + Send;
+}
 
 /// A channel request that needs the upstream's answer.
 pub enum Request {
@@ -51,29 +87,49 @@ pub enum Request {
     AgentForward,
 }
 
-/// The upstream write side of a bridged channel, shared by the local
-/// handler (requests) and the bridge tasks.
-pub struct Upstream {
+/// Settings of one bridged channel.
+pub struct Options {
+    /// A session channel: if the upstream connection is lost, its client is
+    /// told so on stderr before the channel closes.
+    pub session: bool,
+    /// Names the channel in logs.
+    pub what: String,
+    /// Counts its traffic.
+    pub meter: ChannelMeter,
+    /// Held until the upstream channel is gone (e.g. its connection's load count).
+    pub hold: Option<Box<dyn Send + Sync>>,
+    /// How long a local reader whose buffer is full may take nothing
+    /// before the channel is closed.
+    pub stall_limit: Duration,
+    /// Counts, for the upstream connection, channels whose pump waits for
+    /// a stalled reader (the connection takes no new channels meanwhile).
+    pub congestion: Option<Arc<AtomicUsize>>,
+}
+
+/// The upstream write side of a bridged channel, shared by the local end's
+/// handler (requests, window changes, signals) and the bridge tasks.
+pub struct Bridge {
     /// Writes to the upstream channel.
     pub write: ChannelWriteHalf<client::Msg>,
     /// Replies we are waiting for, in request order (SSH answers in order).
     replies: Mutex<VecDeque<oneshot::Sender<bool>>>,
-    /// Set when the local client can no longer take output
-    /// (`eow@openssh.com`): output is dropped, exit status still delivered.
-    discard: CancellationToken,
+    /// Set when the local client can take no more output
+    /// (`eow@openssh.com`): stdout is dropped, stderr and exit status still
+    /// delivered, and a local close no longer ends the remote command.
+    eow: CancellationToken,
     /// Set when we close the upstream channel ourselves. russh then drops
     /// everything the server still sends on it, including its close, so the
     /// pump must stop on this instead of waiting for a close that never comes.
     closing: CancellationToken,
 }
 
-impl Upstream {
+impl Bridge {
     /// Wraps the write half of a freshly opened upstream channel.
     fn new(write: ChannelWriteHalf<client::Msg>) -> Arc<Self> {
-        Arc::new(Upstream {
+        Arc::new(Bridge {
             write,
             replies: Mutex::new(VecDeque::new()),
-            discard: CancellationToken::new(),
+            eow: CancellationToken::new(),
             closing: CancellationToken::new(),
         })
     }
@@ -107,11 +163,20 @@ impl Upstream {
         rx.await.unwrap_or(false)
     }
 
-    /// The local client can take no more output (it sent
-    /// `eow@openssh.com`): drop pending output and close upstream so the
-    /// remote command ends, as sshd would on receiving that request.
+    /// The local client can take no more output (`eow@openssh.com`). sshd
+    /// closes only the command's stdout then; russh cannot send that request
+    /// upstream, so we come as close as we can: stdout is dropped, and the
+    /// first stdout the command writes afterwards (where sshd would give it
+    /// EPIPE) closes the channel, which ends `yes | head` promptly. A command
+    /// that writes only stderr (a nohup'd server) lives on, as with sshd,
+    /// even after the local client goes away.
     pub fn output_closed(&self) {
-        self.discard.cancel();
+        self.eow.cancel();
+    }
+
+    /// Whether the local client sent `eow@openssh.com`.
+    pub fn is_output_closed(&self) -> bool {
+        self.eow.is_cancelled()
     }
 
     /// Closes the upstream channel (once) and stops its pump.
@@ -130,291 +195,254 @@ impl Upstream {
     }
 }
 
-/// Bridges a local (server-side) channel to an upstream (client-side)
-/// channel until both are closed. Returns the upstream write side so the
-/// caller can forward channel requests.
-/// `session` marks a session channel: if the upstream connection is lost,
-/// its client is told so on stderr before the channel closes.
+/// Bridges a local end to an upstream channel until both are closed.
+/// Returns the [`Bridge`] so the local end's handler can forward requests.
 pub fn spawn(
-    local: russh::Channel<server::Msg>,
-    local_handle: server::Handle,
+    local_in: impl LocalIn,
+    local_out: impl LocalOut,
     upstream: russh::Channel<client::Msg>,
-    session: bool,
-    load: Option<crate::upstream::LoadGuard>,
-    meter: ChannelMeter,
-) -> Arc<Upstream> {
-    let local_id = local.id();
-    let (mut local_read, local_write) = local.split();
+    opts: Options,
+    tasks: &TaskTracker,
+) -> Arc<Bridge> {
     let (up_read, up_write) = upstream.split();
-    let up = Upstream::new(up_write);
+    let bridge = Bridge::new(up_write);
     let queue = Arc::new(SpillQueue::new());
-    let (up2, queue2) = (up.clone(), queue.clone());
-    let meter = Arc::new(meter);
-    let meter_up = meter.clone();
-    tokio::spawn(async move {
-        pump(up_read, up2, queue2, local_id, session).await;
-        // The upstream channel is gone: it no longer loads its connection.
-        drop(load);
-    });
+    let meter = Arc::new(opts.meter);
+    let span = tracing::debug_span!("channel", what = %opts.what);
 
-    // Forwarder: queue -> local client, at the local reader's pace.
-    let (q, u) = (queue, up.clone());
-    tokio::spawn(async move {
-        let sent = async {
-            loop {
-                let ok = match q.pop().await? {
-                    // The client discards output after eow@openssh.com and
-                    // stops granting window for it: do not wait on it.
-                    Event::Data(_) | Event::Ext(..) if u.discard.is_cancelled() => true,
-                    Event::Data(d) => {
-                        meter.add_in(d.len());
-                        tokio::select! {
-                            r = local_write.data_bytes(d) => r.is_ok(),
-                            _ = u.discard.cancelled() => true,
-                        }
-                    }
-                    Event::Ext(e, d) => tokio::select! {
-                        r = local_write.extended_data_bytes(e, d) => r.is_ok(),
-                        _ = u.discard.cancelled() => true,
-                    },
-                    Event::Eof => local_write.eof().await.is_ok(),
-                    Event::ExitStatus(s) => local_write.exit_status(s).await.is_ok(),
-                    Event::ExitSignal {
-                        signal,
-                        core_dumped,
-                        message,
-                        lang,
-                    } => local_handle
-                        .exit_signal_request(local_id, signal, core_dumped, message, lang)
-                        .await
-                        .is_ok(),
-                    Event::Close => {
-                        let _ = local_write.close().await;
-                        return Ok::<_, std::io::Error>(());
-                    }
-                };
-                if !ok {
-                    return Ok(());
-                }
-            }
-        };
-        if let Err(e) = sent.await {
-            tracing::warn!("channel {local_id:?}: reading buffered data failed: {e}");
+    let pump_ctx = Pump {
+        bridge: bridge.clone(),
+        queue: queue.clone(),
+        session: opts.session,
+        stall_limit: opts.stall_limit,
+        congestion: opts.congestion,
+    };
+    let hold = opts.hold;
+    tasks.spawn(
+        async move {
+            pump_ctx.run(up_read).await;
+            // The upstream channel is gone: it no longer loads its connection.
+            drop(hold);
         }
-        // Local side gone or closed: stop buffering and end the remote
-        // command at once.
-        q.close_reader();
-        u.close().await;
-    });
-
-    // Uplink: local client -> upstream, at the upstream's pace.
-    let u = up.clone();
-    tokio::spawn(async move {
-        while let Some(msg) = local_read.wait().await {
-            let ok = match msg {
-                ChannelMsg::Data { data } => {
-                    meter_up.add_out(data.len());
-                    u.write.data_bytes(data).await.is_ok()
-                }
-                ChannelMsg::ExtendedData { ext, data } => {
-                    u.write.extended_data_bytes(ext, data).await.is_ok()
-                }
-                ChannelMsg::Eof => u.write.eof().await.is_ok(),
-                ChannelMsg::Close => break,
-                // Requests arrive here too; the handler answers them.
-                _ => true,
-            };
-            if !ok {
-                break;
-            }
-        }
-        u.close().await;
-    });
-
-    up
+        .instrument(span.clone()),
+    );
+    tasks
+        .spawn(forwarder(local_out, queue, bridge.clone(), meter.clone()).instrument(span.clone()));
+    tasks.spawn(uplink(local_in, bridge.clone(), meter).instrument(span));
+    bridge
 }
 
-/// Drains an upstream channel into `q` as fast as it delivers, routing
-/// request replies to `u`. Ends with a `Close` event.
-async fn pump(
-    mut up_read: russh::ChannelReadHalf,
-    u: Arc<Upstream>,
+/// Forwarder: queue -> local end, at the local reader's pace. When the
+/// local end is gone the remote command ends too, unless the client said
+/// `eow@openssh.com` first (see [`Bridge::output_closed`]).
+async fn forwarder(
+    mut out: impl LocalOut,
     q: Arc<SpillQueue>,
-    what: impl std::fmt::Debug,
-    session: bool,
+    b: Arc<Bridge>,
+    meter: Arc<ChannelMeter>,
 ) {
-    let mut overflowed = false;
+    let mut gone = false;
     loop {
-        let msg = tokio::select! {
-            m = up_read.wait() => m,
-            _ = u.closing.cancelled() => None,
+        let ev = match q.pop().await {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!("reading buffered data failed: {e}");
+                break;
+            }
         };
-        let Some(msg) = msg else {
-            // No Close from the server and not closed by us: the whole
-            // upstream connection went away under this channel.
-            if session && !u.closing.is_cancelled() && !overflowed {
+        let last = matches!(ev, Event::Close);
+        match ev {
+            // The client discards stdout after eow@openssh.com and stops
+            // granting window for it: never wait on it.
+            Event::Data(_) if b.eow.is_cancelled() => {}
+            _ if gone => {}
+            Event::Data(d) => {
+                meter.add_in(d.len());
+                let sent = tokio::select! {
+                    r = out.send(Event::Data(d)) => r,
+                    _ = b.eow.cancelled() => Ok(()),
+                };
+                gone = sent.is_err();
+            }
+            ev => gone = out.send(ev).await.is_err(),
+        }
+        if last {
+            return;
+        }
+        if gone && !b.eow.is_cancelled() {
+            break;
+        }
+    }
+    // Local end gone: stop buffering and end the remote command at once.
+    q.close_reader();
+    b.close().await;
+}
+
+/// Uplink: local end -> upstream, at the upstream's pace.
+async fn uplink(mut input: impl LocalIn, b: Arc<Bridge>, meter: Arc<ChannelMeter>) {
+    while let Some(msg) = input.recv().await {
+        let ok = match msg {
+            Input::Data(data) => {
+                meter.add_out(data.len());
+                b.write.data_bytes(data).await.is_ok()
+            }
+            Input::Ext(ext, data) => b.write.extended_data_bytes(ext, data).await.is_ok(),
+            Input::Eof => b.write.eof().await.is_ok(),
+        };
+        if !ok {
+            break;
+        }
+    }
+    if b.eow.is_cancelled() {
+        // After eow the local client's going away is not the command's
+        // end: sshd would keep it running with stderr open. Its stdin ends.
+        tracing::debug!("local end gone after eow: the remote command keeps running");
+        let _ = b.write.eof().await;
+        return;
+    }
+    b.close().await;
+}
+
+/// The pump's state.
+struct Pump {
+    /// The channel.
+    bridge: Arc<Bridge>,
+    /// Where upstream events wait for the local reader.
+    queue: Arc<SpillQueue>,
+    /// Session channels are told when the connection is lost.
+    session: bool,
+    /// See [`Options::stall_limit`].
+    stall_limit: Duration,
+    /// See [`Options::congestion`].
+    congestion: Option<Arc<AtomicUsize>>,
+}
+
+impl Pump {
+    /// Drains an upstream channel into the queue as fast as it delivers,
+    /// routing request replies. Ends with a `Close` event.
+    async fn run(self, mut up_read: russh::ChannelReadHalf) {
+        let (u, q) = (&self.bridge, &self.queue);
+        let mut overflowed = false;
+        loop {
+            let msg = tokio::select! {
+                m = up_read.wait() => m,
+                _ = u.closing.cancelled() => None,
+            };
+            let Some(msg) = msg else {
+                // No Close from the server and not closed by us: the whole
+                // upstream connection went away under this channel.
+                if self.session && !u.closing.is_cancelled() && !overflowed {
+                    q.push_control(Event::Ext(
+                        1,
+                        "sshshim: the upstream connection was lost; this session has ended\r\n"
+                            .into(),
+                    ));
+                }
+                break;
+            };
+            let ev = match msg {
+                ChannelMsg::Data { .. } if u.eow.is_cancelled() => {
+                    // Where sshd would answer this write with EPIPE.
+                    tracing::debug!("stdout after eow@openssh.com: closing the channel");
+                    u.close().await;
+                    continue;
+                }
+                ChannelMsg::Data { data } => Event::Data(data),
+                ChannelMsg::ExtendedData { ext, data } => Event::Ext(ext, data),
+                ChannelMsg::Eof => Event::Eof,
+                ChannelMsg::ExitStatus { exit_status } => Event::ExitStatus(exit_status),
+                ChannelMsg::ExitSignal {
+                    signal_name,
+                    core_dumped,
+                    error_message,
+                    lang_tag,
+                } => Event::ExitSignal {
+                    signal: signal_name,
+                    core_dumped,
+                    message: error_message,
+                    lang: lang_tag,
+                },
+                ChannelMsg::Success => {
+                    u.reply(true);
+                    continue;
+                }
+                ChannelMsg::Failure => {
+                    u.reply(false);
+                    continue;
+                }
+                ChannelMsg::Close => break,
+                _ => continue,
+            };
+            if overflowed {
+                continue;
+            }
+            if let Err(e) = self.push_or_wait(ev).await {
+                // The local reader stopped for good (or the disk failed): end
+                // this channel rather than hold the connection or disk for it.
+                let why = match e {
+                    PushError::Full(_) => format!(
+                        "the local reader took nothing for {}s with {} MiB buffered",
+                        self.stall_limit.as_secs_f32(),
+                        spill::channel_disk() >> 20
+                    ),
+                    PushError::Io(e) => format!("cannot buffer for a slow reader: {e}"),
+                };
+                tracing::warn!("closing channel: {why}");
                 q.push_control(Event::Ext(
                     1,
-                    "sshshim: the upstream connection was lost; this session has ended\r\n".into(),
+                    format!("\r\nsshshim: channel closed: {why}\r\n").into(),
                 ));
+                q.push_control(Event::Close);
+                overflowed = true;
+                u.close().await;
             }
-            break;
-        };
-        let ev = match msg {
-            ChannelMsg::Data { data } => Event::Data(data),
-            ChannelMsg::ExtendedData { ext, data } => Event::Ext(ext, data),
-            ChannelMsg::Eof => Event::Eof,
-            ChannelMsg::ExitStatus { exit_status } => Event::ExitStatus(exit_status),
-            ChannelMsg::ExitSignal {
-                signal_name,
-                core_dumped,
-                error_message,
-                lang_tag,
-            } => Event::ExitSignal {
-                signal: signal_name,
-                core_dumped,
-                message: error_message,
-                lang: lang_tag,
-            },
-            ChannelMsg::Success => {
-                u.reply(true);
-                continue;
-            }
-            ChannelMsg::Failure => {
-                u.reply(false);
-                continue;
-            }
-            ChannelMsg::Close => break,
-            _ => continue,
-        };
-        if overflowed {
-            continue;
         }
-        if let Err(e) = push_or_wait(&q, ev).await {
-            // The local reader stopped for good (or the disk failed): end
-            // this channel rather than hold the connection or disk for it.
-            let why = match e {
-                PushError::Full(_) => format!(
-                    "the local reader stopped reading with {} MiB buffered",
-                    spill::channel_disk() >> 20
-                ),
-                PushError::Io(e) => format!("cannot buffer for a slow reader: {e}"),
-            };
-            tracing::warn!("closing channel {what:?}: {why}");
-            q.push_control(Event::Ext(
-                1,
-                format!("\r\nsshshim: channel closed: {why}\r\n").into(),
-            ));
-            q.push_control(Event::Close);
-            overflowed = true;
-            u.close().await;
-        }
+        tracing::trace!("upstream channel closed");
+        // Wake any request still waiting: the channel is gone.
+        u.replies.lock().unwrap().clear();
+        q.push_control(Event::Close);
     }
-    tracing::trace!("pump {what:?}: upstream channel closed");
-    // Wake any request still waiting: the channel is gone.
-    u.replies.lock().unwrap().clear();
-    q.push_control(Event::Close);
-}
 
-/// How long a reader whose buffer is full may make no progress at all
-/// before its channel is closed. While the pump waits here the shared
-/// upstream connection waits too (russh reads no further until this channel
-/// takes its message), so this is short; a reader that is merely slow never
-/// reaches it.
-const READER_STALL: Duration = Duration::from_secs(5);
-
-/// Queues `ev`; when the channel's buffer is full, waits for the local
-/// reader to take something and tries again. That wait is backpressure: a
-/// slow download gets through at the reader's pace instead of being cut
-/// off. Fails with `Full` only if the reader makes no progress for
-/// [`READER_STALL`].
-async fn push_or_wait(q: &SpillQueue, mut ev: Event) -> Result<(), PushError> {
-    loop {
-        match q.push(ev) {
-            Err(PushError::Full(back)) => {
-                tracing::debug!("channel buffer full: waiting for the local reader");
-                if tokio::time::timeout(READER_STALL, q.progressed())
-                    .await
-                    .is_err()
-                {
-                    return Err(PushError::Full(back));
-                }
-                ev = back;
-            }
-            done => return done,
-        }
-    }
-}
-
-/// Bridges a byte stream (a TCP or Unix socket of an sshshim-owned
-/// forward) to an upstream channel, with half-close carried both ways.
-pub fn spawn_stream<S>(
-    stream: S,
-    upstream: russh::Channel<client::Msg>,
-    what: String,
-    meter: ChannelMeter,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let (up_read, up_write) = upstream.split();
-    let up = Upstream::new(up_write);
-    let queue = Arc::new(SpillQueue::new());
-    tokio::spawn(pump(up_read, up.clone(), queue.clone(), what, false));
-
-    let meter = Arc::new(meter);
-    let meter_up = meter.clone();
-    // Upstream -> socket.
-    let (q, u) = (queue, up.clone());
-    tokio::spawn(async move {
+    /// Queues `ev`; when the channel's buffer is full, waits for the local
+    /// reader to take something and tries again. That wait is backpressure:
+    /// a slow download gets through at the reader's pace instead of being cut
+    /// off. While the pump waits here the shared upstream connection waits
+    /// too (russh reads no further until this channel takes its message), so
+    /// the connection is marked congested meanwhile. Fails with `Full` only
+    /// if the reader makes no progress for the stall limit.
+    async fn push_or_wait(&self, mut ev: Event) -> Result<(), PushError> {
         loop {
-            let ok = match q.pop().await {
-                Ok(Event::Data(d)) => {
-                    meter.add_in(d.len());
-                    wr.write_all(&d).await.is_ok()
-                }
-                // Only sessions carry stderr; a forward has none to give.
-                Ok(Event::Ext(..) | Event::ExitStatus(_) | Event::ExitSignal { .. }) => true,
-                Ok(Event::Eof) => {
-                    let _ = wr.shutdown().await;
-                    true
-                }
-                Ok(Event::Close) | Err(_) => break,
-            };
-            if !ok {
-                break;
-            }
-        }
-        q.close_reader();
-        u.close().await;
-    });
-
-    // Socket -> upstream. One buffer whose spare capacity is reused, so a
-    // chunk costs no allocation of its own until the buffer is used up.
-    tokio::spawn(async move {
-        let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
-        loop {
-            if buf.capacity() < 16 * 1024 {
-                buf.reserve(64 * 1024);
-            }
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => {
-                    let _ = up.write.eof().await;
-                    break;
-                }
-                Ok(n) => {
-                    meter_up.add_out(n);
-                    if up.write.data_bytes(buf.split().freeze()).await.is_err() {
-                        up.close().await;
-                        break;
+            match self.queue.push(ev) {
+                Err(PushError::Full(back)) => {
+                    tracing::debug!("channel buffer full: waiting for the local reader");
+                    let _congested = self.congestion.as_ref().map(|c| Congested::new(c.clone()));
+                    if tokio::time::timeout(self.stall_limit, self.queue.progressed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(PushError::Full(back));
                     }
+                    ev = back;
                 }
-                Err(_) => {
-                    up.close().await;
-                    break;
-                }
+                done => return done,
             }
         }
-    });
+    }
+}
+
+/// Marks a connection congested while alive.
+struct Congested(Arc<AtomicUsize>);
+
+impl Congested {
+    /// Counts one waiting pump.
+    fn new(c: Arc<AtomicUsize>) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Congested(c)
+    }
+}
+
+impl Drop for Congested {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -32,7 +32,7 @@ impl AuthorizedKeys {
     /// The user's own keys: `~/.ssh/*.pub` and the agent's identities.
     pub async fn users_own() -> Self {
         let mut keys = Vec::new();
-        if let Some(dir) = crate::config::home_dir().map(|h| h.join(".ssh"))
+        if let Some(dir) = crate::paths::home_dir().map(|h| h.join(".ssh"))
             && let Ok(entries) = std::fs::read_dir(dir)
         {
             for e in entries.flatten() {
@@ -283,11 +283,7 @@ fn proc_addrs(a: SocketAddr) -> Vec<String> {
     }
 }
 
-/// Our own uid.
-pub fn my_uid() -> u32 {
-    // SAFETY: getuid has no preconditions and cannot fail.
-    unsafe { libc::getuid() }
-}
+pub use crate::paths::my_uid;
 
 #[cfg(test)]
 mod tests {

@@ -80,12 +80,13 @@ impl<S: Subscriber> Layer<S> for EowLayer {
         // one the request named, so leave them alone.
         let only = {
             let g = channels.lock().unwrap();
-            (g.len() == 1).then(|| g.values().next().cloned()).flatten()
+            (g.len() == 1)
+                .then(|| g.values().next().map(|c| c.bridge.clone()))
+                .flatten()
         };
-        tracing::debug!("eow@openssh.com from a local client: closing its upstream channel");
-        if let Some(up) = only {
-            up.output_closed();
-            tokio::spawn(async move { up.close().await });
+        tracing::debug!("eow@openssh.com from a local client");
+        if let Some(b) = only {
+            b.output_closed();
         }
     }
 }

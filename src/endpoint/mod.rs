@@ -8,19 +8,23 @@ pub mod quickack;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::keys::{PrivateKey, ssh_key::LineEnding};
 use russh::server::{self, Auth, Msg, Session};
-use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet, Pty, Sig};
+use russh::{Channel, ChannelId, MethodKind, MethodSet, Pty, Sig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
-use crate::bridge::{self, Request};
-use crate::forward::{LocalSession, Registry};
-use crate::upstream::{LoadGuard, Upstream};
+use crate::bridge::{self, Bridge, Request};
+use crate::forward::client::LocalSession;
+use crate::forward::{AgentGuard, AgentTarget, Registry};
+use crate::local_channel;
+use crate::stats::{Gauge, GaugeGuard};
+use crate::upstream::{Open, OpenError, Pool};
 use auth::AuthorizedKeys;
 
 /// Loads the endpoint host key, or generates one under the state directory
@@ -31,8 +35,8 @@ pub fn load_or_create_host_key(explicit: Option<&Path>) -> Result<(PrivateKey, P
             .map_err(|e| format!("cannot load host key {}: {e}", p.display()))?;
         return Ok((key, p.to_path_buf()));
     }
-    let dir = crate::config::state_dir()
-        .map_err(|e| format!("cannot create the state directory: {e}"))?;
+    let dir =
+        crate::paths::state_dir().map_err(|e| format!("cannot create the state directory: {e}"))?;
     let path = dir.join("host_key_ed25519");
     if path.exists() {
         let key = russh::keys::load_secret_key(&path, None)
@@ -74,10 +78,10 @@ pub fn server_config(host_key: PrivateKey) -> server::Config {
         keys: vec![host_key],
         // Local sessions may idle for days (a shell in tmux).
         inactivity_timeout: None,
-        window_size: crate::config::WINDOW_SIZE,
-        maximum_packet_size: crate::config::MAX_PACKET,
-        channel_buffer_size: crate::config::CHANNEL_BUFFER,
-        preferred: crate::config::endpoint_algorithms(),
+        window_size: crate::tuning::WINDOW_SIZE,
+        maximum_packet_size: crate::tuning::MAX_PACKET,
+        channel_buffer_size: crate::tuning::CHANNEL_BUFFER,
+        preferred: crate::tuning::endpoint_algorithms(),
         nodelay: true,
         // OpenSSH clients use their extensions (eow@openssh.com above all,
         // which ends `ssh host yes | head` promptly) only with servers whose
@@ -89,16 +93,26 @@ pub fn server_config(host_key: PrivateKey) -> server::Config {
     }
 }
 
+/// A bridged session channel of a local connection.
+pub struct LocalChannel {
+    /// Its bridge, for requests.
+    pub bridge: Arc<Bridge>,
+    /// The upstream connection it is on.
+    generation: u64,
+    /// Its agent route, while it has agent forwarding on.
+    agent: Option<AgentGuard>,
+}
+
 /// A local connection's bridged session channels, by local channel id.
-pub type Channels = Mutex<HashMap<ChannelId, Arc<bridge::Upstream>>>;
+pub type Channels = Mutex<HashMap<ChannelId, LocalChannel>>;
 
 /// Shared state of the endpoint, cloned into every connection.
 #[derive(Clone)]
 pub struct Endpoint {
     /// russh server settings.
     pub config: Arc<server::Config>,
-    /// The upstream connection.
-    pub upstream: Arc<Upstream>,
+    /// The upstream side.
+    pub pool: Arc<Pool>,
     /// Keys allowed in.
     pub authorized: Arc<AuthorizedKeys>,
     /// Forward registry (client-requested and sshshim-owned forwards).
@@ -106,7 +120,11 @@ pub struct Endpoint {
     /// Accept peers that are not on loopback (then the uid check cannot apply).
     pub allow_non_loopback: bool,
     /// Local clients connected right now (for status).
-    pub clients: Arc<AtomicUsize>,
+    pub clients: Gauge,
+    /// Where connections and their bridges run (waited for on shutdown).
+    pub tasks: TaskTracker,
+    /// See `bridge::Options::stall_limit`.
+    pub stall_limit: Duration,
 }
 
 impl Endpoint {
@@ -131,18 +149,18 @@ impl Endpoint {
                 continue;
             }
             let _ = stream.set_nodelay(true);
-            self.clients.fetch_add(1, Ordering::Relaxed);
             let handler = LocalHandler {
                 ep: self.clone(),
                 peer,
                 handle: None,
                 channels: Arc::new(Mutex::new(HashMap::new())),
                 session: None,
-                agent_channels: Default::default(),
+                _counted: self.clients.enter(),
             };
             let config = self.config.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move {
+            let span = tracing::info_span!("client", %peer);
+            self.tasks.spawn(async move {
                 let running = match server::run_stream(
                     config,
                     quickack::QuickAck::new(stream),
@@ -165,7 +183,7 @@ impl Endpoint {
                         let _ = handle.disconnect(russh::Disconnect::ByApplication, "sshshim is shutting down".into(), "en".into()).await;
                     }
                 }
-            });
+            }.instrument(span));
         }
     }
 
@@ -181,10 +199,12 @@ impl Endpoint {
         let Some(local) = local else {
             return Err("cannot tell the local address".into());
         };
-        if !Path::new("/proc/net/tcp").exists() {
-            // Not Linux: key authentication alone decides.
+        if !cfg!(target_os = "linux") {
+            // No way to ask the kernel who owns a TCP peer: the key
+            // check alone decides (README says so).
             return Ok(());
         }
+        // Fails closed: an owner that cannot be determined is refused.
         match auth::peer_uid(peer, local) {
             Some(uid) if uid == auth::my_uid() => Ok(()),
             Some(uid) => Err(format!("its socket belongs to uid {uid}, not ours")),
@@ -205,14 +225,18 @@ pub struct LocalHandler {
     channels: Arc<Channels>,
     /// Forwards this connection asked for; cancelled when it ends.
     session: Option<Arc<LocalSession>>,
-    /// Session channels that have agent forwarding on.
-    agent_channels: std::collections::HashSet<ChannelId>,
+    /// Counts this client in the endpoint's gauge while it is connected.
+    _counted: GaugeGuard,
 }
 
 impl LocalHandler {
     /// The bridge of a local session channel.
-    fn bridge(&self, id: ChannelId) -> Option<Arc<bridge::Upstream>> {
-        self.channels.lock().unwrap().get(&id).cloned()
+    fn bridge(&self, id: ChannelId) -> Option<Arc<Bridge>> {
+        self.channels
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map(|c| c.bridge.clone())
     }
 
     /// Forwards a channel request upstream and answers the local client with
@@ -238,56 +262,58 @@ impl LocalHandler {
 
     /// Opens the upstream twin of a local channel in the background (the
     /// open takes a round trip we must not spend inside the session loop),
-    /// then bridges them.
-    fn open_and_bridge<F, Fut>(
+    /// then bridges them. A refusal carries the server's code, or why there
+    /// is no upstream right now.
+    fn open_and_bridge(
         &self,
         channel: Channel<Msg>,
         reply: server::ChannelOpenHandle,
         session: &mut Session,
-        kind: &'static str,
-        open: F,
-    ) where
-        F: FnOnce(Arc<Upstream>, Arc<crate::upstream::Connection>) -> Fut + Send + 'static,
-        Fut: Future<Output = Result<(Channel<russh::client::Msg>, Option<LoadGuard>), russh::Error>>
-            + Send,
-    {
-        let upstream = self.ep.upstream.clone();
+        what: Open,
+    ) {
+        let ep = self.ep.clone();
         let channels = self.channels.clone();
         let handle = session.handle();
-        let is_session = kind == "session";
-        tokio::spawn(async move {
-            let conn = match upstream.connection().await {
-                Ok(c) => c,
-                Err(why) => {
-                    tracing::warn!("refusing channel: {why}");
-                    if is_session {
-                        // An open failure carries no text through russh; a
-                        // session can at least say why on stderr.
-                        explain_and_close(channel, reply, &why).await;
-                    } else {
-                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+        let is_session = what.is_session();
+        let kind = what.kind();
+        self.ep.tasks.spawn(
+            async move {
+                let opened = match ep.pool.open(what).await {
+                    Ok(o) => o,
+                    Err(OpenError::Unavailable(why)) if is_session => {
+                        tracing::warn!("refusing a session: {why}");
+                        // A session can say why on stderr, which every
+                        // client shows.
+                        return explain_and_close(channel, reply, &why).await;
                     }
-                    return;
-                }
-            };
-            let stats = upstream.stats();
-            match open(upstream, conn).await {
-                Ok((up, load)) => {
-                    let id = channel.id();
-                    let b = bridge::spawn(channel, handle, up, is_session, load, stats.open(kind));
-                    channels.lock().unwrap().insert(id, b);
-                    reply.accept().await;
-                }
-                Err(russh::Error::ChannelOpenFailure(reason)) => {
-                    tracing::debug!("upstream refused a channel: {reason:?}");
-                    reply.reject(reason).await
-                }
-                Err(e) => {
-                    tracing::warn!("upstream channel open failed: {e}");
-                    reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                }
+                    Err(e) => {
+                        tracing::info!("upstream refused a {kind} channel: {e}");
+                        return reply.reject(e.reason()).await;
+                    }
+                };
+                let id = channel.id();
+                let (i, o) = local_channel::ends(channel, handle);
+                let opts = bridge::Options {
+                    session: is_session,
+                    what: kind.to_owned(),
+                    meter: ep.pool.stats().open(kind),
+                    hold: Some(Box::new(opened.load)),
+                    stall_limit: ep.stall_limit,
+                    congestion: Some(opened.congestion),
+                };
+                let b = bridge::spawn(i, o, opened.channel, opts, &ep.tasks);
+                channels.lock().unwrap().insert(
+                    id,
+                    LocalChannel {
+                        bridge: b,
+                        generation: opened.generation,
+                        agent: None,
+                    },
+                );
+                reply.accept().await;
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 
@@ -360,9 +386,7 @@ impl server::Handler for LocalHandler {
         reply: server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        self.open_and_bridge(channel, reply, session, "session", |up, c| async move {
-            up.open_session(c).await.map(|(ch, load)| (ch, Some(load)))
-        });
+        self.open_and_bridge(channel, reply, session, Open::Session);
         Ok(())
     }
 
@@ -376,20 +400,13 @@ impl server::Handler for LocalHandler {
         reply: server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let (host, orig) = (host_to_connect.to_owned(), originator_address.to_owned());
-        self.open_and_bridge(
-            channel,
-            reply,
-            session,
-            "direct-tcpip",
-            move |_, c| async move {
-                let ch = c
-                    .handle
-                    .channel_open_direct_tcpip(host, port_to_connect, orig, originator_port)
-                    .await?;
-                Ok((ch, None))
-            },
-        );
+        let what = Open::DirectTcpip {
+            host: host_to_connect.to_owned(),
+            port: port_to_connect,
+            originator: originator_address.to_owned(),
+            originator_port,
+        };
+        self.open_and_bridge(channel, reply, session, what);
         Ok(())
     }
 
@@ -400,17 +417,8 @@ impl server::Handler for LocalHandler {
         reply: server::ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let path = socket_path.to_owned();
-        self.open_and_bridge(
-            channel,
-            reply,
-            session,
-            "direct-streamlocal",
-            move |_, c| async move {
-                let ch = c.handle.channel_open_direct_streamlocal(path).await?;
-                Ok((ch, None))
-            },
-        );
+        let what = Open::DirectStreamlocal(socket_path.to_owned());
+        self.open_and_bridge(channel, reply, session, what);
         Ok(())
     }
 
@@ -419,13 +427,8 @@ impl server::Handler for LocalHandler {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
+        // Dropping the entry drops its agent route too.
         self.channels.lock().unwrap().remove(&channel);
-        if self.agent_channels.remove(&channel) {
-            self.ep
-                .upstream
-                .agent_sessions()
-                .fetch_sub(1, Ordering::Relaxed);
-        }
         Ok(())
     }
 
@@ -530,22 +533,28 @@ impl server::Handler for LocalHandler {
         channel: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        // The upstream's agent channels are served from our own agent, so
-        // only ask for forwarding when we have one.
-        if std::env::var_os("SSH_AUTH_SOCK").is_none() {
+        // The server's agent requests on this channel's upstream connection
+        // come back to this client's own agent, while the channel is open.
+        let Some(b) = self.bridge(channel) else {
+            return Ok(false);
+        };
+        if !b.request(Request::AgentForward).await {
             return Ok(false);
         }
-        let ok = match self.bridge(channel) {
-            Some(b) => b.request(Request::AgentForward).await,
-            None => false,
+        let Some(handle) = self.handle.clone() else {
+            return Ok(false);
         };
-        if ok && self.agent_channels.insert(channel) {
-            self.ep
-                .upstream
-                .agent_sessions()
-                .fetch_add(1, Ordering::Relaxed);
+        let mut g = self.channels.lock().unwrap();
+        if let Some(c) = g.get_mut(&channel)
+            && c.agent.is_none()
+        {
+            c.agent = Some(
+                self.ep
+                    .forwards
+                    .add_agent_route(c.generation, AgentTarget::Client(handle)),
+            );
         }
-        Ok(ok)
+        Ok(true)
     }
 
     async fn x11_request(
@@ -619,14 +628,6 @@ impl Drop for LocalHandler {
         // upstream.
         if let Some(s) = self.session.take() {
             s.end();
-        }
-        self.ep.clients.fetch_sub(1, Ordering::Relaxed);
-        let n = self.agent_channels.len();
-        if n > 0 {
-            self.ep
-                .upstream
-                .agent_sessions()
-                .fetch_sub(n, Ordering::Relaxed);
         }
     }
 }

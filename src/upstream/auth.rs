@@ -42,7 +42,7 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// An authenticator for one hop.
-    pub fn new(h: &crate::config::HostSpec) -> Self {
+    pub fn new(h: &crate::spec::HostSpec) -> Self {
         Authenticator {
             user: h.user.clone(),
             identities: h.identities.clone(),

@@ -204,20 +204,23 @@ impl HostKeyVerifier {
             && !dir.as_os_str().is_empty()
             && !dir.exists()
         {
-            crate::config::create_private_dir(dir)?;
+            crate::paths::create_private_dir(dir)?;
         }
-        let mut existing = std::fs::read(&self.user_file).unwrap_or_default();
+        let existing = std::fs::read(&self.user_file).unwrap_or_default();
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .mode(0o600)
             .open(&self.user_file)?;
-        let line = key.to_openssh().map_err(std::io::Error::other)?;
-        if !existing.is_empty() && existing.last() != Some(&b'\n') {
-            existing.clear();
-            f.write_all(b"\n")?;
-        }
-        writeln!(f, "{name} {line}")
+        let key = key.to_openssh().map_err(std::io::Error::other)?;
+        // One write of one whole line: with O_APPEND, two profiles recording
+        // at once cannot interleave their lines.
+        let sep = if existing.last().is_some_and(|b| *b != b'\n') {
+            "\n"
+        } else {
+            ""
+        };
+        f.write_all(format!("{sep}{name} {key}\n").as_bytes())
     }
 }
 
@@ -299,19 +302,30 @@ fn hashed_match(entry: &str, name: &str) -> bool {
     mac.verify_slice(&hash).is_ok()
 }
 
-/// Shell-style glob with `*` and `?`, case-insensitive as OpenSSH host names.
-fn glob(pat: &str, name: &str) -> bool {
-    fn rec(p: &[u8], n: &[u8]) -> bool {
-        match p.split_first() {
-            None => n.is_empty(),
-            Some((b'*', rest)) => (0..=n.len()).any(|i| rec(rest, &n[i..])),
-            Some((b'?', rest)) => !n.is_empty() && rec(rest, &n[1..]),
-            Some((c, rest)) => {
-                n.first().is_some_and(|d| c.eq_ignore_ascii_case(d)) && rec(rest, &n[1..])
-            }
+/// Shell-style glob with `*` and `?`, ASCII case-insensitive as OpenSSH
+/// matches host names. Iterative with one backtrack point, so a pattern
+/// such as `*a*a*a*a*a*a*a*a*b` costs O(pattern x name), not exponential time.
+pub fn glob(pat: &str, name: &str) -> bool {
+    let (p, n) = (pat.as_bytes(), name.as_bytes());
+    let (mut pi, mut ni) = (0, 0);
+    // The last `*` seen and the name position it currently covers up to.
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi].eq_ignore_ascii_case(&n[ni])) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
         }
     }
-    rec(pat.as_bytes(), name.as_bytes())
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]
@@ -431,5 +445,17 @@ mod tests {
             verifier(dir.path(), 22, false).verify(&key()),
             Err(HostKeyError::Revoked { line: 2, .. })
         ));
+    }
+
+    #[test]
+    fn globs_are_linear_and_case_insensitive() {
+        assert!(glob("*.lab", "X.LAB"));
+        assert!(glob("h?st*", "host-1"));
+        assert!(!glob("*.lab", "x.lab.com"));
+        assert!(glob("*", ""));
+        assert!(glob("a*b*c", "aXbYbZc"));
+        let started = std::time::Instant::now();
+        assert!(!glob("*a*a*a*a*a*a*a*a*a*a*a*a*b", &"a".repeat(200)));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 }

@@ -1,0 +1,284 @@
+//! Where the channels the server opens go: a connection to a remote
+//! forward goes to the forward's owner (a local client, or sshshim's own
+//! target); an agent request goes to the local session that forwarded its
+//! agent on that upstream connection.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+
+use russh::{ChannelOpenFailure, client, server};
+
+use super::{Owner, Registry};
+use crate::bridge::{self, stream};
+use crate::local_channel;
+use crate::spec::Addr;
+use crate::upstream::{ServerOpen, ServerOpenKind};
+
+/// Where the server's agent requests for one local session go.
+#[derive(Clone)]
+pub enum AgentTarget {
+    /// Back to the endpoint client that asked (`ssh -A`): its own agent.
+    Client(server::Handle),
+    /// To an agent socket of ours (a multiplexing client asked; OpenSSH's
+    /// ControlMaster, too, serves those from its own agent).
+    Socket(PathBuf),
+}
+
+/// One local session with agent forwarding on.
+pub(super) struct AgentRoute {
+    /// Registry-unique id.
+    id: u64,
+    /// The upstream connection its session channel is on.
+    generation: u64,
+    /// Where its agent is.
+    target: AgentTarget,
+}
+
+/// Keeps an agent route while alive: drop it when the session ends.
+pub struct AgentGuard {
+    /// The registry holding the route.
+    registry: Weak<Registry>,
+    /// The route.
+    id: u64,
+}
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        if let Some(r) = self.registry.upgrade() {
+            r.agents.lock().unwrap().retain(|a| a.id != self.id);
+        }
+    }
+}
+
+/// A channel to bridge to the local side once accepted.
+struct Routed {
+    /// The upstream channel.
+    channel: russh::Channel<client::Msg>,
+    /// Its answer.
+    reply: client::ChannelOpenHandle,
+    /// The meter and logs' name for it.
+    kind: &'static str,
+    /// Its connection's congestion counter.
+    congestion: Arc<AtomicUsize>,
+}
+
+impl Registry {
+    /// Routes the server's agent requests on upstream connection
+    /// `generation` to `target` while the guard lives. sshd keeps one agent
+    /// socket per connection and its requests name no session, so the most
+    /// recently added route of that connection wins.
+    pub fn add_agent_route(self: &Arc<Self>, generation: u64, target: AgentTarget) -> AgentGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.agents.lock().unwrap().push(AgentRoute {
+            id,
+            generation,
+            target,
+        });
+        AgentGuard {
+            registry: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    /// Routes one channel the server opened. Runs in the event loop, so the
+    /// work (local opens, connects) is spawned.
+    pub(super) fn route(self: &Arc<Self>, ev: ServerOpen) {
+        let ServerOpen {
+            kind,
+            channel,
+            reply,
+            generation,
+            congestion,
+        } = ev;
+        let reg = self.clone();
+        self.tasks.spawn(async move {
+            match kind {
+                ServerOpenKind::ForwardedTcpip {
+                    connected_address,
+                    connected_port,
+                    originator_address,
+                    originator_port,
+                } => {
+                    let routed = Routed {
+                        channel,
+                        reply,
+                        kind: "forwarded-tcpip",
+                        congestion,
+                    };
+                    let Ok(port) = u16::try_from(connected_port) else {
+                        return routed.reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    };
+                    let listen = Addr::Tcp(connected_address.clone(), port);
+                    match reg.owner_of(&listen) {
+                        None => {
+                            tracing::debug!("forwarded connection for unknown {listen}");
+                            routed
+                                .reply
+                                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                                .await
+                        }
+                        Some(Owner::Client(h)) => {
+                            let local = h
+                                .channel_open_forwarded_tcpip(
+                                    connected_address,
+                                    connected_port,
+                                    originator_address,
+                                    originator_port,
+                                )
+                                .await;
+                            reg.to_client(local, h, routed).await
+                        }
+                        Some(Owner::Shim(target)) => reg.to_target(target, routed).await,
+                    }
+                }
+                ServerOpenKind::ForwardedStreamlocal { socket_path } => {
+                    let routed = Routed {
+                        channel,
+                        reply,
+                        kind: "forwarded-streamlocal",
+                        congestion,
+                    };
+                    match reg.owner_of(&Addr::Unix(socket_path.clone())) {
+                        None => {
+                            routed
+                                .reply
+                                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                                .await
+                        }
+                        Some(Owner::Client(h)) => {
+                            let local = h.channel_open_forwarded_streamlocal(socket_path).await;
+                            reg.to_client(local, h, routed).await
+                        }
+                        Some(Owner::Shim(target)) => reg.to_target(target, routed).await,
+                    }
+                }
+                ServerOpenKind::Agent => {
+                    let routed = Routed {
+                        channel,
+                        reply,
+                        kind: "agent",
+                        congestion,
+                    };
+                    reg.to_agent(generation, routed).await
+                }
+            }
+        });
+    }
+
+    /// Serves an agent request from the session that forwarded its agent
+    /// on that connection; refused when there is none, so a client that did
+    /// not ask for `-A` is never given any agent.
+    async fn to_agent(&self, generation: u64, routed: Routed) {
+        let target = self
+            .agents
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|a| a.generation == generation)
+            .map(|a| a.target.clone());
+        match target {
+            None => {
+                tracing::debug!("agent request with no -A session open: refused");
+                routed
+                    .reply
+                    .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                    .await
+            }
+            Some(AgentTarget::Client(h)) => {
+                let local = h.channel_open_agent().await;
+                self.to_client(local, h, routed).await
+            }
+            Some(AgentTarget::Socket(path)) => match tokio::net::UnixStream::connect(&path).await {
+                Ok(s) => self.accept_stream(s, routed).await,
+                Err(e) => {
+                    tracing::warn!("agent forwarding: cannot reach {}: {e}", path.display());
+                    routed.reply.reject(ChannelOpenFailure::ConnectFailed).await
+                }
+            },
+        }
+    }
+
+    /// Bridges a routed channel to a channel opened back to a local client.
+    async fn to_client(
+        &self,
+        local: Result<russh::Channel<server::Msg>, russh::Error>,
+        h: server::Handle,
+        routed: Routed,
+    ) {
+        match local {
+            Ok(local) => {
+                routed.reply.accept().await;
+                let (i, o) = local_channel::ends(local, h);
+                bridge::spawn(
+                    i,
+                    o,
+                    routed.channel,
+                    self.options(routed.kind, routed.congestion),
+                    &self.tasks,
+                );
+            }
+            Err(e) => {
+                tracing::debug!("local client refused a {}: {e}", routed.kind);
+                routed.reply.reject(ChannelOpenFailure::ConnectFailed).await
+            }
+        }
+    }
+
+    /// Connects a routed channel to an sshshim-owned forward's target.
+    async fn to_target(&self, target: Addr, routed: Routed) {
+        let connected = match &target {
+            Addr::Tcp(h, p) => tokio::net::TcpStream::connect((h.as_str(), *p))
+                .await
+                .map(|s| {
+                    let _ = s.set_nodelay(true);
+                    Box::new(s) as Box<dyn Stream>
+                }),
+            Addr::Unix(p) => {
+                tokio::net::UnixStream::connect(crate::paths::expand_tilde(p.as_ref()))
+                    .await
+                    .map(|s| Box::new(s) as Box<dyn Stream>)
+            }
+        };
+        match connected {
+            Ok(s) => self.accept_stream(s, routed).await,
+            Err(e) => {
+                tracing::warn!("remote forward: cannot connect to {target}: {e}");
+                routed.reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            }
+        }
+    }
+
+    /// Accepts a routed channel and bridges it to a local stream.
+    async fn accept_stream(&self, s: impl Stream + 'static, routed: Routed) {
+        routed.reply.accept().await;
+        let (rd, wr) = tokio::io::split(s);
+        bridge::spawn(
+            stream::StreamIn::new(rd),
+            stream::StreamOut(wr),
+            routed.channel,
+            self.options(routed.kind, routed.congestion),
+            &self.tasks,
+        );
+    }
+
+    /// Bridge settings for a routed channel.
+    fn options(&self, kind: &'static str, congestion: Arc<AtomicUsize>) -> bridge::Options {
+        bridge::Options {
+            session: false,
+            what: kind.to_owned(),
+            meter: self.pool.stats().open(kind),
+            hold: None,
+            stall_limit: self.stall_limit,
+            congestion: Some(congestion),
+        }
+    }
+}
+
+/// A socket of either family.
+pub(super) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Stream for T {}

@@ -1,0 +1,270 @@
+//! Where things are: the home directory, `~` expansion, the current user,
+//! sshshim's own state, runtime and config directories, and private
+//! directory creation. A ground module: it imports nothing from the crate.
+//!
+//! One home for each of these, so every part of sshshim agrees on them.
+
+use std::ffi::CStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// The passwd entry's (login name, home directory) for our uid.
+fn passwd_entry() -> Option<(String, PathBuf)> {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: an all-zero passwd is a valid value for getpwuid_r to overwrite.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the stated size; getpwuid_r is
+    // reentrant (unlike getpwuid, whose static buffer threads would share).
+    let rc = unsafe {
+        libc::getpwuid_r(
+            libc::getuid(),
+            &mut pw,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return None;
+    }
+    // SAFETY: on success pw_name and pw_dir point to NUL-terminated strings in `buf`.
+    let (name, dir) = unsafe { (CStr::from_ptr(pw.pw_name), CStr::from_ptr(pw.pw_dir)) };
+    Some((
+        name.to_string_lossy().into_owned(),
+        PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())),
+    ))
+}
+
+/// The user's home directory: `$HOME` when set, else the passwd entry's.
+///
+/// OpenSSH reads only the passwd entry. They agree for a normal login; where
+/// they differ someone set `$HOME` on purpose (a sandbox, a test, a
+/// container whose passwd lacks our uid), and sshshim's own files should
+/// follow it. ssh_config values are expanded by `ssh -G` itself.
+pub fn home_dir() -> Option<PathBuf> {
+    std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| passwd_entry().map(|(_, d)| d))
+        .filter(|d| !d.as_os_str().is_empty())
+}
+
+/// Expands a leading `~` or `~/` to the home directory. `~user` is left
+/// alone, as is everything when no home directory is known.
+pub fn expand_tilde(p: &Path) -> PathBuf {
+    let bytes = p.as_os_str().as_bytes();
+    let rest = if bytes == b"~" {
+        Some(Path::new(""))
+    } else if bytes.starts_with(b"~/") {
+        Some(Path::new(std::ffi::OsStr::from_bytes(&bytes[2..])))
+    } else {
+        None
+    };
+    match (rest, home_dir()) {
+        (Some(rest), Some(home)) if rest.as_os_str().is_empty() => home,
+        (Some(rest), Some(home)) => home.join(rest),
+        _ => p.to_path_buf(),
+    }
+}
+
+/// The current user's login name, as OpenSSH takes it: the passwd entry
+/// for our uid, then `$USER`.
+pub fn current_user() -> String {
+    passwd_entry()
+        .map(|(n, _)| n)
+        .filter(|n| !n.is_empty())
+        .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+        .unwrap_or_else(|| "root".into())
+}
+
+/// Our effective uid.
+pub fn my_uid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// OpenSSH's default identity files, in the order it tries them (what
+/// `ssh -G` prints when the configuration names none).
+pub fn default_identities() -> Vec<PathBuf> {
+    const NAMES: [&str; 7] = [
+        "id_rsa",
+        "id_ecdsa",
+        "id_ecdsa_sk",
+        "id_ed25519",
+        "id_ed25519_sk",
+        "id_xmss",
+        "id_dsa",
+    ];
+    let Some(ssh) = home_dir().map(|h| h.join(".ssh")) else {
+        return Vec::new();
+    };
+    NAMES.iter().map(|n| ssh.join(n)).collect()
+}
+
+/// An XDG base directory from `var`, else `fallback` under the home directory.
+fn xdg(var: &str, fallback: &str) -> io::Result<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| home_dir().map(|h| h.join(fallback)))
+        .ok_or_else(|| io::Error::other(format!("neither {var} nor HOME is set")))
+}
+
+/// sshshim's state directory (`$XDG_STATE_HOME/sshshim`, else
+/// `~/.local/state/sshshim`), private to us: host key, known_hosts of the
+/// endpoint aliases, spill files.
+pub fn state_dir() -> io::Result<PathBuf> {
+    let dir = xdg("XDG_STATE_HOME", ".local/state")?.join("sshshim");
+    create_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// sshshim's configuration directory (`$XDG_CONFIG_HOME/sshshim`, else
+/// `~/.config/sshshim`); not created here.
+pub fn config_dir() -> io::Result<PathBuf> {
+    Ok(xdg("XDG_CONFIG_HOME", ".config")?.join("sshshim"))
+}
+
+/// Where sshshim's sockets live: `$XDG_RUNTIME_DIR/sshshim` when that is
+/// set, else `/tmp/sshshim-UID`. Not created here: see [`create_private_dir`].
+pub fn runtime_dir() -> PathBuf {
+    runtime_dir_in(
+        std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .as_deref(),
+        &std::env::temp_dir(),
+        my_uid(),
+    )
+}
+
+/// [`runtime_dir`] with its inputs given, for tests.
+pub fn runtime_dir_in(runtime: Option<&Path>, tmp: &Path, uid: u32) -> PathBuf {
+    match runtime {
+        Some(r) => r.join("sshshim"),
+        None => tmp.join(format!("sshshim-{uid}")),
+    }
+}
+
+/// Makes `name` safe as one file-name component or ssh_config alias:
+/// ASCII letters, digits, `.`, `_` and `-` stay, everything else becomes
+/// `_`. Never empty (an empty name would make a hidden file).
+pub fn safe_name(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if s.is_empty() { "_".into() } else { s }
+}
+
+/// Creates `dir` (and its parents) for sshshim's private use: a missing
+/// leaf is created 0700 with no window; an existing one must be a real
+/// directory (not a symlink) owned by us, and is tightened to 0700 if it
+/// was wider. Refuses, saying why, when another user could own or swap it
+/// (a shared `/tmp` is where that happens).
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot create directory {}: {e}", dir.display()),
+        ));
+    }
+    let meta = std::fs::symlink_metadata(dir)?;
+    let refuse = |why: String| {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("refusing to use directory {}: {why}", dir.display()),
+        ))
+    };
+    if !meta.file_type().is_dir() {
+        return refuse("it is not a directory (a symlink or file is in the way)".into());
+    }
+    let uid = my_uid();
+    if meta.uid() != uid {
+        return refuse(format!(
+            "it is owned by uid {} instead of us (uid {uid}); another user may have created it",
+            meta.uid()
+        ));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tilde_forms() {
+        let home = home_dir().expect("a home directory");
+        assert_eq!(expand_tilde(Path::new("~")), home);
+        assert_eq!(expand_tilde(Path::new("~/.ssh/x")), home.join(".ssh/x"));
+        assert_eq!(expand_tilde(Path::new("~bob/x")), PathBuf::from("~bob/x"));
+        assert_eq!(expand_tilde(Path::new("/a/~/b")), PathBuf::from("/a/~/b"));
+        assert_eq!(expand_tilde(Path::new("rel")), PathBuf::from("rel"));
+    }
+
+    #[test]
+    fn user_and_identities() {
+        assert!(!current_user().is_empty());
+        let ids = default_identities();
+        assert_eq!(ids.len(), 7);
+        assert!(ids[0].ends_with(".ssh/id_rsa"), "{ids:?}");
+        assert!(ids[3].ends_with(".ssh/id_ed25519"), "{ids:?}");
+    }
+
+    #[test]
+    fn safe_names() {
+        assert_eq!(safe_name("prod"), "prod");
+        assert_eq!(safe_name("a b/c@d"), "a_b_c_d");
+        assert_eq!(safe_name(""), "_");
+        assert_eq!(safe_name("x.y-z_1"), "x.y-z_1");
+    }
+
+    #[test]
+    fn runtime_dirs() {
+        let t = Path::new("/tmp");
+        assert_eq!(
+            runtime_dir_in(Some(Path::new("/run/user/5")), t, 5),
+            PathBuf::from("/run/user/5/sshshim")
+        );
+        assert_eq!(runtime_dir_in(None, t, 5), PathBuf::from("/tmp/sshshim-5"));
+    }
+
+    #[test]
+    fn private_dirs() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("a/b");
+        create_private_dir(&d).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&d), 0o700);
+        // An existing directory of ours that is too open is tightened.
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&d).unwrap();
+        assert_eq!(mode(&d), 0o700);
+        // A symlink in the way is refused, not followed.
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&d, &link).unwrap();
+        let e = create_private_dir(&link).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        // A file in the way too.
+        let f = t.path().join("file");
+        std::fs::write(&f, "").unwrap();
+        assert!(create_private_dir(&f).is_err());
+    }
+}

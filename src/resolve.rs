@@ -1,0 +1,163 @@
+//! Resolution: turns what the user said (a profile or destination, flags,
+//! `SSHSHIM_*` variables) plus what ssh_config says (read with OpenSSH's own
+//! `ssh -G`) into one [`UpConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::config::UpConfig;
+use crate::paths::{current_user, default_identities, expand_tilde};
+use crate::profile::Profile;
+use crate::spec::{Destination, ForwardSpec, HostSpec, Kind};
+use crate::ssh_config::{self, HostConfig, StrictHostKeyChecking};
+
+/// What to resolve for `sshshim up` (and each supervised profile).
+pub struct UpRequest<'a> {
+    /// The profile name or destination as the user typed it.
+    pub name: &'a str,
+    /// Flags, environment and profile, already layered.
+    pub profile: Profile,
+    /// `-F`: the ssh_config file to read instead of the default.
+    pub ssh_config: Option<&'a Path>,
+    /// `-J`: jump hosts, overriding ProxyJump.
+    pub jump: Option<&'a str>,
+    /// `--max-upstreams`.
+    pub max_upstreams: usize,
+    /// Endpoint address when neither flags nor profile name one.
+    pub default_listen: Option<SocketAddr>,
+}
+
+/// Resolves one hop: the destination's own user/port, then flags, then
+/// ssh_config (read with OpenSSH's own `ssh -G`), then OpenSSH's defaults.
+fn resolve_host(
+    dest: &Destination,
+    p: &Profile,
+    ssh_config: Option<&Path>,
+) -> Result<(HostSpec, HostConfig), String> {
+    let hc = ssh_config::resolve(&dest.host, ssh_config)
+        .map_err(|e| format!("reading ssh_config for '{}': {e}", dest.host))?;
+    let strict = hc.strict_host_key_checking;
+    if strict == Some(StrictHostKeyChecking::No) {
+        tracing::warn!(
+            "StrictHostKeyChecking is 'no' for {}: unknown host keys are recorded without asking \
+             (a changed key is still refused)",
+            dest.host
+        );
+    }
+    let none = |v: &[PathBuf]| v.len() == 1 && v[0] == Path::new("none");
+    let user_files: Vec<PathBuf> = if none(&hc.user_known_hosts_files) {
+        Vec::new()
+    } else {
+        hc.user_known_hosts_files.clone()
+    };
+    let known_hosts = p
+        .known_hosts
+        .clone()
+        .or_else(|| user_files.first().cloned())
+        .unwrap_or_else(|| expand_tilde(Path::new("~/.ssh/known_hosts")));
+    let mut global: Vec<PathBuf> = user_files.iter().skip(1).cloned().collect();
+    if hc.global_known_hosts_files.is_empty() {
+        global.push(PathBuf::from("/etc/ssh/ssh_known_hosts"));
+    } else if !none(&hc.global_known_hosts_files) {
+        global.extend(hc.global_known_hosts_files.iter().cloned());
+    }
+    let agent = match hc.identity_agent.as_deref() {
+        Some("none") => None,
+        Some("SSH_AUTH_SOCK") | None => std::env::var_os("SSH_AUTH_SOCK")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from),
+        Some(path) => Some(expand_tilde(Path::new(path))),
+    };
+    let identities_explicit = !p.identity.is_empty();
+    let spec = HostSpec {
+        host: hc.hostname.clone().unwrap_or_else(|| dest.host.clone()),
+        port: p.port.or(dest.port).or(hc.port).unwrap_or(22),
+        user: p
+            .user
+            .clone()
+            .or(dest.user.clone())
+            .or(hc.user.clone())
+            .unwrap_or_else(current_user),
+        identities: if identities_explicit {
+            p.identity.iter().map(|i| expand_tilde(i)).collect()
+        } else if hc.identity_files.is_empty() {
+            default_identities()
+        } else {
+            hc.identity_files.clone()
+        },
+        identities_explicit,
+        identities_only: hc.identities_only,
+        agent,
+        known_hosts,
+        global_known_hosts: global,
+        accept_new: p.accept_new.unwrap_or(matches!(
+            strict,
+            Some(StrictHostKeyChecking::AcceptNew | StrictHostKeyChecking::No)
+        )),
+    };
+    Ok((spec, hc))
+}
+
+/// Resolves everything `sshshim up` needs.
+pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
+    let p = req.profile;
+    let dest: Destination = p.destination.as_deref().unwrap_or(req.name).parse()?;
+    let (target, hc) = resolve_host(&dest, &p, req.ssh_config)?;
+    let jump_list: Vec<String> = match req.jump {
+        Some(j) => j.split(',').map(str::to_owned).collect(),
+        None => hc.proxy_jump.clone(),
+    };
+    let mut jumps = Vec::new();
+    for hop in jump_list.iter().filter(|h| !h.is_empty() && *h != "none") {
+        let d: Destination = hop.parse().map_err(|e| format!("jump host: {e}"))?;
+        // A hop's own settings come from ssh_config, not from our flags.
+        let (spec, _) = resolve_host(&d, &Profile::default(), req.ssh_config)?;
+        jumps.push(spec);
+    }
+    let mut forwards = p.local_forwards.clone();
+    forwards.extend(p.remote_forwards.iter().cloned());
+    if forwards.is_empty() {
+        for (kind, list) in [
+            (Kind::Local, &hc.local_forwards),
+            (Kind::Remote, &hc.remote_forwards),
+        ] {
+            for f in list {
+                match ForwardSpec::parse(kind, f) {
+                    Ok(spec) => forwards.push(spec),
+                    Err(e) => tracing::warn!("ssh_config forward ignored: {e}"),
+                }
+            }
+        }
+    }
+    let keepalive = p
+        .keepalive
+        .or(hc.server_alive_interval.filter(|s| *s > 0))
+        .unwrap_or(15);
+    Ok(UpConfig {
+        name: req.name.to_owned(),
+        target,
+        jumps,
+        listen: p.listen.or(req.default_listen),
+        allow_non_loopback: p.allow_non_loopback.unwrap_or(false),
+        authorized_keys: p.authorized_keys.map(|k| expand_tilde(&k)),
+        host_key: p.host_key.map(|k| expand_tilde(&k)),
+        forwards,
+        connect_timeout: Duration::from_secs(
+            p.connect_timeout.or(hc.connect_timeout).unwrap_or(30),
+        ),
+        keepalive: Duration::from_secs(keepalive),
+        keepalive_max: p
+            .keepalive_max
+            .or(hc.server_alive_count_max)
+            .unwrap_or(3)
+            .max(1) as usize,
+        max_backoff: p.max_backoff.unwrap_or(Duration::from_secs(30)),
+        max_upstreams: req.max_upstreams,
+        on_event: p.on_event,
+        metrics: p.metrics,
+        stall_limit: p
+            .stall_limit
+            .map_or(crate::tuning::READER_STALL, Duration::from_secs),
+    })
+}

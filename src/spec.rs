@@ -1,0 +1,331 @@
+//! What the user asked for, parsed: destinations, resolved hops and
+//! forward specs in OpenSSH syntax. A ground module: it imports nothing from
+//! the crate, so every other module may use it.
+
+use std::fmt;
+use std::path::PathBuf;
+
+/// Where to connect: `[user@]host[:port]`, IPv6 hosts in brackets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    /// Login name, if the destination named one.
+    pub user: Option<String>,
+    /// Host name or address, without brackets.
+    pub host: String,
+    /// Port, if the destination named one.
+    pub port: Option<u16>,
+}
+
+impl std::str::FromStr for Destination {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            |why: &str| format!("invalid destination '{s}': {why} (expected [user@]host[:port])");
+        // The last '@' splits, as OpenSSH does: user names may contain '@'.
+        let (user, rest) = match s.rfind('@') {
+            Some(i) => (Some(&s[..i]), &s[i + 1..]),
+            None => (None, s),
+        };
+        if user == Some("") {
+            return Err(bad("empty user name"));
+        }
+        let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+            let end = inner.find(']').ok_or_else(|| bad("missing ']'"))?;
+            let host = &inner[..end];
+            let after = &inner[end + 1..];
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?),
+            };
+            (host, port)
+        } else if rest.matches(':').count() > 1 {
+            // A bare IPv6 address: no port possible without brackets.
+            (rest, None)
+        } else {
+            match rest.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("empty host"));
+        }
+        let port = match port {
+            None => None,
+            Some(p) => Some(parse_port(p).map_err(|e| bad(&e))?),
+        };
+        Ok(Destination {
+            user: user.map(str::to_owned),
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(u) = &self.user {
+            write!(f, "{u}@")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]", self.host)?;
+        } else {
+            write!(f, "{}", self.host)?;
+        }
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a TCP port number (1-65535).
+pub fn parse_port(p: &str) -> Result<u16, String> {
+    match p.parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("'{p}' is not a port number (1-65535)")),
+        Ok(n) => Ok(n),
+    }
+}
+
+/// One SSH hop (the target or a jump host), fully resolved.
+#[derive(Debug, Clone)]
+pub struct HostSpec {
+    /// Host name or address to connect to (after ssh_config's HostName).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Login name.
+    pub user: String,
+    /// Identity files to try, in order, after the agent.
+    pub identities: Vec<PathBuf>,
+    /// Whether `identities` came from the user (then a missing file is an error).
+    pub identities_explicit: bool,
+    /// Offer only the agent keys that match `identities` (IdentitiesOnly).
+    pub identities_only: bool,
+    /// The agent socket to use; `None` for no agent.
+    pub agent: Option<PathBuf>,
+    /// The known_hosts file that is read and, with `accept_new`, written.
+    pub known_hosts: PathBuf,
+    /// Read-only known_hosts files.
+    pub global_known_hosts: Vec<PathBuf>,
+    /// Record the key of a host not yet known instead of refusing.
+    pub accept_new: bool,
+}
+
+impl fmt::Display for HostSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "{}@[{}]:{}", self.user, self.host, self.port)
+        } else {
+            write!(f, "{}@{}:{}", self.user, self.host, self.port)
+        }
+    }
+}
+
+/// One end of a forward: a TCP address or a Unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Addr {
+    /// `host:port` (host may be empty: the default bind address).
+    Tcp(String, u16),
+    /// A Unix socket path.
+    Unix(String),
+}
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Addr::Tcp(h, p) if h.contains(':') => write!(f, "[{h}]:{p}"),
+            Addr::Tcp(h, p) if h.is_empty() => write!(f, "{p}"),
+            Addr::Tcp(h, p) => write!(f, "{h}:{p}"),
+            Addr::Unix(p) => f.write_str(p),
+        }
+    }
+}
+
+/// Direction of a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// `-L`: listen here, connect from the server's side.
+    Local,
+    /// `-R`: listen on the server, connect from here.
+    Remote,
+}
+
+/// A forward in OpenSSH syntax: `[bind:]port:host:hostport`, socket paths
+/// allowed on either side, IPv6 in brackets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ForwardSpec {
+    /// `-L` or `-R`.
+    pub kind: Kind,
+    /// Where to listen.
+    pub listen: Addr,
+    /// Where to connect.
+    pub target: Addr,
+}
+
+impl fmt::Display for ForwardSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let k = match self.kind {
+            Kind::Local => "-L",
+            Kind::Remote => "-R",
+        };
+        write!(f, "{k} {}:{}", self.listen, self.target)
+    }
+}
+
+impl ForwardSpec {
+    /// Parses the argument of `-L` or `-R`.
+    pub fn parse(kind: Kind, s: &str) -> Result<Self, String> {
+        let flag = if kind == Kind::Local { "-L" } else { "-R" };
+        let bad = |why: &str| {
+            format!(
+                "invalid forward {flag} '{s}': {why}\n  expected [bind_address:]port:host:hostport, \
+                 port:/remote/socket, /local/socket:host:hostport or /local/socket:/remote/socket \
+                 (IPv6 addresses in brackets)"
+            )
+        };
+        let fields = split_fields(s).map_err(|e| bad(&e))?;
+        let addr_of = |host: Option<&str>, port: &str| -> Result<Addr, String> {
+            let p = parse_port(port).or_else(|e| {
+                // Port 0 is allowed on a listening side of -R (server picks).
+                if port == "0" { Ok(0) } else { Err(e) }
+            });
+            Ok(Addr::Tcp(
+                host.unwrap_or("").to_owned(),
+                p.map_err(|e| bad(&e))?,
+            ))
+        };
+        let is_path = |f: &str| f.starts_with('/') || f.starts_with("./") || f.starts_with('~');
+        let (listen, target) = match fields.as_slice() {
+            // /sock:/sock
+            [a, b] if is_path(a) && is_path(b) => (Addr::Unix(a.clone()), Addr::Unix(b.clone())),
+            // port:/sock
+            [a, b] if is_path(b) => (addr_of(None, a)?, Addr::Unix(b.clone())),
+            // /sock:host:port
+            [a, h, p] if is_path(a) => (Addr::Unix(a.clone()), addr_of(Some(h), p)?),
+            // bind:port:/sock
+            [bnd, a, b] if is_path(b) => (addr_of(Some(bnd), a)?, Addr::Unix(b.clone())),
+            // port:host:port
+            [a, h, p] => (addr_of(None, a)?, addr_of(Some(h), p)?),
+            // bind:port:host:port
+            [bnd, a, h, p] => (addr_of(Some(bnd), a)?, addr_of(Some(h), p)?),
+            _ => return Err(bad("wrong number of fields")),
+        };
+        if let Addr::Tcp(h, 0) = &target {
+            return Err(bad(&format!("target {h}:0 has no port")));
+        }
+        if let Addr::Tcp(h, _) = &target
+            && h.is_empty()
+        {
+            return Err(bad("empty target host"));
+        }
+        if kind == Kind::Local && matches!(listen, Addr::Tcp(_, 0)) {
+            return Err(bad("a local listening port must not be 0"));
+        }
+        Ok(ForwardSpec {
+            kind,
+            listen,
+            target,
+        })
+    }
+}
+
+/// Splits on ':' outside brackets, removing the brackets.
+fn split_fields(s: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut depth = false;
+    for c in s.chars() {
+        match c {
+            '[' if !depth && cur.is_empty() => depth = true,
+            ']' if depth => depth = false,
+            ':' if !depth => out.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    if depth {
+        return Err("unclosed '['".into());
+    }
+    out.push(cur);
+    if out.iter().any(|f| f.is_empty()) && out.len() > 1 {
+        // "::" or a trailing ':' — but allow an explicit empty bind ("":port)
+        // only as the first of four fields, as OpenSSH does.
+        if !(out.len() == 4 && out[0].is_empty() && out[1..].iter().all(|f| !f.is_empty())) {
+            return Err("empty field".into());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(kind: Kind, s: &str) -> ForwardSpec {
+        ForwardSpec::parse(kind, s).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn openssh_forms() {
+        let f = p(Kind::Local, "8080:localhost:80");
+        assert_eq!(f.listen, Addr::Tcp("".into(), 8080));
+        assert_eq!(f.target, Addr::Tcp("localhost".into(), 80));
+        let f = p(Kind::Remote, "0.0.0.0:2222:localhost:22");
+        assert_eq!(f.listen, Addr::Tcp("0.0.0.0".into(), 2222));
+        let f = p(Kind::Remote, "0:localhost:3000");
+        assert_eq!(f.listen, Addr::Tcp("".into(), 0));
+        let f = p(Kind::Local, "[::1]:8080:[fe80::1]:80");
+        assert_eq!(f.listen, Addr::Tcp("::1".into(), 8080));
+        assert_eq!(f.target, Addr::Tcp("fe80::1".into(), 80));
+        let f = p(Kind::Local, "/tmp/l.sock:/run/r.sock");
+        assert_eq!(f.listen, Addr::Unix("/tmp/l.sock".into()));
+        assert_eq!(f.target, Addr::Unix("/run/r.sock".into()));
+        let f = p(Kind::Local, "5432:/run/pg.sock");
+        assert_eq!(f.target, Addr::Unix("/run/pg.sock".into()));
+        let f = p(Kind::Remote, "/tmp/r.sock:localhost:22");
+        assert_eq!(f.listen, Addr::Unix("/tmp/r.sock".into()));
+        assert_eq!(f.to_string(), "-R /tmp/r.sock:localhost:22");
+    }
+
+    #[test]
+    fn bad_specs_name_the_spec_and_the_form() {
+        for s in [
+            "8080",
+            "x:localhost:80",
+            "8080:localhost:",
+            "1:2:3:4:5",
+            "[::1:80:h:1",
+            "0:localhost:80",
+        ] {
+            let e = ForwardSpec::parse(Kind::Local, s).unwrap_err();
+            assert!(e.contains(s), "{e}");
+            assert!(
+                e.contains("expected [bind_address:]port:host:hostport"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn destinations() {
+        let d: Destination = "alice@host.example:2200".parse().unwrap();
+        assert_eq!(d.user.as_deref(), Some("alice"));
+        assert_eq!(d.host, "host.example");
+        assert_eq!(d.port, Some(2200));
+        let d: Destination = "[::1]:22".parse().unwrap();
+        assert_eq!((d.host.as_str(), d.port), ("::1", Some(22)));
+        let d: Destination = "fe80::1".parse().unwrap();
+        assert_eq!((d.host.as_str(), d.port), ("fe80::1", None));
+        let d: Destination = "a@b@host".parse().unwrap();
+        assert_eq!(d.user.as_deref(), Some("a@b"));
+        assert!("host:0".parse::<Destination>().is_err());
+        assert!("host:x".parse::<Destination>().is_err());
+        assert!("@host".parse::<Destination>().is_err());
+        assert!("".parse::<Destination>().is_err());
+        assert_eq!(
+            "u@[::1]:2".parse::<Destination>().unwrap().to_string(),
+            "u@[::1]:2"
+        );
+    }
+}

@@ -1,0 +1,533 @@
+//! One authenticated upstream SSH connection: its russh callbacks (which
+//! only turn into events), its keepalive monitor, and its load count.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use russh::client;
+use russh::keys::PublicKeyOrCertificate;
+use tokio::sync::{mpsc, watch};
+
+use super::UpstreamError;
+use super::known_hosts::HostKeyVerifier;
+
+/// A channel the server opened towards us. The upstream only reports
+/// these; whoever consumes the events (forwarding) decides where they go
+/// and must answer `reply`.
+pub struct ServerOpen {
+    /// What kind of channel.
+    pub kind: ServerOpenKind,
+    /// The channel.
+    pub channel: russh::Channel<client::Msg>,
+    /// Accept or refuse.
+    pub reply: client::ChannelOpenHandle,
+    /// Which upstream connection it came on (sshd keeps one agent socket
+    /// per connection).
+    pub generation: u64,
+    /// That connection's congestion counter (see `bridge::Options`).
+    pub congestion: Arc<AtomicUsize>,
+}
+
+/// The kinds of channel a server opens.
+pub enum ServerOpenKind {
+    /// A connection to a remote (`-R`) forward's TCP port.
+    ForwardedTcpip {
+        /// The address the server listens on, as it reports it.
+        connected_address: String,
+        /// The port the server listens on.
+        connected_port: u32,
+        /// Who connected to it.
+        originator_address: String,
+        /// Their port.
+        originator_port: u32,
+    },
+    /// A connection to a remote forward's Unix socket.
+    ForwardedStreamlocal {
+        /// The socket the server listens on.
+        socket_path: String,
+    },
+    /// A remote process talking to the forwarded agent.
+    Agent,
+}
+
+/// russh callbacks for the upstream connection.
+pub struct ClientHandler {
+    /// Checks the server's host key.
+    pub(super) verifier: HostKeyVerifier,
+    /// Where channels the server opens are reported; `None` on a jump host,
+    /// whose channels are refused.
+    pub(super) events: Option<mpsc::Sender<ServerOpen>>,
+    /// The generation of the connection this handler serves.
+    pub(super) generation: u64,
+    /// The congestion counter of that connection.
+    pub(super) congestion: Arc<AtomicUsize>,
+    /// Told when the connection ends, with the reason.
+    pub(super) closed: watch::Sender<Option<String>>,
+    /// The server's version string, learnt during the handshake.
+    pub(super) server_version: Arc<Mutex<String>>,
+}
+
+impl ClientHandler {
+    /// Reports a channel the server opened; refuses it when nobody listens
+    /// or too many are waiting (the session loop must not wait here).
+    async fn report(
+        &self,
+        kind: ServerOpenKind,
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+    ) {
+        let Some(tx) = &self.events else {
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return;
+        };
+        let ev = ServerOpen {
+            kind,
+            channel,
+            reply,
+            generation: self.generation,
+            congestion: self.congestion.clone(),
+        };
+        if let Err(e) = tx.try_send(ev) {
+            let ev = match e {
+                mpsc::error::TrySendError::Full(ev) | mpsc::error::TrySendError::Closed(ev) => ev,
+            };
+            tracing::warn!("refusing a channel the server opened: too many waiting");
+            ev.reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+        }
+    }
+}
+
+impl client::Handler for ClientHandler {
+    type Error = UpstreamError;
+
+    async fn kex_done(
+        &mut self,
+        _shared_secret: Option<&[u8]>,
+        _names: &russh::Names,
+        session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        *self.server_version.lock().unwrap() =
+            String::from_utf8_lossy(session.remote_sshid()).into_owned();
+        Ok(())
+    }
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let key = match key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key.clone(),
+            // We never ask for certificates, so a server must not send one.
+            _ => return Ok(false),
+        };
+        self.verifier.verify(&key).map_err(UpstreamError::HostKey)?;
+        Ok(true)
+    }
+
+    async fn server_channel_open_agent_forward(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.report(ServerOpenKind::Agent, channel, reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        connected_address: &str,
+        connected_port: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let kind = ServerOpenKind::ForwardedTcpip {
+            connected_address: connected_address.to_owned(),
+            connected_port,
+            originator_address: originator_address.to_owned(),
+            originator_port,
+        };
+        self.report(kind, channel, reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let kind = ServerOpenKind::ForwardedStreamlocal {
+            socket_path: socket_path.to_owned(),
+        };
+        self.report(kind, channel, reply).await;
+        Ok(())
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: client::DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let why = match reason {
+            client::DisconnectReason::ReceivedDisconnect(_) => {
+                "the server closed the connection".into()
+            }
+            client::DisconnectReason::Error(e) => e.to_string(),
+        };
+        let _ = self.closed.send(Some(why));
+        Ok(())
+    }
+}
+
+/// One authenticated upstream SSH connection.
+pub struct Connection {
+    /// The russh handle; channels are opened through it.
+    pub handle: client::Handle<ClientHandler>,
+    /// Becomes `Some(reason)` when the connection is gone.
+    pub(super) closed: watch::Receiver<Option<String>>,
+    /// Lets the keepalive monitor declare the connection dead.
+    pub(super) kill: watch::Sender<Option<String>>,
+    /// A second handle on the socket: shutting it down ends russh's session
+    /// at once even when a write is stuck on a dead path.
+    pub(super) socket: std::net::TcpStream,
+    /// Monotonic id, so owners can tell a reconnect happened.
+    pub generation: u64,
+    /// The server's version string.
+    pub server_version: String,
+    /// Round-trip time of the last answered keepalive.
+    pub rtt: Mutex<Option<Duration>>,
+    /// Session channels open on this connection (for placing new ones).
+    pub(super) sessions: AtomicUsize,
+    /// Channels of any kind open on this connection (an extra connection
+    /// closes when this stays 0).
+    pub(super) channels: AtomicUsize,
+    /// Channels whose pump waits for a stalled local reader: while any
+    /// does, the connection's reads wait too, so it takes no new channels.
+    pub(super) congestion: Arc<AtomicUsize>,
+    /// Connections to the jump hosts this one runs through (kept alive).
+    pub(super) _jumps: Vec<client::Handle<ClientHandler>>,
+}
+
+/// A byte stream an SSH connection can run over: a TCP socket, or a channel
+/// through a jump host.
+pub(super) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Counts one channel against its connection while alive.
+pub struct LoadGuard {
+    /// The connection.
+    conn: Arc<Connection>,
+    /// Whether it is a session (counted for MaxSessions placement).
+    session: bool,
+}
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.conn.channels.fetch_sub(1, Ordering::Relaxed);
+        if self.session {
+            self.conn.sessions.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A channel to open upstream.
+pub enum Open {
+    /// A session (shell, exec, subsystem).
+    Session,
+    /// `direct-tcpip` (`-L`, `-D`, `-W`).
+    DirectTcpip {
+        /// Host to connect to, from the server.
+        host: String,
+        /// Its port.
+        port: u32,
+        /// Who asked, for the server's logs.
+        originator: String,
+        /// Their port.
+        originator_port: u32,
+    },
+    /// `direct-streamlocal@openssh.com`: a Unix socket on the server.
+    DirectStreamlocal(String),
+}
+
+impl Open {
+    /// Whether this is a session (which MaxSessions limits).
+    pub fn is_session(&self) -> bool {
+        matches!(self, Open::Session)
+    }
+
+    /// The SSH channel type, for logs and meters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Open::Session => "session",
+            Open::DirectTcpip { .. } => "direct-tcpip",
+            Open::DirectStreamlocal(_) => "direct-streamlocal",
+        }
+    }
+}
+
+/// A channel opened upstream, with what its bridge must hold and report.
+pub struct Opened {
+    /// The channel.
+    pub channel: russh::Channel<client::Msg>,
+    /// Counts it against its connection until dropped.
+    pub load: LoadGuard,
+    /// The connection's congestion counter (see `bridge::Options`).
+    pub congestion: Arc<AtomicUsize>,
+    /// Which connection it is on.
+    pub generation: u64,
+}
+
+/// Why a channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No live upstream connection within the connect timeout; the text
+    /// says why ("upstream unavailable: reconnecting (attempt N, ...)").
+    #[error("{0}")]
+    Unavailable(String),
+    /// The server refused (or the connection failed during the open).
+    #[error("{0}")]
+    Refused(russh::Error),
+}
+
+impl OpenError {
+    /// The refusal to pass on to the matching local channel: the server's
+    /// code with sshd's text for it, or "connect failed" with why there is
+    /// no upstream ("upstream unavailable: reconnecting ...").
+    pub fn reason(&self) -> russh::ChannelOpenFailure {
+        let (code, text) = match self {
+            OpenError::Unavailable(why) => (2, why.clone()),
+            OpenError::Refused(russh::Error::ChannelOpenFailure(f)) => {
+                (f.code(), open_failure_text(f).to_owned())
+            }
+            OpenError::Refused(e) => (2, format!("upstream channel open failed: {e}")),
+        };
+        russh::ChannelOpenFailure::Other { code, reason: text }
+    }
+}
+
+/// The text sshd sends with each refusal code. russh 0.65 drops the
+/// server's own text and keeps only the code, so this is sshd's usual text
+/// for it: a refused `-L` target reads "open failed: connect failed:
+/// Connection refused" on the client, as it does against sshd.
+fn open_failure_text(code: &russh::ChannelOpenFailure) -> &str {
+    use russh::ChannelOpenFailure as F;
+    match code {
+        F::AdministrativelyProhibited => "administratively prohibited",
+        F::ConnectFailed => "Connection refused",
+        F::UnknownChannelType => "unknown channel type",
+        F::ResourceShortage => "resource shortage",
+        other => other.description(),
+    }
+}
+
+/// Whether a session open was refused because the connection is full.
+/// sshd answers "no more sessions" with "connect failed"; other servers say
+/// "administratively prohibited" or "resource shortage". A session open has
+/// nothing else to connect to, so all mean "full".
+pub(super) fn refused(e: &russh::Error) -> bool {
+    use russh::ChannelOpenFailure as F;
+    matches!(
+        e,
+        russh::Error::ChannelOpenFailure(
+            F::AdministrativelyProhibited | F::ConnectFailed | F::ResourceShortage
+        )
+    )
+}
+
+impl Connection {
+    /// Session channels currently open on this connection.
+    pub fn load(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Channels of any kind currently open on this connection.
+    pub fn channel_count(&self) -> usize {
+        self.channels.load(Ordering::Relaxed)
+    }
+
+    /// Opens a channel, counting it against this connection.
+    pub(super) async fn open_counted(
+        self: &Arc<Self>,
+        what: &Open,
+    ) -> Result<Opened, russh::Error> {
+        let channel = match what {
+            Open::Session => self.handle.channel_open_session().await?,
+            Open::DirectTcpip {
+                host,
+                port,
+                originator,
+                originator_port,
+            } => {
+                self.handle
+                    .channel_open_direct_tcpip(
+                        host.clone(),
+                        *port,
+                        originator.clone(),
+                        *originator_port,
+                    )
+                    .await?
+            }
+            Open::DirectStreamlocal(path) => {
+                self.handle
+                    .channel_open_direct_streamlocal(path.clone())
+                    .await?
+            }
+        };
+        self.channels.fetch_add(1, Ordering::Relaxed);
+        if what.is_session() {
+            self.sessions.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Opened {
+            channel,
+            load: LoadGuard {
+                conn: self.clone(),
+                session: what.is_session(),
+            },
+            congestion: self.congestion.clone(),
+            generation: self.generation,
+        })
+    }
+}
+
+impl Connection {
+    /// The counter bridges raise while a stalled reader holds this
+    /// connection's reads (see [`Connection::is_congested`]).
+    pub fn congestion(&self) -> Arc<AtomicUsize> {
+        self.congestion.clone()
+    }
+
+    /// Whether a stalled local reader holds this connection right now.
+    pub fn is_congested(&self) -> bool {
+        self.congestion.load(Ordering::Relaxed) > 0
+    }
+
+    /// Waits until this connection has ended and says why.
+    pub async fn closed(&self) -> String {
+        let mut rx = self.closed.clone();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if self.handle.is_closed() {
+                return "connection closed".into();
+            }
+            // Poll as a safety net: the handler is not told about every way
+            // the session task can end.
+            if tokio::time::timeout(Duration::from_millis(500), rx.changed())
+                .await
+                .is_ok_and(|r| r.is_err())
+            {
+                return "connection closed".into();
+            }
+        }
+    }
+
+    /// Declares the connection dead: every channel on it ends now.
+    pub fn kill(&self, why: String) {
+        let _ = self.kill.send(Some(why));
+        let _ = self.socket.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Sends a keepalive every `interval`; after `max` unanswered in a row
+    /// the path is dead (a blackhole sends no RST, so nothing else would
+    /// notice for a long time). Records the round-trip time.
+    pub(super) async fn monitor(self: Arc<Self>, interval: Duration, max: usize) {
+        let mut missed = 0;
+        loop {
+            // After a miss the next keepalive is already due: we just waited
+            // a whole interval for the answer.
+            if missed == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = self.closed() => return,
+                }
+            }
+            let sent = Instant::now();
+            match tokio::time::timeout(interval, self.handle.send_ping()).await {
+                Ok(Ok(())) => {
+                    missed = 0;
+                    *self.rtt.lock().unwrap() = Some(sent.elapsed());
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    missed += 1;
+                    tracing::debug!("keepalive {missed}/{max} unanswered");
+                    if missed >= max {
+                        self.kill(format!(
+                            "no answer to {max} keepalives in {}s (dead network path?)",
+                            (interval * max as u32).as_secs()
+                        ));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the connection is still usable.
+    pub fn is_alive(&self) -> bool {
+        self.closed.borrow().is_none() && !self.handle.is_closed()
+    }
+}
+
+/// russh client settings with the given receive window.
+pub(super) fn client_config(window: u32) -> client::Config {
+    client::Config {
+        // Our own monitor sends keepalives (it measures RTT and can cut a
+        // socket whose writes are stuck); russh's would only duplicate it.
+        keepalive_interval: None,
+        inactivity_timeout: None,
+        window_size: window,
+        maximum_packet_size: crate::tuning::MAX_PACKET,
+        channel_buffer_size: crate::tuning::CHANNEL_BUFFER,
+        preferred: crate::tuning::upstream_algorithms(),
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Closes an extra connection once it has carried no session for a while.
+pub(super) async fn close_when_idle(conn: Arc<Connection>) {
+    let mut idle_since = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = conn.closed() => return,
+        }
+        if conn.channel_count() > 0 {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= crate::tuning::EXTRA_IDLE {
+            tracing::info!("closing an idle extra upstream connection");
+            let _ = conn
+                .handle
+                .disconnect(russh::Disconnect::ByApplication, "idle", "en")
+                .await;
+            conn.kill("idle extra connection closed".into());
+            return;
+        }
+    }
+}
+
+/// TCP keepalive catches a dead path even while SSH keepalives are not
+/// due (and keeps idle NAT mappings alive).
+pub(super) fn set_tcp_keepalive(stream: &tokio::net::TcpStream, interval: Duration) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(interval)
+        .with_interval(interval)
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!("cannot set TCP keepalive: {e}");
+    }
+}
