@@ -11,8 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, UpConfig};
-use crate::control::{self, EventHook, ForwardStatus, ProfileStatus, StatusSource, UpstreamStatus};
+use crate::control::{self, ForwardStatus, ProfileStatus, StatusSource, UpstreamStatus};
 use crate::forward::{FwdState, Registry};
+use crate::hooks::EventHook;
 use crate::profile::{self, Profile};
 use crate::service;
 use crate::shim::{self, Exit, Started};
@@ -293,7 +294,7 @@ pub async fn up(cfg: UpConfig) -> Result<(), String> {
     tokio::task::yield_now().await;
     if control.is_finished() {
         match control.await {
-            Ok(Err(e)) if e.to_string().contains("already running") => return Err(e.to_string()),
+            Ok(Err(e @ control::ServeError::AlreadyRunning { .. })) => return Err(e.to_string()),
             // Status is a convenience: without it the tunnel still runs.
             Ok(Err(e)) => {
                 tracing::warn!("no control socket (sshshim status will not see this): {e}")
