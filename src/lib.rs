@@ -31,6 +31,7 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod forward;
+pub mod hooks;
 pub mod local_channel;
 pub mod paths;
 pub mod profile;

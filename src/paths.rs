@@ -129,21 +129,23 @@ pub fn config_dir() -> io::Result<PathBuf> {
 }
 
 /// Where sshshim's sockets live: `$XDG_RUNTIME_DIR/sshshim` when that is
-/// set, else `/tmp/sshshim-UID`. Not created here: see [`create_private_dir`].
+/// set (and absolute, as the XDG spec requires: a relative one would make
+/// client and server disagree), else `/tmp/sshshim-UID` (fixed, not
+/// `$TMPDIR`, for the same reason). Not created here: see
+/// [`create_private_dir`].
 pub fn runtime_dir() -> PathBuf {
     runtime_dir_in(
         std::env::var_os("XDG_RUNTIME_DIR")
-            .filter(|v| !v.is_empty())
             .map(PathBuf::from)
             .as_deref(),
-        &std::env::temp_dir(),
+        Path::new("/tmp"),
         my_uid(),
     )
 }
 
 /// [`runtime_dir`] with its inputs given, for tests.
 pub fn runtime_dir_in(runtime: Option<&Path>, tmp: &Path, uid: u32) -> PathBuf {
-    match runtime {
+    match runtime.filter(|r| r.is_absolute()) {
         Some(r) => r.join("sshshim"),
         None => tmp.join(format!("sshshim-{uid}")),
     }
@@ -244,6 +246,10 @@ mod tests {
             PathBuf::from("/run/user/5/sshshim")
         );
         assert_eq!(runtime_dir_in(None, t, 5), PathBuf::from("/tmp/sshshim-5"));
+        assert_eq!(
+            runtime_dir_in(Some(Path::new("rel")), t, 5),
+            PathBuf::from("/tmp/sshshim-5")
+        );
     }
 
     #[test]

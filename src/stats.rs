@@ -62,6 +62,18 @@ impl Drop for ChannelMeter {
     }
 }
 
+/// Unix seconds of `t` (0 before 1970).
+pub fn unix_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The current time in unix seconds.
+pub fn unix_now() -> u64 {
+    unix_secs(std::time::SystemTime::now())
+}
+
 /// A count of things alive right now (local clients, congested channels).
 #[derive(Clone, Default)]
 pub struct Gauge(Arc<AtomicUsize>);

@@ -7,26 +7,22 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 use tracing::Instrument;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UpConfig;
-use crate::control::{self, EventHook, ForwardStatus, ProfileStatus, StatusSource, UpstreamStatus};
+use crate::control::{self, ForwardStatus, ProfileStatus, StatusSource, UpstreamStatus};
 use crate::forward::{FwdState, Registry};
+use crate::hooks::EventHook;
 use crate::profile::{self, Profile};
 use crate::service;
 use crate::shim::{self, Exit, Started};
 use crate::stats::Gauge;
 use crate::upstream::{Pool, State};
 
-/// Unix seconds of `t`.
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use crate::stats::unix_secs as unix;
 
 /// What a profile has once it is running.
 struct Parts {
@@ -300,7 +296,7 @@ pub async fn up(cfg: UpConfig) -> Result<(), String> {
     tokio::task::yield_now().await;
     if control.is_finished() {
         match control.await {
-            Ok(Err(e)) if e.to_string().contains("already running") => return Err(e.to_string()),
+            Ok(Err(e @ control::ServeError::AlreadyRunning { .. })) => return Err(e.to_string()),
             // Status is a convenience: without it the tunnel still runs.
             Ok(Err(e)) => {
                 tracing::warn!("no control socket (sshshim status will not see this): {e}")

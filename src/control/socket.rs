@@ -1,0 +1,602 @@
+//! The control socket of a profile: a private Unix socket per profile that
+//! answers `status` and `down` (one command line in, one line out), the
+//! client side used by `sshshim status` / `sshshim down`, the checks on the
+//! socket directory, and the handling of stale sockets left by a crash.
+
+use std::io::{self, BufRead as _, Read as _, Write as _};
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::status::{ProfileStatus, StatusSource};
+
+/// Overall bound on a client round trip, so a wedged profile cannot hang the CLI.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the server waits for a client's command line; bounds idle connections.
+const SERVER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest command line accepted; real commands are a few bytes.
+const MAX_COMMAND: u64 = 1024;
+/// Longest reply a client accepts; guards against a misbehaving peer.
+const MAX_REPLY: u64 = 16 << 20;
+
+/// Why [`serve`] could not serve the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Another sshshim answers on this profile's socket: the profile is
+    /// already running, and its socket is left alone.
+    #[error("profile {name} is already running (pid {})", fmt_pid(*.pid))]
+    AlreadyRunning {
+        /// Profile name.
+        name: String,
+        /// Pid of the running sshshim, if it answered `status`.
+        pid: Option<u32>,
+    },
+    /// Any other failure (control directory, bind, permissions); the message
+    /// says what is wrong.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// A pid for a message, or "unknown" when the running process did not say.
+fn fmt_pid(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "unknown".to_string(), |p| p.to_string())
+}
+
+/// Our effective uid, the owner required of control peers.
+fn our_uid() -> u32 {
+    crate::paths::my_uid()
+}
+
+/// Directory of control sockets: sshshim's runtime directory
+/// ($XDG_RUNTIME_DIR/sshshim, else /tmp/sshshim-<uid>), created 0700. A
+/// directory not owned by us is refused, since anyone who can write there
+/// could plant a socket that impersonates a profile.
+pub fn socket_dir() -> io::Result<PathBuf> {
+    let dir = crate::paths::runtime_dir();
+    crate::paths::create_private_dir(&dir)?;
+    Ok(dir)
+}
+
+/// A profile name as one safe file-name component.
+fn sanitize_name(name: &str) -> String {
+    crate::paths::safe_name(name)
+}
+
+/// Socket path for a profile: socket_dir()/NAME.sock (NAME sanitised to [A-Za-z0-9._-]).
+pub fn socket_path(name: &str) -> io::Result<PathBuf> {
+    Ok(socket_path_in(&socket_dir()?, name))
+}
+
+/// [`socket_path`] within an explicit directory.
+fn socket_path_in(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{}.sock", sanitize_name(name)))
+}
+
+/// Removes the socket file when the server ends, however it ends, but only if
+/// the file is still the one we bound (a successor may have replaced it).
+struct SocketGuard {
+    /// Path of the bound socket.
+    path: PathBuf,
+    /// (dev, ino) of the socket file right after bind.
+    id: Option<(u64, u64)>,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let current = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if current.is_some() && current == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What was found at a socket path before binding.
+enum Existing {
+    /// Nothing there.
+    Absent,
+    /// A socket file nobody listens on (left by a crashed process).
+    Stale,
+    /// A live server, with its pid if it answered `status`.
+    Live(Option<u32>),
+}
+
+/// Probes `path` to decide whether it may be replaced.
+async fn probe_existing(path: &Path) -> io::Result<Existing> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Absent),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        // Never delete something that is not ours to delete.
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} exists and is not a socket; not removing it",
+                path.display()
+            ),
+        ));
+    }
+    let mut stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(Existing::Stale),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Absent),
+        Err(e) => return Err(e),
+    };
+    // Something listens: ask for its status only to report its pid.
+    let ask = async {
+        stream.write_all(b"status\n").await?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(&mut stream)
+            .take(MAX_REPLY)
+            .read_line(&mut line)
+            .await?;
+        io::Result::Ok(serde_json::from_str::<ProfileStatus>(line.trim()).ok())
+    };
+    let pid = match tokio::time::timeout(CLIENT_TIMEOUT, ask).await {
+        Ok(Ok(status)) => status.map(|s| s.pid),
+        _ => None,
+    };
+    Ok(Existing::Live(pid))
+}
+
+/// Serves the control socket for one profile until `shutdown`.
+///
+/// Binds socket_path(NAME), removing a stale socket file only if nothing
+/// answers on it (if a live process answers, fails with
+/// [`ServeError::AlreadyRunning`]: "profile NAME is already running (pid
+/// N)"), makes it 0600, and for each connection from our
+/// own uid reads one line: "status" -> one JSON line of [`ProfileStatus`];
+/// "down" -> calls [`StatusSource::stop`] and replies "ok"; anything else ->
+/// "error: unknown command". Removes the socket file on exit.
+pub async fn serve(
+    name: String,
+    source: Arc<dyn StatusSource>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let path = socket_path(&name)?;
+    serve_at(&path, &name, source, shutdown).await
+}
+
+/// [`serve`] on an explicit socket path.
+async fn serve_at(
+    path: &Path,
+    name: &str,
+    source: Arc<dyn StatusSource>,
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    match probe_existing(path).await? {
+        Existing::Absent => {}
+        Existing::Stale => {
+            tracing::debug!(path = %path.display(), "removing stale control socket");
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Existing::Live(pid) => {
+            return Err(ServeError::AlreadyRunning {
+                name: name.to_string(),
+                pid,
+            });
+        }
+    }
+    let listener = UnixListener::bind(path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot bind control socket {}: {e}", path.display()),
+        )
+    })?;
+    let guard = SocketGuard {
+        path: path.to_path_buf(),
+        id: std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino())),
+    };
+    // The directory is already 0700, so the window before this chmod is not
+    // reachable by others; the chmod is defence in depth.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+
+    let uid = our_uid();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        // Transient (e.g. EMFILE): back off rather than spin or die.
+                        tracing::warn!("control socket accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                conns.spawn(handle_control(stream, uid, source.clone()));
+            }
+        }
+    }
+    // Dropping the JoinSet aborts in-flight handlers, then the guard unlinks.
+    drop(conns);
+    drop(guard);
+    Ok(())
+}
+
+/// Handles one control connection: checks the peer, answers one command.
+async fn handle_control(mut stream: UnixStream, uid: u32, source: Arc<dyn StatusSource>) {
+    // Only our own uid may read status or stop us; the 0700 dir already
+    // ensures that, this guards against a misconfigured or shared dir.
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == uid => {}
+        Ok(cred) => {
+            tracing::warn!(
+                peer_uid = cred.uid(),
+                "rejected control connection from another uid"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("cannot check control peer credentials: {e}");
+            return;
+        }
+    }
+    let mut line = String::new();
+    let read = async {
+        let mut reader = tokio::io::BufReader::new(&mut stream).take(MAX_COMMAND);
+        reader.read_line(&mut line).await
+    };
+    match tokio::time::timeout(SERVER_READ_TIMEOUT, read).await {
+        Ok(Ok(_)) => {}
+        _ => return,
+    }
+    let reply = match line.trim() {
+        "status" => match serde_json::to_string(&source.snapshot()) {
+            Ok(json) => json,
+            Err(e) => format!("error: cannot encode status: {e}"),
+        },
+        "down" => {
+            source.stop();
+            "ok".to_string()
+        }
+        _ => "error: unknown command".to_string(),
+    };
+    let write = async {
+        stream.write_all(reply.as_bytes()).await?;
+        stream.write_all(b"\n").await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(SERVER_READ_TIMEOUT, write).await;
+}
+
+/// Sends one command to the socket at `path` and returns the reply line,
+/// all within `timeout`. Error text is user-facing.
+fn request_at(path: &Path, name: &str, cmd: &str, timeout: Duration) -> Result<String, String> {
+    let deadline = Instant::now() + timeout;
+    let mut stream = match std::os::unix::net::UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Err(format!("no running sshshim for profile {name}"));
+        }
+        Err(e) => return Err(format!("cannot connect to profile {name}: {e}")),
+    };
+    let timed_out = || {
+        format!(
+            "profile {name} did not answer within {}s",
+            timeout.as_secs()
+        )
+    };
+    let io_err = |e: io::Error| {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            timed_out()
+        } else {
+            format!("talking to profile {name}: {e}")
+        }
+    };
+    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    stream
+        .write_all(format!("{cmd}\n").as_bytes())
+        .map_err(io_err)?;
+    // Per-read timeouts are re-armed from the deadline so the whole exchange,
+    // not each read, is bounded.
+    let mut reader = io::BufReader::new(&stream).take(MAX_REPLY);
+    let mut reply = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out());
+        }
+        reader
+            .get_ref()
+            .get_ref()
+            .set_read_timeout(Some(left))
+            .map_err(io_err)?;
+        let n = reader.read_until(b'\n', &mut reply).map_err(io_err)?;
+        if n == 0 || reply.ends_with(b"\n") {
+            break;
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply).trim().to_string();
+    if reply.is_empty() {
+        return Err(format!(
+            "profile {name} closed the control connection without answering"
+        ));
+    }
+    if let Some(msg) = reply.strip_prefix("error:") {
+        return Err(format!("profile {name}: {}", msg.trim()));
+    }
+    Ok(reply)
+}
+
+/// [`query`] against an explicit socket path.
+fn query_at(path: &Path, name: &str) -> Result<ProfileStatus, String> {
+    let reply = request_at(path, name, "status", CLIENT_TIMEOUT)?;
+    serde_json::from_str(&reply).map_err(|e| format!("profile {name} sent an invalid status: {e}"))
+}
+
+/// [`down`] against an explicit socket path.
+fn down_at(path: &Path, name: &str) -> Result<(), String> {
+    match request_at(path, name, "down", CLIENT_TIMEOUT)?.as_str() {
+        "ok" => Ok(()),
+        other => Err(format!("profile {name} did not acknowledge down: {other}")),
+    }
+}
+
+/// The socket of profile `name`, for a client. A control directory that
+/// cannot exist (say $XDG_RUNTIME_DIR points nowhere) means nothing runs.
+fn client_socket_path(name: &str) -> Result<PathBuf, String> {
+    socket_path(name).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => format!("no running sshshim for profile {name}"),
+        _ => e.to_string(),
+    })
+}
+
+/// Client side: queries one profile (bounded by a 3 s timeout). Fails with
+/// "no running sshshim for profile NAME" when the socket is absent or refused.
+pub fn query(name: &str) -> Result<ProfileStatus, String> {
+    let path = client_socket_path(name)?;
+    query_at(&path, name)
+}
+
+/// Sends "down" to one profile; Ok when acknowledged.
+pub fn down(name: &str) -> Result<(), String> {
+    let path = client_socket_path(name)?;
+    down_at(&path, name)
+}
+
+/// Names of profiles with a socket in socket_dir() that answer (stale sockets ignored).
+pub fn running() -> Vec<String> {
+    match socket_dir() {
+        Ok(dir) => running_in(&dir),
+        Err(e) => {
+            tracing::debug!("no control directory: {e}");
+            Vec::new()
+        }
+    }
+}
+
+/// [`running`] within an explicit directory; sorted.
+fn running_in(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(stem) = file_name.to_str().and_then(|f| f.strip_suffix(".sock")) else {
+            continue;
+        };
+        let Ok(status) = query_at(&entry.path(), stem) else {
+            continue;
+        };
+        // Prefer the profile's own spelling, which maps back to this socket.
+        if sanitize_name(&status.profile) == stem {
+            names.push(status.profile);
+        } else {
+            names.push(stem.to_string());
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::status::sample;
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Fake profile recording whether stop() was called.
+    struct Fake {
+        /// Set by stop().
+        stopped: AtomicBool,
+    }
+
+    impl StatusSource for Fake {
+        fn snapshot(&self) -> ProfileStatus {
+            sample("work")
+        }
+        fn stop(&self) {
+            self.stopped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Starts serve_at in the background and waits until it answers.
+    async fn start(
+        path: &Path,
+        source: Arc<dyn StatusSource>,
+    ) -> (
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), ServeError>>,
+    ) {
+        let token = CancellationToken::new();
+        let (p, t) = (path.to_path_buf(), token.clone());
+        let task = tokio::spawn(async move { serve_at(&p, "work", source, t).await });
+        for _ in 0..200 {
+            if UnixStream::connect(path).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (token, task)
+    }
+
+    /// Runs a blocking client call off the runtime.
+    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        tokio::task::spawn_blocking(f).await.unwrap()
+    }
+
+    /// Status, unknown command and down over a real socket; file removed on exit.
+    #[tokio::test]
+    async fn serve_query_down_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path_in(dir.path(), "work");
+        let fake = Arc::new(Fake {
+            stopped: AtomicBool::new(false),
+        });
+        let (token, task) = start(&path, fake.clone()).await;
+
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let p = path.clone();
+        let st = blocking(move || query_at(&p, "work")).await.unwrap();
+        assert_eq!(st, sample("work"));
+
+        let d = dir.path().to_path_buf();
+        assert_eq!(
+            blocking(move || running_in(&d)).await,
+            vec!["work".to_string()]
+        );
+
+        let p = path.clone();
+        let err = blocking(move || request_at(&p, "work", "bogus", CLIENT_TIMEOUT)).await;
+        assert!(err.unwrap_err().contains("unknown command"));
+
+        let p = path.clone();
+        blocking(move || down_at(&p, "work")).await.unwrap();
+        assert!(fake.stopped.load(Ordering::SeqCst));
+
+        token.cancel();
+        task.await.unwrap().unwrap();
+        assert!(!path.exists(), "socket file removed on exit");
+
+        let p = path.clone();
+        let err = blocking(move || query_at(&p, "work")).await.unwrap_err();
+        assert_eq!(err, "no running sshshim for profile work");
+    }
+
+    /// A live socket is never stolen; the error names the running pid.
+    #[tokio::test]
+    async fn second_serve_fails_already_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path_in(dir.path(), "work");
+        let fake = Arc::new(Fake {
+            stopped: AtomicBool::new(false),
+        });
+        let (token, task) = start(&path, fake.clone()).await;
+
+        let err = serve_at(&path, "work", fake, CancellationToken::new())
+            .await
+            .unwrap_err();
+        let expected = format!(
+            "profile work is already running (pid {})",
+            std::process::id()
+        );
+        assert_eq!(err.to_string(), expected);
+        assert!(
+            matches!(err, ServeError::AlreadyRunning { pid: Some(p), .. } if p == std::process::id()),
+            "{err:?}"
+        );
+        assert!(path.exists(), "the live socket must survive");
+
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// The message when the running process did not give its pid.
+    #[test]
+    fn already_running_without_pid() {
+        let err = ServeError::AlreadyRunning {
+            name: "work".into(),
+            pid: None,
+        };
+        assert_eq!(
+            err.to_string(),
+            "profile work is already running (pid unknown)"
+        );
+    }
+
+    /// A leftover socket nobody listens on is ignored by running() and replaced.
+    #[tokio::test]
+    async fn stale_socket_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path_in(dir.path(), "work");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let d = dir.path().to_path_buf();
+        assert!(
+            blocking(move || running_in(&d)).await.is_empty(),
+            "stale socket ignored"
+        );
+
+        let fake = Arc::new(Fake {
+            stopped: AtomicBool::new(false),
+        });
+        let (token, task) = start(&path, fake).await;
+        let p = path.clone();
+        assert_eq!(
+            blocking(move || query_at(&p, "work"))
+                .await
+                .unwrap()
+                .profile,
+            "work"
+        );
+        token.cancel();
+        task.await.unwrap().unwrap();
+    }
+
+    /// A regular file at the socket path is left alone.
+    #[tokio::test]
+    async fn non_socket_file_is_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path_in(dir.path(), "work");
+        std::fs::write(&path, b"precious").unwrap();
+        let fake = Arc::new(Fake {
+            stopped: AtomicBool::new(false),
+        });
+        let err = serve_at(&path, "work", fake, CancellationToken::new())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    }
+
+    /// Name sanitising.
+    #[test]
+    fn socket_names() {
+        assert_eq!(sanitize_name("a/b c.d-e_f"), "a_b_c.d-e_f");
+        assert_eq!(
+            socket_path_in(Path::new("/x"), "../evil"),
+            PathBuf::from("/x/.._evil.sock")
+        );
+    }
+}

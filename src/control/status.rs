@@ -1,0 +1,124 @@
+//! The status schema of a running profile ([`ProfileStatus`] and the types
+//! it holds) and the [`StatusSource`] trait a running profile implements.
+//!
+//! The JSON form of these types is a stable interface; see the
+//! [module docs of `control`](super).
+
+use std::collections::BTreeMap;
+
+/// Upstream state of one profile.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct UpstreamStatus {
+    /// One of "connecting", "connected", "reconnecting", "failed", "stopped".
+    pub state: String,
+    /// Unix seconds of the last state change.
+    pub since: u64,
+    /// Unix seconds of the next connection attempt, when reconnecting.
+    pub next_attempt: Option<u64>,
+    /// Number of the current (re)connection attempt, when reconnecting.
+    pub attempt: Option<u32>,
+    /// Most recent upstream error, kept after recovery so it can be diagnosed.
+    pub last_error: Option<String>,
+    /// Successful reconnections since the profile started.
+    pub reconnects: u64,
+    /// Last measured round-trip time to the server, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// The server's SSH identification string.
+    pub server_version: Option<String>,
+    /// Upstream connections open (more than 1 once MaxSessions is exceeded).
+    pub connections: usize,
+}
+
+/// One forward.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ForwardStatus {
+    /// e.g. "-R 2222:localhost:22", or "-R localhost:8080" for a client-requested one.
+    pub spec: String,
+    /// "sshshim" (configured in the profile) or "client" (requested by a local client).
+    pub owner: String,
+    /// One of "active", "pending", "retrying".
+    pub state: String,
+    /// Port actually bound (matters when 0 was requested).
+    pub bound_port: Option<u16>,
+    /// Why the forward is not active, if known.
+    pub error: Option<String>,
+}
+
+/// Everything `sshshim status` shows for one profile.
+///
+/// Its JSON serialisation is a **stable interface** (see the module docs):
+/// fields may be added but are never renamed, removed or repurposed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProfileStatus {
+    /// Profile name.
+    pub profile: String,
+    /// Process id of the sshshim serving the profile.
+    pub pid: u32,
+    /// Upstream destination as user@host:port.
+    pub destination: String,
+    /// Local SSH endpoint ("127.0.0.1:2222"), or None when the profile serves none.
+    pub endpoint: Option<String>,
+    /// State of the upstream connection.
+    pub upstream: UpstreamStatus,
+    /// Local SSH clients currently connected to the endpoint.
+    pub local_clients: usize,
+    /// Open channels by kind: "session", "direct-tcpip", "forwarded-tcpip", ...
+    pub channels: BTreeMap<String, usize>,
+    /// Configured and client-requested forwards.
+    pub forwards: Vec<ForwardStatus>,
+    /// Bytes from upstream to local.
+    pub bytes_in: u64,
+    /// Bytes from local to upstream.
+    pub bytes_out: u64,
+}
+
+/// Implemented by a running profile.
+pub trait StatusSource: Send + Sync {
+    /// Current status; called once per `status` request, so it should be cheap.
+    fn snapshot(&self) -> ProfileStatus;
+    /// Asks the profile to stop gracefully (`sshshim down NAME`).
+    fn stop(&self);
+}
+
+/// A representative status, with characters that need escaping; shared by
+/// the tests of the control submodules.
+#[cfg(test)]
+pub(super) fn sample(name: &str) -> ProfileStatus {
+    ProfileStatus {
+        profile: name.to_string(),
+        pid: std::process::id(),
+        destination: "alice@example.com:22".into(),
+        endpoint: Some("127.0.0.1:2222".into()),
+        upstream: UpstreamStatus {
+            state: "connected".into(),
+            since: 1_000,
+            next_attempt: None,
+            attempt: None,
+            last_error: Some("connection reset by peer".into()),
+            reconnects: 2,
+            rtt_ms: Some(12.5),
+            server_version: Some("SSH-2.0-OpenSSH_9.6".into()),
+            connections: 2,
+        },
+        local_clients: 1,
+        channels: BTreeMap::from([("session".into(), 2), ("direct-tcpip".into(), 1)]),
+        forwards: vec![
+            ForwardStatus {
+                spec: "-R 2222:localhost:22".into(),
+                owner: "sshshim".into(),
+                state: "active".into(),
+                bound_port: Some(2222),
+                error: None,
+            },
+            ForwardStatus {
+                spec: "-R localhost:8080 \"q\"\\".into(),
+                owner: "client".into(),
+                state: "retrying".into(),
+                bound_port: None,
+                error: Some("port in use".into()),
+            },
+        ],
+        bytes_in: 1_300_000,
+        bytes_out: 512,
+    }
+}
