@@ -48,7 +48,9 @@ pub enum Input {
 
 /// The local end's input side: what the bridge reads from it.
 pub trait LocalIn: Send + 'static {
-    /// The next input; `None` once the local end is closed or gone.
+    /// The next input; `None` once the local end is closed or gone (the
+    /// remote command then ends). A local end that only half-closed (sent
+    /// [`Input::Eof`]) and still takes output should never return instead.
     fn recv(&mut self) -> impl Future<Output = Option<Input>> + Send;
 }
 
@@ -121,6 +123,8 @@ pub struct Bridge {
     /// everything the server still sends on it, including its close, so the
     /// pump must stop on this instead of waiting for a close that never comes.
     closing: CancellationToken,
+    /// Set when the upstream channel is gone: nothing more can be sent.
+    finished: CancellationToken,
 }
 
 impl Bridge {
@@ -131,6 +135,7 @@ impl Bridge {
             replies: Mutex::new(VecDeque::new()),
             eow: CancellationToken::new(),
             closing: CancellationToken::new(),
+            finished: CancellationToken::new(),
         })
     }
 
@@ -280,7 +285,13 @@ async fn forwarder(
 
 /// Uplink: local end -> upstream, at the upstream's pace.
 async fn uplink(mut input: impl LocalIn, b: Arc<Bridge>, meter: Arc<ChannelMeter>) {
-    while let Some(msg) = input.recv().await {
+    loop {
+        let msg = tokio::select! {
+            m = input.recv() => m,
+            // The upstream channel is gone: nothing left to carry.
+            _ = b.finished.cancelled() => return,
+        };
+        let Some(msg) = msg else { break };
         let ok = match msg {
             Input::Data(data) => {
                 meter.add_out(data.len());
@@ -400,6 +411,7 @@ impl Pump {
         tracing::trace!("upstream channel closed");
         // Wake any request still waiting: the channel is gone.
         u.replies.lock().unwrap().clear();
+        u.finished.cancel();
         q.push_control(Event::Close);
     }
 

@@ -31,7 +31,9 @@ impl<R: AsyncRead + Send + Unpin + 'static> StreamIn<R> {
 impl<R: AsyncRead + Send + Unpin + 'static> LocalIn for StreamIn<R> {
     async fn recv(&mut self) -> Option<Input> {
         if self.done {
-            return None;
+            // Half-closed: the socket still takes output until the channel
+            // ends, which is not ours to decide.
+            return std::future::pending().await;
         }
         if self.buf.capacity() < 16 * 1024 {
             self.buf.reserve(64 * 1024);
@@ -42,7 +44,10 @@ impl<R: AsyncRead + Send + Unpin + 'static> LocalIn for StreamIn<R> {
                 Some(Input::Eof)
             }
             Ok(_) => Some(Input::Data(self.buf.split().freeze())),
-            Err(_) => None,
+            Err(e) => {
+                tracing::debug!("local socket read failed: {e}");
+                None
+            }
         }
     }
 }
