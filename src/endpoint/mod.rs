@@ -538,16 +538,18 @@ impl server::Handler for LocalHandler {
         let Some(b) = self.bridge(channel) else {
             return Ok(false);
         };
-        if !b.request(Request::AgentForward).await {
-            return Ok(false);
-        }
+        let granted = b.request(Request::AgentForward).await;
         let Some(handle) = self.handle.clone() else {
             return Ok(false);
         };
         let mut g = self.channels.lock().unwrap();
-        if let Some(c) = g.get_mut(&channel)
-            && c.agent.is_none()
-        {
+        let Some(c) = g.get_mut(&channel) else {
+            return Ok(false);
+        };
+        if !self.ep.forwards.agent_forwarding(c.generation, granted) {
+            return Ok(false);
+        }
+        if c.agent.is_none() {
             c.agent = Some(
                 self.ep
                     .forwards
