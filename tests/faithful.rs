@@ -56,6 +56,18 @@ fn ssh_a_forwards_the_clients_own_agent() {
     assert_same_output(&direct, &via, "ssh 'ssh-add -l' without -A");
     assert_ne!(exit_code(&via.status), 0);
 
+    // -A from a client that has no agent: refused alike.
+    let no_agent = |port: u16| {
+        let mut c = env.ssh_cmd(port, &["-A"], &["ssh-add -l"]);
+        c.env_remove("SSH_AUTH_SOCK");
+        run_with_timeout(&mut c, b"", DEFAULT_TIMEOUT)
+    };
+    assert_same_output(
+        &no_agent(sshd.port()),
+        &no_agent(shim.port()),
+        "ssh -A 'ssh-add -l' from a client without an agent",
+    );
+
     // With -A each client sees its own agent, one after the other.
     for (agent, mine, other) in [
         (&agent_a, &fp_a, &fp_b),
