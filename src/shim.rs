@@ -273,6 +273,13 @@ pub fn print_banner(name: &str, s: &Started) {
         format!(" -P {port}")
     };
     let alias = format!("{}-shim", crate::paths::safe_name(name));
+    // The Host block is the way in we recommend: it pins the endpoint's host
+    // key under a stable name and steers ssh to the fastest algorithms here.
+    let port_flag = if port == 2222 {
+        String::new()
+    } else {
+        format!(" --port {port}")
+    };
     let _ = writeln!(out, "sshshim: listening on {bound}");
     let _ = writeln!(out, "  upstream:  {target} (connected)");
     let _ = writeln!(
@@ -281,14 +288,21 @@ pub fn print_banner(name: &str, s: &Started) {
         s.host_key.0,
         s.host_key.1.display()
     );
-    let _ = writeln!(out, "  try:       ssh{p} {host}");
+    let _ = writeln!(
+        out,
+        "  set up:    sshshim ssh-config --install {name}{port_flag}"
+    );
+    let _ = writeln!(
+        out,
+        "             (a Host block: host key pinned, fastest ciphers and key exchange first)"
+    );
+    let _ = writeln!(
+        out,
+        "  then:      ssh {alias}   scp FILE {alias}:   sftp {alias}   rsync -e ssh SRC {alias}:DST"
+    );
+    let _ = writeln!(out, "  or now:    ssh{p} {host}");
     let _ = writeln!(out, "             scp{cap_p} FILE {host}:");
     let _ = writeln!(out, "             sftp{cap_p} {host}");
     let _ = writeln!(out, "             rsync -e 'ssh{p}' SRC {host}:DST");
-    let _ = writeln!(out, "  or, after `sshshim ssh-config --install {name}`:");
-    let _ = writeln!(
-        out,
-        "             ssh {alias}   scp FILE {alias}:   sftp {alias}   rsync -e ssh SRC {alias}:DST"
-    );
     let _ = out.flush();
 }

@@ -97,6 +97,7 @@ impl StatusSource for Live {
             rtt_ms: None,
             server_version: None,
             connections: 0,
+            congested_connections: 0,
         };
         let mut status = ProfileStatus {
             profile: self.name.clone(),
@@ -115,6 +116,7 @@ impl StatusSource for Live {
         };
         up.reconnects += p.pool.reconnects();
         up.connections = p.pool.connection_count();
+        up.congested_connections = p.pool.congested_count();
         match p.pool.state() {
             State::Up(c) => {
                 up.rtt_ms = c.rtt.lock().unwrap().map(|d| d.as_secs_f64() * 1e3);

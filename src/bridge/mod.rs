@@ -392,7 +392,8 @@ impl Pump {
                 // this channel rather than hold the connection or disk for it.
                 let why = match e {
                     PushError::Full(_) => format!(
-                        "the local reader took nothing for {}s with {} MiB buffered",
+                        "the local reader stopped reading: nothing taken for {}s with {} MiB \
+                         buffered (sshshim --stall-limit)",
                         self.stall_limit.as_secs_f32(),
                         spill::channel_disk() >> 20
                     ),

@@ -179,6 +179,11 @@ impl SpillQueue {
     pub fn push_control(&self, ev: Event) {
         let mut g = self.inner.lock().unwrap();
         if !g.reader_gone {
+            // Counted like any payload held in memory: `try_pop` subtracts it.
+            if let Event::Data(d) | Event::Ext(_, d) = &ev {
+                g.mem += d.len();
+                IN_MEMORY.fetch_add(d.len(), Ordering::Relaxed);
+            }
             g.items.push_back(Item::Event(ev));
         }
         drop(g);
@@ -305,6 +310,16 @@ mod tests {
         assert_eq!(got, expected);
         assert_eq!(stderr_chunks, 7);
         assert_eq!(q.spilled(), 0);
+    }
+
+    #[tokio::test]
+    async fn control_messages_are_counted_like_data() {
+        let q = SpillQueue::new();
+        q.push_control(Event::Ext(1, Bytes::from_static(b"closed\r\n")));
+        q.push_control(Event::Close);
+        assert!(matches!(q.pop().await.unwrap(), Event::Ext(1, _)));
+        assert!(matches!(q.pop().await.unwrap(), Event::Close));
+        assert_eq!(q.inner.lock().unwrap().mem, 0);
     }
 
     #[tokio::test]

@@ -126,6 +126,8 @@ struct Families {
     bytes: Family,
     /// `sshshim_upstream_connections`.
     upstream_connections: Family,
+    /// `sshshim_upstream_congested_connections`.
+    upstream_congested: Family,
 }
 
 impl Families {
@@ -160,6 +162,11 @@ impl Families {
             upstream_connections: Family::gauge(
                 "sshshim_upstream_connections",
                 "Upstream SSH connections open.",
+            ),
+            upstream_congested: Family::gauge(
+                "sshshim_upstream_congested_connections",
+                "Upstream SSH connections held back by a local reader that stopped \
+                 reading; they take no new channels meanwhile.",
             ),
         }
     }
@@ -205,6 +212,8 @@ impl Families {
         );
         self.upstream_connections
             .add(&[("profile", p)], up.connections.to_string());
+        self.upstream_congested
+            .add(&[("profile", p)], up.congested_connections.to_string());
     }
 
     /// The exposition text: every family in a fixed order.
@@ -219,6 +228,7 @@ impl Families {
             forward_active,
             bytes,
             upstream_connections,
+            upstream_congested,
         } = self;
         let mut out = String::new();
         for fam in [
@@ -230,6 +240,7 @@ impl Families {
             forward_active,
             bytes,
             upstream_connections,
+            upstream_congested,
         ] {
             fam.write(&mut out);
         }
@@ -525,6 +536,13 @@ mod tests {
             find("sshshim_upstream_connections", &[("profile", "work")]),
             Some(2.0)
         );
+        assert_eq!(
+            find(
+                "sshshim_upstream_congested_connections",
+                &[("profile", "work")]
+            ),
+            Some(1.0)
+        );
         assert!(out.contains("# TYPE sshshim_bytes_total counter"));
         // Each family's TYPE appears exactly once.
         assert_eq!(out.matches("# TYPE sshshim_up ").count(), 1);
@@ -550,6 +568,7 @@ mod tests {
                 "sshshim_forward_active gauge",
                 "sshshim_bytes_total counter",
                 "sshshim_upstream_connections gauge",
+                "sshshim_upstream_congested_connections gauge",
             ]
         );
         // Every sample sits right under its own family's header.

@@ -94,9 +94,18 @@ fn render_one(out: &mut String, st: &ProfileStatus, now: u64) {
     } else {
         "connections"
     };
+    // Congestion is shown only while it lasts: it is the exception.
+    let congested = match up.congested_connections {
+        0 => String::new(),
+        n => format!(", {n} congested by a stalled reader"),
+    };
     field(
         "upstream",
-        format!("{} ({} {conns})", clean(&st.destination), up.connections),
+        format!(
+            "{} ({} {conns}{congested})",
+            clean(&st.destination),
+            up.connections
+        ),
     );
     let clients = if st.local_clients == 1 {
         "client"
@@ -200,7 +209,7 @@ mod tests {
             "reconnects 2",
             "rtt 12.5 ms",
             "server SSH-2.0-OpenSSH_9.6",
-            "alice@example.com:22 (2 connections)",
+            "alice@example.com:22 (2 connections, 1 congested by a stalled reader)",
             "127.0.0.1:2222, 1 local client",
             "direct-tcpip 1, session 2",
             "in 1.2 MiB, out 512 B",

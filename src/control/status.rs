@@ -25,8 +25,14 @@ pub struct UpstreamStatus {
     pub rtt_ms: Option<f64>,
     /// The server's SSH identification string.
     pub server_version: Option<String>,
-    /// Upstream connections open (more than 1 once MaxSessions is exceeded).
+    /// Upstream connections open (more than 1 once MaxSessions is exceeded,
+    /// or while one is congested).
     pub connections: usize,
+    /// Upstream connections held back right now by a local reader that
+    /// stopped reading at its buffer's cap: they take no new channels, which
+    /// go to another connection. Absent in the JSON of older versions.
+    #[serde(default)]
+    pub congested_connections: usize,
 }
 
 /// One forward.
@@ -99,6 +105,7 @@ pub(super) fn sample(name: &str) -> ProfileStatus {
             rtt_ms: Some(12.5),
             server_version: Some("SSH-2.0-OpenSSH_9.6".into()),
             connections: 2,
+            congested_connections: 1,
         },
         local_clients: 1,
         channels: BTreeMap::from([("session".into(), 2), ("direct-tcpip".into(), 1)]),

@@ -538,16 +538,18 @@ impl server::Handler for LocalHandler {
         let Some(b) = self.bridge(channel) else {
             return Ok(false);
         };
-        if !b.request(Request::AgentForward).await {
-            return Ok(false);
-        }
+        let granted = b.request(Request::AgentForward).await;
         let Some(handle) = self.handle.clone() else {
             return Ok(false);
         };
         let mut g = self.channels.lock().unwrap();
-        if let Some(c) = g.get_mut(&channel)
-            && c.agent.is_none()
-        {
+        let Some(c) = g.get_mut(&channel) else {
+            return Ok(false);
+        };
+        if !self.ep.forwards.agent_forwarding(c.generation, granted) {
+            return Ok(false);
+        }
+        if c.agent.is_none() {
             c.agent = Some(
                 self.ep
                     .forwards
@@ -629,5 +631,63 @@ impl Drop for LocalHandler {
         if let Some(s) = self.session.take() {
             s.end();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use russh::keys::PublicKeyOrCertificate;
+
+    /// A server handler that only does the key exchange and refuses logins.
+    struct KexOnly;
+    impl server::Handler for KexOnly {
+        type Error = russh::Error;
+    }
+
+    /// A client handler that trusts any host key (the test's own server).
+    struct Trusting;
+    impl russh::client::Handler for Trusting {
+        type Error = russh::Error;
+        async fn check_server_key(
+            &mut self,
+            _key: &PublicKeyOrCertificate,
+        ) -> Result<bool, Self::Error> {
+            Ok(true)
+        }
+    }
+
+    /// A client that insists on ML-KEM (OpenSSH 9.9 and later may) completes
+    /// the key exchange with the endpoint's settings. The OpenSSH client on
+    /// the test machines may predate it, so a russh client stands in.
+    #[tokio::test]
+    async fn endpoint_accepts_a_client_insisting_on_mlkem() {
+        let key = PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap();
+        let config = Arc::new(server_config(key));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            if let Ok(running) = server::run_stream(config, s, KexOnly).await {
+                let _ = running.await;
+            }
+        });
+        let client = russh::client::Config {
+            preferred: russh::Preferred {
+                kex: std::borrow::Cow::Borrowed(&[russh::kex::MLKEM768X25519_SHA256]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut h = russh::client::connect(Arc::new(client), addr, Trusting)
+            .await
+            .expect("key exchange with mlkem768x25519-sha256 only");
+        // Past the key exchange: the server answers an authentication.
+        let auth = h.authenticate_none("u").await.unwrap();
+        assert!(!auth.success());
+        let _ = h
+            .disconnect(russh::Disconnect::ByApplication, "", "en")
+            .await;
+        server.abort();
     }
 }

@@ -9,6 +9,7 @@ pub mod client;
 pub mod local;
 mod route;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -89,6 +90,11 @@ pub struct Registry {
     stall_limit: Duration,
     /// Local sessions that asked for agent forwarding (see [`AgentTarget`]).
     agents: Mutex<Vec<route::AgentRoute>>,
+    /// Upstream connections (by generation) on which the server granted
+    /// agent forwarding: sshd grants it once per connection and refuses
+    /// later requests while serving them all from that one socket. One
+    /// number per connection that ever forwarded an agent.
+    agent_granted: Mutex<HashSet<u64>>,
 }
 
 impl Registry {
@@ -101,6 +107,7 @@ impl Registry {
             tasks,
             stall_limit,
             agents: Mutex::default(),
+            agent_granted: Mutex::default(),
         })
     }
 

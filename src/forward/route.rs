@@ -81,6 +81,21 @@ impl Registry {
         }
     }
 
+    /// Whether a local session on upstream connection `generation` gets
+    /// agent forwarding, given whether the server `granted` its request.
+    /// sshd grants the first request of a connection and refuses the later
+    /// ones, yet every later session gets the same agent socket: so once
+    /// granted on a connection, every `-A` session on it is routed.
+    pub fn agent_forwarding(&self, generation: u64, granted: bool) -> bool {
+        let mut on = self.agent_granted.lock().unwrap();
+        if granted {
+            on.insert(generation);
+            true
+        } else {
+            on.contains(&generation)
+        }
+    }
+
     /// Routes one channel the server opened. Runs in the event loop, so the
     /// work (local opens, connects) is spawned.
     pub(super) fn route(self: &Arc<Self>, ev: ServerOpen) {
