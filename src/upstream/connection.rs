@@ -215,7 +215,29 @@ pub struct Connection {
     pub(super) congestion: Arc<AtomicUsize>,
     /// Connections to the jump hosts this one runs through (kept alive).
     pub(super) _jumps: Vec<client::Handle<ClientHandler>>,
+    /// A session channel opened in advance (see [`Connection::replenish`]).
+    pub(super) spare: Mutex<Spare>,
 }
+
+/// The spare session channel of a connection. A new session takes it and
+/// sends its requests at once, so its output arrives one round trip later
+/// instead of two.
+#[derive(Default)]
+pub(super) struct Spare {
+    /// The channel, if one is ready.
+    chan: Option<russh::Channel<client::Msg>>,
+    /// An open is under way.
+    opening: bool,
+    /// Spares in a row the server closed before they were used (an idle
+    /// policy such as OpenSSH's `ChannelTimeout session=...`).
+    dead: u32,
+    /// Given up keeping one on this connection.
+    off: bool,
+}
+
+/// Spares in a row found closed by the server after which a connection
+/// stops keeping one: an admin's idle policy must not become a loop.
+const MAX_DEAD_SPARES: u32 = 3;
 
 /// A byte stream an SSH connection can run over: a TCP socket, or a channel
 /// through a jump host.
@@ -235,6 +257,10 @@ impl Drop for LoadGuard {
         self.conn.channels.fetch_sub(1, Ordering::Relaxed);
         if self.session {
             self.conn.sessions.fetch_sub(1, Ordering::Relaxed);
+            // A spare refused at MaxSessions may fit now.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                self.conn.replenish();
+            }
         }
     }
 }
@@ -354,12 +380,72 @@ impl Connection {
         self.channels.load(Ordering::Relaxed)
     }
 
-    /// Opens a channel, counting it against this connection.
+    /// Opens a spare session channel in the background if there is none
+    /// (after a spare was taken, after connecting, when a session ends). A
+    /// refusal (the spare counts against sshd's MaxSessions) is not an
+    /// error: the pool opens another connection when a real session needs
+    /// one. After spares the server closed unused, the next waits 2^n s.
+    pub fn replenish(self: &Arc<Self>) {
+        let delay = {
+            let mut s = self.spare.lock().unwrap();
+            if s.off || s.opening || s.chan.is_some() || !self.is_alive() {
+                return;
+            }
+            s.opening = true;
+            Duration::from_secs(if s.dead == 0 { 0 } else { 1 << s.dead })
+        };
+        let conn = self.clone();
+        tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let r = conn.handle.channel_open_session().await;
+            let mut s = conn.spare.lock().unwrap();
+            s.opening = false;
+            match r {
+                Ok(ch) => s.chan = Some(ch),
+                Err(e) => tracing::debug!("no spare session channel for now: {e}"),
+            }
+        });
+    }
+
+    /// Takes the spare session channel if there is a live one. One the
+    /// server closed meanwhile has its close already queued: it is
+    /// discarded (the caller opens a fresh channel, one round trip more).
+    async fn take_spare(self: &Arc<Self>) -> Option<russh::Channel<client::Msg>> {
+        let mut ch = self.spare.lock().unwrap().chan.take()?;
+        // Polls once: anything queued on an unused channel means it ended.
+        let pending = tokio::time::timeout(Duration::ZERO, ch.wait())
+            .await
+            .is_err();
+        let mut s = self.spare.lock().unwrap();
+        if pending {
+            s.dead = 0;
+            return Some(ch);
+        }
+        s.dead += 1;
+        if s.dead >= MAX_DEAD_SPARES {
+            s.off = true;
+            tracing::info!(
+                "the server closed {MAX_DEAD_SPARES} unused spare sessions in a row \
+                 (an idle policy such as ChannelTimeout): no longer keeping one"
+            );
+        }
+        None
+    }
+
+    /// Opens a channel, counting it against this connection. A session
+    /// takes the spare when there is one.
     pub(super) async fn open_counted(
         self: &Arc<Self>,
         what: &Open,
     ) -> Result<Opened, russh::Error> {
+        let spare = match what {
+            Open::Session => self.take_spare().await,
+            _ => None,
+        };
         let channel = match what {
+            Open::Session if spare.is_some() => spare.expect("checked"),
             Open::Session => self.handle.channel_open_session().await?,
             Open::DirectTcpip {
                 host,
@@ -385,6 +471,7 @@ impl Connection {
         self.channels.fetch_add(1, Ordering::Relaxed);
         if what.is_session() {
             self.sessions.fetch_add(1, Ordering::Relaxed);
+            self.replenish();
         }
         Ok(Opened {
             channel,

@@ -234,6 +234,7 @@ impl Pool {
                     channels: AtomicUsize::new(0),
                     congestion,
                     _jumps: jump_handles,
+                    spare: Mutex::default(),
                 });
             }
             let next = hops[i + 1];
@@ -279,6 +280,7 @@ impl Pool {
                 .monitor(self.cfg.keepalive, self.cfg.keepalive_max),
         );
         self.state.send_replace(State::Up(conn.clone()));
+        conn.replenish();
         conn
     }
 
@@ -472,6 +474,7 @@ impl Pool {
         );
         tokio::spawn(close_when_idle(conn.clone()));
         self.extras.lock().unwrap().push(conn.clone());
+        conn.replenish();
         Some(conn)
     }
 
