@@ -777,7 +777,10 @@ impl Sshd {
             "PrintLastLog no".into(),
             "LogLevel ERROR".into(),
             "MaxStartups 100:30:200".into(),
-            format!("SetEnv {}", self.marker),
+            // This machine's root .bashrc runs `pyenv init`, whose rehash
+            // waits up to 60 s on a lock file that a session killed by a
+            // fault test may leave behind: bound that wait.
+            format!("SetEnv {} PYENV_REHASH_TIMEOUT=2", self.marker),
         ]);
         let path = self.env.path("sshd_config");
         fs::write(&path, cfg.join("\n") + "\n").expect("write sshd_config");
