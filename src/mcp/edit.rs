@@ -133,7 +133,8 @@ pub fn remove_profile(path: &Path, name: &str) -> Result<bool, String> {
     if let Item::Table(t) = &removed {
         let prefix = t.decor().prefix().and_then(|p| p.as_str()).unwrap_or("");
         let keep = detached_part(prefix);
-        if !keep.is_empty() {
+        // Blank lines alone need no new home: the next table has its own.
+        if !keep.trim().is_empty() {
             reattach(&mut doc, t.position(), keep);
         }
     }
@@ -467,13 +468,23 @@ destination = \"prod.example\" # the real one
     }
 
     #[test]
+    fn create_then_remove_restores_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, FILE).unwrap();
+        set_profile(&path, &edit("zz", "z.example")).unwrap();
+        assert!(remove_profile(&path, "zz").unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), FILE);
+    }
+
+    #[test]
     fn remove_the_last_of_several() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, FILE).unwrap();
         assert!(remove_profile(&path, "prod").unwrap());
         let text = std::fs::read_to_string(&path).unwrap();
-        let want = FILE.split("[profile.prod]").next().unwrap();
+        let want = FILE.split("\n[profile.prod]").next().unwrap();
         assert_eq!(text, want);
     }
 }

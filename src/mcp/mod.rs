@@ -313,9 +313,12 @@ impl Server {
         if let Ok(o) = &r {
             tracing::info!(
                 tool = "exec",
-                profile = %p.profile,
-                outcome = if o.timed_out { "timed out".to_owned() } else {
-                    o.exit_status.map_or("no exit status".to_owned(), |c| format!("exit {c}"))
+                profile = p.profile.as_str(),
+                outcome = if o.timed_out {
+                    "timed out".to_owned()
+                } else {
+                    o.exit_status
+                        .map_or("no exit status".to_owned(), |c| format!("exit {c}"))
                 },
                 stdout_bytes = o.stdout_bytes,
                 stderr_bytes = o.stderr_bytes,
@@ -356,9 +359,12 @@ impl Server {
         if let Ok(o) = &r {
             tracing::info!(
                 tool = "copy",
-                profile = %p.profile,
+                profile = p.profile.as_str(),
                 outcome = "ok",
-                direction = ?o.direction,
+                direction = match o.direction {
+                    Direction::Put => "put",
+                    Direction::Get => "get",
+                },
                 bytes = o.bytes,
                 ms = started.elapsed().as_millis() as u64,
             );
