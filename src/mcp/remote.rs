@@ -83,6 +83,36 @@ impl Target {
         v
     }
 
+    /// A clearer message when the OpenSSH client itself could not get in
+    /// (as opposed to a remote command failing), from its stderr.
+    fn ssh_failure(&self, stderr: &str) -> Option<String> {
+        let said = stderr.trim();
+        let alias = crate::client_config::alias(&self.name);
+        if said.contains("Host key verification failed") {
+            return Some(format!(
+                "ssh refused the endpoint {}: its host key is not the one recorded as {alias} \
+                 in {} (was the shim started with another XDG_STATE_HOME?): {said}",
+                self.endpoint,
+                self.known_hosts.display()
+            ));
+        }
+        if said.contains("Permission denied") {
+            return Some(format!(
+                "the endpoint {} did not accept your keys; it takes the keys in ~/.ssh/*.pub and \
+                 your ssh-agent (or the profile's authorized_keys): list a matching private key \
+                 in the profile's identity: {said}",
+                self.endpoint
+            ));
+        }
+        if said.contains("Connection refused") || said.contains("Connection timed out") {
+            return Some(format!(
+                "cannot reach the endpoint {} of profile '{}': {said}",
+                self.endpoint, self.name
+            ));
+        }
+        None
+    }
+
     /// The host argument: the endpoint's address, bracket-free.
     fn host(&self) -> String {
         self.endpoint.ip().to_string()
@@ -128,6 +158,9 @@ pub struct ExecOutput {
 /// Runs `command` (a shell command line for the remote login shell) through
 /// the shim, stdin closed, no terminal, bounded by `timeout`.
 pub async fn exec(t: &Target, command: &str, timeout: Duration) -> Result<ExecOutput, String> {
+    if command.trim().is_empty() {
+        return Err("command is empty".into());
+    }
     let started = Instant::now();
     let mut cmd = Command::new("ssh");
     cmd.args(t.options())
@@ -152,10 +185,16 @@ pub async fn exec(t: &Target, command: &str, timeout: Duration) -> Result<ExecOu
     };
     let (stdout, stdout_bytes) = out.await.unwrap_or_default();
     let (stderr, stderr_bytes) = err.await.unwrap_or_default();
+    let exit_status = status.and_then(|s| s.code());
+    if exit_status == Some(255)
+        && let Some(why) = t.ssh_failure(&String::from_utf8_lossy(&stderr))
+    {
+        return Err(why);
+    }
     let (stdout, stdout_truncated) = text_of(stdout, stdout_bytes);
     let (stderr, stderr_truncated) = text_of(stderr, stderr_bytes);
     Ok(ExecOutput {
-        exit_status: status.and_then(|s| s.code()),
+        exit_status,
         timed_out,
         stdout,
         stderr,
@@ -303,6 +342,9 @@ pub async fn copy(
     let (messages, _) = err.await.unwrap_or_default();
     if !status.success() {
         let messages = String::from_utf8_lossy(&messages);
+        if let Some(why) = t.ssh_failure(&messages) {
+            return Err(why);
+        }
         let messages = messages.trim();
         let code = status
             .code()
@@ -402,6 +444,26 @@ mod tests {
         let a = Target::endpoint_of("[::]:2222").unwrap();
         assert_eq!(a, "[::1]:2222".parse().unwrap());
         assert!(Target::endpoint_of("nonsense").is_err());
+    }
+
+    #[test]
+    fn ssh_failures_are_explained() {
+        let t = Target {
+            name: "lab".into(),
+            endpoint: "127.0.0.1:2301".parse().unwrap(),
+            known_hosts: "/s/known_hosts".into(),
+            identities: Vec::new(),
+        };
+        let e = t.ssh_failure("Host key verification failed.\n").unwrap();
+        assert!(
+            e.contains("sshshim-lab") && e.contains("/s/known_hosts"),
+            "{e}"
+        );
+        let e = t
+            .ssh_failure("u@127.0.0.1: Permission denied (publickey).\n")
+            .unwrap();
+        assert!(e.contains("identity"), "{e}");
+        assert!(t.ssh_failure("bash: foo: command not found\n").is_none());
     }
 
     #[tokio::test]
