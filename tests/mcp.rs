@@ -15,7 +15,12 @@ use serde_json::{Value, json};
 use support::*;
 
 /// Bound on one tool call (exec's own timeouts are shorter).
-const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const CALL_TIMEOUT: Duration = Duration::from_secs(150);
+
+/// `timeout_s` for commands that should finish at once: generous, because
+/// the remote login shell's start-up files may be slow on a busy machine
+/// (seen: 14 s of `pyenv init` waiting for its rehash lock).
+const EXEC_TIMEOUT_S: u64 = 120;
 
 /// The config file as a person left it: comments, and a profile that does
 /// not allow exec.
@@ -234,7 +239,11 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     let marker = "mcp-secret-7f3a";
     let out = rt.block_on(mcp.ok(
         "exec",
-        json!({"profile": "lab", "command": format!("echo hello; echo {marker} >&2; exit 3")}),
+        json!({
+            "profile": "lab",
+            "command": format!("echo hello; echo {marker} >&2; exit 3"),
+            "timeout_s": EXEC_TIMEOUT_S,
+        }),
     ));
     assert_eq!(out["stdout"], "hello\n", "{out}");
     assert_eq!(out["stderr"], format!("{marker}\n"), "{out}");
@@ -244,7 +253,11 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     // Output past the cap is cut and marked.
     let out = rt.block_on(mcp.ok(
         "exec",
-        json!({"profile": "lab", "command": "head -c 1200000 /dev/zero | tr '\\0' x"}),
+        json!({
+            "profile": "lab",
+            "command": "head -c 1200000 /dev/zero | tr '\\0' x",
+            "timeout_s": EXEC_TIMEOUT_S,
+        }),
     ));
     assert_eq!(out["stdout_bytes"], 1_200_000, "{}", out["stderr"]);
     assert_eq!(out["stdout_truncated"], true);
