@@ -33,6 +33,7 @@ pub mod endpoint;
 pub mod forward;
 pub mod hooks;
 pub mod local_channel;
+pub mod mcp;
 pub mod paths;
 pub mod profile;
 pub mod resolve;

@@ -61,6 +61,24 @@ enum Command {
     Service(ServiceCommand),
     /// Print (or --install) ssh_config Host blocks for endpoints: `ssh NAME-shim` just works.
     SshConfig(SshConfigArgs),
+    /// Serve MCP tools on stdin/stdout for AI agents: set up, inspect and remove tunnels; exec and copy through them.
+    #[command(after_help = MCP_EXAMPLES)]
+    Mcp(McpArgs),
+}
+
+/// Examples shown under `sshshim mcp --help`.
+const MCP_EXAMPLES: &str = "\
+Register it with an MCP client, for example:
+  claude mcp add sshshim -- sshshim mcp
+  {\"mcpServers\": {\"sshshim\": {\"command\": \"sshshim\", \"args\": [\"mcp\"]}}}
+exec and copy work only for profiles with `mcp_exec = true`.";
+
+/// `sshshim mcp`.
+#[derive(Args, Debug)]
+struct McpArgs {
+    /// Profiles file to read and edit (default: ~/.config/sshshim/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 /// Examples shown under `sshshim up --help`.
@@ -213,6 +231,7 @@ impl UpArgs {
             on_event: self.on_event.clone(),
             metrics: self.metrics,
             stall_limit: self.stall_limit,
+            mcp_exec: None,
         }
     }
 
@@ -372,6 +391,11 @@ fn main() -> ExitCode {
         }),
         Command::Service(c) => service(c),
         Command::SshConfig(a) => ssh_config(a),
+        Command::Mcp(a) => runtime().and_then(|rt| {
+            rt.block_on(sshshim::mcp::serve(sshshim::mcp::Options {
+                config: a.config,
+            }))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -37,6 +37,7 @@ pub const KEYS: &[&str] = &[
     "on_event",
     "metrics",
     "stall_limit",
+    "mcp_exec",
 ];
 
 /// The settings of one profile. `None` / empty means "not set here", so
@@ -82,6 +83,9 @@ pub struct Profile {
     /// Seconds a stalled local reader may take nothing at its buffer's
     /// cap before its channel is closed (>= 1).
     pub stall_limit: Option<u64>,
+    /// Lets `sshshim mcp` run commands and copy files through this profile's
+    /// endpoint (its `exec` and `copy` tools); off unless set.
+    pub mcp_exec: Option<bool>,
 }
 
 impl Profile {
@@ -117,6 +121,7 @@ impl Profile {
             on_event: self.on_event.or(lower.on_event),
             metrics: self.metrics.or(lower.metrics),
             stall_limit: self.stall_limit.or(lower.stall_limit),
+            mcp_exec: self.mcp_exec.or(lower.mcp_exec),
         }
     }
 }
@@ -264,7 +269,7 @@ fn env_val(key: &str, s: &str) -> Val {
                 .map(|i| Ok(i.to_owned()))
                 .collect(),
         ),
-        "accept_new" | "allow_non_loopback" => match s.to_ascii_lowercase().as_str() {
+        "accept_new" | "allow_non_loopback" | "mcp_exec" => match s.to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => Val::Bool(true),
             "0" | "false" | "no" | "off" => Val::Bool(false),
             _ => string(),
@@ -417,6 +422,7 @@ fn set(p: &mut Profile, key: &str, v: Val) -> Result<(), Bad> {
         "on_event" => p.on_event = Some(str_of(v, "a command (string)")?),
         "metrics" => p.metrics = Some(addr_of(v)?),
         "stall_limit" => p.stall_limit = Some(int_of(v, 1, i64::MAX, secs)? as u64),
+        "mcp_exec" => p.mcp_exec = Some(bool_of(v)?),
         _ => return Err(Bad::whole(unknown_key(key))),
     }
     Ok(())
@@ -594,6 +600,7 @@ max_backoff = 2.5
 connect_timeout = 7
 on_event = "logger sshshim"
 metrics = "127.0.0.1:9100"
+mcp_exec = true
 
 [profile.prod]
 destination = "[2001:db8::1]"
@@ -629,7 +636,9 @@ max_backoff = 60
         assert_eq!(lab.connect_timeout, Some(7));
         assert_eq!(lab.on_event.as_deref(), Some("logger sshshim"));
         assert_eq!(lab.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(lab.mcp_exec, Some(true));
         let prod = cf.get("prod").unwrap();
+        assert_eq!(prod.mcp_exec, None);
         assert_eq!(prod.port, Some(22));
         assert_eq!(prod.user.as_deref(), Some("deploy"));
         assert_eq!(prod.listen, None);

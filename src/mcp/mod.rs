@@ -1,0 +1,692 @@
+//! `sshshim mcp`: a Model Context Protocol server on stdin/stdout, so an AI
+//! agent can set up, inspect and remove tunnels, and run commands and copy
+//! files through a running shim.
+//!
+//! Tools: `tunnel_setup`, `tunnel_status`, `tunnel_remove`, `exec`, `copy`.
+//! Each takes and returns JSON; a failure is an MCP tool error carrying the
+//! message the CLI would print. stdout carries only JSON-RPC; every call is
+//! logged (tool, profile, outcome) to stderr, never file contents.
+//!
+//! `exec` and `copy` work only for profiles with `mcp_exec = true`.
+//! `tunnel_setup` may set that key on a profile it creates, but never turns
+//! it on for a profile that already exists without it: a person opts an
+//! existing profile in by editing the file.
+
+mod edit;
+mod remote;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::{Json, ServiceExt as _, tool, tool_handler, tool_router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{control, profile, service};
+
+pub use remote::{CopyOutput, Direction, ExecOutput};
+
+/// Default and largest `timeout_s` of `exec`.
+const EXEC_TIMEOUT: (u64, u64) = (60, 3600);
+/// Default and largest `timeout_s` of `copy`.
+const COPY_TIMEOUT: (u64, u64) = (600, 24 * 3600);
+/// How long `tunnel_remove` waits for a stopped profile to go away.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+/// What `sshshim mcp` was started with.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Profiles file given with `-c`; else [`profile::default_path`].
+    pub config: Option<PathBuf>,
+}
+
+/// Serves the tools on stdin/stdout until the client closes stdin.
+pub async fn serve(opts: Options) -> Result<(), String> {
+    let server = Server::new(opts);
+    tracing::info!(config = %server.config.display(), "MCP server ready on stdio");
+    let running = server
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|e| format!("MCP session failed to start: {e}"))?;
+    let reason = running
+        .waiting()
+        .await
+        .map_err(|e| format!("MCP session ended abnormally: {e}"))?;
+    tracing::info!(?reason, "MCP session closed");
+    Ok(())
+}
+
+/// The MCP server: the config file it edits and the tool router.
+#[derive(Clone)]
+pub struct Server {
+    /// The profiles file.
+    config: PathBuf,
+    /// Whether `-c` named it (then hints repeat `-c FILE`).
+    explicit: bool,
+    /// Serialises edits of the file between concurrent calls.
+    edits: Arc<tokio::sync::Mutex<()>>,
+    /// Routes `tools/call` to the methods below.
+    tool_router: ToolRouter<Self>,
+}
+
+/// `tunnel_setup` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetupParams {
+    /// Profile name, the NAME of [profile.NAME]: letters, digits, '.', '_', '-'.
+    pub name: String,
+    /// Where to connect: [user@]host[:port], or a Host alias from ~/.ssh/config.
+    pub destination: String,
+    /// Remote forwards kept up by sshshim, as for ssh -R, e.g. "2222:localhost:22".
+    /// Replaces the profile's list; [] removes it; omitted keeps it.
+    #[serde(default)]
+    pub remote_forwards: Option<Vec<String>>,
+    /// Local forwards owned by sshshim, as for ssh -L, e.g. "15432:db:5432".
+    /// Replaces the profile's list; [] removes it; omitted keeps it.
+    #[serde(default)]
+    pub local_forwards: Option<Vec<String>>,
+    /// Other profile keys, as in the config file: port, user, identity (list
+    /// of paths), known_hosts, accept_new, listen ("127.0.0.1:2222", needed
+    /// for exec and copy), keepalive, connect_timeout, mcp_exec, ... A null
+    /// value removes the key.
+    #[serde(default)]
+    pub options: Option<serde_json::Map<String, Value>>,
+    /// Also install and start a systemd user service running this profile.
+    #[serde(default)]
+    pub service: Option<bool>,
+}
+
+/// `tunnel_setup` result.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct SetupOutput {
+    /// Profile name.
+    pub profile: String,
+    /// The config file written.
+    pub config_file: String,
+    /// True when the profile is new, false when it was updated.
+    pub created: bool,
+    /// The profile's keys as they now are in the file.
+    pub settings: Value,
+    /// True when an sshshim already runs this profile (it keeps its old
+    /// settings until restarted).
+    pub running: bool,
+    /// What became of the requested service; null when none was asked for.
+    pub service: Option<ServiceOutcome>,
+    /// How to start the tunnel.
+    pub next_steps: String,
+    /// Anything else worth knowing.
+    pub notes: Vec<String>,
+}
+
+/// The service part of `tunnel_setup`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ServiceOutcome {
+    /// True when the unit was installed and started.
+    pub installed: bool,
+    /// What was done, or why nothing could be.
+    pub message: String,
+}
+
+/// `tunnel_status` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusParams {
+    /// Only this profile (default: every configured or running one).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `tunnel_status` result.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct StatusOutput {
+    /// The config file read.
+    pub config_file: String,
+    /// Configured and running profiles, by name.
+    pub profiles: Vec<TunnelInfo>,
+}
+
+/// One profile in `tunnel_status`.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct TunnelInfo {
+    /// Profile name.
+    pub name: String,
+    /// True when the profile is in the config file.
+    pub configured: bool,
+    /// Its keys as written in the file; null when not configured.
+    pub settings: Value,
+    /// True when exec and copy may use it (mcp_exec = true).
+    pub mcp_exec: bool,
+    /// True when an sshshim is running it.
+    pub running: bool,
+    /// The running profile's status, as `sshshim status --json` prints it
+    /// (upstream state, endpoint, forwards, counters); null when not running.
+    pub status: Option<Value>,
+    /// The systemd user unit installed for this profile alone, if any.
+    pub service_unit: Option<String>,
+}
+
+/// `tunnel_remove` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveParams {
+    /// Profile name.
+    pub name: String,
+}
+
+/// `tunnel_remove` result.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct RemoveOutput {
+    /// Profile name.
+    pub profile: String,
+    /// The config file edited.
+    pub config_file: String,
+    /// True when it was stopped (it was running).
+    pub stopped: bool,
+    /// What was done about its systemd unit; null when it had none.
+    pub service: Option<String>,
+    /// True when its table was removed from the file.
+    pub removed_from_file: bool,
+}
+
+/// `exec` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecParams {
+    /// A running profile with mcp_exec = true.
+    pub profile: String,
+    /// Command line for the remote login shell; stdin is empty, no terminal.
+    pub command: String,
+    /// Seconds before ssh is stopped (default 60, at most 3600).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+/// `copy` arguments.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CopyParams {
+    /// A running profile with mcp_exec = true.
+    pub profile: String,
+    /// "put" (local to remote) or "get" (remote to local).
+    pub direction: Direction,
+    /// Local file (relative to the server's working directory); for get, an
+    /// existing directory receives the file under its remote name.
+    pub local: String,
+    /// Remote path; relative paths start in the remote home directory.
+    pub remote: String,
+    /// Seconds before the transfer is stopped (default 600).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+}
+
+#[tool_router]
+impl Server {
+    /// A server for `opts`.
+    pub fn new(opts: Options) -> Self {
+        let explicit = opts.config.is_some();
+        Server {
+            config: opts.config.unwrap_or_else(profile::default_path),
+            explicit,
+            edits: Arc::new(tokio::sync::Mutex::new(())),
+            tool_router: Self::tool_router(),
+        }
+    }
+
+    /// Adds or updates a profile in the config file.
+    #[tool(
+        description = "Add or update a tunnel profile ([profile.NAME] in sshshim's config file), \
+        validated exactly as `sshshim up` reads it; the rest of the file, comments included, is kept. \
+        Keys not given are kept. With service: true, also installs and starts a systemd user \
+        service for it; otherwise nothing is started and next_steps says how.",
+        annotations(
+            destructive_hint = false,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn tunnel_setup(&self, p: Parameters<SetupParams>) -> Result<Json<SetupOutput>, String> {
+        let started = Instant::now();
+        let name = p.0.name.clone();
+        let r = self.setup(p.0).await;
+        logged("tunnel_setup", &name, started, r).map(Json)
+    }
+
+    /// Lists profiles and the status of running ones.
+    #[tool(
+        description = "List the configured tunnel profiles (or one) and, for running ones, their \
+        live status: upstream state, local endpoint, forwards, clients, bytes.",
+        annotations(read_only_hint = true, open_world_hint = false)
+    )]
+    async fn tunnel_status(
+        &self,
+        p: Parameters<StatusParams>,
+    ) -> Result<Json<StatusOutput>, String> {
+        let started = Instant::now();
+        let name = p.0.name.clone().unwrap_or_else(|| "*".into());
+        let r = self.status(p.0.name).await;
+        logged("tunnel_status", &name, started, r).map(Json)
+    }
+
+    /// Stops and removes a profile.
+    #[tool(
+        description = "Remove a tunnel: stop it if running, remove its systemd unit if it had one \
+        of its own, and delete its [profile.NAME] table from the config file (the rest of the \
+        file, comments included, is kept).",
+        annotations(
+            destructive_hint = true,
+            idempotent_hint = true,
+            open_world_hint = false
+        )
+    )]
+    async fn tunnel_remove(
+        &self,
+        p: Parameters<RemoveParams>,
+    ) -> Result<Json<RemoveOutput>, String> {
+        let started = Instant::now();
+        let name = p.0.name.clone();
+        let r = self.remove(p.0.name).await;
+        logged("tunnel_remove", &name, started, r).map(Json)
+    }
+
+    /// Runs a command through a running shim.
+    #[tool(
+        description = "Run a shell command on the remote host through the profile's running \
+        shim (no new connection, no prompts). Returns stdout, stderr (1 MiB each at most, \
+        truncation marked), exit_status and timed_out. The profile must be running and have \
+        mcp_exec = true.",
+        annotations(destructive_hint = true, open_world_hint = true)
+    )]
+    async fn exec(&self, p: Parameters<ExecParams>) -> Result<Json<ExecOutput>, String> {
+        let started = Instant::now();
+        let p = p.0;
+        let secs = p
+            .timeout_s
+            .unwrap_or(EXEC_TIMEOUT.0)
+            .clamp(1, EXEC_TIMEOUT.1);
+        let r = match self.target(&p.profile).await {
+            Ok(t) => remote::exec(&t, &p.command, Duration::from_secs(secs)).await,
+            Err(e) => Err(e),
+        };
+        if let Ok(o) = &r {
+            tracing::info!(
+                tool = "exec",
+                profile = p.profile.as_str(),
+                outcome = if o.timed_out {
+                    "timed out".to_owned()
+                } else {
+                    o.exit_status
+                        .map_or("no exit status".to_owned(), |c| format!("exit {c}"))
+                },
+                stdout_bytes = o.stdout_bytes,
+                stderr_bytes = o.stderr_bytes,
+                ms = started.elapsed().as_millis() as u64,
+            );
+            return r.map(Json);
+        }
+        logged("exec", &p.profile, started, r).map(Json)
+    }
+
+    /// Copies a file through a running shim.
+    #[tool(
+        description = "Copy one file with sftp through the profile's running shim: put (local to \
+        remote) or get (remote to local). Returns the bytes and the sha256 of the local file \
+        after the transfer. The profile must be running and have mcp_exec = true.",
+        annotations(destructive_hint = true, open_world_hint = true)
+    )]
+    async fn copy(&self, p: Parameters<CopyParams>) -> Result<Json<CopyOutput>, String> {
+        let started = Instant::now();
+        let p = p.0;
+        let secs = p
+            .timeout_s
+            .unwrap_or(COPY_TIMEOUT.0)
+            .clamp(1, COPY_TIMEOUT.1);
+        let r = match self.target(&p.profile).await {
+            Ok(t) => {
+                remote::copy(
+                    &t,
+                    p.direction,
+                    Path::new(&p.local),
+                    &p.remote,
+                    Duration::from_secs(secs),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Ok(o) = &r {
+            tracing::info!(
+                tool = "copy",
+                profile = p.profile.as_str(),
+                outcome = "ok",
+                direction = match o.direction {
+                    Direction::Put => "put",
+                    Direction::Get => "get",
+                },
+                bytes = o.bytes,
+                ms = started.elapsed().as_millis() as u64,
+            );
+            return r.map(Json);
+        }
+        logged("copy", &p.profile, started, r).map(Json)
+    }
+}
+
+#[tool_handler(
+    router = self.tool_router,
+    name = "sshshim",
+    instructions = "sshshim keeps one verified, authenticated SSH connection per profile and \
+    serves it on a local endpoint. tunnel_status lists profiles; tunnel_setup adds one (set \
+    options.listen, e.g. \"127.0.0.1:2222\", and options.mcp_exec = true to use exec and copy); \
+    it starts with `sshshim up NAME` or as a service (service: true). exec and copy run through \
+    the running shim of a profile with mcp_exec = true."
+)]
+impl rmcp::ServerHandler for Server {}
+
+impl Server {
+    /// `-c FILE` for hints when the file was named explicitly.
+    fn config_flag(&self) -> String {
+        if self.explicit {
+            format!(" -c {}", shell_word(&self.config.display().to_string()))
+        } else {
+            String::new()
+        }
+    }
+
+    /// `tunnel_setup`.
+    async fn setup(&self, p: SetupParams) -> Result<SetupOutput, String> {
+        let path = self.config.clone();
+        let edit = edit::ProfileEdit {
+            name: p.name.clone(),
+            destination: p.destination,
+            remote_forwards: p.remote_forwards,
+            local_forwards: p.local_forwards,
+            options: p.options.unwrap_or_default(),
+        };
+        let written = {
+            let _guard = self.edits.lock().await;
+            blocking(move || {
+                // Only a person opts an existing profile in to exec/copy.
+                let file = profile::load(&path, false)?;
+                if let (Some(existing), Some(Value::Bool(true))) =
+                    (file.profiles.get(&edit.name), edit.options.get("mcp_exec"))
+                    && existing.mcp_exec != Some(true)
+                {
+                    return Err(format!(
+                        "profile '{}' already exists without mcp_exec = true; tunnel_setup only \
+                         sets that key on profiles it creates. Ask the user to add \
+                         `mcp_exec = true` to [profile.{}] in {}",
+                        edit.name,
+                        edit.name,
+                        path.display()
+                    ));
+                }
+                edit::set_profile(&path, &edit)
+            })
+            .await?
+        };
+        let name = p.name;
+        let running = {
+            let n = name.clone();
+            blocking(move || Ok(control::query(&n).is_ok())).await?
+        };
+        let flag = self.config_flag();
+        let mut notes = Vec::new();
+        if written.settings.get("listen").is_none() {
+            notes.push(
+                "no listen address: the tunnel will serve no local endpoint, so exec and copy \
+                 cannot use it; set options.listen, e.g. \"127.0.0.1:2222\""
+                    .to_owned(),
+            );
+        }
+        if running {
+            notes.push(format!(
+                "profile '{name}' is already running with its old settings; restart it \
+                 (`sshshim down {name}`, then start it again) to apply these"
+            ));
+        }
+        let service = if p.service == Some(true) {
+            let spec = service::UnitSpec {
+                profiles: vec![name.clone()],
+                system: false,
+                // Always explicit: the service may not see the same XDG_CONFIG_HOME.
+                config: Some(written.path.clone()),
+                exe: std::env::current_exe()
+                    .map_err(|e| format!("cannot find my own path: {e}"))?,
+            };
+            let outcome = blocking(move || {
+                if !service::systemd_available(false) {
+                    return Ok(ServiceOutcome {
+                        installed: false,
+                        message: "no service installed: no systemd user manager is reachable \
+                                  (`systemctl --user` does not work here)"
+                            .into(),
+                    });
+                }
+                service::install(&spec, false).map(|message| ServiceOutcome {
+                    installed: true,
+                    message,
+                })
+            })
+            .await
+            .map_err(|e| {
+                format!(
+                    "profile '{name}' was written to {}, but the service could not be \
+                     installed: {e}",
+                    written.path.display()
+                )
+            })?;
+            Some(outcome)
+        } else {
+            None
+        };
+        let next_steps = match &service {
+            Some(s) if s.installed => format!(
+                "The service runs it now; `sshshim status {name}` (or tunnel_status) shows its \
+                 state."
+            ),
+            _ => format!(
+                "Nothing was started. Start it in a terminal with `sshshim up {name}{flag}` \
+                 (foreground), run every profile with `sshshim supervise{flag}`, or install a \
+                 service with `sshshim service install {name}{flag}`."
+            ),
+        };
+        Ok(SetupOutput {
+            profile: name,
+            config_file: written.path.display().to_string(),
+            created: written.created,
+            settings: written.settings,
+            running,
+            service,
+            next_steps,
+            notes,
+        })
+    }
+
+    /// `tunnel_status`.
+    async fn status(&self, only: Option<String>) -> Result<StatusOutput, String> {
+        let path = self.config.clone();
+        blocking(move || {
+            let file = profile::load(&path, false)?;
+            let settings = edit::all_settings(&path)?;
+            let running = match &only {
+                Some(n) => control::query(n).ok().into_iter().collect::<Vec<_>>(),
+                None => control::running()
+                    .iter()
+                    .filter_map(|n| control::query(n).ok())
+                    .collect(),
+            };
+            let mut names: Vec<String> = file.profiles.keys().cloned().collect();
+            names.extend(running.iter().map(|s| s.profile.clone()));
+            names.sort();
+            names.dedup();
+            if let Some(n) = &only {
+                if !names.contains(n) {
+                    // The CLI's message: it lists the profiles there are.
+                    return Err(file
+                        .get(n)
+                        .err()
+                        .map(|e| format!("{e}; and none by that name is running"))
+                        .unwrap_or_default());
+                }
+                names.retain(|x| x == n);
+            }
+            let profiles = names
+                .into_iter()
+                .map(|name| {
+                    let p = file.profiles.get(&name);
+                    let status = running.iter().find(|s| s.profile == name);
+                    TunnelInfo {
+                        configured: p.is_some(),
+                        settings: settings.get(&name).cloned().unwrap_or(Value::Null),
+                        mcp_exec: p.is_some_and(|p| p.mcp_exec == Some(true)),
+                        running: status.is_some(),
+                        status: status.and_then(|s| serde_json::to_value(s).ok()),
+                        service_unit: own_unit(&name).map(|u| u.display().to_string()),
+                        name,
+                    }
+                })
+                .collect();
+            Ok(StatusOutput {
+                config_file: path.display().to_string(),
+                profiles,
+            })
+        })
+        .await
+    }
+
+    /// `tunnel_remove`.
+    async fn remove(&self, name: String) -> Result<RemoveOutput, String> {
+        let path = self.config.clone();
+        let _guard = self.edits.lock().await;
+        blocking(move || {
+            let file = profile::load(&path, false)?;
+            let configured = file.profiles.contains_key(&name);
+            let was_running = control::query(&name).is_ok();
+            let unit = own_unit(&name);
+            if !configured && !was_running && unit.is_none() {
+                return Err(file.get(&name).err().unwrap_or_default());
+            }
+            // The unit first: systemd would restart a profile stopped under it.
+            let service = match unit {
+                Some(_) => Some(service::remove(false, Some(&name), false)?),
+                None => None,
+            };
+            if control::query(&name).is_ok() {
+                control::down(&name)?;
+            }
+            wait_stopped(&name)?;
+            let removed_from_file = configured && edit::remove_profile(&path, &name)?;
+            Ok(RemoveOutput {
+                profile: name,
+                config_file: path.display().to_string(),
+                stopped: was_running,
+                service: service.map(|s| s.trim_end().to_owned()),
+                removed_from_file,
+            })
+        })
+        .await
+    }
+
+    /// The running shim of `name`, if the profile allows exec and copy.
+    async fn target(&self, name: &str) -> Result<remote::Target, String> {
+        let path = self.config.clone();
+        let flag = self.config_flag();
+        let name = name.to_owned();
+        blocking(move || {
+            let file = profile::load(&path, false)?;
+            let p = file.get(&name).map_err(|e| {
+                format!(
+                    "{e}; exec and copy work only for profiles in that file with mcp_exec = true"
+                )
+            })?;
+            if p.mcp_exec != Some(true) {
+                return Err(format!(
+                    "profile '{name}' does not allow exec and copy from MCP: set \
+                     `mcp_exec = true` in its [profile.{name}] table in {}",
+                    path.display()
+                ));
+            }
+            let status = control::query(&name)
+                .map_err(|e| format!("{e}: start it first with `sshshim up {name}{flag}`"))?;
+            let endpoint = status.endpoint.ok_or_else(|| {
+                format!(
+                    "profile '{name}' serves no local endpoint: set listen = \"127.0.0.1:PORT\" \
+                     in [profile.{name}] and restart it"
+                )
+            })?;
+            let state = crate::paths::state_dir()
+                .map_err(|e| format!("cannot open sshshim's state directory: {e}"))?;
+            Ok(remote::Target {
+                endpoint: remote::Target::endpoint_of(&endpoint)?,
+                known_hosts: state.join("known_hosts"),
+                identities: p.identity.clone(),
+                name,
+            })
+        })
+        .await
+    }
+}
+
+/// The user unit that runs profile `name` alone, if installed.
+fn own_unit(name: &str) -> Option<PathBuf> {
+    let path = service::unit_path(&service::UnitSpec {
+        profiles: vec![name.to_owned()],
+        ..Default::default()
+    });
+    path.exists().then_some(path)
+}
+
+/// Waits until profile `name` no longer answers on its control socket.
+fn wait_stopped(name: &str) -> Result<(), String> {
+    let deadline = Instant::now() + STOP_WAIT;
+    while control::query(name).is_ok() {
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "profile '{name}' was asked to stop but still runs after {} s; \
+                 nothing was removed from the config file",
+                STOP_WAIT.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Runs blocking work (file and socket I/O, systemctl) off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("internal error: {e}"))?
+}
+
+/// Logs one tool call's outcome (never arguments beyond the profile name).
+fn logged<T>(
+    tool: &str,
+    profile: &str,
+    started: Instant,
+    r: Result<T, String>,
+) -> Result<T, String> {
+    let ms = started.elapsed().as_millis() as u64;
+    match &r {
+        Ok(_) => tracing::info!(tool, profile, outcome = "ok", ms),
+        Err(e) => tracing::warn!(tool, profile, outcome = "error", error = %e, ms),
+    }
+    r
+}
+
+/// `s` as one word for a POSIX shell (quoted only when needed).
+fn shell_word(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@%".contains(c))
+    {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
