@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod forward;
+pub mod mux;
 pub mod profile;
 pub mod service;
 pub mod shim;
