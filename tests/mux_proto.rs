@@ -21,7 +21,7 @@ use sshshim::mux::{
     FdReader, FdWriter, ForwardKind, MuxAddr, MuxEvent, MuxListener, MuxRequest, MuxServer,
 };
 use support::{Capture, exit_code, free_port, run_with_timeout, stderr_text, stdout_text};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -79,7 +79,8 @@ impl Harness {
     /// `ssh -S SOCK` with the safety options and `args` (for `-O`).
     fn ssh(&self, args: &[&str]) -> Command {
         let mut c = Command::new("ssh");
-        c.args(ssh_args(&self.sock, true, self.closed_port)).args(args);
+        c.args(ssh_args(&self.sock, true, self.closed_port))
+            .args(args);
         c
     }
 
@@ -87,7 +88,8 @@ impl Harness {
     /// users reach sshshim for sessions.
     fn ssh_session(&self, args: &[&str]) -> Command {
         let mut c = Command::new("ssh");
-        c.args(ssh_args(&self.sock, false, self.closed_port)).args(args);
+        c.args(ssh_args(&self.sock, false, self.closed_port))
+            .args(args);
         c
     }
 }
@@ -123,6 +125,16 @@ fn ssh_args(sock: &Path, dash_s: bool, closed_port: u16) -> Vec<OsString> {
         v.push(o);
     }
     v
+}
+
+/// A client process killed (and reaped) if a test fails before it exits.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Runs `cmd` on the blocking pool with `stdin`, bounded.
@@ -197,7 +209,11 @@ async fn refused_requests_are_reported() {
     }
     let out = client.await.unwrap();
     assert_ne!(exit_code(&out.status), 0);
-    assert!(stderr_text(&out).contains("use sshshim down"), "{}", stderr_text(&out));
+    assert!(
+        stderr_text(&out).contains("use sshshim down"),
+        "{}",
+        stderr_text(&out)
+    );
 
     // A dropped reply handle becomes a FAILURE, not a hang.
     let client = tokio::spawn(run(h.ssh(&["-O", "cancel", "-L", "1234:h:1", "x"]), b""));
@@ -209,7 +225,11 @@ async fn refused_requests_are_reported() {
         other => panic!("expected CLOSE_FWD, got {other:?}"),
     }
     let out = client.await.unwrap();
-    assert!(stderr_text(&out).contains("request dropped"), "{}", stderr_text(&out));
+    assert!(
+        stderr_text(&out).contains("request dropped"),
+        "{}",
+        stderr_text(&out)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,10 +242,7 @@ async fn forwards_decode_and_remote_port_is_printed() {
         MuxRequest::OpenForward { forward, reply } => {
             assert_eq!(forward.kind, ForwardKind::Local);
             assert_eq!(forward.listen, MuxAddr::Tcp("127.0.0.1".into(), port));
-            assert_eq!(
-                forward.connect,
-                Some(MuxAddr::Tcp("127.0.0.1".into(), 22))
-            );
+            assert_eq!(forward.connect, Some(MuxAddr::Tcp("127.0.0.1".into(), 22)));
             reply.ok();
         }
         other => panic!("expected OPEN_FWD, got {other:?}"),
@@ -240,10 +257,7 @@ async fn forwards_decode_and_remote_port_is_printed() {
         MuxRequest::OpenForward { forward, reply } => {
             assert_eq!(forward.kind, ForwardKind::Remote);
             assert_eq!(forward.listen, MuxAddr::Tcp(String::new(), 0));
-            assert_eq!(
-                forward.connect,
-                Some(MuxAddr::Tcp("127.0.0.1".into(), 22))
-            );
+            assert_eq!(forward.connect, Some(MuxAddr::Tcp("127.0.0.1".into(), 22)));
             reply.remote_port(43210);
         }
         other => panic!("expected OPEN_FWD, got {other:?}"),
@@ -272,9 +286,22 @@ async fn forwards_decode_and_remote_port_is_printed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_gets_command_env_and_usable_fds() {
     let mut h = Harness::start();
-    let cmd = h.ssh_session(&["-o", "SetEnv=FOO=bar", "testhost", "echo hi"]);
+    let port = free_port();
+    let spec = format!("127.0.0.1:{port}:127.0.0.1:22");
+    let cmd = h.ssh_session(&["-o", "SetEnv=FOO=bar", "-L", &spec, "testhost", "echo hi"]);
     let client = tokio::spawn(run(cmd, b"payload from stdin"));
-    let MuxEvent { client: info, request } = h.next().await;
+    // Forwards on the command line come first, each as OPEN_FWD.
+    match h.next().await.request {
+        MuxRequest::OpenForward { forward, reply } => {
+            assert_eq!(forward.listen, MuxAddr::Tcp("127.0.0.1".into(), port));
+            reply.ok();
+        }
+        other => panic!("expected OPEN_FWD, got {other:?}"),
+    }
+    let MuxEvent {
+        client: info,
+        request,
+    } = h.next().await;
     let MuxRequest::NewSession {
         session,
         fds,
@@ -285,7 +312,11 @@ async fn session_gets_command_env_and_usable_fds() {
         panic!("expected NEW_SESSION, got {request:?}");
     };
     assert_eq!(session.command, b"echo hi");
-    assert!(session.env.contains(&("FOO".into(), "bar".into())), "{:?}", session.env);
+    assert!(
+        session.env.contains(&("FOO".into(), "bar".into())),
+        "{:?}",
+        session.env
+    );
     assert!(!session.want_tty && tty.is_none());
     assert!(info.pid.is_some());
 
@@ -310,6 +341,32 @@ async fn session_gets_command_env_and_usable_fds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_forward_gets_target_and_two_fds() {
+    let mut h = Harness::start();
+    let client = tokio::spawn(run(
+        h.ssh_session(&["-W", "127.0.0.1:2222", "testhost"]),
+        b"client hello",
+    ));
+    let MuxRequest::StdioForward { target, fds, reply } = h.next().await.request else {
+        panic!("expected NEW_STDIO_FWD");
+    };
+    assert_eq!(target, MuxAddr::Tcp("127.0.0.1".into(), 2222));
+    let ctl = reply.opened();
+    let mut input = FdReader::new(fds.input).unwrap();
+    let mut output = FdWriter::new(fds.output).unwrap();
+    let mut got = Vec::new();
+    input.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"client hello");
+    output.write_all(b"SSH-2.0-fake\r\n").await.unwrap();
+    output.flush().await.unwrap();
+    drop((input, output));
+    ctl.close();
+    let out = client.await.unwrap();
+    assert_exit(&out, 0, "ssh -W");
+    assert_eq!(stdout_text(&out), "SSH-2.0-fake\r\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_without_exit_status_ends_255_and_client_gone_is_seen() {
     let mut h = Harness::start();
     let client = tokio::spawn(run(h.ssh_session(&["testhost", "true"]), b""));
@@ -320,19 +377,20 @@ async fn session_without_exit_status_ends_255_and_client_gone_is_seen() {
     assert_exit(&client.await.unwrap(), 255, "session closed without status");
 
     // A client killed mid-session: the layer's handle sees it.
-    let mut child = h
-        .ssh_session(&["testhost", "sleep"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        h.ssh_session(&["testhost", "sleep"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let MuxRequest::NewSession { reply, fds, .. } = h.next().await.request else {
         panic!("expected NEW_SESSION");
     };
     let ctl = reply.opened();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     tokio::time::timeout(EVENT_TIMEOUT, ctl.closed())
         .await
         .expect("closed() did not fire after the client died");
@@ -359,7 +417,7 @@ async fn tty_session_gets_modes_and_size() {
         .stdin(Stdio::from(slave.try_clone().unwrap()))
         .stdout(Stdio::from(slave.try_clone().unwrap()))
         .stderr(Stdio::from(slave));
-    let mut child = cmd.spawn().unwrap();
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
     let screen = Capture::spawn(master.try_clone().unwrap());
 
     let MuxRequest::NewSession {
@@ -396,17 +454,11 @@ async fn tty_session_gets_modes_and_size() {
     assert!(shown, "{}", screen.text());
     drop((stdout, fds.stdin, fds.stderr));
     ctl.exit(0);
-    let status = tokio::task::spawn_blocking(move || {
-        let s = support::wait_child(&mut child, CLIENT_TIMEOUT);
-        if s.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        s
-    })
-    .await
-    .unwrap()
-    .expect("tty client did not exit");
+    let status =
+        tokio::task::spawn_blocking(move || support::wait_child(&mut child.0, CLIENT_TIMEOUT))
+            .await
+            .unwrap()
+            .expect("tty client did not exit");
     assert_eq!(exit_code(&status), 0, "{}", screen.text());
     drop(master);
 }
@@ -454,7 +506,10 @@ async fn other_uid_is_refused() {
     let err = stderr_text(&out);
     assert_ne!(exit_code(&out.status), 0, "{err}");
     assert!(!err.contains("Master running"), "{err}");
-    assert!(!err.contains("Permission denied"), "socket not reachable: {err}");
+    assert!(
+        !err.contains("Permission denied"),
+        "socket not reachable: {err}"
+    );
     assert!(err.contains("hello exchange failed"), "{err}");
     assert!(h.events.try_recv().is_err());
 }
@@ -465,7 +520,10 @@ async fn raw_clients_hostile_and_pipelined() {
 
     // Request before HELLO: closed after our HELLO.
     let mut c = tokio::net::UnixStream::connect(&h.sock).await.unwrap();
-    assert_eq!(read_msg(&mut c).await, Some(ServerMessage::Hello { extensions: vec![] }));
+    assert_eq!(
+        read_msg(&mut c).await,
+        Some(ServerMessage::Hello { extensions: vec![] })
+    );
     c.write_all(&ClientMessage::AliveCheck { rid: 0 }.encode())
         .await
         .unwrap();
@@ -480,9 +538,21 @@ async fn raw_clients_hostile_and_pipelined() {
     // rid; ALIVE works; everything pipelined in one write.
     let mut c = hello_client(&h.sock).await;
     let mut batch = Vec::new();
-    batch.extend(ClientMessage::Unknown { msg_type: 0x1000_0077, rid: 5 }.encode());
+    batch.extend(
+        ClientMessage::Unknown {
+            msg_type: 0x1000_0077,
+            rid: 5,
+        }
+        .encode(),
+    );
     batch.extend(ClientMessage::Proxy { rid: 6 }.encode());
-    batch.extend(ClientMessage::ExtInfo { rid: 7, what: "connection".into() }.encode());
+    batch.extend(
+        ClientMessage::ExtInfo {
+            rid: 7,
+            what: "connection".into(),
+        }
+        .encode(),
+    );
     let mut bad_fwd = ClientMessage::OpenFwd {
         rid: 8,
         forward: sshshim::mux::Forward {
@@ -499,17 +569,44 @@ async fn raw_clients_hostile_and_pipelined() {
     for rid in [5, 6, 7] {
         assert_eq!(
             read_msg(&mut c).await,
-            Some(ServerMessage::Failure { rid, reason: "unsupported request".into() })
+            Some(ServerMessage::Failure {
+                rid,
+                reason: "unsupported request".into()
+            })
         );
     }
     assert_eq!(
         read_msg(&mut c).await,
-        Some(ServerMessage::Failure { rid: 8, reason: "Invalid forwarding request".into() })
+        Some(ServerMessage::Failure {
+            rid: 8,
+            reason: "Invalid forwarding request".into()
+        })
     );
     assert_eq!(
         read_msg(&mut c).await,
-        Some(ServerMessage::Alive { rid: 9, pid: std::process::id() })
+        Some(ServerMessage::Alive {
+            rid: 9,
+            pid: std::process::id()
+        })
     );
+
+    // Many requests pipelined without reading: all answered, in order
+    // (the reader pauses while its replies are unwritten).
+    let (mut rd, mut wr) = c.into_split();
+    let writer = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        for rid in 100..3100 {
+            batch.extend(ClientMessage::AliveCheck { rid }.encode());
+        }
+        wr.write_all(&batch).await.unwrap();
+        wr
+    });
+    for rid in 100..3100 {
+        assert!(
+            matches!(read_msg(&mut rd).await, Some(ServerMessage::Alive { rid: r, .. }) if r == rid)
+        );
+    }
+    let mut c = rd.reunite(writer.await.unwrap()).unwrap();
 
     // A client that hangs up while its request is pending: the layer's
     // ClientInfo sees it.
@@ -525,12 +622,18 @@ async fn raw_clients_hostile_and_pipelined() {
 
     // A NEW_SESSION whose descriptors never come: FAILURE, then closed.
     let mut c = hello_client(&h.sock).await;
-    let s = ClientMessage::NewSession { rid: 0, session: Default::default() };
+    let s = ClientMessage::NewSession {
+        rid: 0,
+        session: Default::default(),
+    };
     c.write_all(&s.encode()).await.unwrap();
     c.write_all(b"x").await.unwrap(); // a byte without a descriptor
     assert_eq!(
         read_msg(&mut c).await,
-        Some(ServerMessage::Failure { rid: 0, reason: "did not receive file descriptors".into() })
+        Some(ServerMessage::Failure {
+            rid: 0,
+            reason: "did not receive file descriptors".into()
+        })
     );
     assert_eq!(read_msg(&mut c).await, None);
 }
@@ -538,14 +641,20 @@ async fn raw_clients_hostile_and_pipelined() {
 /// Connects and exchanges HELLOs.
 async fn hello_client(sock: &Path) -> tokio::net::UnixStream {
     let mut c = tokio::net::UnixStream::connect(sock).await.unwrap();
-    assert!(matches!(read_msg(&mut c).await, Some(ServerMessage::Hello { .. })));
-    let hello = ClientMessage::Hello { version: 4, extensions: vec![] };
+    assert!(matches!(
+        read_msg(&mut c).await,
+        Some(ServerMessage::Hello { .. })
+    ));
+    let hello = ClientMessage::Hello {
+        version: 4,
+        extensions: vec![],
+    };
     c.write_all(&hello.encode()).await.unwrap();
     c
 }
 
 /// Reads one master message; `None` at end of stream. Bounded.
-async fn read_msg(c: &mut tokio::net::UnixStream) -> Option<ServerMessage> {
+async fn read_msg(c: &mut (impl AsyncRead + Unpin)) -> Option<ServerMessage> {
     let read = async {
         let mut len = [0u8; 4];
         if c.read_exact(&mut len).await.is_err() {
@@ -571,7 +680,10 @@ fn open_pty() -> (File, OwnedFd) {
         assert_eq!(libc::unlockpt(m), 0);
         let mut name = [0 as libc::c_char; 128];
         assert_eq!(libc::ptsname_r(m, name.as_mut_ptr(), name.len()), 0);
-        let s = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        let s = libc::open(
+            name.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
         assert!(s >= 0, "cannot open the pty slave");
         (File::from_raw_fd(m), OwnedFd::from_raw_fd(s))
     }

@@ -337,13 +337,7 @@ fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<Received> {
     msg.msg_control = space.as_mut_ptr();
     msg.msg_controllen = CmsgBuf::len() as _;
     // SAFETY: msg points at valid buffers that outlive the call.
-    let n = unsafe {
-        libc::recvmsg(
-            sock,
-            &mut msg,
-            libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC | libc::MSG_DONTWAIT) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -356,8 +350,8 @@ fn recv_with_fds(sock: RawFd, buf: &mut [u8]) -> io::Result<Received> {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg);
                 let header = libc::CMSG_LEN(0) as usize;
-                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header)
-                    / mem::size_of::<RawFd>();
+                let count =
+                    ((*cmsg).cmsg_len as usize).saturating_sub(header) / mem::size_of::<RawFd>();
                 for i in 0..count {
                     let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
                     // The kernel just installed this descriptor for us.
@@ -381,6 +375,13 @@ mod tests {
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream as StdStream;
 
+    /// Fails a test that has not finished within ten seconds.
+    async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(std::time::Duration::from_secs(10), f)
+            .await
+            .expect("test timed out")
+    }
+
     /// A tokio stream and the blocking client end.
     fn pair() -> (UnixStream, StdStream) {
         let (a, b) = StdStream::pair().unwrap();
@@ -396,116 +397,137 @@ mod tests {
 
     #[tokio::test]
     async fn packet_then_descriptors_are_read_exactly() {
-        let (server, mut client) = pair();
-        let (mut r1, mut w1) = StdStream::pair().unwrap();
-        // Packet, then two descriptors, then a second packet: all queued
-        // before the server reads anything.
-        client.write_all(&[0, 0, 0, 3, 7, 8, 9]).unwrap();
-        send_fd(client.as_fd(), w1.as_fd()).unwrap();
-        send_fd(client.as_fd(), client.as_fd()).unwrap();
-        client.write_all(&[0, 0, 0, 1, 42]).unwrap();
+        bounded(async move {
+            let (server, mut client) = pair();
+            let (mut r1, mut w1) = StdStream::pair().unwrap();
+            // Packet, then two descriptors, then a second packet: all queued
+            // before the server reads anything.
+            client.write_all(&[0, 0, 0, 3, 7, 8, 9]).unwrap();
+            send_fd(client.as_fd(), w1.as_fd()).unwrap();
+            send_fd(client.as_fd(), client.as_fd()).unwrap();
+            client.write_all(&[0, 0, 0, 1, 42]).unwrap();
 
-        let mut reader = PacketReader::new();
-        assert_eq!(reader.read_packet(&server).await.unwrap(), Some(vec![7, 8, 9]));
-        let fd = recv_fd(&server).await.unwrap();
-        assert!(cloexec(&fd));
-        // A copy of the client's own end: dropped below so EOF can arrive.
-        let second = recv_fd(&server).await.unwrap();
-        assert_eq!(reader.read_packet(&server).await.unwrap(), Some(vec![42]));
+            let mut reader = PacketReader::new();
+            assert_eq!(
+                reader.read_packet(&server).await.unwrap(),
+                Some(vec![7, 8, 9])
+            );
+            let fd = recv_fd(&server).await.unwrap();
+            assert!(cloexec(&fd));
+            // A copy of the client's own end: dropped below so EOF can arrive.
+            let second = recv_fd(&server).await.unwrap();
+            assert_eq!(reader.read_packet(&server).await.unwrap(), Some(vec![42]));
 
-        // The received descriptor is the socket we sent.
-        let mut passed = StdStream::from(fd);
-        passed.write_all(b"x").unwrap();
-        drop(passed);
-        w1.write_all(b"y").unwrap();
-        drop(w1);
-        let mut got = Vec::new();
-        r1.read_to_end(&mut got).unwrap();
-        assert_eq!(got, b"xy");
+            // The received descriptor is the socket we sent.
+            let mut passed = StdStream::from(fd);
+            passed.write_all(b"x").unwrap();
+            drop(passed);
+            w1.write_all(b"y").unwrap();
+            drop(w1);
+            let mut got = Vec::new();
+            r1.read_to_end(&mut got).unwrap();
+            assert_eq!(got, b"xy");
 
-        drop((client, second));
-        assert_eq!(reader.read_packet(&server).await.unwrap(), None);
+            drop((client, second));
+            assert_eq!(reader.read_packet(&server).await.unwrap(), None);
+        })
+        .await
     }
 
     #[tokio::test]
     async fn byte_by_byte_delivery_is_reassembled() {
-        let (server, mut client) = pair();
-        let writer = std::thread::spawn(move || {
-            for b in [0u8, 0, 0, 2, 1, 2] {
-                client.write_all(&[b]).unwrap();
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            client
-        });
-        let mut reader = PacketReader::new();
-        assert_eq!(reader.read_packet(&server).await.unwrap(), Some(vec![1, 2]));
-        drop(writer.join().unwrap());
-        assert_eq!(reader.read_packet(&server).await.unwrap(), None);
+        bounded(async move {
+            let (server, mut client) = pair();
+            let writer = std::thread::spawn(move || {
+                for b in [0u8, 0, 0, 2, 1, 2] {
+                    client.write_all(&[b]).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                client
+            });
+            let mut reader = PacketReader::new();
+            assert_eq!(reader.read_packet(&server).await.unwrap(), Some(vec![1, 2]));
+            drop(writer.join().unwrap());
+            assert_eq!(reader.read_packet(&server).await.unwrap(), None);
+        })
+        .await
     }
 
     #[tokio::test]
     async fn hostile_streams_are_errors() {
-        // Oversized length.
-        let (server, mut client) = pair();
-        client.write_all(&[0xff, 0xff, 0xff, 0xff]).unwrap();
-        let e = PacketReader::new().read_packet(&server).await.unwrap_err();
-        assert!(matches!(e, ControlError::Decode(DecodeError::TooLarge(_))), "{e}");
-
-        // EOF inside a header and inside a body.
-        for bytes in [&[0u8, 0][..], &[0, 0, 0, 5, 1][..]] {
+        bounded(async move {
+            // Oversized length.
             let (server, mut client) = pair();
-            client.write_all(bytes).unwrap();
-            drop(client);
+            client.write_all(&[0xff, 0xff, 0xff, 0xff]).unwrap();
             let e = PacketReader::new().read_packet(&server).await.unwrap_err();
-            assert!(matches!(e, ControlError::ClosedMidPacket), "{e}");
-        }
+            assert!(
+                matches!(e, ControlError::Decode(DecodeError::TooLarge(_))),
+                "{e}"
+            );
 
-        // A plain byte where a descriptor should be; then EOF.
-        let (server, mut client) = pair();
-        client.write_all(b"z").unwrap();
-        drop(client);
-        assert!(matches!(
-            recv_fd(&server).await.unwrap_err(),
-            ControlError::NoDescriptor
-        ));
-        assert!(matches!(
-            recv_fd(&server).await.unwrap_err(),
-            ControlError::ClosedBeforeDescriptor
-        ));
+            // EOF inside a header and inside a body.
+            for bytes in [&[0u8, 0][..], &[0, 0, 0, 5, 1][..]] {
+                let (server, mut client) = pair();
+                client.write_all(bytes).unwrap();
+                drop(client);
+                let e = PacketReader::new().read_packet(&server).await.unwrap_err();
+                assert!(matches!(e, ControlError::ClosedMidPacket), "{e}");
+            }
 
-        // A descriptor riding on a packet byte is closed, not leaked, and
-        // the packet still reads correctly.
-        let (server, mut client) = pair();
-        client.write_all(&[0, 0, 0]).unwrap();
-        send_fd(client.as_fd(), client.as_fd()).unwrap(); // byte 0 of length
-        client.write_all(&[9]).unwrap();
-        // Length is [0,0,0,0] then body... the 4th header byte was the fd byte.
-        let mut reader = PacketReader::new();
-        assert_eq!(reader.read_packet(&server).await.unwrap(), Some(vec![]));
+            // A plain byte where a descriptor should be; then EOF.
+            let (server, mut client) = pair();
+            client.write_all(b"z").unwrap();
+            drop(client);
+            assert!(matches!(
+                recv_fd(&server).await.unwrap_err(),
+                ControlError::NoDescriptor
+            ));
+            assert!(matches!(
+                recv_fd(&server).await.unwrap_err(),
+                ControlError::ClosedBeforeDescriptor
+            ));
+
+            // A descriptor riding on a packet byte is closed, not leaked, and
+            // the packet still reads correctly.
+            let (server, mut client) = pair();
+            client.write_all(&[0, 0, 0]).unwrap();
+            send_fd(client.as_fd(), client.as_fd()).unwrap(); // byte 0 of length
+            client.write_all(&[9]).unwrap();
+            // Length is [0,0,0,0] then body... the 4th header byte was the fd byte.
+            let mut reader = PacketReader::new();
+            assert_eq!(reader.read_packet(&server).await.unwrap(), Some(vec![]));
+        })
+        .await
     }
 
     #[tokio::test]
     async fn eof_watch_does_not_consume() {
-        let (server, mut client) = pair();
-        client.write_all(&[0, 0, 0, 1, 5]).unwrap();
-        assert!(!wait_readable_or_eof(&server).await.unwrap());
-        let mut reader = PacketReader::new();
-        assert_eq!(reader.read_packet(&server).await.unwrap(), Some(vec![5]));
-        drop(client);
-        assert!(wait_readable_or_eof(&server).await.unwrap());
+        bounded(async move {
+            let (server, mut client) = pair();
+            client.write_all(&[0, 0, 0, 1, 5]).unwrap();
+            assert!(!wait_readable_or_eof(&server).await.unwrap());
+            let mut reader = PacketReader::new();
+            assert_eq!(reader.read_packet(&server).await.unwrap(), Some(vec![5]));
+            drop(client);
+            assert!(wait_readable_or_eof(&server).await.unwrap());
+        })
+        .await
     }
 
     #[tokio::test]
     async fn write_all_reaches_the_peer() {
-        let (server, mut client) = pair();
-        let big = vec![7u8; 1 << 20];
-        let expect = big.clone();
-        let reader = std::thread::spawn(move || {
-            let mut got = vec![0u8; expect.len()];
-            client.read_exact(&mut got).unwrap();
-            assert_eq!(got, expect);
-        });
-        write_all(&server, &big).await.unwrap();
-        reader.join().unwrap();
+        bounded(async move {
+            let (server, mut client) = pair();
+            let big = vec![7u8; 1 << 20];
+            let expect = big.clone();
+            let reader = std::thread::spawn(move || {
+                let mut got = vec![0u8; expect.len()];
+                client.read_exact(&mut got).unwrap();
+                assert_eq!(got, expect);
+            });
+            write_all(&server, &big).await.unwrap();
+            reader.join().unwrap();
+        })
+        .await
     }
 }

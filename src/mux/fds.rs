@@ -27,7 +27,6 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
@@ -511,14 +510,6 @@ impl AsyncWrite for FdWriter {
     }
 }
 
-/// The final path component of what `fd` refers to, for messages
-/// (e.g. `pipe:[1234]`, `/dev/pts/3`).
-pub fn describe(fd: BorrowedFd<'_>) -> String {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map(|p| String::from_utf8_lossy(p.as_os_str().as_bytes()).into_owned())
-        .unwrap_or_else(|_| format!("fd {}", fd.as_raw_fd()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,6 +517,13 @@ mod tests {
     use std::os::fd::FromRawFd;
     use std::os::unix::net::UnixStream as StdStream;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Fails a test that has not finished within ten seconds.
+    async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(std::time::Duration::from_secs(10), f)
+            .await
+            .expect("test timed out")
+    }
 
     /// The file status flags of `fd`.
     fn status_flags(fd: BorrowedFd<'_>) -> i32 {
@@ -552,7 +550,10 @@ mod tests {
             assert_eq!(libc::unlockpt(m), 0);
             let mut name = [0 as libc::c_char; 128];
             assert_eq!(libc::ptsname_r(m, name.as_mut_ptr(), name.len()), 0);
-            let s = libc::open(name.as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+            let s = libc::open(
+                name.as_ptr(),
+                libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+            );
             assert!(s >= 0);
             (File::from_raw_fd(m), OwnedFd::from_raw_fd(s))
         }
@@ -560,143 +561,165 @@ mod tests {
 
     #[tokio::test]
     async fn pipes_flow_and_keep_their_flags() {
-        let (r, w) = pipe();
-        // The client's copies: what the user's shell would keep using.
-        let (r_client, w_client) = (r.try_clone().unwrap(), w.try_clone().unwrap());
-        let (before_r, before_w) = (status_flags(r_client.as_fd()), status_flags(w_client.as_fd()));
-        assert_eq!(before_r & libc::O_NONBLOCK, 0);
+        bounded(async move {
+            let (r, w) = pipe();
+            // The client's copies: what the user's shell would keep using.
+            let (r_client, w_client) = (r.try_clone().unwrap(), w.try_clone().unwrap());
+            let (before_r, before_w) = (
+                status_flags(r_client.as_fd()),
+                status_flags(w_client.as_fd()),
+            );
+            assert_eq!(before_r & libc::O_NONBLOCK, 0);
 
-        let mut reader = FdReader::new(r).unwrap();
-        let mut writer = FdWriter::new(w).unwrap();
-        assert_eq!((reader.kind(), writer.kind()), (FdKind::Pipe, FdKind::Pipe));
-        // Nothing to read yet: a read must wait, not block the runtime.
-        let mut buf = [0u8; 16];
-        let early = tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            reader.read(&mut buf),
-        )
-        .await;
-        assert!(early.is_err(), "read returned without data");
+            let mut reader = FdReader::new(r).unwrap();
+            let mut writer = FdWriter::new(w).unwrap();
+            assert_eq!((reader.kind(), writer.kind()), (FdKind::Pipe, FdKind::Pipe));
+            // Nothing to read yet: a read must wait, not block the runtime.
+            let mut buf = [0u8; 16];
+            let early =
+                tokio::time::timeout(std::time::Duration::from_millis(50), reader.read(&mut buf))
+                    .await;
+            assert!(early.is_err(), "read returned without data");
 
-        let big = vec![5u8; 300_000]; // more than a pipe buffer
-        let expect = big.len();
-        let w_task = tokio::spawn(async move {
-            writer.write_all(&big).await.unwrap();
-            writer.flush().await.unwrap();
-            drop(writer);
-        });
-        drop(w_client);
-        let mut got = Vec::new();
-        reader.read_to_end(&mut got).await.unwrap();
-        w_task.await.unwrap();
-        assert_eq!(got.len(), expect);
-        assert_eq!(status_flags(r_client.as_fd()), before_r);
-        assert_eq!(before_w & libc::O_NONBLOCK, 0);
+            let big = vec![5u8; 300_000]; // more than a pipe buffer
+            let expect = big.len();
+            let w_task = tokio::spawn(async move {
+                writer.write_all(&big).await.unwrap();
+                writer.flush().await.unwrap();
+                drop(writer);
+            });
+            drop(w_client);
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).await.unwrap();
+            w_task.await.unwrap();
+            assert_eq!(got.len(), expect);
+            assert_eq!(status_flags(r_client.as_fd()), before_r);
+            assert_eq!(before_w & libc::O_NONBLOCK, 0);
+        })
+        .await
     }
 
     #[tokio::test]
     async fn sockets_use_per_call_nonblocking() {
-        let (a, mut b) = StdStream::pair().unwrap();
-        let a = OwnedFd::from(a);
-        let before = status_flags(a.as_fd());
-        let mut reader = FdReader::new(a.try_clone().unwrap()).unwrap();
-        let mut writer = FdWriter::new(a.try_clone().unwrap()).unwrap();
-        assert_eq!(reader.kind(), FdKind::Socket);
-        writer.write_all(b"ping").await.unwrap();
-        let mut got = [0u8; 4];
-        b.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"ping");
-        b.write_all(b"pong").unwrap();
-        drop(b);
-        let mut back = Vec::new();
-        reader.read_to_end(&mut back).await.unwrap();
-        assert_eq!(back, b"pong");
-        assert_eq!(status_flags(a.as_fd()), before);
+        bounded(async move {
+            let (a, mut b) = StdStream::pair().unwrap();
+            let a = OwnedFd::from(a);
+            let before = status_flags(a.as_fd());
+            let mut reader = FdReader::new(a.try_clone().unwrap()).unwrap();
+            let mut writer = FdWriter::new(a.try_clone().unwrap()).unwrap();
+            assert_eq!(reader.kind(), FdKind::Socket);
+            writer.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            b.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"ping");
+            b.write_all(b"pong").unwrap();
+            drop(b);
+            let mut back = Vec::new();
+            reader.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"pong");
+            assert_eq!(status_flags(a.as_fd()), before);
+        })
+        .await
     }
 
     #[tokio::test]
     async fn regular_files_and_dev_null() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("out");
-        let f = File::create(&path).unwrap();
-        let mut w = FdWriter::new(OwnedFd::from(f)).unwrap();
-        assert_eq!(w.kind(), FdKind::File);
-        w.write_all(b"hello file").await.unwrap();
-        w.shutdown().await.unwrap();
-        drop(w);
-        assert_eq!(std::fs::read(&path).unwrap(), b"hello file");
+        bounded(async move {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("out");
+            let f = File::create(&path).unwrap();
+            let mut w = FdWriter::new(OwnedFd::from(f)).unwrap();
+            assert_eq!(w.kind(), FdKind::File);
+            w.write_all(b"hello file").await.unwrap();
+            w.shutdown().await.unwrap();
+            drop(w);
+            assert_eq!(std::fs::read(&path).unwrap(), b"hello file");
 
-        let mut r = FdReader::new(OwnedFd::from(File::open(&path).unwrap())).unwrap();
-        let mut s = String::new();
-        r.read_to_string(&mut s).await.unwrap();
-        assert_eq!(s, "hello file");
+            let mut r = FdReader::new(OwnedFd::from(File::open(&path).unwrap())).unwrap();
+            let mut s = String::new();
+            r.read_to_string(&mut s).await.unwrap();
+            assert_eq!(s, "hello file");
 
-        let null = || OwnedFd::from(std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").unwrap());
-        let mut r = FdReader::new(null()).unwrap();
-        assert_eq!(r.kind(), FdKind::File);
-        let mut v = Vec::new();
-        assert_eq!(r.read_to_end(&mut v).await.unwrap(), 0);
-        let mut w = FdWriter::new(null()).unwrap();
-        w.write_all(b"gone").await.unwrap();
-        w.flush().await.unwrap();
+            let null = || {
+                OwnedFd::from(
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open("/dev/null")
+                        .unwrap(),
+                )
+            };
+            let mut r = FdReader::new(null()).unwrap();
+            assert_eq!(r.kind(), FdKind::File);
+            let mut v = Vec::new();
+            assert_eq!(r.read_to_end(&mut v).await.unwrap(), 0);
+            let mut w = FdWriter::new(null()).unwrap();
+            w.write_all(b"gone").await.unwrap();
+            w.flush().await.unwrap();
+        })
+        .await
     }
 
     #[tokio::test]
     async fn tty_modes_size_and_reads() {
-        let (mut master, slave) = pty();
-        assert!(is_tty(slave.as_fd()));
-        assert!(!is_tty(master_pipe_free().as_fd()));
-        let ws = libc::winsize {
-            ws_row: 33,
-            ws_col: 101,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads one winsize.
-        assert_eq!(unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) }, 0);
-        assert_eq!(
-            window_size(slave.as_fd()).unwrap(),
-            WindowSize {
-                cols: 101,
-                rows: 33,
-                xpixel: 0,
-                ypixel: 0
-            }
-        );
-        let modes = terminal_modes(slave.as_fd()).unwrap();
-        let get = |p: russh::Pty| modes.iter().find(|(q, _)| *q == p).map(|(_, v)| *v);
-        assert_eq!(get(russh::Pty::VINTR), Some(3)); // ^C
-        assert_eq!(get(russh::Pty::ECHO), Some(1));
-        assert_eq!(get(russh::Pty::ICANON), Some(1));
-        assert!(get(russh::Pty::TTY_OP_OSPEED).is_some());
-        assert!(modes.iter().all(|(p, _)| *p != russh::Pty::TTY_OP_END));
-        assert!(terminal_modes(master_pipe_free().as_fd()).is_err());
+        bounded(async move {
+            let (mut master, slave) = pty();
+            assert!(is_tty(slave.as_fd()));
+            assert!(!is_tty(master_pipe_free().as_fd()));
+            let ws = libc::winsize {
+                ws_row: 33,
+                ws_col: 101,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: TIOCSWINSZ reads one winsize.
+            assert_eq!(
+                unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, &ws) },
+                0
+            );
+            assert_eq!(
+                window_size(slave.as_fd()).unwrap(),
+                WindowSize {
+                    cols: 101,
+                    rows: 33,
+                    xpixel: 0,
+                    ypixel: 0
+                }
+            );
+            let modes = terminal_modes(slave.as_fd()).unwrap();
+            let get = |p: russh::Pty| modes.iter().find(|(q, _)| *q == p).map(|(_, v)| *v);
+            assert_eq!(get(russh::Pty::VINTR), Some(3)); // ^C
+            assert_eq!(get(russh::Pty::ECHO), Some(1));
+            assert_eq!(get(russh::Pty::ICANON), Some(1));
+            assert!(get(russh::Pty::TTY_OP_OSPEED).is_some());
+            assert!(modes.iter().all(|(p, _)| *p != russh::Pty::TTY_OP_END));
+            assert!(terminal_modes(master_pipe_free().as_fd()).is_err());
 
-        let flags = status_flags(slave.as_fd());
-        let mut reader = FdReader::new(slave.try_clone().unwrap()).unwrap();
-        assert_eq!(reader.kind(), FdKind::Tty);
-        let mut writer = FdWriter::new(slave.try_clone().unwrap()).unwrap();
-        // Canonical mode: nothing is readable until a line ends.
-        master.write_all(b"abc").unwrap();
-        let mut buf = [0u8; 64];
-        let early = tokio::time::timeout(
-            std::time::Duration::from_millis(50),
-            reader.read(&mut buf),
-        )
-        .await;
-        assert!(early.is_err(), "partial line was readable");
-        master.write_all(b"\n").unwrap();
-        let n = reader.read(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"abc\n");
-        writer.write_all(b"out").await.unwrap();
-        writer.flush().await.unwrap();
-        let mut echoed = Vec::new();
-        while !echoed.ends_with(b"out") {
-            let mut b = [0u8; 64];
-            let n = master.read(&mut b).unwrap();
-            echoed.extend_from_slice(&b[..n]);
-        }
-        assert_eq!(status_flags(slave.as_fd()), flags);
+            let flags = status_flags(slave.as_fd());
+            let mut reader = FdReader::new(slave.try_clone().unwrap()).unwrap();
+            assert_eq!(reader.kind(), FdKind::Tty);
+            let mut writer = FdWriter::new(slave.try_clone().unwrap()).unwrap();
+            // Canonical mode: nothing is readable until a line ends.
+            master.write_all(b"abc").unwrap();
+            let mut buf = [0u8; 64];
+            let early =
+                tokio::time::timeout(std::time::Duration::from_millis(50), reader.read(&mut buf))
+                    .await;
+            assert!(early.is_err(), "partial line was readable");
+            master.write_all(b"\n").unwrap();
+            let n = reader.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"abc\n");
+            writer.write_all(b"out").await.unwrap();
+            writer.flush().await.unwrap();
+            let mut echoed = Vec::new();
+            while !echoed.ends_with(b"out") {
+                let mut b = [0u8; 64];
+                let n = master.read(&mut b).unwrap();
+                echoed.extend_from_slice(&b[..n]);
+            }
+            assert_eq!(status_flags(slave.as_fd()), flags);
+        })
+        .await
     }
 
     /// A non-tty descriptor.

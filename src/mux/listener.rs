@@ -145,10 +145,7 @@ fn ensure_private_dir(dir: &Path, uid: u32) -> io::Result<()> {
     let refuse = |why: String| {
         Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!(
-                "refusing control socket directory {}: {why}",
-                dir.display()
-            ),
+            format!("refusing control socket directory {}: {why}", dir.display()),
         ))
     };
     let link = std::fs::symlink_metadata(dir)?;
@@ -273,6 +270,13 @@ fn place(tmp: &Path, path: &Path) -> io::Result<()> {
 mod tests {
     use super::*;
 
+    /// Fails a test that has not finished within ten seconds.
+    async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+        tokio::time::timeout(std::time::Duration::from_secs(10), f)
+            .await
+            .expect("test timed out")
+    }
+
     /// A private temp dir.
     fn dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
@@ -282,65 +286,77 @@ mod tests {
 
     #[tokio::test]
     async fn binds_private_and_cleans_up() {
-        let d = dir();
-        let path = d.path().join("sub/mux.sock");
-        let l = MuxListener::bind(&path).unwrap();
-        let m = std::fs::symlink_metadata(&path).unwrap();
-        assert!(m.file_type().is_socket());
-        assert_eq!(m.permissions().mode() & 0o777, 0o600);
-        let sub = std::fs::metadata(d.path().join("sub")).unwrap();
-        assert_eq!(sub.permissions().mode() & 0o777, 0o700);
-        // Only the socket is left in the directory: the temporary is gone.
-        let names: Vec<_> = std::fs::read_dir(d.path().join("sub"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("mux.sock")]);
+        bounded(async move {
+            let d = dir();
+            let path = d.path().join("sub/mux.sock");
+            let l = MuxListener::bind(&path).unwrap();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            assert!(m.file_type().is_socket());
+            assert_eq!(m.permissions().mode() & 0o777, 0o600);
+            let sub = std::fs::metadata(d.path().join("sub")).unwrap();
+            assert_eq!(sub.permissions().mode() & 0o777, 0o700);
+            // Only the socket is left in the directory: the temporary is gone.
+            let names: Vec<_> = std::fs::read_dir(d.path().join("sub"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, vec![std::ffi::OsString::from("mux.sock")]);
 
-        let c = tokio::net::UnixStream::connect(&path).await.unwrap();
-        let s = l.accept().await.unwrap();
-        drop((c, s));
-        drop(l);
-        assert!(!path.exists());
+            let c = tokio::net::UnixStream::connect(&path).await.unwrap();
+            let s = l.accept().await.unwrap();
+            drop((c, s));
+            drop(l);
+            assert!(!path.exists());
+        })
+        .await
     }
 
     #[tokio::test]
     async fn stale_replaced_live_refused_files_kept() {
-        let d = dir();
-        let path = d.path().join("mux.sock");
-        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        assert!(path.exists(), "a dropped std listener leaves its file");
-        let live = MuxListener::bind(&path).unwrap();
+        bounded(async move {
+            let d = dir();
+            let path = d.path().join("mux.sock");
+            drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+            assert!(path.exists(), "a dropped std listener leaves its file");
+            let live = MuxListener::bind(&path).unwrap();
 
-        let e = MuxListener::bind(&path).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
-        assert!(e.to_string().contains("already serving"), "{e}");
+            let e = MuxListener::bind(&path).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+            assert!(e.to_string().contains("already serving"), "{e}");
 
-        drop(live);
-        std::fs::write(&path, b"precious").unwrap();
-        let e = MuxListener::bind(&path).unwrap_err();
-        assert!(e.to_string().contains("not a socket"), "{e}");
-        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+            drop(live);
+            std::fs::write(&path, b"precious").unwrap();
+            let e = MuxListener::bind(&path).unwrap_err();
+            assert!(e.to_string().contains("not a socket"), "{e}");
+            assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        })
+        .await
     }
 
     #[tokio::test]
     async fn loose_directories_are_refused() {
-        let d = dir();
-        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let e = MuxListener::bind(&d.path().join("s")).unwrap_err();
-        assert!(e.to_string().contains("chmod 700"), "{e}");
+        bounded(async move {
+            let d = dir();
+            std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            let e = MuxListener::bind(&d.path().join("s")).unwrap_err();
+            assert!(e.to_string().contains("chmod 700"), "{e}");
+        })
+        .await
     }
 
     #[tokio::test]
     async fn drop_leaves_a_successor_alone() {
-        let d = dir();
-        let path = d.path().join("s");
-        let first = MuxListener::bind(&path).unwrap();
-        std::fs::remove_file(&path).unwrap();
-        let second = MuxListener::bind(&path).unwrap();
-        drop(first);
-        assert!(path.exists());
-        drop(second);
-        assert!(!path.exists());
+        bounded(async move {
+            let d = dir();
+            let path = d.path().join("s");
+            let first = MuxListener::bind(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            let second = MuxListener::bind(&path).unwrap();
+            drop(first);
+            assert!(path.exists());
+            drop(second);
+            assert!(!path.exists());
+        })
+        .await
     }
 }

@@ -893,7 +893,10 @@ mod tests {
                     escape_char: Some(b'~'),
                     term: "xterm-256color".into(),
                     command: b"echo hi".to_vec(),
-                    env: vec![("LANG".into(), "C.UTF-8".into()), ("A".into(), "b=c".into())],
+                    env: vec![
+                        ("LANG".into(), "C.UTF-8".into()),
+                        ("A".into(), "b=c".into()),
+                    ],
                 },
             },
             ClientMessage::NewStdioFwd {
@@ -997,7 +1000,11 @@ mod tests {
             [0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 0, 4]
         );
         assert_eq!(
-            ServerMessage::Alive { rid: 1, pid: 0x0102 }.encode(),
+            ServerMessage::Alive {
+                rid: 1,
+                pid: 0x0102
+            }
+            .encode(),
             [0, 0, 0, 12, 0x80, 0, 0, 5, 0, 0, 0, 1, 0, 0, 1, 2]
         );
         assert_eq!(
@@ -1040,7 +1047,10 @@ mod tests {
         assert_eq!(session.command, b"ls -l \xff");
         assert_eq!(
             session.env,
-            vec![("FOO".into(), "bar".into()), ("EMPTY".into(), String::new())]
+            vec![
+                ("FOO".into(), "bar".into()),
+                ("EMPTY".into(), String::new())
+            ]
         );
     }
 
@@ -1099,7 +1109,10 @@ mod tests {
             Err(DecodeError::BadPort("listen port", 65536))
         );
         // Remote with connect port 0 is allowed (OpenSSH checks only -L).
-        assert!(matches!(fwd(2, b"", 0, b"h", 0), Ok(ClientMessage::OpenFwd { .. })));
+        assert!(matches!(
+            fwd(2, b"", 0, b"h", 0),
+            Ok(ClientMessage::OpenFwd { .. })
+        ));
         // Unix paths on both sides.
         let Ok(ClientMessage::OpenFwd { forward, .. }) =
             fwd(1, b"/l", PORT_STREAMLOCAL, b"/c", PORT_STREAMLOCAL)
@@ -1150,7 +1163,10 @@ mod tests {
                 }
             }
         }
-        assert_eq!(decode_client(&[]), Err(DecodeError::Truncated("message type")));
+        assert_eq!(
+            decode_client(&[]),
+            Err(DecodeError::Truncated("message type"))
+        );
         assert_eq!(
             decode_client(&[0x10, 0, 0, 4, 0]),
             Err(DecodeError::Truncated("request id"))

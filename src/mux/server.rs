@@ -72,7 +72,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::fdpass::{self, ControlError, PacketReader};
@@ -218,11 +218,17 @@ pub enum MuxRequest {
     },
 }
 
+/// Replies the reader may have queued but not yet written: a client that
+/// sends requests without reading the answers stops being read, instead of
+/// growing the queue.
+const MAX_UNWRITTEN: usize = 64;
+
 /// What the writer task sends.
 #[derive(Debug)]
 enum Outbound {
-    /// A framed packet.
-    Packet(Vec<u8>),
+    /// A framed packet, with the reader's credit for it if the reader
+    /// queued it (released once written).
+    Packet(Vec<u8>, Option<OwnedSemaphorePermit>),
     /// Close the connection after what is queued.
     Close,
 }
@@ -244,7 +250,7 @@ impl Slot {
     /// Queues `msg`, then lets the reader continue.
     fn send(self, msg: ServerMessage) -> (mpsc::UnboundedSender<Outbound>, CancellationToken) {
         // A closed queue means the connection is gone; nothing to tell.
-        let _ = self.out.send(Outbound::Packet(msg.encode()));
+        let _ = self.out.send(Outbound::Packet(msg.encode(), None));
         let _ = self.done.send(());
         (self.out, self.closed)
     }
@@ -441,6 +447,7 @@ impl SessionControl {
                     session_id: self.id,
                 }
                 .encode(),
+                None,
             ));
         }
     }
@@ -455,6 +462,7 @@ impl SessionControl {
                     exit_value: status,
                 }
                 .encode(),
+                None,
             ));
             let _ = out.send(Outbound::Close);
         }
@@ -643,6 +651,7 @@ pub async fn serve_connection(
     }
     let _ = out.send(Outbound::Packet(
         ServerMessage::Hello { extensions }.encode(),
+        None,
     ));
     let mut conn = Conn {
         stream,
@@ -655,6 +664,8 @@ pub async fn serve_connection(
             closed: closed.clone(),
         },
         reader: PacketReader::new(),
+        credit: Arc::new(Semaphore::new(MAX_UNWRITTEN)),
+        permit: None,
         hello: false,
         session: false,
     };
@@ -677,7 +688,8 @@ async fn write_loop(
 ) {
     while let Some(o) = rx.recv().await {
         match o {
-            Outbound::Packet(p) => {
+            // The reader's credit, if any, is released after the write.
+            Outbound::Packet(p, _credit) => {
                 if let Err(e) = fdpass::write_all(&stream, &p).await {
                     tracing::debug!("mux client write failed: {e}");
                     break;
@@ -705,6 +717,10 @@ struct Conn {
     client: ClientInfo,
     /// Packet reassembly.
     reader: PacketReader,
+    /// Bounds the replies queued by the reader and not yet written.
+    credit: Arc<Semaphore>,
+    /// Credit for the reply to the packet being handled.
+    permit: Option<OwnedSemaphorePermit>,
     /// The client's HELLO arrived.
     hello: bool,
     /// A session or stdio forward was requested on this connection.
@@ -715,6 +731,8 @@ impl Conn {
     /// Reads and handles requests until the client hangs up.
     async fn run(&mut self) -> Result<(), ConnEnd> {
         loop {
+            // Wait for the writer to catch up before reading more.
+            self.permit = self.credit.clone().acquire_owned().await.ok();
             let Some(body) = self.reader.read_packet(&self.stream).await? else {
                 return Ok(());
             };
@@ -775,7 +793,8 @@ impl Conn {
             }
             ClientMessage::NewSession { rid, session } => {
                 let mut fds = self.recv_fds(rid, 3).await?.into_iter();
-                let (Some(stdin), Some(stdout), Some(stderr)) = (fds.next(), fds.next(), fds.next())
+                let (Some(stdin), Some(stdout), Some(stderr)) =
+                    (fds.next(), fds.next(), fds.next())
                 else {
                     return Err(ConnEnd::Protocol("descriptors missing".into()));
                 };
@@ -840,13 +859,15 @@ impl Conn {
         }
     }
 
-    /// Queues a reply.
-    fn send(&self, m: ServerMessage) {
-        let _ = self.out.send(Outbound::Packet(m.encode()));
+    /// Queues a reply, with the credit taken for this packet.
+    fn send(&mut self, m: ServerMessage) {
+        let _ = self
+            .out
+            .send(Outbound::Packet(m.encode(), self.permit.take()));
     }
 
     /// Queues FAILURE.
-    fn fail(&self, rid: u32, reason: &str) {
+    fn fail(&mut self, rid: u32, reason: &str) {
         self.send(ServerMessage::Failure {
             rid,
             reason: reason.to_string(),
