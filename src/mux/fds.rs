@@ -11,14 +11,17 @@
 //! | kind | how |
 //! |---|---|
 //! | socket | epoll readiness, `recv`/`send` with `MSG_DONTWAIT` (per call) |
-//! | pipe, FIFO | reopened through `/proc/self/fd/N` as a new description of the same pipe, non-blocking; if that fails, as a regular file |
+//! | pipe, FIFO | reopened through `/proc/self/fd/N` as a new description of the same pipe, non-blocking; without /proc, the blocking pool |
 //! | tty, read | epoll readiness, then `poll(0)` and a read bounded by `FIONREAD`, which cannot block |
 //! | tty, write | tokio's blocking pool (a stopped terminal, Ctrl-S, blocks only that thread) |
 //! | regular file, `/dev/null`, other | tokio's blocking pool (epoll refuses regular files) |
 //!
-//! Reads never run on the blocking pool for a tty or a pipe: a read left
-//! waiting there after the session ended would swallow the user's next
-//! keystroke or the next producer's data.
+//! Reads never run on the blocking pool for a tty, nor for a pipe unless
+//! /proc is missing: a read left waiting there after the session ended
+//! would swallow the user's next keystroke or the next producer's data.
+//!
+//! A write to a pipe whose reader has gone raises SIGPIPE; Rust programs
+//! ignore that signal by default, so the write fails with EPIPE instead.
 //!
 //! Writers accept data at once on the blocking pool (write-behind, as
 //! `tokio::fs::File` does): call `flush` (or `shutdown`) and wait for it
