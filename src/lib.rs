@@ -34,6 +34,7 @@ pub mod forward;
 pub mod hooks;
 pub mod local_channel;
 pub mod mcp;
+pub mod mux;
 pub mod paths;
 pub mod profile;
 pub mod resolve;
