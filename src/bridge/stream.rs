@@ -52,20 +52,62 @@ impl<R: AsyncRead + Send + Unpin + 'static> LocalIn for StreamIn<R> {
     }
 }
 
-/// Writes a channel's data to a stream; EOF shuts the write side down.
-pub struct StreamOut<W>(pub W);
+/// Writes a channel's data to a stream; EOF shuts the write side down. A
+/// channel that closes without EOF (its connection was lost mid-transfer)
+/// resets a TCP stream, so the local program sees an error rather than a
+/// clean end of a short transfer.
+pub struct StreamOut<W> {
+    /// The write half.
+    w: W,
+    /// Whether the channel sent EOF.
+    eof: bool,
+    /// The socket again, to reset it (TCP only).
+    reset: Option<socket2::Socket>,
+}
+
+impl<W> StreamOut<W> {
+    /// Wraps a write half.
+    pub fn new(w: W) -> Self {
+        StreamOut {
+            w,
+            eof: false,
+            reset: None,
+        }
+    }
+
+    /// Resets `socket` (a duplicate of the stream's TCP socket) if the
+    /// channel ends without EOF.
+    pub fn reset_on_abort(mut self, socket: Option<socket2::Socket>) -> Self {
+        self.reset = socket;
+        self
+    }
+}
 
 impl<W: AsyncWrite + Send + Unpin + 'static> LocalOut for StreamOut<W> {
     async fn send(&mut self, ev: Output) -> std::io::Result<()> {
         match ev {
-            Output::Data(d) => self.0.write_all(&d).await,
+            Output::Data(d) => self.w.write_all(&d).await,
             Output::Eof => {
-                let _ = self.0.shutdown().await;
+                self.eof = true;
+                let _ = self.w.shutdown().await;
                 Ok(())
             }
             // Only sessions carry stderr and exit codes; a forward has none.
             Output::Ext(..) | Output::ExitStatus(_) | Output::ExitSignal { .. } => Ok(()),
-            Output::Close => Ok(()),
+            Output::Close => {
+                if !self.eof
+                    && let Some(s) = &self.reset
+                {
+                    // Linger 0: the close of the last descriptor sends RST.
+                    let _ = s.set_linger(Some(std::time::Duration::ZERO));
+                }
+                Ok(())
+            }
         }
     }
+}
+
+/// A duplicate of a TCP stream's socket, for [`StreamOut::reset_on_abort`].
+pub fn dup_tcp(s: &tokio::net::TcpStream) -> Option<socket2::Socket> {
+    socket2::SockRef::from(s).try_clone().ok()
 }

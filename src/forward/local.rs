@@ -1,29 +1,61 @@
-//! sshshim's own `-L` forwards: listen locally, and send each connection
-//! through the upstream as a `direct-tcpip` or `direct-streamlocal` channel.
+//! sshshim's own local forwards: listen locally, and send each connection
+//! through the upstream as a `direct-tcpip` or `direct-streamlocal`
+//! channel, to a fixed target (`-L`) or to where a SOCKS client asks
+//! (`-D`, opened through the multiplexing socket).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::Registry;
 use super::route::Stream;
-use crate::bridge::{self, stream::StreamIn, stream::StreamOut};
+use crate::bridge::{self, stream, stream::StreamIn, stream::StreamOut};
 use crate::spec::{Addr, ForwardSpec};
 use crate::upstream::Open;
 
-/// Runs the sshshim-owned `-L` forwards until `shutdown`: each listens
-/// locally and sends its connections through the upstream connection.
+/// Where a local forward's connections go.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// A fixed address, from the server (`-L`).
+    Fixed(Addr),
+    /// Wherever the SOCKS 4/5 client asks (`-D`).
+    Socks,
+}
+
+/// A bound local listener.
+pub enum Listener {
+    /// A TCP port.
+    Tcp(tokio::net::TcpListener),
+    /// A Unix socket (removed when the forward ends).
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+/// Runs an sshshim-owned `-L` forward until `shutdown`.
 pub async fn run(
     spec: ForwardSpec,
     registry: Arc<Registry>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    enum Listener {
-        Tcp(tokio::net::TcpListener),
-        Unix(tokio::net::UnixListener, std::path::PathBuf),
-    }
-    let listener = match &spec.listen {
+    let listener = bind(&spec.listen)
+        .await
+        .map_err(|e| format!("{spec}: {e}"))?;
+    serve(
+        listener,
+        spec.to_string(),
+        Target::Fixed(spec.target.clone()),
+        registry,
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+/// Binds a local forward's listening side (loopback when no address is
+/// given, as OpenSSH does with GatewayPorts off).
+pub async fn bind(listen: &Addr) -> Result<Listener, String> {
+    match listen {
         Addr::Tcp(h, p) => {
             let host = if h.is_empty() || h == "localhost" {
                 "127.0.0.1"
@@ -32,41 +64,63 @@ pub async fn run(
             };
             let l = tokio::net::TcpListener::bind((host, *p))
                 .await
-                .map_err(|e| format!("{spec}: cannot listen on {host}:{p}: {e}"))?;
-            Listener::Tcp(l)
+                .map_err(|e| format!("cannot listen on {host}:{p}: {e}"))?;
+            Ok(Listener::Tcp(l))
         }
         Addr::Unix(p) => {
             let path = crate::paths::expand_tilde(p.as_ref());
-            let l = bind_unix_private(&path)
-                .map_err(|e| format!("{spec}: cannot listen on {p}: {e}"))?;
-            Listener::Unix(l, path)
+            let l = bind_unix_private(&path).map_err(|e| format!("cannot listen on {p}: {e}"))?;
+            Ok(Listener::Unix(l, path))
         }
-    };
-    tracing::info!("local forward {spec} listening");
+    }
+}
+
+/// Accepts on `listener` until `shutdown`, sending every connection through
+/// the upstream to `target`. `what` names the forward in logs.
+pub async fn serve(
+    listener: Listener,
+    what: String,
+    target: Target,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) {
+    tracing::info!("local forward {what} listening");
     loop {
-        let accepted: std::io::Result<(Box<dyn Stream>, String, u32)> = tokio::select! {
+        type Accepted = (Box<dyn Stream>, Option<socket2::Socket>, String, u32);
+        let accepted: std::io::Result<Accepted> = tokio::select! {
             _ = shutdown.cancelled() => break,
             r = async {
                 match &listener {
                     Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
                         let _ = s.set_nodelay(true);
-                        (Box::new(s) as Box<dyn Stream>, a.ip().to_string(), a.port() as u32)
+                        let dup = stream::dup_tcp(&s);
+                        (Box::new(s) as Box<dyn Stream>, dup, a.ip().to_string(), a.port() as u32)
                     }),
-                    Listener::Unix(l, _) => l.accept().await.map(|(s, _)| (Box::new(s) as Box<dyn Stream>, "127.0.0.1".to_owned(), 0)),
+                    Listener::Unix(l, _) => l.accept().await.map(|(s, _)| (Box::new(s) as Box<dyn Stream>, None, "127.0.0.1".to_owned(), 0)),
                 }
             } => r,
         };
-        let (stream, orig, orig_port) = match accepted {
+        let (stream, dup, orig, orig_port) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!("{spec}: accept failed: {e}");
+                tracing::warn!("{what}: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let (reg, spec2) = (registry.clone(), spec.clone());
+        let (reg, what2, target) = (registry.clone(), what.clone(), target.clone());
         registry.tasks.spawn(async move {
-            let what = match &spec2.target {
+            let (mut stream, addr, socks) = match target {
+                Target::Fixed(a) => (stream, a, None),
+                Target::Socks => match socks_handshake(stream).await {
+                    Ok((s, a, v)) => (s, a, Some(v)),
+                    Err(e) => {
+                        tracing::debug!("{what2}: SOCKS request refused: {e}");
+                        return;
+                    }
+                },
+            };
+            let open = match &addr {
                 Addr::Tcp(h, p) => Open::DirectTcpip {
                     host: h.clone(),
                     port: *p as u32,
@@ -75,13 +129,18 @@ pub async fn run(
                 },
                 Addr::Unix(p) => Open::DirectStreamlocal(p.clone()),
             };
-            let kind = what.kind();
-            match reg.pool.open(what).await {
+            let kind = open.kind();
+            match reg.pool.open(open).await {
                 Ok(opened) => {
+                    if let Some(v) = socks
+                        && socks_reply(&mut stream, v, true).await.is_err()
+                    {
+                        return;
+                    }
                     let (rd, wr) = tokio::io::split(stream);
                     let opts = bridge::Options {
                         session: false,
-                        what: spec2.to_string(),
+                        what: what2,
                         meter: reg.pool.stats().open(kind),
                         hold: Some(Box::new(opened.load)),
                         stall_limit: reg.stall_limit,
@@ -89,20 +148,123 @@ pub async fn run(
                     };
                     bridge::spawn(
                         StreamIn::new(rd),
-                        StreamOut(wr),
+                        StreamOut::new(wr).reset_on_abort(dup),
                         opened.channel,
                         opts,
                         &reg.tasks,
                     );
                 }
-                Err(e) => tracing::warn!("{spec2}: {e}"),
+                Err(e) => {
+                    tracing::warn!("{what2}: {addr}: {e}");
+                    if let Some(v) = socks {
+                        let _ = socks_reply(&mut stream, v, false).await;
+                    }
+                }
             }
         });
     }
     if let Listener::Unix(_, path) = listener {
         let _ = std::fs::remove_file(path);
     }
-    Ok(())
+}
+
+/// The SOCKS version of a connection, for the reply.
+const SOCKS5: u8 = 5;
+
+/// Reads a SOCKS 4/4a/5 CONNECT request (no authentication, as OpenSSH's
+/// `-D` accepts) and returns the stream and where it asks to go. The reply
+/// is sent once the upstream has answered ([`socks_reply`]).
+async fn socks_handshake(mut s: Box<dyn Stream>) -> std::io::Result<(Box<dyn Stream>, Addr, u8)> {
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+    let ver = s.read_u8().await?;
+    match ver {
+        4 => {
+            let cmd = s.read_u8().await?;
+            let port = s.read_u16().await?;
+            let mut ip = [0u8; 4];
+            s.read_exact(&mut ip).await?;
+            read_cstr(&mut s).await?; // user id
+            if cmd != 1 {
+                return Err(bad("only CONNECT is supported"));
+            }
+            // SOCKS4a: 0.0.0.x means a host name follows.
+            let host = if ip[..3] == [0, 0, 0] && ip[3] != 0 {
+                read_cstr(&mut s).await?
+            } else {
+                std::net::Ipv4Addr::from(ip).to_string()
+            };
+            Ok((s, Addr::Tcp(host, port), 4))
+        }
+        SOCKS5 => {
+            let n = s.read_u8().await? as usize;
+            let mut methods = vec![0u8; n];
+            s.read_exact(&mut methods).await?;
+            if !methods.contains(&0) {
+                s.write_all(&[SOCKS5, 0xff]).await?;
+                return Err(bad("the client offers no method without authentication"));
+            }
+            s.write_all(&[SOCKS5, 0]).await?;
+            let mut head = [0u8; 4];
+            s.read_exact(&mut head).await?;
+            if head[1] != 1 {
+                s.write_all(&[SOCKS5, 7, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
+                return Err(bad("only CONNECT is supported"));
+            }
+            let host = match head[3] {
+                1 => {
+                    let mut ip = [0u8; 4];
+                    s.read_exact(&mut ip).await?;
+                    std::net::Ipv4Addr::from(ip).to_string()
+                }
+                3 => {
+                    let len = s.read_u8().await? as usize;
+                    let mut name = vec![0u8; len];
+                    s.read_exact(&mut name).await?;
+                    String::from_utf8(name).map_err(|_| bad("host name is not UTF-8"))?
+                }
+                4 => {
+                    let mut ip = [0u8; 16];
+                    s.read_exact(&mut ip).await?;
+                    std::net::Ipv6Addr::from(ip).to_string()
+                }
+                _ => return Err(bad("unknown address type")),
+            };
+            let port = s.read_u16().await?;
+            Ok((s, Addr::Tcp(host, port), SOCKS5))
+        }
+        _ => Err(bad("not a SOCKS 4 or 5 request")),
+    }
+}
+
+/// Reads a NUL-terminated string of at most 255 bytes.
+async fn read_cstr(s: &mut Box<dyn Stream>) -> std::io::Result<String> {
+    let mut out = Vec::new();
+    loop {
+        let b = s.read_u8().await?;
+        if b == 0 {
+            break;
+        }
+        if out.len() >= 255 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "SOCKS string too long",
+            ));
+        }
+        out.push(b);
+    }
+    String::from_utf8(out)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"))
+}
+
+/// Tells a SOCKS client (`version` 4 or 5) whether its connection is open.
+async fn socks_reply(s: &mut Box<dyn Stream>, version: u8, ok: bool) -> std::io::Result<()> {
+    let reply: &[u8] = match (version, ok) {
+        (4, true) => &[0, 0x5a, 0, 0, 0, 0, 0, 0],
+        (4, false) => &[0, 0x5b, 0, 0, 0, 0, 0, 0],
+        (_, true) => &[SOCKS5, 0, 0, 1, 0, 0, 0, 0, 0, 0],
+        (_, false) => &[SOCKS5, 5, 0, 1, 0, 0, 0, 0, 0, 0],
+    };
+    s.write_all(reply).await
 }
 
 /// Binds a Unix socket that only our user can connect to: created with

@@ -206,7 +206,7 @@ impl Registry {
                 self.to_client(local, h, routed).await
             }
             Some(AgentTarget::Socket(path)) => match tokio::net::UnixStream::connect(&path).await {
-                Ok(s) => self.accept_stream(s, routed).await,
+                Ok(s) => self.accept_stream(s, None, routed).await,
                 Err(e) => {
                     tracing::warn!("agent forwarding: cannot reach {}: {e}", path.display());
                     routed.reply.reject(ChannelOpenFailure::ConnectFailed).await
@@ -248,16 +248,17 @@ impl Registry {
                 .await
                 .map(|s| {
                     let _ = s.set_nodelay(true);
-                    Box::new(s) as Box<dyn Stream>
+                    let dup = stream::dup_tcp(&s);
+                    (Box::new(s) as Box<dyn Stream>, dup)
                 }),
             Addr::Unix(p) => {
                 tokio::net::UnixStream::connect(crate::paths::expand_tilde(p.as_ref()))
                     .await
-                    .map(|s| Box::new(s) as Box<dyn Stream>)
+                    .map(|s| (Box::new(s) as Box<dyn Stream>, None))
             }
         };
         match connected {
-            Ok(s) => self.accept_stream(s, routed).await,
+            Ok((s, dup)) => self.accept_stream(s, dup, routed).await,
             Err(e) => {
                 tracing::warn!("remote forward: cannot connect to {target}: {e}");
                 routed.reply.reject(ChannelOpenFailure::ConnectFailed).await;
@@ -266,12 +267,17 @@ impl Registry {
     }
 
     /// Accepts a routed channel and bridges it to a local stream.
-    async fn accept_stream(&self, s: impl Stream + 'static, routed: Routed) {
+    async fn accept_stream(
+        &self,
+        s: impl Stream + 'static,
+        dup: Option<socket2::Socket>,
+        routed: Routed,
+    ) {
         routed.reply.accept().await;
         let (rd, wr) = tokio::io::split(s);
         bridge::spawn(
             stream::StreamIn::new(rd),
-            stream::StreamOut(wr),
+            stream::StreamOut::new(wr).reset_on_abort(dup),
             routed.channel,
             self.options(routed.kind, routed.congestion),
             &self.tasks,

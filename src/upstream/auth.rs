@@ -88,6 +88,13 @@ impl Authenticator {
                 } => offered = Some(remaining_methods),
             }
             if !interactive {
+                // A connection that died during authentication (a reset,
+                // or a failure naming no methods) rejected nothing: retry.
+                if handle.is_closed() || offered.as_ref().is_none_or(|m| m.is_empty()) {
+                    return Err(UpstreamError::Other(
+                        "the connection was lost during authentication".into(),
+                    ));
+                }
                 return Err(UpstreamError::AuthRejected {
                     user: self.user.clone(),
                     offered: methods_text(offered.as_ref()),

@@ -338,7 +338,12 @@ impl Pool {
             let mut last_error = why;
             let mut attempt = 1u32;
             loop {
-                let delay = backoff.next().unwrap_or(self.cfg.max_backoff);
+                // Jitter may add up to the whole delay again: --max-backoff
+                // is the longest wait, whatever the jitter.
+                let delay = backoff
+                    .next()
+                    .unwrap_or(self.cfg.max_backoff)
+                    .min(self.cfg.max_backoff);
                 self.state.send_replace(State::Reconnecting {
                     attempt,
                     last_error: last_error.clone(),
