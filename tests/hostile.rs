@@ -31,14 +31,17 @@ fn probe_once(env: &TestEnv, port: u16) -> Result<Duration, String> {
     let t = Instant::now();
     let mut c = env.ssh_cmd(port, &["-o", "ConnectTimeout=10"], &["true"]);
     match try_run_with_timeout(&mut c, b"", Duration::from_secs(30)) {
-        Some(out) if out.status.success() => Ok(t.elapsed()),
-        Some(out) => Err(format!(
+        Ok(out) if out.status.success() => Ok(t.elapsed()),
+        Ok(out) => Err(format!(
             "exit {} after {:?}: {}",
             exit_code(&out.status),
             t.elapsed(),
             stderr_text(&out).trim()
         )),
-        None => Err("no answer within 30 s".into()),
+        Err(out) => Err(format!(
+            "no answer within 30 s: {}",
+            stderr_text(&out).trim()
+        )),
     }
 }
 

@@ -32,6 +32,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -108,8 +109,9 @@ enum Outcome {
     },
     /// Non-zero exit with nothing on stderr (a failure without a reason).
     Quiet(i32),
-    /// Nothing arrived for [`IDLE_LIMIT`] (or the command did not end).
-    Hung(usize),
+    /// Nothing arrived for [`IDLE_LIMIT`] (or the command did not end):
+    /// bytes received, and the end of the client's stderr if any.
+    Hung(usize, String),
     /// A remote-side transfer ended early: sshd, not the shim, owns that
     /// socket and closes it with a FIN when its connection dies (as it
     /// would without sshshim), so nothing better is possible there.
@@ -124,7 +126,7 @@ impl Outcome {
             Outcome::Loud(_) => "loud",
             Outcome::Short { .. } => "SHORT",
             Outcome::Quiet(_) => "QUIET",
-            Outcome::Hung(_) => "HUNG",
+            Outcome::Hung(..) => "HUNG",
             Outcome::Cut(_) => "cut",
         }
     }
@@ -142,7 +144,8 @@ impl fmt::Display for Outcome {
             Outcome::Loud(why) => write!(f, "loud: {}", truncate(why.trim(), 200)),
             Outcome::Short { got, want } => write!(f, "SHORT: {got} of {want} bytes"),
             Outcome::Quiet(code) => write!(f, "QUIET: exit {code} with no reason"),
-            Outcome::Hung(got) => write!(f, "HUNG after {got} bytes"),
+            Outcome::Hung(got, tail) if tail.is_empty() => write!(f, "HUNG after {got} bytes"),
+            Outcome::Hung(got, tail) => write!(f, "HUNG after {got} bytes; client said:\n{tail}"),
             Outcome::Cut(got) => write!(f, "cut by sshd after {got} bytes"),
         }
     }
@@ -183,7 +186,7 @@ fn fetch_judged(port: u16, want: &[u8]) -> Outcome {
             Ok(0) => return judge(&got, want),
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Outcome::Hung(got.len());
+                return Outcome::Hung(got.len(), String::new());
             }
             Err(e) => return Outcome::Loud(format!("after {} bytes: {e}", got.len())),
         }
@@ -191,15 +194,30 @@ fn fetch_judged(port: u16, want: &[u8]) -> Outcome {
 }
 
 /// Runs an ssh command through the shim and judges its stdout. The client
-/// logs at INFO, its default, so the reasons a user would see are seen.
-fn exec_judged(env: &TestEnv, port: u16, cmd: &str, want: &[u8]) -> Outcome {
-    let opts = ["-o", "LogLevel=INFO", "-o", "ConnectTimeout=10"];
-    let mut c = env.ssh_cmd(port, &opts, &[cmd]);
-    let Some(out) = try_run_with_timeout(&mut c, b"", Duration::from_secs(40)) else {
-        return Outcome::Hung(0);
+/// logs at INFO, its default, so the reasons a user would see are seen;
+/// `verbose` adds its debug log (ignored when judging) for diagnosing hangs.
+fn exec_judged(env: &TestEnv, port: u16, cmd: &str, want: &[u8], verbose: bool) -> Outcome {
+    let opts: &[&str] = if verbose {
+        &["-v", "-o", "ConnectTimeout=10"]
+    } else {
+        &["-o", "LogLevel=INFO", "-o", "ConnectTimeout=10"]
+    };
+    let mut c = env.ssh_cmd(port, opts, &[cmd]);
+    let out = match try_run_with_timeout(&mut c, b"", Duration::from_secs(40)) {
+        Ok(out) => out,
+        Err(partial) => {
+            let err = stderr_text(&partial);
+            let lines: Vec<&str> = err.lines().collect();
+            let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+            return Outcome::Hung(partial.stdout.len(), tail);
+        }
     };
     let code = exit_code(&out.status);
-    let err = stderr_text(&out);
+    let err: String = stderr_text(&out)
+        .lines()
+        .filter(|l| !l.starts_with("debug"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     match (code, judge(&out.stdout, want)) {
         (0, judged) => judged,
         (_, _) if err.trim().is_empty() => Outcome::Quiet(code),
@@ -237,7 +255,8 @@ fn status_json(env: &TestEnv) -> Option<serde_json::Value> {
         &mut env.sshshim(&["status", "--json"]),
         b"",
         Duration::from_secs(10),
-    )?;
+    )
+    .ok()?;
     if !out.status.success() {
         return None;
     }
@@ -397,13 +416,13 @@ impl World {
         vec![
             (
                 "in-flight exec",
-                thread::spawn(move || exec_judged(&env, port, &cmd, &s1)),
+                thread::spawn(move || exec_judged(&env, port, &cmd, &s1, false)),
             ),
             ("in-flight -L", thread::spawn(move || fetch_judged(l, &s2))),
             (
                 "in-flight -R",
                 thread::spawn(move || match fetch_judged(r, &s3) {
-                    Outcome::Short { got, .. } | Outcome::Hung(got) => Outcome::Cut(got),
+                    Outcome::Short { got, .. } | Outcome::Hung(got, _) => Outcome::Cut(got),
                     o => o,
                 }),
             ),
@@ -414,7 +433,7 @@ impl World {
     fn start_outage_session(&self) -> JoinHandle<Outcome> {
         let (env, port, want) = (self.env.clone(), self.shim.port(), self.fast.clone());
         let cmd = format!("cat {}", self.env.path("blob").display());
-        thread::spawn(move || exec_judged(&env, port, &cmd, &want))
+        thread::spawn(move || exec_judged(&env, port, &cmd, &want, false))
     }
 
     /// Injects `fault`, starts the outage session, and waits for recovery.
@@ -466,11 +485,68 @@ impl World {
         (session, t.elapsed())
     }
 
+    /// What the shim looks like now, for a failure message: its status, a
+    /// fresh `ssh true`, its threads' states and the proxy's connections.
+    fn diagnose(&self) -> String {
+        let status = status_json(&self.env).map_or("no answer".into(), |v| v.to_string());
+        let mut probe = self
+            .env
+            .ssh_cmd(self.shim.port(), &["-o", "ConnectTimeout=5"], &["true"]);
+        let probe = match try_run_with_timeout(&mut probe, b"", Duration::from_secs(20)) {
+            Ok(o) => format!("exit {}: {}", exit_code(&o.status), stderr_text(&o).trim()),
+            Err(_) => "no answer within 20 s".into(),
+        };
+        let pid = self.shim.pid();
+        let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|t| {
+                let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+                let stat = read("stat");
+                let state = stat
+                    .rsplit_once(") ")
+                    .map_or("?", |(_, r)| &r[..1])
+                    .to_string();
+                format!(
+                    "{} {} {state} {}",
+                    t.file_name().to_string_lossy(),
+                    read("comm").trim(),
+                    read("wchan")
+                )
+            })
+            .collect();
+        // Where the shim's threads are, when gdb is there to tell.
+        let stacks = if Path::new("/usr/bin/gdb").exists() {
+            let mut gdb = std::process::Command::new("/usr/bin/gdb");
+            gdb.args([
+                "-p",
+                &pid.to_string(),
+                "-batch",
+                "-ex",
+                "thread apply all bt 40",
+            ]);
+            match try_run_with_timeout(&mut gdb, b"", Duration::from_secs(60)) {
+                Ok(o) | Err(o) => stdout_text(&o)
+                    .lines()
+                    .filter(|l| l.starts_with('#') || l.starts_with("Thread"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            }
+        } else {
+            "(install gdb for the shim's stacks)".into()
+        };
+        format!(
+            "diagnosis: status {status}\n  ssh true now: {probe}\n  shim threads: {threads:?}\n  proxy connections: {}\n  stacks:\n{stacks}",
+            self.proxy.connection_count()
+        )
+    }
+
     /// Traffic after recovery; every piece must be byte-exact.
     fn after_recovery(&self) -> Vec<(&'static str, Outcome)> {
         let (env, port, fast) = (self.env.clone(), self.shim.port(), self.fast.clone());
         let cmd = format!("cat {}", self.env.path("blob").display());
-        let exec = thread::spawn(move || exec_judged(&env, port, &cmd, &fast));
+        let exec = thread::spawn(move || exec_judged(&env, port, &cmd, &fast, true));
         let (l, r, rc) = (self.l_fast, self.r_fast, self.r_client);
         let f = self.fast.clone();
         let tcp = thread::spawn(move || {
@@ -496,6 +572,8 @@ struct Row {
     recovery: Duration,
     /// The shim's resources after the cycle.
     stats: ProcStats,
+    /// Channels the shim reports open after the cycle (all kinds).
+    channels: u64,
     /// Outcomes of the cut traffic and the outage session.
     outcomes: Vec<(&'static str, Outcome)>,
 }
@@ -515,19 +593,20 @@ fn env_number(name: &str, default: Option<u64>) -> Option<u64> {
 /// Prints the series as a table.
 fn print_table(rows: &[Row]) {
     eprintln!(
-        "\n{:>5} {:<9} {:>9} {:>5} {:>7} {:>9}  in-flight exec/-L/-R, outage session",
-        "cycle", "fault", "recovery", "fds", "threads", "rss KiB"
+        "\n{:>5} {:<9} {:>9} {:>5} {:>7} {:>9} {:>8}  in-flight exec/-L/-R, outage session",
+        "cycle", "fault", "recovery", "fds", "threads", "rss KiB", "channels"
     );
     for r in rows {
         let outs: Vec<&str> = r.outcomes.iter().map(|(_, o)| o.label()).collect();
         eprintln!(
-            "{:>5} {:<9} {:>7}ms {:>5} {:>7} {:>9}  {}",
+            "{:>5} {:<9} {:>7}ms {:>5} {:>7} {:>9} {:>8}  {}",
             r.cycle,
             format!("{:?}", r.fault),
             r.recovery.as_millis(),
             r.stats.fds,
             r.stats.threads,
             r.stats.rss_kib,
+            r.channels,
             outs.join(" ")
         );
     }
@@ -567,12 +646,13 @@ fn soak_faults_with_live_traffic() {
 
         for (what, o) in w.after_recovery() {
             *tally.entry((what, o.label())).or_default() += 1;
-            assert_eq!(
-                o,
-                Outcome::Exact,
-                "cycle {} ({fault:?}): {what} after recovery: {o}",
-                i + 1
-            );
+            if o != Outcome::Exact {
+                panic!(
+                    "cycle {} ({fault:?}): {what} after recovery: {o}\n{}",
+                    i + 1,
+                    w.diagnose()
+                );
+            }
         }
         let mut outcomes: Vec<(&'static str, Outcome)> = in_flight
             .into_iter()
@@ -590,18 +670,25 @@ fn soak_faults_with_live_traffic() {
             "the local ssh -R client exited in cycle {}",
             i + 1
         );
+        let channels = status_json(&w.env).map_or(0, |st| {
+            st["channels"]
+                .as_object()
+                .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum())
+        });
         let row = Row {
             cycle: i + 1,
             fault,
             recovery,
             stats: ProcStats::of(pid),
+            channels,
             outcomes,
         };
         eprintln!(
-            "cycle {} {fault:?}: recovered in {:?}; {:?}; {}",
+            "cycle {} {fault:?}: recovered in {:?}; {:?}, {} channels open; {}",
             row.cycle,
             row.recovery,
             row.stats,
+            row.channels,
             row.outcomes
                 .iter()
                 .map(|(w, o)| format!("{w}: {o}"))

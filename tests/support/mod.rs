@@ -1530,9 +1530,14 @@ impl ProcStats {
 }
 
 /// Like [`run_with_timeout`], but a command still running after `timeout`
-/// is killed and reported as `None` instead of panicking (for tests that
-/// count outcomes rather than stop at the first one).
-pub fn try_run_with_timeout(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Option<Output> {
+/// is killed and returned as `Err` with what it printed until then, instead
+/// of panicking (for tests that count outcomes rather than stop at the
+/// first one).
+pub fn try_run_with_timeout(
+    cmd: &mut Command,
+    stdin: &[u8],
+    timeout: Duration,
+) -> Result<Output, Output> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -1547,18 +1552,21 @@ pub fn try_run_with_timeout(cmd: &mut Command, stdin: &[u8], timeout: Duration) 
     });
     let out = Capture::spawn(child.stdout.take().expect("stdout pipe"));
     let err = Capture::spawn(child.stderr.take().expect("stderr pipe"));
-    let Some(status) = wait_child(&mut child, timeout) else {
-        let _ = child.kill();
-        let _ = child.wait();
-        return None;
+    let (status, finished) = match wait_child(&mut child, timeout) {
+        Some(status) => (status, true),
+        None => {
+            let _ = child.kill();
+            (child.wait().expect("reap a killed child"), false)
+        }
     };
     out.wait_eof(Duration::from_secs(5));
     err.wait_eof(Duration::from_secs(5));
-    Some(Output {
+    let output = Output {
         status,
         stdout: out.bytes(),
         stderr: err.bytes(),
-    })
+    };
+    if finished { Ok(output) } else { Err(output) }
 }
 
 impl TestEnv {
