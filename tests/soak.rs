@@ -18,9 +18,10 @@
 //! or hung result fails the test. The one exception is the in-flight `-R`
 //! transfer, whose reader is connected to sshd: sshd closes that socket
 //! with a FIN when its connection dies, so it is only counted ("cut").
-//! After the run the shim's descriptors, threads and memory must be back
-//! near their level after the first cycles (the whole series is printed as
-//! a table), and no reconnect may have waited longer than `--max-backoff`.
+//! After the run the shim's descriptors, threads, memory and open channels
+//! must be back near their level after the first cycles (the whole series is
+//! printed as a table), and no reconnect may have waited longer than
+//! `--max-backoff`.
 //!
 //! `SSHSHIM_SOAK_CYCLES` sets the number of cycles (default 15, for CI);
 //! `SSHSHIM_SOAK_SECS` optionally stops starting new cycles after that many
@@ -747,6 +748,18 @@ fn soak_faults_with_live_traffic() {
         failures.push(format!(
             "threads grew from {} to {}",
             base.threads, end.threads
+        ));
+    }
+    // Channels still open: traffic is over, so only a leak keeps them.
+    let base_channels = rows[1..4.min(rows.len())]
+        .iter()
+        .map(|r| r.channels)
+        .max()
+        .unwrap_or(0);
+    let end_channels = rows.last().map_or(0, |r| r.channels);
+    if end_channels > base_channels + 2 {
+        failures.push(format!(
+            "open channels (sshshim status) grew from {base_channels} to {end_channels}"
         ));
     }
     if end.rss_kib > base.rss_kib + 32 * 1024 {
