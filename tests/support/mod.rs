@@ -1592,3 +1592,115 @@ pub fn shim_status(env: &TestEnv) -> Option<serde_json::Value> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     v.get(0).cloned()
 }
+// ---------------------------------------------------------------------------
+// Process statistics, bounded runs and the control socket (hardening tests)
+// ---------------------------------------------------------------------------
+
+/// Resources a process holds, read from /proc.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcStats {
+    /// Open file descriptors (entries of /proc/PID/fd).
+    pub fds: usize,
+    /// Threads (`Threads:` of /proc/PID/status).
+    pub threads: usize,
+    /// Resident memory in KiB (`VmRSS:` of /proc/PID/status).
+    pub rss_kib: u64,
+}
+
+impl ProcStats {
+    /// Reads the statistics of `pid`; panics if the process is gone.
+    pub fn of(pid: u32) -> ProcStats {
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/status (process gone?): {e}"));
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        };
+        let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/fd: {e}"))
+            .count();
+        ProcStats {
+            fds,
+            threads: field("Threads:") as usize,
+            rss_kib: field("VmRSS:"),
+        }
+    }
+}
+
+/// Like [`run_with_timeout`], but a command still running after `timeout`
+/// is killed and returned as `Err` with what it printed until then, instead
+/// of panicking (for tests that count outcomes rather than stop at the
+/// first one).
+pub fn try_run_with_timeout(
+    cmd: &mut Command,
+    stdin: &[u8],
+    timeout: Duration,
+) -> Result<Output, Output> {
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("failed to spawn {desc}: {e}"));
+    let mut pipe = child.stdin.take().expect("stdin pipe");
+    let input = stdin.to_vec();
+    thread::spawn(move || {
+        let _ = pipe.write_all(&input);
+    });
+    let out = Capture::spawn(child.stdout.take().expect("stdout pipe"));
+    let err = Capture::spawn(child.stderr.take().expect("stderr pipe"));
+    let (status, finished) = match wait_child(&mut child, timeout) {
+        Some(status) => (status, true),
+        None => {
+            let _ = child.kill();
+            (child.wait().expect("reap a killed child"), false)
+        }
+    };
+    out.wait_eof(Duration::from_secs(5));
+    err.wait_eof(Duration::from_secs(5));
+    let output = Output {
+        status,
+        stdout: out.bytes(),
+        stderr: err.bytes(),
+    };
+    if finished { Ok(output) } else { Err(output) }
+}
+
+impl TestEnv {
+    /// `sshshim ARGS` (no defaults) with this test's state, runtime and
+    /// config directories, e.g. for `status` and `down`.
+    pub fn sshshim(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sshshim"));
+        c.args(args)
+            .env("XDG_STATE_HOME", self.state_dir())
+            .env("XDG_RUNTIME_DIR", self.runtime_dir())
+            .env("XDG_CONFIG_HOME", self.path("config"))
+            .env_remove("SSH_AUTH_SOCK")
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// The control socket of the only shim running in this environment
+    /// (`$XDG_RUNTIME_DIR/sshshim/NAME.sock`); panics unless exactly one.
+    pub fn control_socket(&self) -> PathBuf {
+        let dir = self.runtime_dir().join("sshshim");
+        let socks: Vec<PathBuf> = fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sock"))
+            .collect();
+        assert_eq!(
+            socks.len(),
+            1,
+            "control sockets in {}: {socks:?}",
+            dir.display()
+        );
+        socks.into_iter().next().unwrap_or_default()
+    }
+}
