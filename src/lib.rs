@@ -31,6 +31,8 @@ pub mod config;
 pub mod control;
 pub mod endpoint;
 pub mod forward;
+#[cfg(test)]
+mod fuzzing;
 pub mod hooks;
 pub mod local_channel;
 pub mod mcp;

@@ -437,11 +437,16 @@ fn keyed(key: &str, msg: &str) -> String {
 /// "unknown key 'K'", with a suggestion when a known key is close.
 fn unknown_key(key: &str) -> String {
     let dashed = key.replace('-', "_");
+    let close = |k: &str| 2.max(k.len() / 4);
+    // The distance is at least the difference in length: skip keys too far
+    // off by that alone, so a huge key costs no quadratic work.
+    let len = dashed.chars().count();
     let best = KEYS
         .iter()
+        .filter(|k| len.abs_diff(k.len()) <= close(k))
         .map(|k| (edit_distance(&dashed, k), *k))
         .min()
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4));
+        .filter(|(d, k)| *d <= close(k));
     match best {
         Some((_, k)) => format!("unknown key '{key}' (did you mean '{k}'?)"),
         None => format!("unknown key '{key}' (known keys: {})", KEYS.join(", ")),
@@ -695,6 +700,18 @@ max_backoff = 60
         expect_err("title = 1\n", 1, &["unknown top-level key 'title'"]);
     }
 
+    /// Found by fuzzing: a 100,000-character key took seconds, all spent
+    /// on "did you mean" against every known key.
+    #[test]
+    fn huge_unknown_key_is_quick() {
+        let started = std::time::Instant::now();
+        let e = unknown_key(&"x".repeat(100_000));
+        assert!(e.contains("known keys"), "{e:.80}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert!(unknown_key("listne").contains("did you mean 'listen'"));
+        assert!(unknown_key("destinations").contains("did you mean 'destination'"));
+    }
+
     #[test]
     fn wrong_types() {
         expect_err(
@@ -846,5 +863,294 @@ max_backoff = 60
             None => unsafe { std::env::remove_var(var) },
         }
         assert_eq!(r.unwrap().connect_timeout, Some(4321));
+    }
+    mod fuzz {
+        //! Properties of the profile loader: on any text and on TOML of
+        //! the right shape with wrong parts, no panic, bounded time, and
+        //! every error names the file and a line of it.
+
+        use super::*;
+        use crate::fuzzing::{bounded, config, is_message, nasty_text};
+        use proptest::prelude::*;
+
+        /// `parse` within the time bound; an error must be a message that
+        /// starts with the file name and a line number within the text.
+        fn checked_parse(text: String) -> Result<BTreeMap<String, Profile>, String> {
+            let lines = text.lines().count().max(1);
+            let t = text.clone();
+            let r = bounded("profile::parse", move || parse("fuzz.toml", &t));
+            if let Err(e) = &r {
+                is_message("profile::parse", e);
+                let line = e
+                    .strip_prefix("fuzz.toml:")
+                    .and_then(|rest| rest.split(':').next())
+                    .and_then(|l| l.parse::<usize>().ok());
+                assert!(
+                    line.is_some_and(|l| (1..=lines + 1).contains(&l)),
+                    "error without file:line in range 1..={}: {e}\n--- text:\n{text}",
+                    lines + 1
+                );
+            }
+            r
+        }
+
+        /// `s` as a TOML basic string (Rust's `{:?}` escapes differ).
+        fn toml_str(s: &str) -> String {
+            let mut out = String::from("\"");
+            for c in s.chars() {
+                match c {
+                    '"' => out.push_str("\\\""),
+                    '\\' => out.push_str("\\\\"),
+                    c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+            out
+        }
+
+        /// A TOML integer literal for `n` in one of TOML's spellings.
+        fn int_literal() -> impl Strategy<Value = (i128, String)> {
+            let n = prop_oneof![
+                -2i128..70_000,
+                Just(i64::MAX as i128),
+                Just(i64::MIN as i128),
+                Just(i64::MAX as i128 + 1),
+                Just(u64::MAX as i128 + 1),
+            ];
+            (n, 0..6u8).prop_map(|(n, form)| {
+                let lit = match form {
+                    1 if n >= 0 => format!("0x{n:X}"),
+                    2 if n >= 0 => format!("0o{n:o}"),
+                    3 if n >= 0 => format!("0b{n:b}"),
+                    4 if n >= 1000 => {
+                        let d = n.to_string();
+                        let (a, b) = d.split_at(d.len() - 3);
+                        format!("{a}_{b}")
+                    }
+                    5 if n >= 0 => format!("+{n}"),
+                    _ => n.to_string(),
+                };
+                (n, lit)
+            })
+        }
+
+        /// Any TOML value, as text, biased to what the keys get wrong.
+        fn value() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                int_literal().prop_map(|(_, l)| l),
+                prop::sample::select(vec![
+                    "0.0",
+                    "-0.0",
+                    "1e400",
+                    "-1e400",
+                    "inf",
+                    "+inf",
+                    "-inf",
+                    "nan",
+                    "-nan",
+                    "1_000.5",
+                    "5e-324",
+                    "1e-320",
+                    "18446744073709551616.0",
+                    "true",
+                    "false",
+                    "1979-05-27T07:32:00Z",
+                    "07:32:00",
+                    "1979-05-27",
+                    "{}",
+                    "{ a = 1 }",
+                    "[]",
+                    "[[]]",
+                    "[1, \"a\"]",
+                    "\"\"",
+                    "''",
+                    "\"\\u0000\"",
+                    "\"h\"",
+                    "\"u@h:22\"",
+                    "\"127.0.0.1:2222\"",
+                    "\"[::1]:0\"",
+                    "\"8080:localhost:80\"",
+                    "\"~/.ssh/id\"",
+                    "\"~nobody/x\"",
+                    "'''\nmulti\n'''",
+                    "\"\\ud800\"",
+                ])
+                .prop_map(str::to_owned),
+                nasty_text(12).prop_map(|s| toml_str(&s)),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4)
+                        .prop_map(|v| format!("[{}]", v.join(", "))),
+                    prop::collection::vec(inner, 0..3).prop_map(|v| {
+                        let kv: Vec<String> = v
+                            .iter()
+                            .enumerate()
+                            .map(|(i, x)| format!("k{i} = {x}"))
+                            .collect();
+                        format!("{{ {} }}", kv.join(", "))
+                    }),
+                ]
+            })
+        }
+
+        /// A key: one we know, a near miss, or anything.
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => prop::sample::select(KEYS.to_vec()).prop_map(str::to_owned),
+                1 => prop::sample::select(vec![
+                    "listne", "accept-new", "Port", "destination.x", "\"destination\"",
+                    "'port'", "a.b.c", "\"\"",
+                ])
+                .prop_map(str::to_owned),
+                1 => nasty_text(6).prop_map(|s| toml_str(&s)),
+            ]
+        }
+
+        /// A table header: a profile, the profile table, or something else.
+        fn header() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => "[a-z]{1,6}".prop_map(|n| format!("[profile.{n}]")),
+                1 => prop::sample::select(vec![
+                    "[profile]", "[[profile]]", "[[profile.a]]", "[profile.a.b]", "[other]",
+                    "[profile.\"\"]", "[profile.\"a.b\"]", "", "[profile.a]\n[profile.a]",
+                ])
+                .prop_map(str::to_owned),
+                1 => nasty_text(6).prop_map(|s| format!("[profile.{}]", toml_str(&s))),
+            ]
+        }
+
+        /// A document: tables of `key = value` lines, often with a
+        /// destination so that other keys get checked.
+        fn document() -> impl Strategy<Value = String> {
+            let table = (
+                header(),
+                any::<bool>(),
+                // Keys unique within a table: a duplicate is only a syntax error.
+                prop::collection::btree_map(key(), value(), 0..6),
+            )
+                .prop_map(|(h, dest, kvs)| {
+                    let mut t = format!("{h}\n");
+                    if dest {
+                        t.push_str("destination = \"h\"\n");
+                    }
+                    for (k, v) in kvs {
+                        t.push_str(&format!("{k} = {v}\n"));
+                    }
+                    t
+                });
+            prop::collection::vec(table, 0..4).prop_map(|t| t.concat())
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Any text at all.
+            #[test]
+            fn fuzz_profile_any_text(text in nasty_text(200)) {
+                let _ = checked_parse(text);
+            }
+
+            /// TOML of the right shape with wrong keys, types and values.
+            #[test]
+            fn fuzz_profile_structured(doc in document()) {
+                let _ = checked_parse(doc);
+            }
+
+            /// `SSHSHIM_*` variables with any values: errors name the variable.
+            #[test]
+            fn fuzz_profile_env(
+                vars in prop::collection::btree_map(prop::sample::select(KEYS.to_vec()), nasty_text(16), 0..8),
+            ) {
+                let r = bounded("profile::from_vars", move || {
+                    from_vars(|name| {
+                        vars.iter()
+                            .find(|(k, _)| name == format!("SSHSHIM_{}", k.to_ascii_uppercase()))
+                            .map(|(_, v)| v.into())
+                    })
+                });
+                if let Err(e) = r {
+                    is_message("profile::from_vars", &e);
+                    prop_assert!(e.contains("environment variable SSHSHIM_"), "{}", e);
+                }
+            }
+
+            /// Integers in every TOML spelling: accepted exactly when in
+            /// range, with the value written.
+            #[test]
+            fn fuzz_profile_integers((n, lit) in int_literal()) {
+                let text = format!("[profile.p]\ndestination = \"h\"\nport = {lit}\nkeepalive = {lit}\n");
+                let r = checked_parse(text);
+                if (1..=65535).contains(&n) {
+                    let p = r.map_err(TestCaseError::fail)?;
+                    prop_assert_eq!(p["p"].port, Some(n as u16));
+                    prop_assert_eq!(p["p"].keepalive, Some(n as u64));
+                } else {
+                    prop_assert!(r.is_err(), "{} accepted", lit);
+                }
+            }
+        }
+
+        /// Hand-picked documents that break naive loaders.
+        #[test]
+        fn nasty_profile_seeds() {
+            let seeds = [
+                "[".repeat(10_000),
+                "a = ".to_owned() + &"[".repeat(10_000),
+                "a = ".to_owned() + &"{ b = ".repeat(5_000),
+                format!(
+                    "[profile.{}]\ndestination = \"h\"\n",
+                    "a.".repeat(5_000) + "a"
+                ),
+                format!(
+                    "[profile.p]\ndestination = \"{}\"\n",
+                    "\\u0000".repeat(10_000)
+                ),
+                format!(
+                    "[profile.p]\ndestination = \"h\"\nport = {}\n",
+                    "9".repeat(10_000)
+                ),
+                format!(
+                    "[profile.p]\ndestination = \"h\"\nmax_backoff = 1{}\n",
+                    "0".repeat(400)
+                ),
+                format!(
+                    "[profile.p]\ndestination = \"h\"\nmax_backoff = 1e{}\n",
+                    "9".repeat(100)
+                ),
+                format!(
+                    "[profile.p]\ndestination = \"h\"\nlocal_forwards = [{}]\n",
+                    "\"1:h:2\",".repeat(10_000)
+                ),
+                format!(
+                    "[profile.p]\ndestination = \"h\"\n{} = 1\n",
+                    "x".repeat(100_000)
+                ),
+                format!(
+                    "[profile.p]\ndestination = \"h\"\n\"{}\" = 1\n",
+                    "é".repeat(50_000)
+                ),
+                "\0".repeat(10_000),
+                "\u{feff}[profile.p]\ndestination = \"h\"\n".into(),
+                "[profile.p]\r\ndestination = \"h\"\r\nport = 0\r\n".into(),
+            ];
+            for s in seeds {
+                let _ = checked_parse(s);
+            }
+            // TOML's other number spellings reach the keys as numbers.
+            let p = checked_parse(
+                "[profile.p]\ndestination = \"h\"\nmax_backoff = 1_000.5\nport = 0x16\n".into(),
+            )
+            .unwrap();
+            assert_eq!(p["p"].max_backoff, Some(Duration::from_millis(1_000_500)));
+            assert_eq!(p["p"].port, Some(22));
+            // Not UTF-8 at all: `load` says so, naming the file.
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("bad.toml");
+            std::fs::write(&path, b"[profile.p]\n\xff\xfe = 1\n").unwrap();
+            let e = load(&path, true).unwrap_err();
+            assert!(e.contains("bad.toml") && e.contains("cannot read"), "{e}");
+        }
     }
 }

@@ -51,6 +51,18 @@ impl std::str::FromStr for Destination {
         if host.is_empty() {
             return Err(bad("empty host"));
         }
+        // As OpenSSH refuses them: a space or control character in a name
+        // would also split the known_hosts line recorded for the host.
+        let odd = |t: &str| t.chars().any(|c| c.is_whitespace() || c.is_control());
+        if odd(host) {
+            return Err(bad("the host contains a space or control character"));
+        }
+        if user.is_some_and(odd) {
+            return Err(bad("the user contains a space or control character"));
+        }
+        if host.contains(['[', ']']) {
+            return Err(bad("stray '[' or ']' in the host"));
+        }
         let port = match port {
             None => None,
             Some(p) => Some(parse_port(p).map_err(|e| bad(&e))?),
@@ -135,9 +147,11 @@ pub enum Addr {
 impl fmt::Display for Addr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Addr::Tcp(h, p) if h.contains(':') => write!(f, "[{h}]:{p}"),
+            // Brackets wherever parsing needs them to read the field back.
+            Addr::Tcp(h, p) if h.contains(':') || h.starts_with('[') => write!(f, "[{h}]:{p}"),
             Addr::Tcp(h, p) if h.is_empty() => write!(f, "{p}"),
             Addr::Tcp(h, p) => write!(f, "{h}:{p}"),
+            Addr::Unix(p) if p.contains(':') => write!(f, "[{p}]"),
             Addr::Unix(p) => f.write_str(p),
         }
     }
@@ -286,6 +300,12 @@ mod tests {
         let f = p(Kind::Remote, "/tmp/r.sock:localhost:22");
         assert_eq!(f.listen, Addr::Unix("/tmp/r.sock".into()));
         assert_eq!(f.to_string(), "-R /tmp/r.sock:localhost:22");
+        // Found by fuzzing: a socket path with ':' printed without the
+        // brackets that it needs to parse back.
+        let f = p(Kind::Local, "[/a:b]:0:1");
+        assert_eq!(f.listen, Addr::Unix("/a:b".into()));
+        assert_eq!(f.to_string(), "-L [/a:b]:0:1");
+        assert_eq!(p(Kind::Local, "[/a:b]:0:1"), f);
     }
 
     #[test]
@@ -323,6 +343,16 @@ mod tests {
         assert!("host:x".parse::<Destination>().is_err());
         assert!("@host".parse::<Destination>().is_err());
         assert!("".parse::<Destination>().is_err());
+        // Found by fuzzing: names OpenSSH refuses were accepted.
+        for s in ["\0a", "a b", "h\n* ssh-ed25519 AAAA", "u\t@h", "u@h\r:22"] {
+            let e = s.parse::<Destination>().unwrap_err();
+            assert!(e.contains("space or control character"), "{e}");
+        }
+        // Found by fuzzing: brackets inside a host, which no form can print.
+        for s in ["0[::1]", "::]", "[[x]", "h]:22"] {
+            let e = s.parse::<Destination>().unwrap_err();
+            assert!(e.contains("stray '[' or ']'"), "{e}");
+        }
         assert_eq!(
             "u@[::1]:2".parse::<Destination>().unwrap().to_string(),
             "u@[::1]:2"

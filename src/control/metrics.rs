@@ -329,74 +329,43 @@ async fn serve_metrics_on(
 
 /// Reads one request head and writes one response, then closes.
 async fn handle_http(mut stream: tokio::net::TcpStream, sources: Sources) -> io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
+    let mut head = HeadReader::default();
     let mut chunk = [0u8; 1024];
     let complete = loop {
-        if find_head_end(&head) {
-            break true;
-        }
-        if head.len() >= MAX_HTTP_HEAD {
-            break false;
-        }
-        let want = chunk.len().min(MAX_HTTP_HEAD - head.len());
+        let want = chunk.len().min(head.room());
         let n = stream.read(&mut chunk[..want]).await?;
         if n == 0 {
             return Ok(());
         }
-        head.extend_from_slice(&chunk[..n]);
+        if let Some(complete) = head.push(&chunk[..n]) {
+            break complete;
+        }
     };
-    let (status, ctype, body, head_only) = if !complete {
-        (
-            "431 Request Header Fields Too Large",
-            "text/plain",
-            "request head too large\n".into(),
-            false,
-        )
-    } else {
-        let text = String::from_utf8_lossy(&head);
-        let mut parts = text.lines().next().unwrap_or("").split_whitespace();
-        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        let path = target.split('?').next().unwrap_or("");
-        let head_only = method == "HEAD";
-        if method != "GET" && !head_only {
-            (
-                "405 Method Not Allowed",
-                "text/plain",
-                "method not allowed\n".into(),
-                false,
-            )
-        } else if path == "/metrics" || path == "/status" {
+    let (route, mut head_only) = route(&head.buf, complete);
+    let (status, ctype, body) = match route {
+        Route::Fixed { status, body } => (status, "text/plain", body.to_string()),
+        Route::Metrics | Route::Status => {
             // `sources` may do blocking work (e.g. query other profiles'
             // sockets), so keep it off the async workers.
             let src = sources.clone();
             let statuses = tokio::task::spawn_blocking(move || src())
                 .await
                 .map_err(io::Error::other)?;
-            if path == "/metrics" {
+            if route == Route::Metrics {
                 (
                     "200 OK",
                     "text/plain; version=0.0.4; charset=utf-8",
                     prometheus(&statuses),
-                    head_only,
                 )
             } else {
                 match serde_json::to_string(&statuses) {
-                    Ok(json) => ("200 OK", "application/json", json + "\n", head_only),
-                    Err(e) => (
-                        "500 Internal Server Error",
-                        "text/plain",
-                        format!("{e}\n"),
-                        false,
-                    ),
+                    Ok(json) => ("200 OK", "application/json", json + "\n"),
+                    Err(e) => {
+                        head_only = false;
+                        ("500 Internal Server Error", "text/plain", format!("{e}\n"))
+                    }
                 }
             }
-        } else {
-            (
-                "404 Not Found",
-                "text/plain",
-                "not found\n".into(),
-                head_only,
-            )
         }
     };
     let mut resp = format!(
@@ -409,6 +378,83 @@ async fn handle_http(mut stream: tokio::net::TcpStream, sources: Sources) -> io:
     }
     stream.write_all(&resp).await?;
     stream.shutdown().await
+}
+
+/// A request head being read, up to [`MAX_HTTP_HEAD`] bytes.
+#[derive(Default)]
+struct HeadReader {
+    /// The bytes read so far.
+    buf: Vec<u8>,
+}
+
+impl HeadReader {
+    /// How many bytes the next read may add.
+    fn room(&self) -> usize {
+        MAX_HTTP_HEAD - self.buf.len()
+    }
+
+    /// Adds bytes read (at most [`HeadReader::room`]). `Some(true)` once
+    /// the head is complete, `Some(false)` once it is too large without
+    /// ending, `None` while more is needed.
+    fn push(&mut self, bytes: &[u8]) -> Option<bool> {
+        // Only the new bytes and the 3 before them can complete the blank
+        // line: scanning the whole head on each read would be quadratic
+        // for a client that sends one byte at a time.
+        let from = self.buf.len().saturating_sub(3);
+        self.buf.extend_from_slice(bytes);
+        if find_head_end(&self.buf[from..]) {
+            Some(true)
+        } else if self.buf.len() >= MAX_HTTP_HEAD {
+            Some(false)
+        } else {
+            None
+        }
+    }
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// `GET /metrics`: the Prometheus text.
+    Metrics,
+    /// `GET /status`: the statuses as JSON.
+    Status,
+    /// An answer that needs no status: an HTTP status line and body.
+    Fixed {
+        /// E.g. "404 Not Found".
+        status: &'static str,
+        /// The body, ending in a newline.
+        body: &'static str,
+    },
+}
+
+/// Reads a request head (`complete`: its blank line was seen within
+/// [`MAX_HTTP_HEAD`] bytes): what to answer, and whether to send the head
+/// of the answer only (`HEAD`).
+fn route(head: &[u8], complete: bool) -> (Route, bool) {
+    if !complete {
+        let status = "431 Request Header Fields Too Large";
+        let body = "request head too large\n";
+        return (Route::Fixed { status, body }, false);
+    }
+    let text = String::from_utf8_lossy(head);
+    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        let (status, body) = ("405 Method Not Allowed", "method not allowed\n");
+        return (Route::Fixed { status, body }, false);
+    }
+    let route = match path {
+        "/metrics" => Route::Metrics,
+        "/status" => Route::Status,
+        _ => Route::Fixed {
+            status: "404 Not Found",
+            body: "not found\n",
+        },
+    };
+    (route, head_only)
 }
 
 /// True once `buf` holds a complete request head (blank line seen); bare LF
@@ -638,5 +684,157 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         assert!(err.to_string().contains("not a loopback"), "{err}");
+    }
+
+    mod fuzz {
+        //! Properties of the metrics HTTP request reader: any bytes in any
+        //! chunks end in an answer (or need more) in bounded time, exactly
+        //! where a whole-buffer search would stop.
+
+        use super::*;
+        use crate::fuzzing::{bounded, config, nasty_bytes};
+        use proptest::prelude::*;
+
+        /// Where a naive reader stops: after the first chunk whose end is
+        /// at or past the blank line (`Some(true)`) or the size cap
+        /// (`Some(false)`); `None` if the data runs out first.
+        fn expected(data: &[u8], chunks: &[usize]) -> (Option<bool>, usize) {
+            let end = (0..data.len())
+                .find_map(|i| {
+                    if data[i..].starts_with(b"\n\n") {
+                        Some(i + 2)
+                    } else if data[i..].starts_with(b"\r\n\r\n") {
+                        Some(i + 4)
+                    } else {
+                        None
+                    }
+                })
+                .unwrap_or(usize::MAX);
+            let mut at = 0;
+            for &c in chunks.iter().chain(std::iter::repeat(&1024)) {
+                let n = c.max(1).min(MAX_HTTP_HEAD - at).min(data.len() - at);
+                if n == 0 {
+                    return (None, at);
+                }
+                at += n;
+                if at >= end {
+                    return (Some(true), at);
+                }
+                if at >= MAX_HTTP_HEAD {
+                    return (Some(false), at);
+                }
+            }
+            unreachable!()
+        }
+
+        /// Feeds `data` to a [`HeadReader`] in `chunks`, as `handle_http` does.
+        fn read(data: &[u8], chunks: &[usize]) -> (Option<bool>, usize, HeadReader) {
+            let mut r = HeadReader::default();
+            let mut at = 0;
+            for &c in chunks.iter().chain(std::iter::repeat(&1024)) {
+                let n = c.max(1).min(r.room()).min(data.len() - at);
+                if n == 0 {
+                    return (None, at, r);
+                }
+                let done = r.push(&data[at..at + n]);
+                at += n;
+                if done.is_some() {
+                    return (done, at, r);
+                }
+            }
+            unreachable!()
+        }
+
+        /// A request: a likely request line and headers, or any bytes.
+        fn request() -> impl Strategy<Value = Vec<u8>> {
+            let line = (
+                prop::sample::select(vec!["GET", "HEAD", "POST", "get", "", "GET GET"]),
+                prop::sample::select(vec![
+                    "/metrics",
+                    "/status",
+                    "/status?x=1",
+                    "/",
+                    "",
+                    "/metrics/",
+                    "//metrics",
+                    "/metrics?",
+                    "?",
+                    "http://x/metrics",
+                ]),
+                prop::sample::select(vec![" HTTP/1.0", " HTTP/1.1", "", " junk"]),
+            )
+                .prop_map(|(m, p, v)| format!("{m} {p}{v}"));
+            let eol = prop::sample::select(vec!["\r\n", "\n", "\r", ""]);
+            prop_oneof![
+                (
+                    line,
+                    eol,
+                    nasty_bytes(32),
+                    prop::sample::select(vec!["\r\n\r\n", "\n\n", ""])
+                )
+                    .prop_map(|(l, e, h, end)| {
+                        let mut v = format!("{l}{e}").into_bytes();
+                        v.extend(h);
+                        v.extend(end.as_bytes());
+                        v
+                    }),
+                nasty_bytes(128),
+                (any::<u8>(), 0..MAX_HTTP_HEAD * 2).prop_map(|(b, n)| vec![b; n]),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Any bytes in any chunk sizes: the reader stops where a
+            /// whole-buffer search would, within the cap and the time bound,
+            /// and the head routes to an answer.
+            #[test]
+            fn fuzz_metrics_request(
+                data in request(),
+                chunks in prop::collection::vec(prop_oneof![1usize..4, 1usize..2048], 0..64),
+            ) {
+                let want = expected(&data, &chunks);
+                let (d, c) = (data.clone(), chunks.clone());
+                let (done, at, reader) = bounded("HeadReader", move || read(&d, &c));
+                prop_assert_eq!((done, at), want);
+                prop_assert!(reader.buf.len() <= MAX_HTTP_HEAD);
+                if let Some(complete) = done {
+                    let (route, head_only) = bounded("route", move || route(&reader.buf, complete));
+                    if let Route::Fixed { status, body } = route {
+                        prop_assert!(!status.is_empty() && !body.trim().is_empty());
+                        prop_assert!(!(complete && status.starts_with("431")));
+                    }
+                    let text = String::from_utf8_lossy(&data);
+                    let method = text.lines().next().and_then(|l| l.split_whitespace().next());
+                    prop_assert_eq!(head_only, complete && method == Some("HEAD"));
+                }
+            }
+        }
+
+        /// Hand-picked requests.
+        #[test]
+        fn nasty_metrics_seeds() {
+            // One byte per read, never ending: a whole-buffer search per read
+            // took seconds (debug build) to reach the cap.
+            let slow = vec![b'a'; MAX_HTTP_HEAD];
+            let (done, at, _) = bounded("HeadReader", move || read(&slow, &[1; MAX_HTTP_HEAD]));
+            assert_eq!((done, at), (Some(false), MAX_HTTP_HEAD));
+            // The blank line split across reads is still seen.
+            let req = b"GET /metrics HTTP/1.0\r\n\r\n";
+            for split in 1..req.len() {
+                let (done, _, r) = read(req, &[split, req.len()]);
+                assert_eq!(done, Some(true), "split at {split}");
+                assert_eq!(route(&r.buf, true), (Route::Metrics, false));
+            }
+            assert_eq!(
+                route(b"HEAD /status?x HTTP/1.1\r\n\r\n", true),
+                (Route::Status, true)
+            );
+            assert!(!route(b"\0\xff\n\n", true).1);
+            assert!(
+                matches!(route(b"", false).0, Route::Fixed { status, .. } if status.starts_with("431"))
+            );
+        }
     }
 }

@@ -232,6 +232,26 @@ async fn serve_at(
     Ok(())
 }
 
+/// A command on the control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// `status`: one JSON line of [`ProfileStatus`].
+    Status,
+    /// `down`: stop the profile.
+    Down,
+}
+
+/// Parses one command line as read from a client (newline included or not,
+/// surrounding whitespace ignored). Anything else, including bytes that are
+/// not UTF-8, is an error whose text follows `error: ` in the reply.
+fn parse_request(line: &[u8]) -> Result<Request, String> {
+    match std::str::from_utf8(line).map(str::trim) {
+        Ok("status") => Ok(Request::Status),
+        Ok("down") => Ok(Request::Down),
+        _ => Err("unknown command".to_string()),
+    }
+}
+
 /// Handles one control connection: checks the peer, answers one command.
 async fn handle_control(mut stream: UnixStream, uid: u32, source: Arc<dyn StatusSource>) {
     // Only our own uid may read status or stop us; the 0700 dir already
@@ -250,25 +270,25 @@ async fn handle_control(mut stream: UnixStream, uid: u32, source: Arc<dyn Status
             return;
         }
     }
-    let mut line = String::new();
+    let mut line = Vec::new();
     let read = async {
         let mut reader = tokio::io::BufReader::new(&mut stream).take(MAX_COMMAND);
-        reader.read_line(&mut line).await
+        reader.read_until(b'\n', &mut line).await
     };
     match tokio::time::timeout(SERVER_READ_TIMEOUT, read).await {
         Ok(Ok(_)) => {}
         _ => return,
     }
-    let reply = match line.trim() {
-        "status" => match serde_json::to_string(&source.snapshot()) {
+    let reply = match parse_request(&line) {
+        Ok(Request::Status) => match serde_json::to_string(&source.snapshot()) {
             Ok(json) => json,
             Err(e) => format!("error: cannot encode status: {e}"),
         },
-        "down" => {
+        Ok(Request::Down) => {
             source.stop();
             "ok".to_string()
         }
-        _ => "error: unknown command".to_string(),
+        Err(e) => format!("error: {e}"),
     };
     let write = async {
         stream.write_all(reply.as_bytes()).await?;
@@ -333,22 +353,39 @@ fn request_at(path: &Path, name: &str, cmd: &str, timeout: Duration) -> Result<S
             break;
         }
     }
-    let reply = String::from_utf8_lossy(&reply).trim().to_string();
+    parse_reply(name, &reply)
+}
+
+/// Reads a reply line from profile `name`: its text, or an error for an
+/// empty reply or one that says `error: ...`.
+fn parse_reply(name: &str, reply: &[u8]) -> Result<String, String> {
+    let reply = String::from_utf8_lossy(reply).trim().to_string();
     if reply.is_empty() {
         return Err(format!(
             "profile {name} closed the control connection without answering"
         ));
     }
     if let Some(msg) = reply.strip_prefix("error:") {
-        return Err(format!("profile {name}: {}", msg.trim()));
+        let msg = msg.trim();
+        let msg = if msg.is_empty() {
+            "unspecified error"
+        } else {
+            msg
+        };
+        return Err(format!("profile {name}: {msg}"));
     }
     Ok(reply)
+}
+
+/// Reads a `status` reply from profile `name`.
+fn parse_status(name: &str, reply: &str) -> Result<ProfileStatus, String> {
+    serde_json::from_str(reply).map_err(|e| format!("profile {name} sent an invalid status: {e}"))
 }
 
 /// [`query`] against an explicit socket path.
 fn query_at(path: &Path, name: &str) -> Result<ProfileStatus, String> {
     let reply = request_at(path, name, "status", CLIENT_TIMEOUT)?;
-    serde_json::from_str(&reply).map_err(|e| format!("profile {name} sent an invalid status: {e}"))
+    parse_status(name, &reply)
 }
 
 /// [`down`] against an explicit socket path.
@@ -598,5 +635,107 @@ mod tests {
             socket_path_in(Path::new("/x"), "../evil"),
             PathBuf::from("/x/.._evil.sock")
         );
+    }
+
+    mod fuzz {
+        //! Properties of the control protocol, both ends: any request line
+        //! gets a command or an error message; any reply line gets its text,
+        //! a status or an error message. No panic, bounded time.
+
+        use super::*;
+        use crate::fuzzing::{bounded, config, is_message, nasty_bytes, nasty_text};
+        use proptest::prelude::*;
+
+        /// A request line: a command with odd spacing and case, or anything.
+        fn request_line() -> impl Strategy<Value = Vec<u8>> {
+            let cmd = prop::sample::select(vec!["status", "down", "STATUS", "stat", "downn", ""]);
+            let pad = prop::sample::select(vec!["", " ", "\t", "\r", "\0", "\u{a0}", "\r\n"]);
+            prop_oneof![
+                (
+                    pad.clone(),
+                    cmd,
+                    pad,
+                    prop::sample::select(vec!["", "\n", "\n\n"])
+                )
+                    .prop_map(|(a, c, b, nl)| format!("{a}{c}{b}{nl}").into_bytes()),
+                nasty_bytes(64),
+            ]
+        }
+
+        /// A reply line: an error, JSON of roughly the status's shape, or anything.
+        fn reply_line() -> impl Strategy<Value = Vec<u8>> {
+            let sample = serde_json::to_string(&crate::control::status::sample("w")).unwrap();
+            prop_oneof![
+                Just(sample.clone().into_bytes()),
+                (0..sample.len(), nasty_text(8)).prop_map(move |(at, junk)| {
+                    let mut s = sample.clone().into_bytes();
+                    let at = at.min(s.len());
+                    s.splice(at..at, junk.into_bytes());
+                    s
+                }),
+                nasty_text(16).prop_map(|t| format!("error:{t}").into_bytes()),
+                nasty_bytes(64),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Server side: only the two commands parse, and every other
+            /// line gets an error message.
+            #[test]
+            fn fuzz_control_request(line in request_line()) {
+                let l = line.clone();
+                let r = bounded("parse_request", move || parse_request(&l));
+                let text = String::from_utf8_lossy(&line);
+                match r {
+                    Ok(Request::Status) => prop_assert_eq!(text.trim(), "status"),
+                    Ok(Request::Down) => prop_assert_eq!(text.trim(), "down"),
+                    Err(e) => is_message("parse_request", &e),
+                }
+            }
+
+            /// Client side: a reply is text, a status or an error message.
+            #[test]
+            fn fuzz_control_reply(reply in reply_line()) {
+                let r = bounded("parse_reply", move || {
+                    parse_reply("p", &reply).and_then(|t| parse_status("p", &t).map(|_| t))
+                });
+                if let Err(e) = r {
+                    is_message("parse_reply", &e);
+                    prop_assert!(e.contains("profile p"), "{}", e);
+                }
+            }
+        }
+
+        /// Hand-picked lines.
+        #[test]
+        fn nasty_control_seeds() {
+            for line in [
+                &b"status"[..],
+                b" status \r\n",
+                b"down\n",
+                b"status\0",
+                b"\xffstatus",
+                b"",
+                b"\n",
+                b"error:",
+                b"error:   ",
+            ] {
+                let _ = parse_request(line);
+                if let Err(e) = parse_reply("p", line) {
+                    is_message("parse_reply", &e);
+                }
+            }
+            assert_eq!(parse_request(b" status \r\n"), Ok(Request::Status));
+            assert_eq!(parse_request(b"status\0"), Err("unknown command".into()));
+            assert_eq!(
+                parse_reply("p", b"error:  "),
+                Err("profile p: unspecified error".into())
+            );
+            let deep = "[".repeat(100_000);
+            let e = parse_status("p", &deep).unwrap_err();
+            assert!(e.contains("invalid status"), "{e}");
+        }
     }
 }

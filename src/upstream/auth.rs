@@ -1,8 +1,12 @@
 //! Upstream authentication: agent, then identity files, then password.
 //!
 //! Secrets are asked for once, on the terminal, and kept in memory only so
-//! that reconnects never prompt again.
+//! that reconnects never prompt again. They are wiped when dropped:
+//! passwords and passphrases are held in [`Zeroizing`] strings, and
+//! decrypted keys are ssh-key's `PrivateKey`, whose key material (Ed25519,
+//! ECDSA, RSA, DSA) zeroizes itself on drop. No Debug output shows them.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -10,6 +14,7 @@ use russh::client::{self, AuthResult};
 use russh::keys::agent::client::AgentClient;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::{MethodKind, MethodSet};
+use zeroize::Zeroizing;
 
 use super::UpstreamError;
 
@@ -18,10 +23,26 @@ use super::UpstreamError;
 enum Proven {
     /// A key held by the agent.
     Agent(PublicKey),
-    /// A decrypted private key, in memory only.
+    /// A decrypted private key, in memory only (wiped on drop by ssh-key).
     Key(Arc<PrivateKey>),
-    /// A password typed once.
-    Password(Arc<String>),
+    /// A password typed once, wiped on drop.
+    Password(Arc<Zeroizing<String>>),
+}
+
+/// Names the kind of credential and, for keys, the public fingerprint;
+/// never a secret.
+impl fmt::Debug for Proven {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Proven::Agent(k) => write!(f, "Agent({})", super::known_hosts::fingerprint(k)),
+            Proven::Key(k) => write!(
+                f,
+                "Key({})",
+                super::known_hosts::fingerprint(k.public_key())
+            ),
+            Proven::Password(_) => f.write_str("Password(<redacted>)"),
+        }
+    }
 }
 
 /// Authenticates upstream connections for one destination.
@@ -38,6 +59,21 @@ pub struct Authenticator {
     agent: Option<PathBuf>,
     /// What worked last time; tried first, and alone when prompting is off.
     proven: Mutex<Option<Proven>>,
+}
+
+/// Shows the settings and the kind of proven credential, never a secret.
+impl fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proven = self.proven.lock().map(|p| p.clone()).ok().flatten();
+        f.debug_struct("Authenticator")
+            .field("user", &self.user)
+            .field("identities", &self.identities)
+            .field("identities_explicit", &self.identities_explicit)
+            .field("identities_only", &self.identities_only)
+            .field("agent", &self.agent)
+            .field("proven", &proven)
+            .finish()
+    }
 }
 
 impl Authenticator {
@@ -179,6 +215,7 @@ impl Authenticator {
         if password_offered && interactive {
             if let Some(pw) = prompt(&format!("{}'s password: ", self.user))? {
                 tried.push("password".into());
+                // Shared with `proven` below without a copy of the text.
                 let pw = Arc::new(pw);
                 match handle
                     .authenticate_password(&self.user, pw.as_str())
@@ -284,7 +321,7 @@ async fn connect_agent_at(
 /// Loads a private key, asking for its passphrase on the terminal if needed.
 /// `Ok(None)`: encrypted and we may not (or cannot) ask; skipped.
 fn load_key(path: &PathBuf, interactive: bool) -> Result<Option<PrivateKey>, UpstreamError> {
-    match russh::keys::load_secret_key(path, None) {
+    match read_secret_key(path, None) {
         Ok(k) => Ok(Some(k)),
         Err(russh::keys::Error::KeyIsEncrypted) => {
             if !interactive {
@@ -299,18 +336,25 @@ fn load_key(path: &PathBuf, interactive: bool) -> Result<Option<PrivateKey>, Ups
                 );
                 return Ok(None);
             };
-            russh::keys::load_secret_key(path, Some(&pass))
-                .map(Some)
-                .map_err(|e| {
-                    UpstreamError::BadKey(path.clone(), format!("{e} (wrong passphrase?)"))
-                })
+            read_secret_key(path, Some(&pass)).map(Some).map_err(|e| {
+                UpstreamError::BadKey(path.clone(), format!("{e} (wrong passphrase?)"))
+            })
         }
         Err(e) => Err(UpstreamError::BadKey(path.clone(), e.to_string())),
     }
 }
 
-/// Asks on the controlling terminal without echo; `Ok(None)` if there is none.
-fn prompt(text: &str) -> Result<Option<String>, UpstreamError> {
+/// Reads and decodes a private key file. Unlike russh's `load_secret_key`,
+/// the file's text (the plain key, when it is not encrypted) is wiped after
+/// decoding.
+fn read_secret_key(path: &PathBuf, pass: Option<&str>) -> Result<PrivateKey, russh::keys::Error> {
+    let text = Zeroizing::new(std::fs::read_to_string(path)?);
+    russh::keys::decode_secret_key(&text, pass)
+}
+
+/// Asks on the controlling terminal without echo; `Ok(None)` if there is
+/// none. The answer is wiped from memory when dropped.
+fn prompt(text: &str) -> Result<Option<Zeroizing<String>>, UpstreamError> {
     if std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -319,8 +363,10 @@ fn prompt(text: &str) -> Result<Option<String>, UpstreamError> {
     {
         return Ok(None);
     }
+    // rpassword reads into its own zeroizing buffer and hands over this
+    // String without a copy; wrapping it at once leaves none behind.
     rpassword::prompt_password(text)
-        .map(Some)
+        .map(|p| Some(Zeroizing::new(p)))
         .map_err(|e| UpstreamError::Other(format!("reading from the terminal: {e}")))
 }
 
@@ -330,5 +376,60 @@ fn methods_text(m: Option<&MethodSet>) -> String {
         None => "unknown".into(),
         Some(m) if m.is_empty() => "none".into(),
         Some(m) => m.iter().map(<&str>::from).collect::<Vec<_>>().join(","),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An authenticator for `user` with nothing configured.
+    fn authenticator(user: &str) -> Authenticator {
+        Authenticator::new(&crate::spec::HostSpec {
+            host: "h".into(),
+            port: 22,
+            user: user.into(),
+            identities: vec![PathBuf::from("/k/id_ed25519")],
+            identities_explicit: false,
+            identities_only: false,
+            agent: None,
+            known_hosts: PathBuf::from("/k/known_hosts"),
+            global_known_hosts: Vec::new(),
+            accept_new: false,
+        })
+    }
+
+    #[test]
+    fn debug_never_shows_a_password() {
+        let a = authenticator("alice");
+        let secret = "correct horse battery staple";
+        *a.proven.lock().unwrap() = Some(Proven::Password(Arc::new(Zeroizing::new(
+            secret.to_string(),
+        ))));
+        let shown = format!("{a:?}");
+        assert!(!shown.contains(secret), "{shown}");
+        assert!(!shown.contains("horse"), "{shown}");
+        assert!(shown.contains("alice") && shown.contains("Password(<redacted>)"));
+        let pretty = format!("{a:#?}");
+        assert!(!pretty.contains("horse"), "{pretty}");
+    }
+
+    #[test]
+    fn debug_never_shows_a_private_key() {
+        let a = authenticator("alice");
+        let key = PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519).unwrap();
+        let pem = key
+            .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+            .unwrap();
+        let body: String = pem.lines().nth(1).unwrap().to_string();
+        let secret = key.key_data().ed25519().unwrap().private.to_bytes();
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        let fp = super::super::known_hosts::fingerprint(key.public_key());
+        *a.proven.lock().unwrap() = Some(Proven::Key(Arc::new(key)));
+        let shown = format!("{a:#?}");
+        assert!(shown.contains(&format!("Key({fp})")), "{shown}");
+        assert!(!shown.contains(&body), "{shown}");
+        assert!(!shown.to_lowercase().contains(&hex), "{shown}");
+        assert!(!shown.contains(&format!("{:?}", &secret[..8])), "{shown}");
     }
 }

@@ -235,6 +235,12 @@ fn read_entries(file: &Path, name: &str, out: &mut Vec<Recorded>) {
     let Ok(text) = std::fs::read_to_string(file) else {
         return;
     };
+    entries_in(&text, file, name, out);
+}
+
+/// Collects the entries of known_hosts `text` (read from `file`) that match
+/// `name`; lines it cannot use are skipped.
+fn entries_in(text: &str, file: &Path, name: &str, out: &mut Vec<Recorded>) {
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -311,12 +317,13 @@ pub fn glob(pat: &str, name: &str) -> bool {
     // The last `*` seen and the name position it currently covers up to.
     let mut star: Option<(usize, usize)> = None;
     while ni < n.len() {
-        if pi < p.len() && (p[pi] == b'?' || p[pi].eq_ignore_ascii_case(&n[ni])) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == b'*' {
+        // `*` first: it is a wildcard even where the name holds a literal `*`.
+        if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, ni));
             pi += 1;
+        } else if pi < p.len() && (p[pi] == b'?' || p[pi].eq_ignore_ascii_case(&n[ni])) {
+            pi += 1;
+            ni += 1;
         } else if let Some((sp, sn)) = star {
             pi = sp + 1;
             ni = sn + 1;
@@ -454,8 +461,165 @@ mod tests {
         assert!(!glob("*.lab", "x.lab.com"));
         assert!(glob("*", ""));
         assert!(glob("a*b*c", "aXbYbZc"));
+        // Found by fuzzing: a `*` in the name was taken as a literal match
+        // for the pattern's `*`, which then could not stretch.
+        assert!(glob("*", "**"));
+        assert!(glob("a*", "a*b"));
         let started = std::time::Instant::now();
         assert!(!glob("*a*a*a*a*a*a*a*a*a*a*a*a*b", &"a".repeat(200)));
         assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    }
+
+    mod fuzz {
+        //! Properties of the known_hosts reader: no panic and bounded time
+        //! on any text, and junk lines never hide a good entry.
+
+        use super::*;
+        use crate::fuzzing::{bounded, config, nasty_text};
+        use proptest::prelude::*;
+
+        /// A host name as looked up: plain or `[host]:port`, sometimes odd.
+        fn lookup_name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z0-9.-]{1,20}",
+                ("[a-z0-9.-]{1,20}", 1u16..).prop_map(|(h, p)| format!("[{h}]:{p}")),
+                nasty_text(8),
+            ]
+        }
+
+        /// `|1|salt|hash` for `name`, as `ssh-keygen -H` writes it.
+        fn hashed(salt: &[u8], name: &str) -> String {
+            let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(salt).unwrap();
+            mac.update(name.as_bytes());
+            let b64 = data_encoding::BASE64;
+            format!(
+                "|1|{}|{}",
+                b64.encode(salt),
+                b64.encode(&mac.finalize().into_bytes())
+            )
+        }
+
+        /// One pattern of a known_hosts line.
+        fn pattern() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "*",
+                    "?",
+                    "!*",
+                    "!",
+                    "",
+                    "|1|",
+                    "|1||",
+                    "|1|x|y",
+                    "|1|====|====",
+                    "|1|AAAA|AAAA",
+                    "@revoked",
+                    "[*]:*",
+                    "*a*a*a*a*a*a*a*a*b",
+                ])
+                .prop_map(str::to_owned),
+                "[a-z*?!.]{0,12}",
+                (prop::collection::vec(any::<u8>(), 0..40), lookup_name())
+                    .prop_map(|(salt, n)| hashed(&salt, &n)),
+                nasty_text(6),
+            ]
+        }
+
+        /// A line in known_hosts shape, with every part sometimes wrong.
+        fn line() -> impl Strategy<Value = String> {
+            let marker =
+                prop::sample::select(vec!["", "@revoked ", "@cert-authority ", "@", "@@ ", "# "]);
+            let patterns = prop::collection::vec(pattern(), 0..5).prop_map(|p| p.join(","));
+            let kind = prop::sample::select(vec!["ssh-ed25519", "ssh-rsa", "", "x"]);
+            let key = prop_oneof![
+                Just(KEY_A.to_owned()),
+                Just(KEY_A[..40].to_owned()),
+                "[A-Za-z0-9+/=]{0,120}",
+                nasty_text(8),
+            ];
+            prop_oneof![
+                4 => (marker, patterns, kind, key, nasty_text(4)).prop_map(
+                    |(m, p, k, b, c)| format!("{m}{p} {k} {b} {c}")
+                ),
+                1 => nasty_text(40),
+            ]
+        }
+
+        /// Entries of `text` for `name`, within the time bound.
+        fn entries(text: String, name: String) -> Vec<(usize, bool)> {
+            bounded("known_hosts entries", move || {
+                let mut out = Vec::new();
+                entries_in(&text, Path::new("kh"), &name, &mut out);
+                out.iter().map(|r| (r.line, r.revoked)).collect()
+            })
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// Any text at all: no panic, bounded, line numbers in range.
+            #[test]
+            fn fuzz_known_hosts_any_text(text in nasty_text(200), name in lookup_name()) {
+                let lines = text.lines().count();
+                for (line, _) in entries(text, name) {
+                    prop_assert!((1..=lines).contains(&line));
+                }
+            }
+
+            /// Lines in known_hosts shape around a good entry (plain or
+            /// hashed): the good entry is always found.
+            #[test]
+            fn fuzz_known_hosts_lines(
+                before in prop::collection::vec(line(), 0..8),
+                after in prop::collection::vec(line(), 0..8),
+                name in "[a-z0-9.-]{1,20}",
+                port in prop_oneof![Just(22u16), 1u16..],
+                salt in prop::collection::vec(any::<u8>(), 1..40),
+                hash_it in any::<bool>(),
+            ) {
+                let name = if port == 22 { name } else { format!("[{name}]:{port}") };
+                let pat = if hash_it { hashed(&salt, &name) } else { name.clone() };
+                let prefix: String = before.iter().map(|l| format!("{l}\n")).collect();
+                let good = prefix.matches('\n').count() + 1;
+                let text = format!("{prefix}{pat} ssh-ed25519 {KEY_A}\n{}", after.join("\n"));
+                let found = entries(text.clone(), name);
+                prop_assert!(found.contains(&(good, false)), "line {} not found in {:?}", good, text);
+            }
+
+            /// Pattern lists and hashed entries on their own: bounded.
+            #[test]
+            fn fuzz_host_patterns(list in prop::collection::vec(pattern(), 0..8), name in lookup_name()) {
+                let list = list.join(",");
+                let (l, n) = (list.clone(), name.clone());
+                bounded("patterns_match", move || patterns_match(&l, &n));
+                bounded("hashed_match", move || hashed_match(&list, &name));
+            }
+        }
+
+        /// Hand-picked lines that break naive readers.
+        #[test]
+        fn nasty_known_hosts_seeds() {
+            let stars = "*a".repeat(2_000) + "b";
+            let seeds = [
+                "\0".repeat(10_000),
+                format!("{} ssh-ed25519 {KEY_A}", ",".repeat(100_000)),
+                format!("{stars} ssh-ed25519 {KEY_A}"),
+                format!("{} ssh-ed25519 {KEY_A}", vec![stars.as_str(); 50].join(",")),
+                format!(
+                    "|1|{}|{} ssh-ed25519 {KEY_A}",
+                    "A".repeat(100_000),
+                    "B".repeat(8)
+                ),
+                "@revoked".to_owned(),
+                "@revoked * ssh-ed25519".to_owned(),
+                format!("x ssh-ed25519 {}", "A".repeat(1 << 18)),
+                "\n".repeat(100_000),
+                "\r".repeat(100_000),
+            ];
+            for text in seeds {
+                entries(text.clone(), "a".repeat(4_000));
+                entries(text, "[example.org]:2222".into());
+            }
+        }
     }
 }
