@@ -76,17 +76,28 @@ impl<S: Subscriber> Layer<S> for EowLayer {
         else {
             return;
         };
-        // One ssh client runs one session; with several we cannot tell which
-        // one the request named, so leave them alone.
-        let only = {
-            let g = channels.lock().unwrap();
-            (g.len() == 1)
-                .then(|| g.values().next().map(|c| c.bridge.clone()))
-                .flatten()
-        };
-        tracing::debug!("eow@openssh.com from a local client");
-        if let Some(b) = only {
-            b.output_closed();
+        // OpenSSH sends eow on session channels only, once each. A plain
+        // ssh client runs one session; through a ControlMaster there may be
+        // several, and then we cannot tell which one the request named, so
+        // we leave them alone.
+        let candidates: Vec<_> = channels
+            .lock()
+            .unwrap()
+            .values()
+            .map(|c| &c.bridge)
+            .filter(|b| b.is_session() && !b.is_finished() && !b.is_output_closed())
+            .cloned()
+            .collect();
+        match candidates.as_slice() {
+            [b] => {
+                tracing::debug!("eow@openssh.com from a local client");
+                b.output_closed();
+            }
+            [] => tracing::debug!("eow@openssh.com on no open session: ignored"),
+            _ => tracing::info!(
+                "eow@openssh.com with {} sessions open on one connection: cannot tell which, ignored",
+                candidates.len()
+            ),
         }
     }
 }
