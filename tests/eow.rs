@@ -191,6 +191,7 @@ fn yes_head_ends_promptly_whatever_the_log_settings() {
     let (want, took) = yes_head(|c| env.ssh(sshd.port(), &[c]), "sshshim-eow-direct");
     assert!(took < Duration::from_secs(10), "sshd took {took:?}");
     assert_gone(&sshd, "sshshim-eow-direct", "against sshd");
+    eprintln!("against sshd: ssh exited with {want} after {took:?}");
 
     let settings: [(&str, &[&str], Option<&str>); 4] = [
         ("default", &[], None),
