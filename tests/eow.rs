@@ -193,10 +193,12 @@ fn yes_head_ends_promptly_whatever_the_log_settings() {
     assert_gone(&sshd, "sshshim-eow-direct", "against sshd");
     eprintln!("against sshd: ssh exited with {want} after {took:?}");
 
-    let settings: [(&str, &[&str], Option<&str>); 4] = [
+    let settings: [(&str, &[&str], Option<&str>); 6] = [
         ("default", &[], None),
         ("rust-log-off", &[], Some("off")),
         ("quiet", &["-q"], None),
+        ("very-quiet", &["-qq"], None),
+        ("verbose", &["-v"], None),
         ("rust-log-trace", &[], Some("trace")),
     ];
     for (name, args, rust_log) in settings {
