@@ -50,7 +50,8 @@ pub enum Input {
 pub trait LocalIn: Send + 'static {
     /// The next input; `None` once the local end is closed or gone (the
     /// remote command then ends). A local end that only half-closed (sent
-    /// [`Input::Eof`]) and still takes output should never return instead.
+    /// [`Input::Eof`]) and still takes output should never return instead:
+    /// the bridge stops reading it once the channel is finished.
     fn recv(&mut self) -> impl Future<Output = Option<Input>> + Send;
 }
 
@@ -115,28 +116,56 @@ pub struct Bridge {
     pub write: ChannelWriteHalf<client::Msg>,
     /// Replies we are waiting for, in request order (SSH answers in order).
     replies: Mutex<VecDeque<oneshot::Sender<bool>>>,
+    /// A session channel (the only kind OpenSSH sends `eow@openssh.com` on).
+    session: bool,
     /// Set when the local client can take no more output
     /// (`eow@openssh.com`): stdout is dropped, stderr and exit status still
     /// delivered, and a local close no longer ends the remote command.
     eow: CancellationToken,
+    /// Set when the server reported the remote command's end (exit status
+    /// or signal).
+    exited: CancellationToken,
+    /// Set when the upstream channel is gone (the pump ended).
+    upstream_gone: CancellationToken,
+    /// Set when the forwarder has ended: the local end got its close or
+    /// is gone (after eow, once the upstream channel is gone too).
+    finished: CancellationToken,
     /// Set when we close the upstream channel ourselves. russh then drops
     /// everything the server still sends on it, including its close, so the
     /// pump must stop on this instead of waiting for a close that never comes.
     closing: CancellationToken,
-    /// Set when the upstream channel is gone: nothing more can be sent.
-    finished: CancellationToken,
 }
 
 impl Bridge {
     /// Wraps the write half of a freshly opened upstream channel.
-    fn new(write: ChannelWriteHalf<client::Msg>) -> Arc<Self> {
+    fn new(write: ChannelWriteHalf<client::Msg>, session: bool) -> Arc<Self> {
         Arc::new(Bridge {
             write,
             replies: Mutex::new(VecDeque::new()),
+            session,
             eow: CancellationToken::new(),
-            closing: CancellationToken::new(),
+            exited: CancellationToken::new(),
+            upstream_gone: CancellationToken::new(),
             finished: CancellationToken::new(),
+            closing: CancellationToken::new(),
         })
+    }
+
+    /// Whether this is a session channel.
+    pub fn is_session(&self) -> bool {
+        self.session
+    }
+
+    /// Whether the bridge is done with the local end: its close was
+    /// delivered, or it is gone. Its channel id may then be reused by the
+    /// local connection.
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_cancelled()
+    }
+
+    /// Waits until [`Bridge::is_finished`].
+    pub async fn finished(&self) {
+        self.finished.cancelled().await
     }
 
     /// Sends a request upstream with want-reply and waits for the verdict:
@@ -174,7 +203,9 @@ impl Bridge {
     /// first stdout the command writes afterwards (where sshd would give it
     /// EPIPE) closes the channel, which ends `yes | head` promptly. A command
     /// that writes only stderr (a nohup'd server) lives on, as with sshd,
-    /// even after the local client goes away.
+    /// even after the local client goes away: the upstream channel then
+    /// stays open, its stdin ended, until the command exits (sshd, told of
+    /// the close, keeps the channel's stderr until then too).
     pub fn output_closed(&self) {
         self.eow.cancel();
     }
@@ -210,9 +241,10 @@ pub fn spawn(
     tasks: &TaskTracker,
 ) -> Arc<Bridge> {
     let (up_read, up_write) = upstream.split();
-    let bridge = Bridge::new(up_write);
+    let bridge = Bridge::new(up_write, opts.session);
     let queue = Arc::new(SpillQueue::new());
     let meter = Arc::new(opts.meter);
+    let meter_up = meter.clone();
     let span = tracing::debug_span!("channel", what = %opts.what);
 
     let pump_ctx = Pump {
@@ -223,17 +255,25 @@ pub fn spawn(
         congestion: opts.congestion,
     };
     let hold = opts.hold;
+    let gone = bridge.upstream_gone.clone();
     tasks.spawn(
         async move {
             pump_ctx.run(up_read).await;
+            gone.cancel();
             // The upstream channel is gone: it no longer loads its connection.
             drop(hold);
         }
         .instrument(span.clone()),
     );
-    tasks
-        .spawn(forwarder(local_out, queue, bridge.clone(), meter.clone()).instrument(span.clone()));
-    tasks.spawn(uplink(local_in, bridge.clone(), meter).instrument(span));
+    let b = bridge.clone();
+    tasks.spawn(
+        async move {
+            forwarder(local_out, queue, b.clone(), meter.clone()).await;
+            b.finished.cancel();
+        }
+        .instrument(span.clone()),
+    );
+    tasks.spawn(uplink(local_in, bridge.clone(), meter_up).instrument(span));
     bridge
 }
 
@@ -285,11 +325,14 @@ async fn forwarder(
 
 /// Uplink: local end -> upstream, at the upstream's pace.
 async fn uplink(mut input: impl LocalIn, b: Arc<Bridge>, meter: Arc<ChannelMeter>) {
+    let mut eof_sent = false;
     loop {
         let msg = tokio::select! {
             m = input.recv() => m,
-            // The upstream channel is gone: nothing left to carry.
-            _ = b.finished.cancelled() => return,
+            // We delivered the local close: russh passes on no answer to a
+            // close we sent first, so stop here or wait (and count the
+            // channel as open) for as long as the local connection lasts.
+            _ = b.finished.cancelled() => None,
         };
         let Some(msg) = msg else { break };
         let ok = match msg {
@@ -298,7 +341,10 @@ async fn uplink(mut input: impl LocalIn, b: Arc<Bridge>, meter: Arc<ChannelMeter
                 b.write.data_bytes(data).await.is_ok()
             }
             Input::Ext(ext, data) => b.write.extended_data_bytes(ext, data).await.is_ok(),
-            Input::Eof => b.write.eof().await.is_ok(),
+            Input::Eof => {
+                eof_sent = true;
+                b.write.eof().await.is_ok()
+            }
         };
         if !ok {
             break;
@@ -306,10 +352,17 @@ async fn uplink(mut input: impl LocalIn, b: Arc<Bridge>, meter: Arc<ChannelMeter
     }
     if b.eow.is_cancelled() {
         // After eow the local client's going away is not the command's
-        // end: sshd would keep it running with stderr open. Its stdin ends.
+        // end: sshd keeps the channel, with the command's stderr open,
+        // while the command runs, and drops it when the command exits.
         tracing::debug!("local end gone after eow: the remote command keeps running");
-        let _ = b.write.eof().await;
-        return;
+        if !eof_sent {
+            let _ = b.write.eof().await;
+        }
+        tokio::select! {
+            _ = b.exited.cancelled() => {}
+            _ = b.upstream_gone.cancelled() => return,
+        }
+        tracing::debug!("the remote command exited after eow: closing the channel");
     }
     b.close().await;
 }
@@ -361,18 +414,24 @@ impl Pump {
                 ChannelMsg::Data { data } => Event::Data(data),
                 ChannelMsg::ExtendedData { ext, data } => Event::Ext(ext, data),
                 ChannelMsg::Eof => Event::Eof,
-                ChannelMsg::ExitStatus { exit_status } => Event::ExitStatus(exit_status),
+                ChannelMsg::ExitStatus { exit_status } => {
+                    u.exited.cancel();
+                    Event::ExitStatus(exit_status)
+                }
                 ChannelMsg::ExitSignal {
                     signal_name,
                     core_dumped,
                     error_message,
                     lang_tag,
-                } => Event::ExitSignal {
-                    signal: signal_name,
-                    core_dumped,
-                    message: error_message,
-                    lang: lang_tag,
-                },
+                } => {
+                    u.exited.cancel();
+                    Event::ExitSignal {
+                        signal: signal_name,
+                        core_dumped,
+                        message: error_message,
+                        lang: lang_tag,
+                    }
+                }
                 ChannelMsg::Success => {
                     u.reply(true);
                     continue;
@@ -412,7 +471,6 @@ impl Pump {
         tracing::trace!("upstream channel closed");
         // Wake any request still waiting: the channel is gone.
         u.replies.lock().unwrap().clear();
-        u.finished.cancel();
         q.push_control(Event::Close);
     }
 

@@ -1,14 +1,29 @@
 //! Noticing `eow@openssh.com` from local clients.
 //!
-//! When an OpenSSH client can no longer write a session's output (`ssh host
-//! yes | head`), it sends `eow@openssh.com` and from then on discards what
-//! arrives; sshd reacts by closing the command's output so it dies of
-//! SIGPIPE. russh 0.65's server drops unknown channel requests without a
-//! callback, only logging "unknown channel request eow@openssh.com" from the
-//! connection's session task. So we watch for that log event, find the
-//! connection by the Tokio task it came from, and close the upstream channel,
-//! which ends the remote command just as promptly. Remove this once russh
-//! passes unknown requests to the handler.
+//! An OpenSSH client sends `eow@openssh.com` on a session channel when it
+//! can take no more of its output: its stdout was closed (`ssh host yes |
+//! head`), or the ControlMaster lost the client it served (sshpyk kills the
+//! ssh that started a nohup'd kernel). sshd then closes only the command's
+//! stdout; stderr stays writable, even after the client is gone, until the
+//! command exits.
+//!
+//! russh 0.65's server drops unknown channel requests without a callback,
+//! only logging "unknown channel request eow@openssh.com" from the
+//! connection's session task, without the channel. So this tracing layer
+//! (whose own filter admits that event whatever `RUST_LOG` or `-q` say)
+//! finds the connection by the Tokio task the event came from, and the
+//! channel as the connection's one open session channel (OpenSSH sends eow
+//! on session channels only, once each); with several open it cannot tell,
+//! and leaves them alone. It then calls [`Bridge::output_closed`], which
+//! does what russh's client allows (it cannot send the request upstream
+//! either): stdout is dropped, the first stdout the command writes
+//! afterwards closes the upstream channel (where sshd would fail that
+//! write), stderr and the exit status still reach the client, and when the
+//! client goes away the upstream channel gets EOF and stays open until the
+//! command exits. Replace this once russh passes unknown requests to the
+//! handler.
+//!
+//! [`Bridge::output_closed`]: crate::bridge::Bridge::output_closed
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -76,17 +91,28 @@ impl<S: Subscriber> Layer<S> for EowLayer {
         else {
             return;
         };
-        // One ssh client runs one session; with several we cannot tell which
-        // one the request named, so leave them alone.
-        let only = {
-            let g = channels.lock().unwrap();
-            (g.len() == 1)
-                .then(|| g.values().next().map(|c| c.bridge.clone()))
-                .flatten()
-        };
-        tracing::debug!("eow@openssh.com from a local client");
-        if let Some(b) = only {
-            b.output_closed();
+        // OpenSSH sends eow on session channels only, once each. A plain
+        // ssh client runs one session; through a ControlMaster there may be
+        // several, and then we cannot tell which one the request named, so
+        // we leave them alone.
+        let candidates: Vec<_> = channels
+            .lock()
+            .unwrap()
+            .values()
+            .map(|c| &c.bridge)
+            .filter(|b| b.is_session() && !b.is_finished() && !b.is_output_closed())
+            .cloned()
+            .collect();
+        match candidates.as_slice() {
+            [b] => {
+                tracing::debug!("eow@openssh.com from a local client");
+                b.output_closed();
+            }
+            [] => tracing::debug!("eow@openssh.com on no open session: ignored"),
+            _ => tracing::info!(
+                "eow@openssh.com with {} sessions open on one connection: cannot tell which, ignored",
+                candidates.len()
+            ),
         }
     }
 }

@@ -305,11 +305,24 @@ impl LocalHandler {
                 channels.lock().unwrap().insert(
                     id,
                     LocalChannel {
-                        bridge: b,
+                        bridge: b.clone(),
                         generation: opened.generation,
                         agent: None,
                     },
                 );
+                // russh reports no close for a channel we closed first, so
+                // the entry goes when the bridge is done with it; unless the
+                // id already names a newer channel.
+                let weak = Arc::downgrade(&channels);
+                ep.tasks.spawn(async move {
+                    b.finished().await;
+                    if let Some(channels) = weak.upgrade() {
+                        let mut g = channels.lock().unwrap();
+                        if g.get(&id).is_some_and(|c| Arc::ptr_eq(&c.bridge, &b)) {
+                            g.remove(&id);
+                        }
+                    }
+                });
                 reply.accept().await;
             }
             .in_current_span(),

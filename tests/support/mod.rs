@@ -1704,3 +1704,192 @@ impl TestEnv {
         socks.into_iter().next().unwrap_or_default()
     }
 }
+
+// ---------------------------------------------------------------------------
+// Processes, shell lines, status, ControlMaster aliases
+// ---------------------------------------------------------------------------
+
+/// The command line of `pid` as its arguments, if the process exists.
+fn cmdline(pid: u32) -> Option<Vec<String>> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+impl Sshd {
+    /// Session processes (see [`Sshd::session_pids`]) with `arg` as one
+    /// whole argument. Put a marker in a separate argument of the remote
+    /// command (`sh -c '...' MARKER`): the local ssh client carries the
+    /// command as one argument, so it never matches.
+    pub fn session_pids_with_arg(&self, arg: &str) -> Vec<u32> {
+        self.session_pids()
+            .into_iter()
+            .filter(|&p| cmdline(p).is_some_and(|c| c.iter().any(|a| a == arg)))
+            .collect()
+    }
+
+    /// Session processes whose command line (arguments joined by spaces)
+    /// contains `needle`.
+    pub fn session_pids_containing(&self, needle: &str) -> Vec<u32> {
+        self.session_pids()
+            .into_iter()
+            .filter(|&p| cmdline(p).is_some_and(|c| c.join(" ").contains(needle)))
+            .collect()
+    }
+}
+
+/// `cmd` as one `sh` command line (each word single-quoted; its
+/// environment changes are not included).
+pub fn shell_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("'{}'", a.to_string_lossy().replace('\'', r"'\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Shim {
+    /// `sshshim status --json` of this shim (the first profile listed by
+    /// its runtime directory), or None if it does not answer.
+    pub fn status_json(&self) -> Option<serde_json::Value> {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_sshshim"));
+        c.args(["status", "--json"])
+            .env("XDG_STATE_HOME", self.env.state_dir())
+            .env("XDG_RUNTIME_DIR", self.env.runtime_dir())
+            .env_remove("RUST_LOG");
+        let out = run_with_timeout(&mut c, b"", Duration::from_secs(20));
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.as_array()?
+            .iter()
+            .find(|p| p["pid"].as_u64() == Some(u64::from(self.pid())))
+            .cloned()
+    }
+
+    /// Channels open right now, all kinds together, per `sshshim status`
+    /// (None if it does not answer).
+    pub fn open_channels(&self) -> Option<u64> {
+        let s = self.status_json()?;
+        Some(
+            s["channels"]
+                .as_object()?
+                .values()
+                .filter_map(serde_json::Value::as_u64)
+                .sum(),
+        )
+    }
+}
+
+/// An ssh_config file with one Host alias for an SSH server on
+/// 127.0.0.1:PORT, reached through an OpenSSH ControlMaster the way sshpyk
+/// asks for (`ControlMaster auto`, `ControlPath`, `ControlPersist`), with
+/// the test's key and no agent. Dropping it stops the master.
+pub struct MasterAlias {
+    /// The ssh_config file.
+    config: PathBuf,
+    /// The Host alias.
+    alias: String,
+}
+
+impl TestEnv {
+    /// Writes `ssh_config-ALIAS` for `alias` -> 127.0.0.1:`port` (see
+    /// [`MasterAlias`]). The control socket lives in the test directory.
+    pub fn master_alias(&self, alias: &str, port: u16) -> MasterAlias {
+        let d = self.dir().display();
+        let block = format!(
+            "Host {alias}\n\
+             \x20 HostName {LOCALHOST}\n\
+             \x20 Port {port}\n\
+             \x20 User {user}\n\
+             \x20 IdentityFile {key}\n\
+             \x20 IdentitiesOnly yes\n\
+             \x20 IdentityAgent none\n\
+             \x20 BatchMode yes\n\
+             \x20 StrictHostKeyChecking no\n\
+             \x20 UserKnownHostsFile {d}/client_known_hosts_{port}\n\
+             \x20 LogLevel ERROR\n\
+             \x20 ControlMaster auto\n\
+             \x20 ControlPath {d}/cm-{alias}\n\
+             \x20 ControlPersist 5m\n\
+             \x20 ConnectTimeout 10\n",
+            user = self.user(),
+            key = self.user_key().display(),
+        );
+        let config = self.path(&format!("ssh_config-{alias}"));
+        fs::write(&config, block).expect("write ssh_config");
+        MasterAlias {
+            config,
+            alias: alias.to_string(),
+        }
+    }
+}
+
+impl MasterAlias {
+    /// The ssh_config file (for `ssh -F`).
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    /// The Host alias.
+    pub fn alias(&self) -> &str {
+        &self.alias
+    }
+
+    /// `ssh -F CONFIG ALIAS ARGS...` (no agent).
+    pub fn ssh(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ssh");
+        c.arg("-F")
+            .arg(&self.config)
+            .arg(&self.alias)
+            .args(args)
+            .env_remove("SSH_AUTH_SOCK");
+        c
+    }
+
+    /// `ssh -F CONFIG -O OP ALIAS`, bounded.
+    fn control(&self, op: &str) -> Output {
+        let mut c = Command::new("ssh");
+        c.arg("-F")
+            .arg(&self.config)
+            .args(["-O", op])
+            .arg(&self.alias)
+            .env_remove("SSH_AUTH_SOCK");
+        run_with_timeout(&mut c, b"", Duration::from_secs(20))
+    }
+
+    /// PID of the running master, from `ssh -O check`.
+    pub fn master_pid(&self) -> Option<u32> {
+        let out = self.control("check");
+        let text = stderr_text(&out);
+        let rest = text.split("(pid=").nth(1)?;
+        rest.split(')').next()?.trim().parse().ok()
+    }
+
+    /// Starts the master (as sshpyk's first command does) and returns its PID.
+    pub fn start(&self) -> u32 {
+        let out = run(&mut self.ssh(&["true"]));
+        assert_success(&out, &format!("first ssh to {}", self.alias));
+        self.master_pid()
+            .unwrap_or_else(|| panic!("no ControlMaster for {} after a first ssh", self.alias))
+    }
+}
+
+impl Drop for MasterAlias {
+    /// Stops the master (`-O exit`, then SIGKILL if it is still there).
+    fn drop(&mut self) {
+        let pid = self.master_pid();
+        let _ = self.control("exit");
+        if let Some(pid) = pid {
+            thread::sleep(Duration::from_millis(100));
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                send_signal(&[pid], "KILL");
+            }
+        }
+    }
+}
