@@ -399,10 +399,16 @@ fn down_at(path: &Path, name: &str) -> Result<(), String> {
 /// The socket of profile `name`, for a client. A control directory that
 /// cannot exist (say $XDG_RUNTIME_DIR points nowhere) means nothing runs.
 fn client_socket_path(name: &str) -> Result<PathBuf, String> {
-    socket_path(name).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => format!("no running sshshim for profile {name}"),
-        _ => e.to_string(),
-    })
+    // A client creates nothing: no directory means nothing runs.
+    let dir = crate::paths::runtime_dir();
+    if !is_ours(&dir) {
+        return Err(format!("no running sshshim for profile {name}"));
+    }
+    let path = socket_path_in(&dir, name);
+    if !path.exists() {
+        return Err(format!("no running sshshim for profile {name}"));
+    }
+    Ok(path)
 }
 
 /// Client side: queries one profile (bounded by a 3 s timeout). Fails with
@@ -420,13 +426,17 @@ pub fn down(name: &str) -> Result<(), String> {
 
 /// Names of profiles with a socket in socket_dir() that answer (stale sockets ignored).
 pub fn running() -> Vec<String> {
-    match socket_dir() {
-        Ok(dir) => running_in(&dir),
-        Err(e) => {
-            tracing::debug!("no control directory: {e}");
-            Vec::new()
-        }
+    let dir = crate::paths::runtime_dir();
+    if !is_ours(&dir) {
+        return Vec::new();
     }
+    running_in(&dir)
+}
+
+/// Whether `dir` is a real directory owned by us (a client talks to no
+/// socket in a directory someone else could have planted).
+fn is_ours(dir: &Path) -> bool {
+    std::fs::symlink_metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() == crate::paths::my_uid())
 }
 
 /// [`running`] within an explicit directory; sorted.
