@@ -18,8 +18,8 @@ use super::UpstreamError;
 enum Proven {
     /// A key held by the agent.
     Agent(PublicKey),
-    /// A decrypted private key, in memory only.
-    Key(Arc<PrivateKey>),
+    /// A decrypted private key, in memory only, and the file it came from.
+    Key(Arc<PrivateKey>, PathBuf),
     /// A password typed once.
     Password(Arc<String>),
 }
@@ -70,6 +70,27 @@ impl Authenticator {
         &self.user
     }
 
+    /// The credential that authenticated the last successful
+    /// [`authenticate`](Self::authenticate), as the SSH method name
+    /// ("publickey" or "password") and what was used, for diagnostics
+    /// (`sshshim check`): "ssh-agent key ssh-ed25519 SHA256:…", a key
+    /// file's path, or "a typed password". Never the secret itself.
+    pub fn proven_method(&self) -> Option<(&'static str, String)> {
+        let proven = self.proven.lock().unwrap();
+        Some(match proven.as_ref()? {
+            Proven::Agent(key) => (
+                "publickey",
+                format!(
+                    "ssh-agent key {} {}",
+                    key.algorithm().as_str(),
+                    super::known_hosts::fingerprint(key)
+                ),
+            ),
+            Proven::Key(_, path) => ("publickey", path.display().to_string()),
+            Proven::Password(_) => ("password", "a typed password".to_owned()),
+        })
+    }
+
     /// Runs authentication on a fresh connection. With `interactive` false
     /// (reconnects) only the credential proven earlier is used: no prompts.
     pub async fn authenticate<H: client::Handler>(
@@ -78,6 +99,8 @@ impl Authenticator {
         interactive: bool,
     ) -> Result<(), UpstreamError> {
         let mut tried = Vec::new();
+        // Encrypted keys we could not unlock (no prompting allowed or possible).
+        let mut skipped = Vec::new();
         let mut offered: Option<MethodSet> = None;
         let proven = self.proven.lock().unwrap().clone();
         if let Some(p) = proven {
@@ -143,7 +166,14 @@ impl Authenticator {
             }
             let key = match load_key(path, interactive)? {
                 Some(k) => Arc::new(k),
-                None => continue,
+                None => {
+                    // Named in the error, so a rejection explains itself.
+                    skipped.push(format!(
+                        "{} (passphrase-protected, not unlocked)",
+                        path.display()
+                    ));
+                    continue;
+                }
             };
             tried.push(path.display().to_string());
             let hash = if key.algorithm().is_rsa() {
@@ -156,7 +186,7 @@ impl Authenticator {
                 .await?;
             match res {
                 AuthResult::Success => {
-                    *self.proven.lock().unwrap() = Some(Proven::Key(key));
+                    *self.proven.lock().unwrap() = Some(Proven::Key(key, path.clone()));
                     return Ok(());
                 }
                 AuthResult::Failure {
@@ -192,6 +222,7 @@ impl Authenticator {
             }
         }
 
+        tried.extend(skipped);
         Err(UpstreamError::AuthRejected {
             user: self.user.clone(),
             offered: methods_text(offered.as_ref()),
@@ -232,7 +263,7 @@ impl Authenticator {
                     .await
                     .map_err(|e| UpstreamError::Other(format!("ssh-agent: {e}")))?
             }
-            Proven::Key(key) => {
+            Proven::Key(key, _) => {
                 let hash = if key.algorithm().is_rsa() {
                     rsa_hash
                 } else {
