@@ -25,9 +25,16 @@
 //! (`checks[].check`, `checks[].status`, `host_key.state`, `auth.method`)
 //! may gain new values, so consumers should tolerate unknown ones.
 //!
+//! - `probe`: the diagnostic connection, hop by hop (connect, version,
+//!   host key, auth); `handler`: its russh handler and version recorder;
+//! - `forwards`: the `-L` / `-R` probes; `report`: the report types and
+//!   the table ([`render`]).
+//!
 //! Sits beside `shim` in the module graph: it uses `upstream`, `resolve`,
 //! `profile`, `control`, `spec` and `paths`; only `main` uses it.
 
+mod forwards;
+mod handler;
 mod probe;
 mod report;
 
@@ -43,7 +50,7 @@ pub use report::{AuthReport, Check, HostKeyReport, ProfileReport, Status, render
 use crate::config::UpConfig;
 use crate::control::{self, ProfileStatus};
 use crate::profile::{self, Profile};
-use crate::spec::{Addr, ForwardSpec, Kind};
+use crate::spec::ForwardSpec;
 
 /// Profiles checked at once (each holds at most one connection).
 const PARALLEL: usize = 8;
@@ -188,12 +195,12 @@ async fn check_one(t: Target, opts: &Options) -> ProfileReport {
         Ok((cfg, addrs, check)) => {
             report.destination = Some(destination(&cfg));
             report.checks.push(check);
-            let held = |spec: &ForwardSpec| held_by(report.running.as_ref(), spec);
+            let held = |spec: &ForwardSpec| forwards::held_by(report.running.as_ref(), spec);
             let deadline = limits.deadline;
             // -R targets are local: probed while the connection is made.
             let (found, remote_targets) = tokio::join!(
                 probe::run(&cfg, &addrs, &held, &mut limits),
-                remote_targets(&cfg.forwards, deadline, opts.timeout),
+                forwards::remote_targets(&cfg.forwards, deadline, opts.timeout),
             );
             report.checks.extend(found.session);
             report.checks.extend(found.local_targets);
@@ -290,87 +297,6 @@ async fn resolve(
     Ok((cfg, addrs, Check::ok("resolve", None, detail)))
 }
 
-/// Whether the running sshshim of this profile holds a `-R` port itself,
-/// and then the skip reason: probing it would steal it for an instant.
-fn held_by(running: Option<&ProfileStatus>, spec: &ForwardSpec) -> Option<String> {
-    let st = running?;
-    let Addr::Tcp(_, port) = &spec.listen else {
-        return None;
-    };
-    let spec_text = format!("-R {}", spec.listen);
-    st.forwards
-        .iter()
-        .any(|f| f.state == "active" && (f.spec == spec_text || f.bound_port == Some(*port)))
-        .then(|| format!("held by the running sshshim (pid {}): not probed", st.pid))
-}
-
-/// The `-R` targets, reached from this machine (a connection opened and
-/// closed at once), all at the same time.
-async fn remote_targets(
-    forwards: &[ForwardSpec],
-    deadline: Instant,
-    limit: Duration,
-) -> Vec<Check> {
-    let probes = forwards
-        .iter()
-        .filter(|f| f.kind == Kind::Remote)
-        .map(|f| remote_target(f, deadline, limit));
-    let mut out = Vec::new();
-    // Few per profile: one after another keeps the order and costs little.
-    for p in probes {
-        out.push(p.await);
-    }
-    out
-}
-
-/// One `-R` target.
-async fn remote_target(spec: &ForwardSpec, deadline: Instant, limit: Duration) -> Check {
-    let subject = Some(spec.to_string());
-    let started = Instant::now();
-    let result = match &spec.target {
-        Addr::Tcp(h, p) => timeout_at(deadline, tokio::net::TcpStream::connect((h.as_str(), *p)))
-            .await
-            .map(|r| r.map(drop)),
-        Addr::Unix(p) => {
-            let path = crate::paths::expand_tilde(p.as_ref());
-            timeout_at(deadline, tokio::net::UnixStream::connect(path))
-                .await
-                .map(|r| r.map(drop))
-        }
-    };
-    let target = &spec.target;
-    match result {
-        Ok(Ok(())) => Check::ok(
-            "remote_target",
-            subject,
-            format!("{target} reachable from this machine"),
-        )
-        .timed(started.elapsed()),
-        Ok(Err(e)) => {
-            let hint = match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => {
-                    " (nothing listens there: is the service running?)"
-                }
-                std::io::ErrorKind::NotFound => " (no such socket: is the service running?)",
-                _ => "",
-            };
-            Check::fail(
-                "remote_target",
-                subject,
-                format!("cannot connect to {target} from this machine: {e}{hint}"),
-            )
-        }
-        Err(_) => Check::fail(
-            "remote_target",
-            subject,
-            format!(
-                "{target} did not answer within the --timeout of {} s",
-                limit.as_secs()
-            ),
-        ),
-    }
-}
-
 /// The "running" line: whether an sshshim runs the profile, and how it is.
 fn running_check(running: &Result<ProfileStatus, String>) -> Check {
     let st = match running {
@@ -432,7 +358,8 @@ mod tests {
     use super::*;
     use crate::control::{ForwardStatus, UpstreamStatus};
 
-    fn status(state: &str, fwd_state: &str) -> ProfileStatus {
+    /// A status of a running profile, for the tests of `check`.
+    pub(super) fn status(state: &str, fwd_state: &str) -> ProfileStatus {
         ProfileStatus {
             profile: "lab".into(),
             pid: 42,
@@ -485,17 +412,5 @@ mod tests {
         );
         let c = running_check(&Err("no running sshshim for profile lab".into()));
         assert_eq!(c.status, Status::Skip);
-    }
-
-    #[test]
-    fn a_port_held_by_our_own_running_sshshim_is_not_probed() {
-        let spec = ForwardSpec::parse(Kind::Remote, "2222:localhost:22").unwrap();
-        let other = ForwardSpec::parse(Kind::Remote, "2223:localhost:22").unwrap();
-        let st = status("connected", "active");
-        assert!(held_by(Some(&st), &spec).unwrap().contains("pid 42"));
-        assert!(held_by(Some(&st), &other).is_none());
-        assert!(held_by(None, &spec).is_none());
-        // A forward the running one does not hold (retrying) is probed.
-        assert!(held_by(Some(&status("connected", "retrying")), &spec).is_none());
     }
 }

@@ -1,28 +1,23 @@
 //! The diagnostic SSH connection of `sshshim check`: TCP connect, the
 //! server's version string, the host key verdict and authentication, hop by
-//! hop through jump hosts, then the probes that need the server (`-L`
-//! targets through `direct-tcpip` / `direct-streamlocal`, fixed `-R` ports
-//! through `tcpip-forward` cancelled at once).
+//! hop through jump hosts, then the forward probes that need the server.
 //!
 //! It reuses the upstream's host key verifier (never allowed to record a
-//! key here) and authenticator, but has its own russh handler: one that
-//! remembers the verdict instead of failing with it, and refuses every
-//! channel the server opens.
+//! key here) and authenticator, with its own russh handler (see `handler`).
 
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use russh::client::{self, AuthResult};
-use russh::keys::{PublicKey, PublicKeyOrCertificate};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use russh::keys::PublicKey;
 use tokio::time::{Instant, timeout, timeout_at};
 
+use super::forwards::{local_target, open_error, remote_port};
+use super::handler::{Io, ProbeHandler, Recording, Verdict, version_line};
 use super::report::{AuthReport, Check, HostKeyReport, ms};
 use crate::config::UpConfig;
-use crate::spec::{Addr, ForwardSpec, HostSpec, Kind};
+use crate::spec::{ForwardSpec, HostSpec, Kind};
 use crate::upstream::UpstreamError;
 use crate::upstream::auth::Authenticator;
 use crate::upstream::known_hosts::{HostKeyError, HostKeyVerifier, fingerprint};
@@ -30,10 +25,6 @@ use crate::upstream::known_hosts::{HostKeyError, HostKeyVerifier, fingerprint};
 /// Longest an interactive authentication (someone typing a password) may
 /// take; it does not count against `--timeout`.
 const INTERACTIVE_AUTH_MAX: Duration = Duration::from_secs(300);
-/// Bytes of the server's first output kept to find its version line
-/// (RFC 4253 allows lines before it).
-const BANNER_MAX: usize = 8192;
-
 /// What the probe is allowed to do.
 pub(super) struct Limits {
     /// When the profile's time is up (`--timeout` from its start).
@@ -61,198 +52,6 @@ pub(super) struct Found {
     pub host_key: Option<HostKeyReport>,
     /// Authentication to the target.
     pub auth: Option<AuthReport>,
-}
-
-/// A byte stream an SSH connection can run over.
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// The host key a server offered and what known_hosts says about it.
-enum Verdict {
-    /// A plain key, and what known_hosts says (boxed: it is large).
-    Key(Box<(PublicKey, Result<(), HostKeyError>)>),
-    /// A certificate, which sshshim does not verify.
-    Certificate,
-}
-
-/// russh callbacks of the diagnostic connection.
-struct ProbeHandler {
-    /// known_hosts lookup; `accept_new` is always off here.
-    verifier: HostKeyVerifier,
-    /// The profile would record an unknown key (accept_new): go on without
-    /// recording it, to check the rest.
-    accept_unknown: bool,
-    /// Where the verdict is left for the report.
-    verdict: Arc<Mutex<Option<Verdict>>>,
-}
-
-impl client::Handler for ProbeHandler {
-    type Error = UpstreamError;
-
-    async fn check_server_key(
-        &mut self,
-        key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
-            *self.verdict.lock().unwrap() = Some(Verdict::Certificate);
-            return Ok(false);
-        };
-        let result = self.verifier.verify(key);
-        let go_on = match &result {
-            Ok(()) => true,
-            Err(HostKeyError::Unknown { .. }) => self.accept_unknown,
-            Err(_) => false,
-        };
-        *self.verdict.lock().unwrap() = Some(Verdict::Key(Box::new((key.clone(), result))));
-        Ok(go_on)
-    }
-
-    async fn server_channel_open_forwarded_tcpip(
-        &mut self,
-        _channel: russh::Channel<client::Msg>,
-        _connected_address: &str,
-        _connected_port: u32,
-        _originator_address: &str,
-        _originator_port: u32,
-        reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        // Someone connected to a probed -R port in the instant it was open.
-        reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
-        Ok(())
-    }
-
-    async fn server_channel_open_forwarded_streamlocal(
-        &mut self,
-        _channel: russh::Channel<client::Msg>,
-        _socket_path: &str,
-        reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
-        Ok(())
-    }
-
-    async fn server_channel_open_agent_forward(
-        &mut self,
-        _channel: russh::Channel<client::Msg>,
-        reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
-    }
-
-    async fn server_channel_open_session(
-        &mut self,
-        _channel: russh::Channel<client::Msg>,
-        reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
-    }
-
-    async fn server_channel_open_direct_tcpip(
-        &mut self,
-        _channel: russh::Channel<client::Msg>,
-        _host_to_connect: &str,
-        _port_to_connect: u32,
-        _originator_address: &str,
-        _originator_port: u32,
-        reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
-    }
-
-    async fn server_channel_open_direct_streamlocal(
-        &mut self,
-        _channel: russh::Channel<client::Msg>,
-        _socket_path: &str,
-        reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
-    }
-
-    async fn server_channel_open_x11(
-        &mut self,
-        _channel: russh::Channel<client::Msg>,
-        _originator_address: &str,
-        _originator_port: u32,
-        reply: client::ChannelOpenHandle,
-        _session: &mut client::Session,
-    ) -> Result<(), Self::Error> {
-        reply
-            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
-            .await;
-        Ok(())
-    }
-}
-
-/// A stream that keeps a copy of the first bytes read from it: the
-/// server's version line, which russh does not hand out when the
-/// handshake fails (an unknown or changed host key, say).
-struct Recording<S> {
-    /// The stream.
-    inner: S,
-    /// The first [`BANNER_MAX`] bytes read.
-    seen: Arc<Mutex<Vec<u8>>>,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Recording<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let mut seen = self.seen.lock().unwrap();
-            let room = BANNER_MAX.saturating_sub(seen.len());
-            let new = &buf.filled()[before..];
-            seen.extend_from_slice(&new[..new.len().min(room)]);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Recording<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// The first complete line starting with "SSH-" in what the server sent.
-fn version_line(seen: &[u8]) -> Option<String> {
-    String::from_utf8_lossy(seen)
-        .split_inclusive('\n')
-        .find(|l| l.ends_with('\n') && l.starts_with("SSH-"))
-        .map(|l| l.trim_end().to_owned())
 }
 
 /// "publickey,password" as a list.
@@ -407,7 +206,7 @@ pub(super) async fn run(
 }
 
 /// "timed out (--timeout 10 s)".
-fn timed_out(limits: &Limits) -> String {
+pub(super) fn timed_out(limits: &Limits) -> String {
     format!(
         "no answer in time (--timeout {} s for the whole profile)",
         limits.timeout.as_secs()
@@ -783,177 +582,5 @@ async fn authenticate(
             (Check::fail("auth", None, format!("{e}{hint}")), report)
         }
         Err(_) => (Check::fail("auth", None, timed_out(limits)), report),
-    }
-}
-
-/// Why a channel open failed, as far as russh tells (it keeps the code,
-/// not the server's text).
-fn open_error(e: &russh::Error) -> String {
-    use russh::ChannelOpenFailure as F;
-    match e {
-        russh::Error::ChannelOpenFailure(F::ConnectFailed) => {
-            "connect failed (nothing listens there, the host is unreachable, or the name is \
-             unknown to the server)"
-                .into()
-        }
-        russh::Error::ChannelOpenFailure(F::AdministrativelyProhibited) => {
-            "administratively prohibited (the server's AllowTcpForwarding, \
-             AllowStreamLocalForwarding or PermitOpen forbid it)"
-                .into()
-        }
-        russh::Error::ChannelOpenFailure(F::UnknownChannelType) => {
-            "the server does not support this kind of channel".into()
-        }
-        russh::Error::ChannelOpenFailure(F::ResourceShortage) => {
-            "the server is short of resources (MaxSessions?)".into()
-        }
-        other => other.to_string(),
-    }
-}
-
-/// A `-L` target, reached from the server: a channel opened and closed.
-async fn local_target(
-    handle: &client::Handle<ProbeHandler>,
-    spec: &ForwardSpec,
-    limits: &Limits,
-) -> Check {
-    let subject = Some(spec.to_string());
-    let started = Instant::now();
-    let result = match &spec.target {
-        Addr::Tcp(host, port) => {
-            timeout_at(
-                limits.deadline,
-                handle.channel_open_direct_tcpip(host.clone(), *port as u32, "127.0.0.1", 0),
-            )
-            .await
-        }
-        Addr::Unix(path) => {
-            timeout_at(
-                limits.deadline,
-                handle.channel_open_direct_streamlocal(path.clone()),
-            )
-            .await
-        }
-    };
-    let took = started.elapsed();
-    let target = &spec.target;
-    match result {
-        Ok(Ok(ch)) => {
-            let _ = ch.close().await;
-            Check::ok(
-                "local_target",
-                subject,
-                format!("{target} reachable from the server"),
-            )
-            .timed(took)
-        }
-        Ok(Err(e)) => Check::fail(
-            "local_target",
-            subject,
-            format!("the server cannot reach {target}: {}", open_error(&e)),
-        ),
-        Err(_) => Check::fail(
-            "local_target",
-            subject,
-            format!(
-                "{}: the server is still trying to reach {target}",
-                timed_out(limits)
-            ),
-        ),
-    }
-}
-
-/// A fixed `-R` port: asked for and released at once.
-async fn remote_port(
-    handle: &client::Handle<ProbeHandler>,
-    spec: &ForwardSpec,
-    limits: &Limits,
-) -> Check {
-    let subject = Some(spec.to_string());
-    let (host, port) = match &spec.listen {
-        Addr::Unix(_) => {
-            return Check::skip(
-                "remote_port",
-                subject,
-                "a socket path is not probed (asking for it would create the socket file on \
-                 the server)",
-            );
-        }
-        Addr::Tcp(_, 0) => {
-            return Check::skip(
-                "remote_port",
-                subject,
-                "port 0: the server picks a free port",
-            );
-        }
-        Addr::Tcp(h, p) => (h.clone(), *p),
-    };
-    let place = if host.is_empty() {
-        format!("port {port}")
-    } else {
-        format!("{}", spec.listen)
-    };
-    let started = Instant::now();
-    match timeout_at(
-        limits.deadline,
-        handle.tcpip_forward(host.clone(), port as u32),
-    )
-    .await
-    {
-        Ok(Ok(_)) => {
-            let took = started.elapsed();
-            // Release it at once; the disconnect afterwards would too.
-            match timeout_at(
-                limits.deadline,
-                handle.cancel_tcpip_forward(host, port as u32),
-            )
-            .await
-            {
-                Ok(Ok(())) => Check::ok(
-                    "remote_port",
-                    subject,
-                    format!("{place} is free on the server (listened and released)"),
-                )
-                .timed(took),
-                Ok(Err(e)) => Check::fail(
-                    "remote_port",
-                    subject,
-                    format!(
-                        "{place} is free on the server, but releasing it failed: {e} (closing \
-                         the connection released it)"
-                    ),
-                ),
-                Err(_) => Check::fail("remote_port", subject, timed_out(limits)),
-            }
-        }
-        Ok(Err(russh::Error::RequestDenied)) => Check::fail(
-            "remote_port",
-            subject,
-            format!(
-                "the server refused to listen on {place}: in use there, or forbidden \
-                 (AllowTcpForwarding, PermitListen; ports below 1024 need root)"
-            ),
-        ),
-        Ok(Err(e)) => Check::fail(
-            "remote_port",
-            subject,
-            format!("asking the server to listen on {place} failed: {e}"),
-        ),
-        Err(_) => Check::fail("remote_port", subject, timed_out(limits)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn version_line_is_the_first_complete_ssh_line() {
-        assert_eq!(
-            version_line(b"hello\r\nSSH-2.0-OpenSSH_9.6\r\n\0\0\0"),
-            Some("SSH-2.0-OpenSSH_9.6".into())
-        );
-        assert_eq!(version_line(b"SSH-2.0-Open"), None);
-        assert_eq!(version_line(b"HTTP/1.1 400 Bad Request\r\n"), None);
     }
 }
