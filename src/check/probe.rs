@@ -94,7 +94,11 @@ pub(super) async fn run(
                 match session(hop, stream, label(hop), &record, limits, &mut found, last).await {
                     Ok(handle) => handles.push(handle),
                     Err(why) => {
-                        why_not = Some(why);
+                        // Through jump hosts, say which hop it was.
+                        why_not = Some(match label(hop) {
+                            Some(l) if !last => format!("{why} ({l})"),
+                            _ => why,
+                        });
                         break;
                     }
                 }
