@@ -8,7 +8,7 @@
 //!     |
 //!   supervisor ---------------------------- service, control, hooks
 //!     |                                         |
-//!   shim (one running profile)                  |
+//!   shim (one running profile)  check (diag.)   |
 //!     |                                         |
 //!   endpoint (local SSH server) ---+            |
 //!     |                            |            |
@@ -21,11 +21,17 @@
 //!   config ------ stats, tuning -------- spec, paths (ground: import nothing)
 //! ```
 //!
+//! [`check`] (`sshshim check`) sits beside `shim`: it makes its own
+//! short-lived connection with the upstream's host key verifier and
+//! authenticator, and reads `resolve`, `profile` and `control`; only `main`
+//! uses it.
+//!
 //! Data flows one way: local clients -> [`endpoint`] -> [`bridge`] ->
 //! [`upstream`]. Channels the server opens leave [`upstream`] as events
 //! that [`forward`] consumes; nothing calls back up.
 
 pub mod bridge;
+pub mod check;
 pub mod client_config;
 pub mod config;
 pub mod control;

@@ -64,6 +64,9 @@ enum Command {
     /// Serve MCP tools on stdin/stdout for AI agents: set up, inspect and remove tunnels; exec and copy through them.
     #[command(after_help = MCP_EXAMPLES)]
     Mcp(McpArgs),
+    /// Diagnose profiles or destinations: resolution, connect, host key, authentication, forwards.
+    #[command(after_help = CHECK_HELP)]
+    Check(CheckArgs),
 }
 
 /// Examples shown under `sshshim mcp --help`.
@@ -79,6 +82,58 @@ struct McpArgs {
     /// Profiles file to read and edit (default: ~/.config/sshshim/config.toml).
     #[arg(short = 'c', long = "config", value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+/// Shown under `sshshim check --help`.
+const CHECK_HELP: &str = "\
+Each profile gets its own short-lived connection and these checks, one line each:
+  resolve    the destination as `ssh -G` resolves it, and its address
+  connect    TCP connect to the server (time in ms)
+  version    the server's SSH version string
+  host key   known, unknown or CHANGED, with fingerprints (known_hosts is never written)
+  auth       which method worked, and which the server offers
+  -L target  each -L target, reached from the server (a channel opened and closed)
+  -R port    each fixed -R port free on the server (listened on and released at once;
+             not probed while the running sshshim of the profile holds it)
+  -R target  each -R target, reached from this machine
+  sshshim    whether an sshshim runs the profile, and its state
+
+Nothing prompts unless --interactive (and then only on a terminal): without it,
+authentication uses ssh-agent and unencrypted keys, and a profile that needs a
+password or passphrase fails saying so. Nothing is left open or listening.
+
+Exit status: 0 when every check passed (skipped checks are not failures),
+1 when any failed, 2 for usage errors.
+
+Examples:
+  sshshim check                       every profile of the config file
+  sshshim check lab alice@gw.example.org
+  sshshim check --json lab | jq '.[0].checks[] | select(.status == \"fail\")'";
+
+/// `sshshim check`.
+#[derive(Args, Debug)]
+struct CheckArgs {
+    /// Profiles or destinations to check (default: every profile of the config file).
+    #[arg(value_name = "NAME|DESTINATION")]
+    names: Vec<String>,
+    /// Profiles file (default: ~/.config/sshshim/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// ssh_config file to resolve with (as `ssh -F`).
+    #[arg(short = 'F', value_name = "FILE")]
+    ssh_config: Option<PathBuf>,
+    /// Seconds each profile may take in all: resolving, connecting, the
+    /// handshake, authentication and the forward probes.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
+    /// Ask for passwords and key passphrases on the terminal, as `up` does.
+    /// Profiles are then checked one at a time, and time spent typing does
+    /// not count against --timeout.
+    #[arg(long)]
+    interactive: bool,
+    /// Print JSON (a stable format, see README).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Examples shown under `sshshim up --help`.
@@ -396,6 +451,7 @@ fn main() -> ExitCode {
                 config: a.config,
             }))
         }),
+        Command::Check(a) => return check(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -425,6 +481,48 @@ fn status(a: StatusArgs) -> Result<(), String> {
         print!("{}", sshshim::control::render(&all));
     }
     Ok(())
+}
+
+/// `sshshim check [NAME|DESTINATION…]`: exit 0 when every check passed,
+/// 1 when one failed, 2 when nothing could be checked as asked.
+fn check(a: CheckArgs) -> ExitCode {
+    use sshshim::check;
+    let opts = check::Options {
+        names: a.names,
+        config: a.config,
+        ssh_config: a.ssh_config,
+        timeout: Duration::from_secs(a.timeout),
+        interactive: a.interactive,
+    };
+    let result = build_runtime()
+        .map_err(|e| check::Error::Config(format!("cannot start the runtime: {e}")))
+        .and_then(|rt| rt.block_on(check::run(opts)));
+    let reports = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sshshim: {e}");
+            return match e {
+                check::Error::Usage(_) => ExitCode::from(2),
+                check::Error::Config(_) => ExitCode::FAILURE,
+            };
+        }
+    };
+    if a.json {
+        match serde_json::to_string_pretty(&reports) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("sshshim: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", check::render(&reports));
+    }
+    if reports.iter().all(|r| r.passed) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// `sshshim service …`.

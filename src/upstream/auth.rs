@@ -23,8 +23,9 @@ use super::UpstreamError;
 enum Proven {
     /// A key held by the agent.
     Agent(PublicKey),
-    /// A decrypted private key, in memory only (wiped on drop by ssh-key).
-    Key(Arc<PrivateKey>),
+    /// A decrypted private key, in memory only (wiped on drop by ssh-key),
+    /// and the file it came from.
+    Key(Arc<PrivateKey>, PathBuf),
     /// A password typed once, wiped on drop.
     Password(Arc<Zeroizing<String>>),
 }
@@ -35,7 +36,7 @@ impl fmt::Debug for Proven {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Proven::Agent(k) => write!(f, "Agent({})", super::known_hosts::fingerprint(k)),
-            Proven::Key(k) => write!(
+            Proven::Key(k, _) => write!(
                 f,
                 "Key({})",
                 super::known_hosts::fingerprint(k.public_key())
@@ -106,6 +107,27 @@ impl Authenticator {
         &self.user
     }
 
+    /// The credential that authenticated the last successful
+    /// [`authenticate`](Self::authenticate), as the SSH method name
+    /// ("publickey" or "password") and what was used, for diagnostics
+    /// (`sshshim check`): "ssh-agent key ssh-ed25519 SHA256:…", a key
+    /// file's path, or "a typed password". Never the secret itself.
+    pub fn proven_method(&self) -> Option<(&'static str, String)> {
+        let proven = self.proven.lock().unwrap();
+        Some(match proven.as_ref()? {
+            Proven::Agent(key) => (
+                "publickey",
+                format!(
+                    "ssh-agent key {} {}",
+                    key.algorithm().as_str(),
+                    super::known_hosts::fingerprint(key)
+                ),
+            ),
+            Proven::Key(_, path) => ("publickey", path.display().to_string()),
+            Proven::Password(_) => ("password", "a typed password".to_owned()),
+        })
+    }
+
     /// Runs authentication on a fresh connection. With `interactive` false
     /// (reconnects) only the credential proven earlier is used: no prompts.
     pub async fn authenticate<H: client::Handler>(
@@ -114,6 +136,8 @@ impl Authenticator {
         interactive: bool,
     ) -> Result<(), UpstreamError> {
         let mut tried = Vec::new();
+        // Encrypted keys we could not unlock (no prompting allowed or possible).
+        let mut skipped = Vec::new();
         let mut offered: Option<MethodSet> = None;
         let proven = self.proven.lock().unwrap().clone();
         if let Some(p) = proven {
@@ -186,7 +210,14 @@ impl Authenticator {
             }
             let key = match load_key(path, interactive)? {
                 Some(k) => Arc::new(k),
-                None => continue,
+                None => {
+                    // Named in the error, so a rejection explains itself.
+                    skipped.push(format!(
+                        "{} (passphrase-protected, not unlocked)",
+                        path.display()
+                    ));
+                    continue;
+                }
             };
             tried.push(path.display().to_string());
             let hash = if key.algorithm().is_rsa() {
@@ -199,7 +230,7 @@ impl Authenticator {
                 .await?;
             match res {
                 AuthResult::Success => {
-                    *self.proven.lock().unwrap() = Some(Proven::Key(key));
+                    *self.proven.lock().unwrap() = Some(Proven::Key(key, path.clone()));
                     return Ok(());
                 }
                 AuthResult::Failure {
@@ -236,6 +267,7 @@ impl Authenticator {
             }
         }
 
+        tried.extend(skipped);
         Err(UpstreamError::AuthRejected {
             user: self.user.clone(),
             offered: methods_text(offered.as_ref()),
@@ -276,7 +308,7 @@ impl Authenticator {
                     .await
                     .map_err(|e| UpstreamError::Other(format!("ssh-agent: {e}")))?
             }
-            Proven::Key(key) => {
+            Proven::Key(key, _) => {
                 let hash = if key.algorithm().is_rsa() {
                     rsa_hash
                 } else {
@@ -425,7 +457,7 @@ mod tests {
         let secret = key.key_data().ed25519().unwrap().private.to_bytes();
         let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         let fp = super::super::known_hosts::fingerprint(key.public_key());
-        *a.proven.lock().unwrap() = Some(Proven::Key(Arc::new(key)));
+        *a.proven.lock().unwrap() = Some(Proven::Key(Arc::new(key), PathBuf::from("/k")));
         let shown = format!("{a:#?}");
         assert!(shown.contains(&format!("Key({fp})")), "{shown}");
         assert!(!shown.contains(&body), "{shown}");

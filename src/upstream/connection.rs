@@ -566,8 +566,11 @@ impl Connection {
     }
 }
 
-/// russh client settings with the given receive window.
-pub(super) fn client_config(window: u32) -> client::Config {
+/// russh client settings with the given receive window: the algorithm
+/// preferences and packet sizes of every upstream connection. Public so a
+/// diagnostic connection (`sshshim check`) negotiates exactly as the
+/// upstream would.
+pub fn client_config(window: u32) -> client::Config {
     client::Config {
         // Our own monitor sends keepalives (it measures RTT and can cut a
         // socket whose writes are stuck); russh's would only duplicate it.
