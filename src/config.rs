@@ -47,4 +47,6 @@ pub struct UpConfig {
     /// How long a local reader whose buffer is full may take nothing
     /// before its channel is closed.
     pub stall_limit: Duration,
+    /// OpenSSH multiplexing socket; `None` serves none.
+    pub mux: Option<PathBuf>,
 }

@@ -41,6 +41,7 @@ pub mod forward;
 mod fuzzing;
 pub mod hooks;
 pub mod local_channel;
+pub mod master;
 pub mod mcp;
 pub mod mux;
 pub mod paths;

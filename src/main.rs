@@ -257,6 +257,12 @@ struct UpArgs {
     /// connection.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     stall_limit: Option<u64>,
+
+    /// Serve OpenSSH's multiplexing protocol on this Unix socket, so OpenSSH
+    /// tools with `ControlPath` set to it skip the local handshake; `none`
+    /// serves none [default: $XDG_RUNTIME_DIR/sshshim/NAME.mux].
+    #[arg(long, value_name = "PATH|none")]
+    mux: Option<PathBuf>,
 }
 
 impl UpArgs {
@@ -286,6 +292,7 @@ impl UpArgs {
             on_event: self.on_event.clone(),
             metrics: self.metrics,
             stall_limit: self.stall_limit,
+            mux: self.mux.as_ref().map(|p| paths::expand_tilde(p)),
             mcp_exec: None,
         }
     }

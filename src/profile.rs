@@ -37,6 +37,7 @@ pub const KEYS: &[&str] = &[
     "on_event",
     "metrics",
     "stall_limit",
+    "mux",
     "mcp_exec",
 ];
 
@@ -83,6 +84,8 @@ pub struct Profile {
     /// Seconds a stalled local reader may take nothing at its buffer's
     /// cap before its channel is closed (>= 1).
     pub stall_limit: Option<u64>,
+    /// OpenSSH multiplexing socket path, `~` expanded; `none` serves none.
+    pub mux: Option<PathBuf>,
     /// Lets `sshshim mcp` run commands and copy files through this profile's
     /// endpoint (its `exec` and `copy` tools); off unless set.
     pub mcp_exec: Option<bool>,
@@ -121,6 +124,7 @@ impl Profile {
             on_event: self.on_event.or(lower.on_event),
             metrics: self.metrics.or(lower.metrics),
             stall_limit: self.stall_limit.or(lower.stall_limit),
+            mux: self.mux.or(lower.mux),
             mcp_exec: self.mcp_exec.or(lower.mcp_exec),
         }
     }
@@ -422,6 +426,7 @@ fn set(p: &mut Profile, key: &str, v: Val) -> Result<(), Bad> {
         "on_event" => p.on_event = Some(str_of(v, "a command (string)")?),
         "metrics" => p.metrics = Some(addr_of(v)?),
         "stall_limit" => p.stall_limit = Some(int_of(v, 1, i64::MAX, secs)? as u64),
+        "mux" => p.mux = Some(path_of(v)?),
         "mcp_exec" => p.mcp_exec = Some(bool_of(v)?),
         _ => return Err(Bad::whole(unknown_key(key))),
     }

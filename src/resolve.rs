@@ -159,5 +159,13 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
         stall_limit: p
             .stall_limit
             .map_or(crate::tuning::READER_STALL, Duration::from_secs),
+        mux: match p.mux {
+            Some(path) if path.as_os_str() == "none" => None,
+            Some(path) => Some(path),
+            None => Some(
+                crate::paths::runtime_dir()
+                    .join(format!("{}.mux", crate::paths::safe_name(req.name))),
+            ),
+        },
     })
 }

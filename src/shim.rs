@@ -15,6 +15,8 @@ use tracing::Instrument;
 use crate::config::UpConfig;
 use crate::endpoint::{self, Endpoint, auth::AuthorizedKeys};
 use crate::forward::{self, Registry};
+use crate::master::{Master, MasterOptions};
+use crate::mux::{MuxListener, MuxServer};
 use crate::spec::Kind;
 use crate::stats::Gauge;
 use crate::upstream::{Pool, UpstreamError, known_hosts::fingerprint};
@@ -50,6 +52,8 @@ pub struct Started {
     pub host_key: (String, std::path::PathBuf),
     /// Local clients connected right now.
     pub local_clients: Gauge,
+    /// The OpenSSH multiplexing socket, if served.
+    pub mux: Option<std::path::PathBuf>,
 }
 
 /// Runs one profile until `stop` is cancelled. `on_start` is called once
@@ -108,6 +112,21 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
         }
     }
     let endpoint_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+    // The multiplexing socket too is bound before connecting: a live one
+    // of another sshshim is an error now, not after a prompt.
+    let mux_listener = match &cfg.mux {
+        Some(path) => match MuxListener::bind(path) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail(format!(
+                    "cannot serve the multiplexing socket {}: {e} (choose another with --mux \
+                     PATH, or --mux none)",
+                    path.display()
+                ));
+            }
+        },
+        None => None,
+    };
 
     // Everything this profile starts runs on `tasks`, so the exit can wait
     // for it; `shutdown` tells it all to stop.
@@ -140,6 +159,34 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
         };
     }
 
+    let mux_path = mux_listener.as_ref().map(|l| l.path().to_path_buf());
+    if let Some(l) = mux_listener {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let server = MuxServer::new(l, tx);
+        let master = Master::new(MasterOptions {
+            pool: pool.clone(),
+            registry: registry.clone(),
+            tasks: tasks.clone(),
+            stall_limit: cfg.stall_limit,
+            connect_timeout: cfg.connect_timeout,
+            stop_profile: stop.clone(),
+            stop_listening: server.stop_token(),
+            shutdown: shutdown.clone(),
+        });
+        let stop_serving = server.stop_token();
+        let sd = shutdown.clone();
+        tasks.spawn(
+            async move {
+                tokio::select! {
+                    _ = server.run() => {}
+                    _ = sd.cancelled() => stop_serving.cancel(),
+                }
+            }
+            .in_current_span(),
+        );
+        tasks.spawn(master.serve(rx).in_current_span());
+    }
+
     let mut local_forwards = tokio::task::JoinSet::new();
     for spec in cfg.forwards.iter().filter(|f| f.kind == Kind::Local) {
         let fut = forward::local::run(spec.clone(), registry.clone(), shutdown.clone());
@@ -169,6 +216,7 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
         endpoint: endpoint_addr,
         host_key,
         local_clients,
+        mux: mux_path,
     });
 
     let mut running = tokio::spawn(pool.clone().run(shutdown.clone()).in_current_span());
@@ -253,6 +301,9 @@ pub fn print_banner(name: &str, s: &Started) {
     let target = s.pool.target();
     let Some(bound) = s.endpoint else {
         let _ = writeln!(out, "sshshim: connected to {target} (no local endpoint)");
+        if let Some(m) = &s.mux {
+            let _ = writeln!(out, "  mux:       {}", m.display());
+        }
         let _ = out.flush();
         return;
     };
@@ -300,6 +351,14 @@ pub fn print_banner(name: &str, s: &Started) {
         out,
         "  then:      ssh {alias}   scp FILE {alias}:   sftp {alias}   rsync -e ssh SRC {alias}:DST"
     );
+    if let Some(m) = &s.mux {
+        let _ = writeln!(
+            out,
+            "  mux:       {} (OpenSSH tools: ssh -o ControlPath={} -o ControlMaster=no HOST)",
+            m.display(),
+            m.display()
+        );
+    }
     let _ = writeln!(out, "  or now:    ssh{p} {host}");
     let _ = writeln!(out, "             scp{cap_p} FILE {host}:");
     let _ = writeln!(out, "             sftp{cap_p} {host}");

@@ -32,6 +32,8 @@ struct Parts {
     forwards: Arc<Registry>,
     /// Endpoint address, if any.
     endpoint: Option<SocketAddr>,
+    /// Multiplexing socket, if any.
+    mux: Option<std::path::PathBuf>,
     /// Local clients connected.
     clients: Gauge,
 }
@@ -104,6 +106,7 @@ impl StatusSource for Live {
             pid: std::process::id(),
             destination: self.destination.clone(),
             endpoint: None,
+            mux_socket: None,
             upstream: up.clone(),
             local_clients: 0,
             channels: BTreeMap::new(),
@@ -133,6 +136,7 @@ impl StatusSource for Live {
         let stats = p.pool.stats();
         status.upstream = up;
         status.endpoint = p.endpoint.map(|e| e.to_string());
+        status.mux_socket = p.mux.as_ref().map(|m| m.display().to_string());
         status.local_clients = p.clients.get();
         status.channels = stats
             .channels()
@@ -248,6 +252,7 @@ async fn run_profile(
             pool: s.pool.clone(),
             forwards: s.forwards.clone(),
             endpoint: s.endpoint,
+            mux: s.mux.clone(),
             clients: s.local_clients.clone(),
         });
         tokio::spawn(

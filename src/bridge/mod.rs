@@ -171,6 +171,14 @@ impl Bridge {
     /// Sends a request upstream with want-reply and waits for the verdict:
     /// `false` when refused or when the channel died first.
     pub async fn request(&self, req: Request) -> bool {
+        self.send_request(req).await.await.unwrap_or(false)
+    }
+
+    /// Sends a request upstream with want-reply and returns where its
+    /// verdict will arrive, so several requests can be in flight at once
+    /// (SSH answers them in order). The receiver yields an error if the
+    /// channel died first.
+    pub async fn send_request(&self, req: Request) -> oneshot::Receiver<bool> {
         let (tx, rx) = oneshot::channel();
         self.replies.lock().unwrap().push_back(tx);
         let w = &self.write;
@@ -192,9 +200,10 @@ impl Bridge {
             Request::AgentForward => w.agent_forward(true).await,
         };
         if sent.is_err() {
-            return false;
+            // Drop our sender: the receiver then reports the failure.
+            self.replies.lock().unwrap().pop_back();
         }
-        rx.await.unwrap_or(false)
+        rx
     }
 
     /// The local client can take no more output (`eow@openssh.com`). sshd

@@ -365,6 +365,7 @@ mod tests {
             pid: 42,
             destination: "alice@gw:22".into(),
             endpoint: None,
+            mux_socket: None,
             upstream: UpstreamStatus {
                 state: state.into(),
                 since: 0,

@@ -117,6 +117,9 @@ fn render_one(out: &mut String, st: &ProfileStatus, now: u64) {
         "endpoint",
         format!("{endpoint}, {} local {clients}", st.local_clients),
     );
+    if let Some(m) = st.mux_socket.as_deref() {
+        field("mux", format!("{} (ssh -o ControlPath=…)", clean(m)));
+    }
     let channels = st
         .channels
         .iter()

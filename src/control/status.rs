@@ -64,6 +64,9 @@ pub struct ProfileStatus {
     pub destination: String,
     /// Local SSH endpoint ("127.0.0.1:2222"), or None when the profile serves none.
     pub endpoint: Option<String>,
+    /// OpenSSH multiplexing socket (`ssh -o ControlPath=…`), or None.
+    #[serde(default)]
+    pub mux_socket: Option<String>,
     /// State of the upstream connection.
     pub upstream: UpstreamStatus,
     /// Local SSH clients currently connected to the endpoint.
@@ -95,6 +98,7 @@ pub(super) fn sample(name: &str) -> ProfileStatus {
         pid: std::process::id(),
         destination: "alice@example.com:22".into(),
         endpoint: Some("127.0.0.1:2222".into()),
+        mux_socket: Some("/run/user/1000/sshshim/prod.mux".into()),
         upstream: UpstreamStatus {
             state: "connected".into(),
             since: 1_000,

@@ -302,6 +302,41 @@ impl Registry {
         }
     }
 
+    /// The sshshim-owned `-R` forward with exactly this listen side (as
+    /// requested, so `0:...` finds a port-0 forward) and target.
+    pub fn find_owned_remote(&self, listen: &Addr, target: &Addr) -> Option<u64> {
+        self.entries
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| &e.listen == listen && matches!(&e.owner, Owner::Shim(t) if t == target))
+            .map(|e| e.id)
+    }
+
+    /// The state and bound port of forward `id`, if it still exists.
+    pub fn state_of(&self, id: u64) -> Option<(FwdState, Option<u16>)> {
+        self.entries
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| (e.state.clone(), e.bound))
+    }
+
+    /// Removes forward `id` and stops it listening upstream.
+    pub fn remove_and_cancel(self: &Arc<Self>, id: u64) -> bool {
+        let Some((listen, bound)) = self.remove(id) else {
+            return false;
+        };
+        let pool = self.pool.clone();
+        self.tasks.spawn(async move {
+            if let Ok(conn) = pool.connection().await {
+                cancel_remote(&conn, &listen, bound).await;
+            }
+        });
+        true
+    }
+
     /// Adds an sshshim-owned `-R` forward; it is requested as soon as a
     /// connection is up (and again after every reconnect). Returns its id.
     pub fn add_owned_remote(&self, spec: &ForwardSpec) -> u64 {
@@ -311,6 +346,20 @@ impl Registry {
             Owner::Shim(spec.target.clone()),
             0,
         )
+    }
+
+    /// Adds an sshshim-owned `-R` forward while running: requested at once
+    /// if a connection is up, and replayed after every reconnect.
+    pub fn open_owned_remote(self: &Arc<Self>, spec: &ForwardSpec) -> u64 {
+        let id = self.add_owned_remote(spec);
+        if let State::Up(conn) = self.pool.state()
+            && conn.is_alive()
+        {
+            let (reg, listen) = (self.clone(), spec.listen.clone());
+            self.tasks
+                .spawn(async move { reg.establish(id, listen, None, conn).await });
+        }
+        id
     }
 }
 

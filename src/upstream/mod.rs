@@ -421,9 +421,23 @@ impl Pool {
         }
         // Every connection is full or congested: open one more, one opener
         // at a time (a burst of opens must not start a burst of connections).
-        let extra = self.open_extra(&candidates, &what).await;
+        // One another opener just made may be full already: then the next.
+        let mut tried = candidates.clone();
+        let extra = loop {
+            let Some(c) = self.open_extra(&tried, &what).await else {
+                break None;
+            };
+            match c.open_counted(&what).await {
+                Ok(x) => return Ok(x),
+                Err(e) if what.is_session() && refused(&e) => {
+                    last_err = Some(e);
+                    tried.push(c);
+                }
+                Err(e) => break Some(Err(OpenError::Refused(e))),
+            }
+        };
         match extra {
-            Some(c) => c.open_counted(&what).await.map_err(OpenError::Refused),
+            Some(r) => r,
             None if last_err.is_none() => {
                 // Everything is congested and no extra is possible: the
                 // primary still works, at the stalled reader's pace.
