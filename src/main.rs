@@ -402,6 +402,15 @@ struct SshConfigArgs {
     /// Write ~/.ssh/config.d/sshshim and add one Include line to ~/.ssh/config (backed up first).
     #[arg(long)]
     install: bool,
+    /// Blocks for the names themselves (`Host NAME`: only ControlPath to
+    /// sshshim's socket and ControlMaster no), so plain `ssh NAME`, `scp f
+    /// NAME:` and `git push` go through sshshim while it runs and connect
+    /// directly when it does not.
+    #[arg(long)]
+    same_name: bool,
+    /// Remove the installed blocks of these names (both kinds).
+    #[arg(long, conflicts_with = "install")]
+    uninstall: bool,
 }
 
 /// Parses a positive number of seconds, fractions allowed ("0.5").
@@ -583,13 +592,53 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
             "no profiles in the config file; name the endpoints: sshshim ssh-config NAME".into(),
         );
     }
+    let ssh_dir = || -> Result<PathBuf, String> {
+        Ok(paths::home_dir()
+            .ok_or("no home directory (HOME is not set)")?
+            .join(".ssh"))
+    };
+    if a.uninstall {
+        let summary = sshshim::client_config::uninstall(&ssh_dir()?, &names)
+            .map_err(|e| format!("cannot remove the Host blocks: {e}"))?;
+        println!("{summary}");
+        return Ok(());
+    }
     let state =
         paths::state_dir().map_err(|e| format!("cannot create the state directory: {e}"))?;
     let known_hosts = state.join("known_hosts");
     let mut blocks = String::new();
     for name in &names {
-        let listen = file.profiles.get(name).and_then(|p| p.listen);
-        let port = listen.map(|l| l.port()).or(a.port).unwrap_or(2222);
+        let profile = file.profiles.get(name);
+        // A running instance knows its real endpoint and socket, whatever
+        // flags started it; otherwise the profile (or defaults) says.
+        let running = sshshim::control::query(name).ok();
+        let port = running
+            .as_ref()
+            .and_then(|st| st.endpoint.as_deref())
+            .and_then(|e| e.parse::<std::net::SocketAddr>().ok())
+            .map(|e| e.port())
+            .or(profile.and_then(|p| p.listen).map(|l| l.port()))
+            .or(a.port)
+            .unwrap_or(2222);
+        let mux: Option<PathBuf> = match &running {
+            Some(st) => st.mux_socket.as_ref().map(PathBuf::from),
+            None => match profile.and_then(|p| p.mux.clone()) {
+                Some(p) if p.as_os_str() == "none" => None,
+                Some(p) => Some(p),
+                None => Some(paths::runtime_dir().join(format!("{}.mux", paths::safe_name(name)))),
+            },
+        };
+        if a.same_name {
+            let Some(mux) = &mux else {
+                return Err(format!(
+                    "{name} serves no multiplexing socket (mux = \"none\"): --same-name needs one"
+                ));
+            };
+            warn_if_controlpath_taken(name, mux);
+            blocks.push_str(&sshshim::client_config::same_name_block(name, mux));
+            blocks.push('\n');
+            continue;
+        }
         let identity = a.identity.as_ref().map(|p| paths::expand_tilde(p));
         let clean = sshshim::paths::safe_name(name);
         blocks.push_str(&sshshim::client_config::host_block(
@@ -599,21 +648,44 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
                 host_key_alias: sshshim::client_config::alias(name),
                 known_hosts: &known_hosts,
                 identity_file: identity.as_deref(),
+                control_path: mux.as_deref(),
             },
         ));
         blocks.push('\n');
     }
     if a.install {
-        let ssh_dir = paths::home_dir()
-            .ok_or("no home directory (HOME is not set)")?
-            .join(".ssh");
-        let summary = sshshim::client_config::install(&ssh_dir, &blocks)
+        let summary = sshshim::client_config::install(&ssh_dir()?, &blocks)
             .map_err(|e| format!("cannot install the Host blocks: {e}"))?;
         println!("{summary}");
     } else {
         print!("{blocks}");
     }
     Ok(())
+}
+
+/// Says so when the user's own ssh_config already sets a ControlPath for
+/// `name`: the `--same-name` block, read first, takes it over while it is
+/// installed (`--uninstall` gives it back).
+fn warn_if_controlpath_taken(name: &str, ours: &std::path::Path) {
+    let Ok(out) = std::process::Command::new("ssh")
+        .args(["-G", "--", name])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    if let Some(cp) = text.lines().find_map(|l| l.strip_prefix("controlpath "))
+        && cp != "none"
+        && std::path::Path::new(cp) != ours
+    {
+        eprintln!(
+            "sshshim: note: your ssh_config sets ControlPath {cp} for {name}; the --same-name \
+             block (read first) replaces it while installed; `sshshim ssh-config --uninstall \
+             {name}` gives it back"
+        );
+    }
 }
 
 /// Logs go to stderr; `RUST_LOG` wins over -v/-q.

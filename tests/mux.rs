@@ -366,3 +366,45 @@ fn a_killed_tty_client_ends_the_remote_command() {
     });
     let _ = &p.shim;
 }
+
+#[test]
+fn ssh_config_asks_the_running_instance() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let shim = env.shim_builder(sshd.port()).start();
+    let name = format!("{}@{LOCALHOST}", env.user());
+    let key = env.user_key().display().to_string();
+    let out = run(&mut env.sshshim(&["ssh-config", &name, "-i", &key]));
+    assert_success(&out, "ssh-config");
+    let block = stdout_text(&out);
+    let mux = shim_mux(&env);
+    assert!(
+        block.contains(&format!("Port {}\n", shim.port())),
+        "the running endpoint's port: {block}"
+    );
+    assert!(
+        block.contains(&format!("ControlPath {}\n", mux.display()))
+            && block.contains("ControlMaster no"),
+        "{block}"
+    );
+    let file = env.path("block.conf");
+    std::fs::write(&file, &block).unwrap();
+    let alias = format!("{}-shim", name.replace('@', "_"));
+    let mut c = Command::new("ssh");
+    c.args(["-F"])
+        .arg(&file)
+        .args(["-o", "BatchMode=yes", &alias, "echo via the block"])
+        .env_remove("SSH_AUTH_SOCK");
+    let out = run(&mut c);
+    assert_success(&out, "ssh through the Host block");
+    assert_eq!(stdout_text(&out), "via the block\n");
+    let out = run(&mut env.sshshim(&["ssh-config", "--same-name", &name]));
+    assert_success(&out, "ssh-config --same-name");
+    let same = stdout_text(&out);
+    assert!(
+        same.contains(&format!("Host {name}\n"))
+            && same.contains(&format!("ControlPath {}", mux.display()))
+            && !same.contains("HostName"),
+        "{same}"
+    );
+}
