@@ -175,7 +175,7 @@ struct UpArgs {
     user: Option<String>,
 
     /// Identity file to authenticate with; repeatable. Default: ssh_config's
-    /// IdentityFile, else ~/.ssh/id_ed25519, id_ecdsa, id_rsa. The agent is tried first.
+    /// IdentityFile, else OpenSSH's default identity files. The agent is tried first.
     #[arg(short, long = "identity", value_name = "FILE")]
     identity: Vec<PathBuf>,
 
