@@ -1,5 +1,7 @@
 //! Per-connection driver of the mux protocol, and the interface a higher
-//! layer implements sessions and forwards on.
+//! layer implements sessions and forwards on. (A little over 900 lines: the
+//! contract below and the one-reply-per-request handles that enforce it
+//! belong in one place.)
 //!
 //! # What the driver does by itself
 //! - Sends HELLO (version 4) as soon as a client connects, whatever state
