@@ -4,27 +4,31 @@
 //! Modules, higher ones above; every `use crate::` edge points down:
 //!
 //! ```text
-//!   main (CLI)
+//!   main (CLI) ------------------------------ check (diagnostics), mcp (MCP server)
 //!     |
-//!   supervisor ---------------------------- service, control, hooks
-//!     |                                         |
-//!   shim (one running profile)  check (diag.)   |
-//!     |                                         |
-//!   endpoint (local SSH server) ---+            |
-//!     |                            |            |
-//!   forward (registry, routing) -- local_channel|
-//!     |           |                             |
-//!   upstream    bridge (spill)             resolve
-//!   (pool, auth,  |                        /     \
-//!    known_hosts) |                  profile    ssh_config   client_config
-//!     |           |                     |           |            |
-//!   config ------ stats, tuning -------- spec, paths (ground: import nothing)
+//!   supervisor ------------------------------ service, control/, hooks
+//!     |
+//!   shim (one running profile)
+//!     |                    \
+//!   endpoint (local SSH     master (serves OpenSSH's ControlMaster protocol)
+//!   server)  \               |          \
+//!     |       local_channel  |           mux (the protocol: codec, fd passing,
+//!     |         |            |                socket; imports nothing)
+//!   forward (registry, routing, replay, sshshim's -L/-D)
+//!     |         \
+//!   upstream     bridge (spill queue; LocalIn/LocalOut seam)      resolve
+//!   (pool, auth,                                                 /      \
+//!    known_hosts)                                          profile   ssh_config   client_config
+//!     |                                                       |          |             |
+//!   config ----------- stats, tuning --------------------- spec, paths (ground: import nothing)
 //! ```
 //!
-//! [`check`] (`sshshim check`) sits beside `shim`: it makes its own
-//! short-lived connection with the upstream's host key verifier and
-//! authenticator, and reads `resolve`, `profile` and `control`; only `main`
-//! uses it.
+//! [`check`] (`sshshim check`) makes its own short-lived connection with
+//! the upstream's host key verifier and authenticator; [`mcp`] (`sshshim
+//! mcp`) edits profiles and drives running shims through their endpoints;
+//! only `main` uses either. [`master`] turns [`mux`] requests into upstream
+//! channels and bridges, beside [`endpoint`], which does the same for SSH
+//! clients.
 //!
 //! Data flows one way: local clients -> [`endpoint`] -> [`bridge`] ->
 //! [`upstream`]. Channels the server opens leave [`upstream`] as events
