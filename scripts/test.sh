@@ -36,4 +36,5 @@ fi
 
 # Two threads: each test spawns sshd, the shim and clients; more parallelism
 # only adds timing noise on small CI machines.
-exec cargo test --locked --release "$@" -- --test-threads=2
+# The `ci` profile: optimised like release, without its LTO (see Cargo.toml).
+exec cargo test --locked --profile ci "$@" -- --test-threads=2
