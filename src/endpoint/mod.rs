@@ -93,6 +93,10 @@ pub fn server_config(host_key: PrivateKey) -> server::Config {
     }
 }
 
+/// How long a local client may take to log in (sshd's LoginGraceTime is
+/// 120 s; a local client needs a fraction of a second).
+const LOGIN_GRACE: Duration = Duration::from_secs(30);
+
 /// A bridged session channel of a local connection.
 pub struct LocalChannel {
     /// Its bridge, for requests.
@@ -155,30 +159,51 @@ impl Endpoint {
                 handle: None,
                 channels: Arc::new(Mutex::new(HashMap::new())),
                 session: None,
+                authenticated: CancellationToken::new(),
                 _counted: self.clients.enter(),
             };
             let config = self.config.clone();
             let shutdown = shutdown.clone();
+            let authenticated = handler.authenticated.clone();
             let span = tracing::info_span!("client", %peer);
             self.tasks.spawn(async move {
-                let running = match server::run_stream(
-                    config,
-                    quickack::QuickAck::new(stream),
-                    handler,
+                // The grace time counts from accept: a client that sends
+                // nothing at all is dropped too.
+                let deadline = tokio::time::Instant::now() + LOGIN_GRACE;
+                let started = tokio::time::timeout_at(
+                    deadline,
+                    server::run_stream(config, quickack::QuickAck::new(stream), handler),
                 )
-                .await
-                {
-                    Ok(r) => r,
-                    Err(e) => {
+                .await;
+                let running = match started {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => {
                         tracing::debug!("local handshake with {peer} failed: {e:?}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!("local client {peer} sent no SSH banner within {}s: dropped", LOGIN_GRACE.as_secs());
                         return;
                     }
                 };
                 let handle = running.handle();
+                // A client that does not log in within the grace time is
+                // dropped (as sshd's LoginGraceTime does), so idle or
+                // garbage connections cannot pile up.
+                let grace = async {
+                    tokio::time::sleep_until(deadline).await;
+                    if authenticated.is_cancelled() {
+                        std::future::pending::<()>().await;
+                    }
+                };
                 tokio::select! {
                     r = running => if let Err(e) = r {
                         tracing::debug!("local session {peer} ended: {e:?}");
                     },
+                    _ = grace => {
+                        tracing::info!("local client {peer} did not log in within {}s: dropped", LOGIN_GRACE.as_secs());
+                        let _ = handle.disconnect(russh::Disconnect::ByApplication, "login grace time over".into(), "en".into()).await;
+                    }
                     _ = shutdown.cancelled() => {
                         let _ = handle.disconnect(russh::Disconnect::ByApplication, "sshshim is shutting down".into(), "en".into()).await;
                     }
@@ -225,6 +250,8 @@ pub struct LocalHandler {
     channels: Arc<Channels>,
     /// Forwards this connection asked for; cancelled when it ends.
     session: Option<Arc<LocalSession>>,
+    /// Set once the client has logged in (ends the login grace time).
+    authenticated: CancellationToken,
     /// Counts this client in the endpoint's gauge while it is connected.
     _counted: GaugeGuard,
 }
@@ -384,6 +411,7 @@ impl server::Handler for LocalHandler {
 
     async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
         self.handle = Some(session.handle());
+        self.authenticated.cancel();
         eow::register(&self.channels);
         self.session = Some(LocalSession::new(
             self.ep.forwards.clone(),
