@@ -408,3 +408,122 @@ fn ssh_config_asks_the_running_instance() {
         "{same}"
     );
 }
+
+/// Runs tests/tools/pty_driver.py with `steps` around `cmd` (a real
+/// terminal); returns its stdout.
+fn pty_drive(rows: u16, cols: u16, steps: &[&str], cmd: Command) -> String {
+    let mut c = Command::new("python3");
+    c.arg(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/tools/pty_driver.py"
+    ))
+    .arg(rows.to_string())
+    .arg(cols.to_string())
+    .args(steps)
+    .arg("--")
+    .arg(cmd.get_program())
+    .args(cmd.get_args())
+    .env_remove("SSH_AUTH_SOCK");
+    let out = run_with_timeout(&mut c, b"", Duration::from_secs(60));
+    assert_success(&out, &format!("pty driver {steps:?}"));
+    stdout_text(&out)
+}
+
+#[test]
+fn interactive_shell_with_resize_and_exit_code() {
+    let p = Pair::start(&[]);
+    for (what, sock) in [("ControlMaster", &p.cm.sock), ("sshshim", &p.mux)] {
+        let out = pty_drive(
+            24,
+            80,
+            &[
+                "send:echo MARK$((40+2))\\n",
+                "expect:MARK42",
+                "send:stty size\\n",
+                "expect:24 80",
+                "resize:40:120",
+                "send:stty size\\n",
+                "expect:40 120",
+                "send:exit 3\\n",
+                "wait",
+            ],
+            mux_cmd(sock, &["-tt"]),
+        );
+        assert!(out.contains("EXIT 3"), "{what}: {out}");
+    }
+}
+
+#[test]
+fn git_clone_and_push_through_the_socket() {
+    let p = Pair::start(&[]);
+    let remote = p.env.path("repo.git");
+    let out = run(Command::new("git")
+        .args(["init", "-q", "--bare"])
+        .arg(&remote));
+    assert_success(&out, "git init --bare");
+    let ssh = format!(
+        "ssh -F /dev/null -o BatchMode=yes -o ControlMaster=no -o ControlPath={} \
+         -o HostName=127.0.0.1 -o Port={}",
+        p.mux.display(),
+        closed_port()
+    );
+    let work = p.env.path("work");
+    let git = |args: &[&str], dir: &Path| {
+        let mut c = Command::new("git");
+        c.args(args)
+            .current_dir(dir)
+            .env("GIT_SSH_COMMAND", &ssh)
+            .env("GIT_AUTHOR_NAME", "t")
+            .env("GIT_AUTHOR_EMAIL", "t@example.org")
+            .env("GIT_COMMITTER_NAME", "t")
+            .env("GIT_COMMITTER_EMAIL", "t@example.org")
+            .env_remove("SSH_AUTH_SOCK");
+        let out = run(&mut c);
+        assert_success(&out, &format!("git {args:?}"));
+    };
+    let url = format!("muxhost:{}", remote.display());
+    git(&["clone", "-q", &url, work.to_str().unwrap()], p.env.dir());
+    std::fs::write(work.join("f.txt"), "through the socket\n").unwrap();
+    git(&["add", "f.txt"], &work);
+    git(&["commit", "-q", "-m", "first"], &work);
+    git(&["push", "-q", "origin", "HEAD"], &work);
+    let again = p.env.path("again");
+    git(&["clone", "-q", &url, again.to_str().unwrap()], p.env.dir());
+    assert_eq!(
+        std::fs::read_to_string(again.join("f.txt")).unwrap(),
+        "through the socket\n"
+    );
+}
+
+#[test]
+fn stop_then_exit() {
+    let p = Pair::start(&[]);
+    // A session runs while the socket stops accepting: it goes on.
+    let mut c = mux_cmd(&p.mux, &["sleep 2; echo still here"]);
+    let running =
+        std::thread::spawn(move || run_with_timeout(&mut c, b"", Duration::from_secs(60)));
+    std::thread::sleep(Duration::from_millis(500));
+    let out = run(&mut mux_cmd(&p.mux, &["-O", "stop"]));
+    assert_success(&out, "-O stop");
+    eventually(Duration::from_secs(10), "socket removed", || {
+        !p.mux.exists()
+    });
+    let out = running.join().unwrap();
+    assert_success(&out, "the session that was running");
+    assert_eq!(stdout_text(&out), "still here\n");
+    // The endpoint still serves; `-O exit` needs the socket, so stop the
+    // rest with a fresh shim and -O exit there.
+    let mut shim = p.shim;
+    assert!(shim.is_running(), "sshshim went on after -O stop");
+    drop(p.cm);
+    let env = p.env;
+    let sshd = p.sshd;
+    shim.kill();
+    let mut shim2 = env.shim_builder(sshd.port()).start();
+    let out = run(&mut mux_cmd(&shim_mux(&env), &["-O", "exit"]));
+    assert_success(&out, "-O exit");
+    assert!(
+        shim2.wait_exit(Duration::from_secs(10)).is_some(),
+        "sshshim did not stop on -O exit"
+    );
+}
