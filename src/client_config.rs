@@ -550,11 +550,13 @@ mod tests {
         assert_eq!(mode(&ssh.join("config.d")), 0o700);
         assert_eq!(mode(&ssh.join("config")), 0o644, "user's permissions kept");
 
-        // New blocks replace the file; config stays as it was.
-        install(&ssh, "Host b-shim\n").unwrap();
-        assert_eq!(
-            fs::read_to_string(ssh.join(BLOCK_FILE)).unwrap(),
-            "Host b-shim\n"
+        // Blocks of other names join those installed before; config stays
+        // as it was.
+        install(&ssh, "# sshshim endpoint b\nHost b-shim\n").unwrap();
+        let both = fs::read_to_string(ssh.join(BLOCK_FILE)).unwrap();
+        assert!(
+            both.contains("Host a-shim") && both.contains("Host b-shim"),
+            "{both}"
         );
         assert_eq!(
             fs::read_to_string(ssh.join("config")).unwrap(),
@@ -663,7 +665,7 @@ mod tests {
         assert!(summary.contains("removed 2"), "{summary}");
         let left = std::fs::read_to_string(dir.path().join(BLOCK_FILE)).unwrap();
         assert!(
-            left.contains("Host lab-shim") && !left.contains("prod"),
+            left.contains("Host lab-shim") && !left.contains("Host prod"),
             "{left}"
         );
     }
