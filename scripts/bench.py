@@ -1385,7 +1385,7 @@ SetEnv HOME=%s/home
         for t in self.test_defs:
             for c in t["cs"]:
                 raw.append([t["label"], self.NAMES[c], ", ".join(self.fmt(v) for v in self.results[t["key"]][c])])
-        md.append(md_table(["test", "contender", "rounds"], raw))
+        md.append(md_table(["test", "contender", "rounds"], raw, left=2))
         md.append("")
         if self.errors or self.notes:
             md.append("## Errors\n")
