@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Benchmark sshshim against plain ssh ("direct") and an OpenSSH ControlMaster,
-# all three against the same throwaway sshd on 127.0.0.1 (loopback only).
+# Benchmark sshshim (its TCP endpoint and its OpenSSH multiplexing socket)
+# against plain ssh ("direct") and an OpenSSH ControlMaster, all against the
+# same throwaway sshd on 127.0.0.1 (loopback only).
 #
-#   scripts/bench.sh              full run (~10-15 min on 2 cores)
-#   scripts/bench.sh --quick      small sizes, one round (~1-2 min), to try it out
+#   scripts/bench.sh              full run (~15-20 min on 2 cores)
+#   scripts/bench.sh --quick      small sizes, one round (~2-3 min), to try it out
 #   scripts/bench.sh --no-build   use target/release/sshshim as it is
 #   scripts/bench.sh --keep       keep the temporary directory (logs) at the end
 #   other options go to scripts/bench.py run (e.g. --rounds 5, --only exec,fwd_down,
-#   --fwd-mib 256, --conns 2000; see `python3 scripts/bench.py run --help`)
+#   --fwd-mib 256, --conns 2000, --par-downloads 0; see
+#   `python3 scripts/bench.py run --help`)
 #   SSHSHIM_BIN=/path/to/sshshim scripts/bench.sh   benchmark that binary (no build)
 #
 # Needs: Linux, bash, python3 >= 3.8 (stdlib only), OpenSSH client (ssh, sftp,
@@ -15,20 +17,26 @@
 # cargo (unless --no-build / SSHSHIM_BIN); ~1.5 GiB free in $TMPDIR (default
 # /tmp) and a raisable open-file limit (1,000 forwarded connections).
 # Runs sshd as the current user on a random loopback port with its own host key
-# and authorized_keys; nothing outside the temporary directory is touched.
+# and authorized_keys; the shims get their own state, runtime and config
+# directories and `--mux PATH`; nothing outside the temporary directory is touched.
 #
-# Measures (medians over rounds; contenders interleaved, order rotated per round):
-#   exec latency of `ssh … true`; -L forward throughput 1 GiB each way;
-#   `cat` through exec 512 MiB each way; sftp put/get of 512 MiB; the -L and cat
-#   downloads (256 MiB each: they are window-bound, so 1 GiB would only add
-#   minutes; --rtt-fwd-mib 1024 --rtt-cat-mib 512 for the full sizes) and exec
-#   latency with 50 ms RTT added by a delay proxy in front of sshd; sshshim's
-#   CPU s/GiB (and that of the ssh processes on the -L tests) and RSS (idle,
-#   bulk, 1,000 open forwarded connections through a client -L, and through an
-#   sshshim-owned -L).
-# Writes bench/results.md, bench/results.svg (ratios vs ControlMaster) and
-# bench/results.json; prints the table. A failing sub-benchmark is recorded as
-# "error" and the run continues.
+# Measures (medians over rounds; the contenders of a test interleaved, order
+# rotated per round; ratios against ControlMaster):
+#   exec latency of `ssh … true` (also through the mux socket, and through the
+#   Host block `sshshim ssh-config` prints, without its ControlPath lines);
+#   -L forward throughput 1 GiB each way; `cat` through exec 512 MiB each way
+#   and sftp put/get of 512 MiB (also through the mux socket); with 50 ms RTT
+#   added by a delay proxy in front of sshd: exec latency (also through the mux
+#   socket), the -L and cat downloads (256 MiB each: they are window-bound, so
+#   1 GiB would only add minutes; --rtt-fwd-mib 1024 --rtt-cat-mib 512 for the
+#   full sizes); sshshim's CPU s/GiB (and that of the ssh processes on the -L
+#   tests); RSS: idle, peak during the bulk tests, during 50 concurrent 16 MiB
+#   -L downloads and during 1,000 open forwarded connections (each through a
+#   client -L and through an sshshim-owned -L).
+# Writes bench/results.md (with a table of the targets, PASS/MISS),
+# bench/results.svg (ratios vs ControlMaster) and bench/results.json; prints
+# the tables. A failing sub-benchmark is recorded as "error" and the run
+# continues.
 #
 # Everything started here is stopped on exit (trap): bench.py stops what it
 # started (ControlMasters with `ssh -O exit`, then its children by PID); as a
@@ -45,7 +53,7 @@ for arg in "$@"; do
     case "$arg" in
         --no-build) build=false ;;
         --keep) keep=true ;;
-        -h|--help) sed -n '2,36p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,44p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) pass+=("$arg") ;;
     esac
 done
