@@ -481,7 +481,12 @@ fn host_block_steers_to_the_fastest_algorithms() {
         "{name}: {alias}"
     );
     let out = run_with_timeout(
-        &mut ssh_with_block(&block, &["-v", &alias, "echo via-block"]),
+        // The block's ControlPath would take the multiplexing socket (no
+        // key exchange at all); this checks the endpoint's steering.
+        &mut ssh_with_block(
+            &block,
+            &["-v", "-o", "ControlPath=none", &alias, "echo via-block"],
+        ),
         b"",
         DEFAULT_TIMEOUT,
     );

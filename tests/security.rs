@@ -127,7 +127,12 @@ fn endpoint_admits_only_authorized_keys() {
 fn bad_input_gets_clear_errors() {
     let env = TestEnv::new();
     let sshd = Sshd::start(&env);
-    let shim = env.shim_builder(sshd.port()).start();
+    // No multiplexing socket: the shims started below for the same
+    // destination take the default one in turn.
+    let shim = env
+        .shim_builder(sshd.port())
+        .args(&["--mux", "none"])
+        .start();
 
     // The port is taken: say so and suggest --listen.
     let (code, _o, err) = env
@@ -150,8 +155,11 @@ fn bad_input_gets_clear_errors() {
 
     // Connection refused upstream.
     let closed = free_port();
+    // (Its own multiplexing socket: the first shim of this destination
+    // still serves the default one, and a live socket is refused.)
     let (code, _o, err) = env
         .shim_builder(closed)
+        .args(&["--mux", "none"])
         .run_expect_exit(Duration::from_secs(20));
     assert_eq!(code, 1);
     assert!(err.contains("connection refused"), "{err}");
