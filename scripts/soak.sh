@@ -7,7 +7,7 @@
 #
 # Usage: scripts/soak.sh [--debug] [CYCLES]
 #   CYCLES    cycles to run (default 1000)
-#   --debug   debug build instead of release (e.g. on a busy shared machine)
+#   --debug   debug build instead of the optimised `ci` profile
 # Environment:
 #   SOAK_MINUTES   bound on the run in minutes (default 30). The driver
 #                  starts no new cycle after SOAK_MINUTES - 2, and the run is
@@ -20,7 +20,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
-profile=(--release)
+profile=(--profile ci)   # optimised, no LTO (as scripts/test.sh)
 cycles=1000
 for arg in "$@"; do
     case $arg in
