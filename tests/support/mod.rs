@@ -779,8 +779,11 @@ impl Sshd {
             "MaxStartups 100:30:200".into(),
             // This machine's root .bashrc runs `pyenv init`, whose rehash
             // waits up to 60 s on a lock file that a session killed by a
-            // fault test may leave behind: bound that wait.
-            format!("SetEnv {} PYENV_REHASH_TIMEOUT=2", self.marker),
+            // fault test may leave behind, then prints an error on stderr
+            // (which differential tests compare). `no_rehash` (the variable
+            // pyenv-init's --no-rehash sets) skips it; the timeout bounds it
+            // should another pyenv ignore that.
+            format!("SetEnv {} PYENV_REHASH_TIMEOUT=2 no_rehash=1", self.marker),
         ]);
         let path = self.env.path("sshd_config");
         fs::write(&path, cfg.join("\n") + "\n").expect("write sshd_config");
