@@ -409,26 +409,6 @@ fn ssh_config_asks_the_running_instance() {
     );
 }
 
-/// Runs tests/tools/pty_driver.py with `steps` around `cmd` (a real
-/// terminal); returns its stdout.
-fn pty_drive(rows: u16, cols: u16, steps: &[&str], cmd: Command) -> String {
-    let mut c = Command::new("python3");
-    c.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/tools/pty_driver.py"
-    ))
-    .arg(rows.to_string())
-    .arg(cols.to_string())
-    .args(steps)
-    .arg("--")
-    .arg(cmd.get_program())
-    .args(cmd.get_args())
-    .env_remove("SSH_AUTH_SOCK");
-    let out = run_with_timeout(&mut c, b"", Duration::from_secs(60));
-    assert_success(&out, &format!("pty driver {steps:?}"));
-    stdout_text(&out)
-}
-
 #[test]
 fn interactive_shell_with_resize_and_exit_code() {
     let p = Pair::start(&[]);

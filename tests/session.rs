@@ -7,30 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::*;
 
-/// Runs tests/tools/pty_driver.py with `steps` around `cmd`; returns its stdout.
-fn pty_drive(rows: u16, cols: u16, steps: &[&str], cmd: Command) -> String {
-    let mut c = Command::new("python3");
-    c.arg(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/tools/pty_driver.py"
-    ))
-    .arg(rows.to_string())
-    .arg(cols.to_string())
-    .args(steps)
-    .arg("--")
-    .arg(cmd.get_program())
-    .args(cmd.get_args());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    let out = run_with_timeout(&mut c, b"", Duration::from_secs(60));
-    assert_success(&out, &format!("pty driver {steps:?}"));
-    stdout_text(&out)
-}
-
 #[test]
 fn simple_commands_match_sshd() {
     let rig = Rig::start();
