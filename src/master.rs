@@ -245,6 +245,16 @@ impl Master {
         };
         let b = bridge::spawn(input, output, opened.channel, opts, &self.tasks);
         let _ = cell.set(b.clone());
+        // Followed for SIGWINCH before any request goes out: the client may
+        // resize as soon as the shell's first output reaches it.
+        if let (true, Some(fd)) = (is_tty, tty_fd) {
+            let size = tty.as_ref().map(|t| t.size).unwrap_or_default();
+            self.ttys.lock().unwrap().push(Tty {
+                bridge: Arc::downgrade(&b),
+                fd,
+                last: Mutex::new(size),
+            });
+        }
 
         // The client's requests go out at once, in its order; SSH answers
         // them in order, so nothing waits for a round trip in between.
@@ -298,14 +308,6 @@ impl Master {
             self.tasks.spawn(async move {
                 b2.finished().await;
                 drop(guard);
-            });
-        }
-        if is_tty && let Some(fd) = tty_fd {
-            let size = tty.map(|t| t.size).unwrap_or_default();
-            self.ttys.lock().unwrap().push(Tty {
-                bridge: Arc::downgrade(&b),
-                fd,
-                last: Mutex::new(size),
             });
         }
         if !started.await.unwrap_or(false) {
