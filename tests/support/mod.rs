@@ -56,9 +56,21 @@ pub fn current_user() -> &'static str {
 }
 
 /// Returns a currently free loopback TCP port (bind to :0 and release it).
+/// A loopback port that was free a moment ago and that this test process
+/// has not handed out before: the kernel may give the same ephemeral port to
+/// two `bind(0)` calls in a row, and two tests (or two forwards in one test)
+/// sharing a port made each other's checks pass or fail.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind((LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let l = TcpListener::bind((LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local_addr").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Exit code of a process, or 128+signal when it was killed by a signal.
