@@ -698,8 +698,14 @@ fn init_logging(verbose: u8, quiet: u8, format: LogFormat) {
         (_, 1) => "warn",
         _ => "error",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("sshshim={level},warn")));
+    // `target=level` directives (what `RUST_LOG=sshshim=debug` needs);
+    // `Targets` spares the binary the regex engine of `EnvFilter`, whose
+    // span and field filters nobody needs here.
+    let default = || format!("sshshim={level},warn");
+    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| default().parse().expect("the default directives parse"));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)

@@ -30,9 +30,11 @@ use tokio::sync::Notify;
 pub const CHANNEL_MEMORY: usize = 1024 * 1024;
 /// In-memory payload all channels together may hold before spilling. Kept
 /// small: past it the backlog goes to the spill file, whose pages are the
-/// kernel's cache, not our resident memory (with 64 MiB, 50 concurrent
-/// downloads into slow readers measured 66.7 MiB peak RSS).
-pub const GLOBAL_MEMORY: usize = 8 * 1024 * 1024;
+/// kernel's cache, not our resident memory. 50 concurrent 16 MiB downloads
+/// through a client's `-L` peaked at 66.7 MiB RSS with 64 MiB here, about
+/// 27 MiB with 8 MiB and about 22 MiB with 2 MiB; a single bulk channel
+/// still gets its whole [`CHANNEL_MEMORY`] (scripts/bench.sh).
+pub const GLOBAL_MEMORY: usize = 2 * 1024 * 1024;
 /// Disk one channel may use for a slow reader (1 GiB; the environment
 /// variable `SSHSHIM_SPILL_DISK_MIB` changes it, e.g. for a small /tmp).
 /// Past it the pump waits for the reader (backpressure) and closes the
