@@ -702,10 +702,11 @@ fn init_logging(verbose: u8, quiet: u8, format: LogFormat) {
     // `Targets` spares the binary the regex engine of `EnvFilter`, whose
     // span and field filters nobody needs here.
     let default = || format!("sshshim={level},warn");
-    let filter: tracing_subscriber::filter::Targets = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| default().parse().expect("the default directives parse"));
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let parsed = rust_log.as_deref().and_then(|v| v.parse().ok());
+    let not_understood = rust_log.is_some() && parsed.is_none();
+    let filter: tracing_subscriber::filter::Targets =
+        parsed.unwrap_or_else(|| default().parse().expect("the default directives parse"));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -719,4 +720,9 @@ fn init_logging(verbose: u8, quiet: u8, format: LogFormat) {
         .with(fmt)
         .with(sshshim::endpoint::eow::layer())
         .init();
+    if not_understood {
+        tracing::warn!(
+            "RUST_LOG is not a list of target=level directives (e.g. sshshim=debug,russh=info); using -v/-q's level"
+        );
+    }
 }

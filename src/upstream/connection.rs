@@ -578,7 +578,7 @@ pub fn client_config(window: u32) -> client::Config {
         inactivity_timeout: None,
         window_size: window,
         maximum_packet_size: crate::tuning::MAX_PACKET,
-        channel_buffer_size: crate::tuning::CHANNEL_BUFFER,
+        channel_buffer_size: crate::tuning::UPSTREAM_CHANNEL_BUFFER,
         preferred: crate::tuning::upstream_algorithms(),
         nodelay: true,
         ..Default::default()
