@@ -18,7 +18,8 @@ pub const MAX_WINDOW_SIZE: u32 = 32 << 20;
 /// Largest packet we accept: 64 KiB packets measured 5-10% faster than 32 KiB.
 pub const MAX_PACKET: u32 = 65535;
 
-/// Messages russh queues per channel before its session loop waits on us.
+/// Messages russh queues per local endpoint channel (a client's input)
+/// before its session loop waits on us.
 pub const CHANNEL_BUFFER: usize = 64;
 
 /// The same for upstream channels, which the bridge drains at once into
