@@ -22,11 +22,11 @@ pub const MAX_PACKET: u32 = 65535;
 /// before its session loop waits on us.
 pub const CHANNEL_BUFFER: usize = 64;
 
-/// The same for upstream channels, which the bridge drains at once into
-/// its spill queues: a deeper queue only holds packets (up to 64 KiB each)
-/// in memory while the draining tasks wait for a CPU. With 64, 50
-/// concurrent downloads now and then peaked 10-30 MiB higher (on a loaded
-/// machine most); with 4 they stayed within 21 MiB, at the same speed.
+/// Messages russh queues per upstream channel. The bridge drains these
+/// queues at once into its spill queues, so depth only holds packets (up to
+/// 64 KiB each) in memory while the draining tasks wait for a CPU. With 64,
+/// 50 concurrent downloads now and then peaked 10-30 MiB higher (most on a
+/// loaded machine); with 4 they stayed within 21 MiB, at the same speed.
 pub const UPSTREAM_CHANNEL_BUFFER: usize = 4;
 
 /// How long an extra upstream connection (opened past the server's
