@@ -316,43 +316,14 @@ impl Capture {
 /// Runs `cmd` feeding it `stdin`, capturing stdout/stderr; kills the child
 /// and panics with a clear message if it does not exit within `timeout`.
 pub fn run_with_timeout(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Output {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     let desc = format!("{cmd:?}");
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("failed to spawn {desc}: {e}"));
-    let mut pipe = child.stdin.take().expect("stdin pipe");
-    let input = stdin.to_vec();
-    // A separate writer avoids deadlock when the child writes before reading;
-    // dropping the pipe afterwards delivers EOF.
-    thread::spawn(move || {
-        let _ = pipe.write_all(&input);
-    });
-    let out = Capture::spawn(child.stdout.take().expect("stdout pipe"));
-    let err = Capture::spawn(child.stderr.take().expect("stderr pipe"));
-    match wait_child(&mut child, timeout) {
-        Some(status) => {
-            // Grandchildren (e.g. rsync's ssh) may hold the pipes a bit longer.
-            out.wait_eof(Duration::from_secs(5));
-            err.wait_eof(Duration::from_secs(5));
-            Output {
-                status,
-                stdout: out.bytes(),
-                stderr: err.bytes(),
-            }
-        }
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "command timed out after {timeout:?}: {desc}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-                truncate(&out.text(), SHOW_MAX),
-                truncate(&err.text(), SHOW_MAX)
-            );
-        }
-    }
+    try_run_with_timeout(cmd, stdin, timeout).unwrap_or_else(|out| {
+        panic!(
+            "command timed out after {timeout:?}: {desc}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            truncate(&String::from_utf8_lossy(&out.stdout), SHOW_MAX),
+            truncate(&String::from_utf8_lossy(&out.stderr), SHOW_MAX)
+        )
+    })
 }
 
 /// [`run_with_timeout`] with empty stdin and [`DEFAULT_TIMEOUT`].
@@ -1664,11 +1635,15 @@ pub fn try_run_with_timeout(
         .unwrap_or_else(|e| panic!("failed to spawn {desc}: {e}"));
     let mut pipe = child.stdin.take().expect("stdin pipe");
     let input = stdin.to_vec();
+    // A separate writer avoids deadlock when the child writes before reading;
+    // dropping the pipe afterwards delivers EOF.
     thread::spawn(move || {
         let _ = pipe.write_all(&input);
     });
     let out = Capture::spawn(child.stdout.take().expect("stdout pipe"));
     let err = Capture::spawn(child.stderr.take().expect("stderr pipe"));
+    // Grandchildren (e.g. rsync's ssh) may hold the pipes a bit longer: the
+    // waits for EOF below are bounded.
     let (status, finished) = match wait_child(&mut child, timeout) {
         Some(status) => (status, true),
         None => {
