@@ -413,22 +413,7 @@ fn ssh_config_asks_the_running_instance() {
 fn interactive_shell_with_resize_and_exit_code() {
     let p = Pair::start(&[]);
     for (what, sock) in [("ControlMaster", &p.cm.sock), ("sshshim", &p.mux)] {
-        let out = pty_drive(
-            24,
-            80,
-            &[
-                "send:echo MARK$((40+2))\\n",
-                "expect:MARK42",
-                "send:stty size\\n",
-                "expect:24 80",
-                "resize:40:120",
-                "send:stty size\\n",
-                "expect:40 120",
-                "send:exit 3\\n",
-                "wait",
-            ],
-            mux_cmd(sock, &["-tt"]),
-        );
+        let out = pty_drive(24, 80, SHELL_RESIZE_EXIT_3, mux_cmd(sock, &["-tt"]));
         assert!(out.contains("EXIT 3"), "{what}: {out}");
     }
 }

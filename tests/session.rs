@@ -143,17 +143,7 @@ fn pty_size_interactive_shell_and_window_change() {
         let out = pty_drive(
             24,
             80,
-            &[
-                "send:echo MARK$((40+2))\\n",
-                "expect:MARK42",
-                "send:stty size\\n",
-                "expect:24 80",
-                "resize:40:120",
-                "send:stty size\\n",
-                "expect:40 120",
-                "send:exit 3\\n",
-                "wait",
-            ],
+            SHELL_RESIZE_EXIT_3,
             rig.env.ssh_cmd(port, &["-tt"], &[]),
         );
         assert!(out.contains("EXIT 3"), "port {port}: {out}");

@@ -1884,6 +1884,20 @@ impl Drop for MasterAlias {
     }
 }
 
+/// A [`pty_drive`] script for an interactive shell started at 24x80: run
+/// a command, check the size, resize to 40x120, check again, `exit 3`.
+pub const SHELL_RESIZE_EXIT_3: &[&str] = &[
+    "send:echo MARK$((40+2))\\n",
+    "expect:MARK42",
+    "send:stty size\\n",
+    "expect:24 80",
+    "resize:40:120",
+    "send:stty size\\n",
+    "expect:40 120",
+    "send:exit 3\\n",
+    "wait",
+];
+
 /// Runs tests/tools/pty_driver.py with `steps` around `cmd`; returns its stdout.
 pub fn pty_drive(rows: u16, cols: u16, steps: &[&str], cmd: Command) -> String {
     let mut c = Command::new("python3");
