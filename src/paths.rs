@@ -152,20 +152,24 @@ pub fn runtime_dir_in(runtime: Option<&Path>, tmp: &Path, uid: u32) -> PathBuf {
 }
 
 /// Makes `name` safe as one file-name component or ssh_config alias:
-/// ASCII letters, digits, `.`, `_` and `-` stay, everything else becomes
-/// `_`. Never empty (an empty name would make a hidden file).
+/// ASCII letters, digits, `.`, `_` and `-` stay, every other byte (of the
+/// UTF-8 form) is written `%XX` (upper-case hex), `%` itself included.
+/// Escaping, not folding, keeps it injective: two names never share a
+/// socket or alias (`root@h:1` is `root%40h%3A1`, `root_h_1` stays). The
+/// empty name becomes `%` (no other name does), never a hidden file.
 pub fn safe_name(name: &str) -> String {
-    let s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if s.is_empty() { "_".into() } else { s }
+    if name.is_empty() {
+        return "%".into();
+    }
+    let mut s = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
 }
 
 /// Creates `dir` (and its parents) for sshshim's private use: a missing
@@ -233,9 +237,57 @@ mod tests {
     #[test]
     fn safe_names() {
         assert_eq!(safe_name("prod"), "prod");
-        assert_eq!(safe_name("a b/c@d"), "a_b_c_d");
-        assert_eq!(safe_name(""), "_");
         assert_eq!(safe_name("x.y-z_1"), "x.y-z_1");
+        assert_eq!(safe_name("a b/c@d"), "a%20b%2Fc%40d");
+        assert_eq!(safe_name("100%"), "100%25");
+        assert_eq!(safe_name("é"), "%C3%A9");
+        assert_eq!(safe_name(""), "%");
+        // The collision of the audit (issue 26): folded, both were
+        // `root_127.0.0.1_23401`.
+        assert_ne!(
+            safe_name("root@127.0.0.1:23401"),
+            safe_name("root_127.0.0.1_23401")
+        );
+        assert_eq!(safe_name("root_127.0.0.1_23401"), "root_127.0.0.1_23401");
+    }
+
+    /// Inverse of [`safe_name`], to show nothing is lost.
+    fn unescape(s: &str) -> Vec<u8> {
+        if s == "%" {
+            return Vec::new();
+        }
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #![proptest_config(crate::fuzzing::config())]
+
+        /// Every name maps to a non-empty, safe component from which the
+        /// name can be read back, so no two names share one.
+        #[test]
+        fn safe_name_is_injective(a in "\\PC{0,24}", b in "[a-z@:_%. /-]{0,12}") {
+            for n in [&a, &b] {
+                let s = safe_name(n);
+                proptest::prop_assert!(!s.is_empty());
+                proptest::prop_assert_eq!(s.starts_with('.'), n.starts_with('.'));
+                proptest::prop_assert!(s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-%".contains(&c)));
+                proptest::prop_assert_eq!(unescape(&s), n.as_bytes());
+            }
+            proptest::prop_assert_eq!(a == b, safe_name(&a) == safe_name(&b));
+        }
     }
 
     #[test]
