@@ -49,4 +49,11 @@ pub struct UpConfig {
     pub stall_limit: Duration,
     /// OpenSSH multiplexing socket; `None` serves none.
     pub mux: Option<PathBuf>,
+    /// The profiles file this profile came from, as
+    /// [`crate::profile::file_identity`] names it; `None` when `up` was
+    /// given a destination. Reported in status.
+    pub config_file: Option<String>,
+    /// [`crate::profile::Profile::target_label`] of the profile that runs;
+    /// `None` when not run from a profile. Reported in status.
+    pub profile_destination: Option<String>,
 }

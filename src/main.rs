@@ -294,6 +294,8 @@ impl UpArgs {
             stall_limit: self.stall_limit,
             mux: self.mux.as_ref().map(|p| paths::expand_tilde(p)),
             mcp_exec: None,
+            mcp_created: None,
+            copy_dir: None,
         }
     }
 
@@ -310,7 +312,7 @@ impl UpArgs {
             .as_profile()
             .or(sshshim::profile::from_env()?)
             .or(from_file.unwrap_or_default());
-        resolve::resolve_up(resolve::UpRequest {
+        let mut cfg = resolve::resolve_up(resolve::UpRequest {
             name: &self.destination,
             profile: layered,
             ssh_config: self.ssh_config.as_deref(),
@@ -318,7 +320,14 @@ impl UpArgs {
             max_upstreams: self.max_upstreams as usize,
             // A profile may serve no endpoint; an ad-hoc `up` always does.
             default_listen: (!is_profile).then(|| "127.0.0.1:2222".parse().expect("valid")),
-        })
+        })?;
+        // Status says which file's profile runs (`sshshim mcp` checks it).
+        if is_profile {
+            cfg.config_file = Some(sshshim::profile::file_identity(&path));
+        } else {
+            cfg.profile_destination = None;
+        }
+        Ok(cfg)
     }
 }
 

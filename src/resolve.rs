@@ -102,6 +102,7 @@ fn resolve_host(
 /// Resolves everything `sshshim up` needs.
 pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
     let p = req.profile;
+    let label = p.target_label();
     let dest: Destination = p.destination.as_deref().unwrap_or(req.name).parse()?;
     let (target, hc) = resolve_host(&dest, &p, req.ssh_config)?;
     let jump_list: Vec<String> = match req.jump {
@@ -167,5 +168,8 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
                     .join(format!("{}.mux", crate::paths::safe_name(req.name))),
             ),
         },
+        // Set by the caller, which knows whether a file's profile runs.
+        config_file: None,
+        profile_destination: label,
     })
 }

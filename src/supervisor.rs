@@ -44,6 +44,8 @@ pub struct Live {
     name: String,
     /// `user@host:port` for status.
     destination: String,
+    /// `config_file` and `profile_destination` for status.
+    source: (Option<String>, Option<String>),
     /// Set once started; replaced on restart.
     parts: Mutex<Option<Parts>>,
     /// State name and since when, for status when not running.
@@ -56,10 +58,11 @@ pub struct Live {
 
 impl Live {
     /// A profile about to start.
-    fn new(name: &str, destination: String) -> Arc<Self> {
+    fn new(name: &str, destination: String, source: (Option<String>, Option<String>)) -> Arc<Self> {
         Arc::new(Live {
             name: name.to_owned(),
             destination,
+            source,
             parts: Mutex::new(None),
             track: Mutex::new(("connecting".into(), SystemTime::now(), None)),
             restarts: AtomicUsize::new(0),
@@ -113,6 +116,8 @@ impl StatusSource for Live {
             forwards: Vec::new(),
             bytes_in: 0,
             bytes_out: 0,
+            config_file: self.source.0.clone(),
+            profile_destination: self.source.1.clone(),
         };
         let Some(p) = parts.as_ref() else {
             return status;
@@ -292,7 +297,11 @@ fn start_watchdog() {
 
 /// `sshshim up`: one profile in the foreground.
 pub async fn up(cfg: UpConfig) -> Result<(), String> {
-    let live = Live::new(&cfg.name, cfg.target.to_string());
+    let live = Live::new(
+        &cfg.name,
+        cfg.target.to_string(),
+        (cfg.config_file.clone(), cfg.profile_destination.clone()),
+    );
     let shutdown = CancellationToken::new();
     let control = {
         let (live, name, shutdown) = (live.clone(), cfg.name.clone(), shutdown.clone());
@@ -389,8 +398,12 @@ fn read_profiles(opts: &SuperviseOptions) -> Result<BTreeMap<String, Profile>, S
 }
 
 /// Starts the restart loop of one profile.
-fn start(name: &str, p: Profile, default_hook: &Option<String>) -> Supervised {
-    let live = Live::new(name, p.destination.clone().unwrap_or_default());
+fn start(name: &str, p: Profile, file: &str, default_hook: &Option<String>) -> Supervised {
+    let live = Live::new(
+        name,
+        p.destination.clone().unwrap_or_default(),
+        (Some(file.to_owned()), p.target_label()),
+    );
     let stop = CancellationToken::new();
     let hook = p
         .on_event
@@ -463,6 +476,8 @@ fn start(name: &str, p: Profile, default_hook: &Option<String>) -> Supervised {
 pub async fn supervise(opts: SuperviseOptions) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let wanted = read_profiles(&opts)?;
+    let file =
+        profile::file_identity(&opts.config.clone().unwrap_or_else(profile::default_path));
     let mut running: BTreeMap<String, Supervised> = BTreeMap::new();
     let controls = CancellationToken::new();
     let serve_control = |name: &str, live: &Arc<Live>, tok: CancellationToken| {
@@ -475,7 +490,7 @@ pub async fn supervise(opts: SuperviseOptions) -> Result<(), String> {
     };
     let mut control_tokens: BTreeMap<String, CancellationToken> = BTreeMap::new();
     for (n, p) in wanted {
-        let s = start(&n, p, &opts.on_event);
+        let s = start(&n, p, &file, &opts.on_event);
         let tok = controls.child_token();
         serve_control(&n, &s.live, tok.clone());
         control_tokens.insert(n.clone(), tok);
@@ -530,7 +545,7 @@ pub async fn supervise(opts: SuperviseOptions) -> Result<(), String> {
                                 tracing::info!(profile = %n, "starting");
                                 // Let a stopped predecessor release its control socket.
                                 tokio::time::sleep(Duration::from_millis(200)).await;
-                                let s = start(&n, p, &opts.on_event);
+                                let s = start(&n, p, &file, &opts.on_event);
                                 let tok = controls.child_token();
                                 serve_control(&n, &s.live, tok.clone());
                                 control_tokens.insert(n.clone(), tok);

@@ -389,6 +389,8 @@ mod tests {
             }],
             bytes_in: 0,
             bytes_out: 0,
+            config_file: None,
+            profile_destination: None,
         }
     }
 

@@ -640,10 +640,15 @@ mod tests {
     /// Name sanitising.
     #[test]
     fn socket_names() {
-        assert_eq!(sanitize_name("a/b c.d-e_f"), "a_b_c.d-e_f");
+        assert_eq!(sanitize_name("a/b c.d-e_f"), "a%2Fb%20c.d-e_f");
         assert_eq!(
             socket_path_in(Path::new("/x"), "../evil"),
-            PathBuf::from("/x/.._evil.sock")
+            PathBuf::from("/x/..%2Fevil.sock")
+        );
+        // Escaped, not folded: these two no longer share a socket.
+        assert_ne!(
+            socket_path_in(Path::new("/x"), "root@127.0.0.1:23401"),
+            socket_path_in(Path::new("/x"), "root_127.0.0.1_23401")
         );
     }
 

@@ -79,6 +79,18 @@ pub struct ProfileStatus {
     pub bytes_in: u64,
     /// Bytes from local to upstream.
     pub bytes_out: u64,
+    /// The profiles file this profile was read from (absolute, symlinks
+    /// resolved), or null when `sshshim up` was given a destination rather
+    /// than a profile. With `profile` and `profile_destination` it says
+    /// exactly what runs here: `sshshim mcp` acts only on a process whose
+    /// three agree with its own file. Absent in the JSON of older versions.
+    #[serde(default)]
+    pub config_file: Option<String>,
+    /// The profile's destination as its settings give it, before ssh_config:
+    /// `[user@]host[:port]` with its `user` and `port` keys applied (see
+    /// `Profile::target_label`); null when not run from a profile.
+    #[serde(default)]
+    pub profile_destination: Option<String>,
 }
 
 /// Implemented by a running profile.
@@ -131,5 +143,7 @@ pub(super) fn sample(name: &str) -> ProfileStatus {
         ],
         bytes_in: 1_300_000,
         bytes_out: 512,
+        config_file: Some("/home/alice/.config/sshshim/config.toml".into()),
+        profile_destination: Some("alice@example.com".into()),
     }
 }

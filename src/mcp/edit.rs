@@ -5,6 +5,15 @@
 //! The new text is validated by the same loader `sshshim up` uses
 //! ([`crate::profile::load`]) before it replaces the file, atomically and
 //! with mode 0600, so a bad edit never reaches the file.
+//!
+//! What MCP may touch is decided here. It writes only the keys of
+//! [`MCP_KEYS`] (where to connect, forwards, timing); the keys of
+//! [`PERSON_KEYS`] (commands, authentication, host keys, listeners,
+//! exposure, the MCP opt-ins) are a person's alone. It changes and removes
+//! only profiles it created, which it marks `mcp_created = true` (a key, so
+//! the mark goes wherever the table goes and a comment cannot fake it) and
+//! which hold no person's key: a person who adds one (say `listen` and
+//! `mcp_exec`) takes the profile over.
 
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -14,6 +23,7 @@ use serde_json::Value as Json;
 use toml_edit::{DocumentMut, Item, Table, Value};
 
 use crate::profile;
+use crate::spec::{Addr, ForwardSpec, Kind};
 
 /// What to write into one profile. Fields left `None` keep what the file has.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -39,6 +49,140 @@ pub struct Written {
     pub created: bool,
     /// The profile's keys as they now are in the file.
     pub settings: Json,
+}
+
+/// Profile keys `tunnel_setup` may write: where to connect and harmless
+/// tuning. Every key of [`profile::KEYS`] is in this list or in
+/// [`PERSON_KEYS`] (a test checks it).
+pub const MCP_KEYS: &[&str] = &[
+    "destination",
+    "port",
+    "user",
+    "local_forwards",
+    "remote_forwards",
+    "keepalive",
+    "keepalive_max",
+    "max_backoff",
+    "connect_timeout",
+    "stall_limit",
+];
+
+/// Profile keys only a person sets, each with why.
+pub const PERSON_KEYS: &[(&str, &str)] = &[
+    ("identity", "it chooses the private keys that authenticate upstream"),
+    ("known_hosts", "it decides which upstream host keys are trusted"),
+    ("accept_new", "it would trust unknown upstream host keys"),
+    ("listen", "it opens a local SSH endpoint, through which commands run"),
+    ("allow_non_loopback", "it exposes the endpoint beyond this machine"),
+    ("authorized_keys", "it decides who may log in to the endpoint"),
+    ("host_key", "it sets the endpoint's identity"),
+    ("on_event", "it runs a local command"),
+    ("metrics", "it opens a listener"),
+    ("mux", "it places a socket through which commands run"),
+    ("mcp_exec", "it lets MCP run commands and copy files"),
+    ("mcp_created", "it marks the profiles MCP created; tunnel_setup writes it itself"),
+    ("copy_dir", "it decides which local files copy may read and write"),
+];
+
+/// The marker key of profiles MCP created.
+const MARK: &str = "mcp_created";
+
+/// Refuses an edit that touches a person's key, or a forward whose local
+/// side is not a loopback port (a `-L` listening beyond loopback, or a Unix
+/// socket path on this machine).
+fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
+    for key in edit.options.keys() {
+        if let Some((_, why)) = PERSON_KEYS.iter().find(|(k, _)| k == key) {
+            return Err(format!(
+                "options.{key}: only a person sets this key ({why}); ask the user to edit                  [profile.{}] in {} by hand",
+                edit.name,
+                path.display()
+            ));
+        }
+        // Unknown keys are left to the loader, which names the close ones.
+    }
+    let lists = [
+        (Kind::Local, &edit.local_forwards, edit.options.get("local_forwards")),
+        (Kind::Remote, &edit.remote_forwards, edit.options.get("remote_forwards")),
+    ];
+    for (kind, list, opt) in lists {
+        let from_opt: Vec<String> = match opt {
+            Some(Json::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            Some(Json::String(s)) => vec![s.clone()],
+            _ => Vec::new(),
+        };
+        for s in list.iter().flatten().chain(&from_opt) {
+            // A spec that does not parse is the loader's to report.
+            let Ok(f) = ForwardSpec::parse(kind, s) else { continue };
+            let local = match kind {
+                Kind::Local => &f.listen,
+                Kind::Remote => &f.target,
+            };
+            let ok = match (kind, local) {
+                (Kind::Local, Addr::Tcp(h, _)) => {
+                    h.is_empty()
+                        || h == "localhost"
+                        || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+                }
+                (Kind::Remote, Addr::Tcp(..)) => true,
+                (_, Addr::Unix(_)) => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "forward '{s}': through MCP a forward's local side must be a TCP port on                      loopback (no bind address beyond loopback, no Unix socket path); ask the                      user to add it by hand"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to change or remove profile `name` unless MCP created it and no
+/// person's key was added to it since.
+fn check_owned(table: &dyn toml_edit::TableLike, name: &str, path: &Path) -> Result<(), String> {
+    let marked = table
+        .get(MARK)
+        .and_then(Item::as_value)
+        .and_then(Value::as_bool)
+        == Some(true);
+    if !marked {
+        return Err(format!(
+            "profile '{name}' in {} was not created through MCP (it has no `mcp_created =              true`): MCP changes and removes only the profiles it created. Ask the user to edit              it, or use another name",
+            path.display()
+        ));
+    }
+    let person: Vec<&str> = table
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| *k != MARK && !MCP_KEYS.contains(k))
+        .collect();
+    if !person.is_empty() {
+        return Err(format!(
+            "profile '{name}' in {} has keys only a person sets ({}): a person has taken it              over, so MCP no longer changes or removes it",
+            path.display(),
+            person.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+/// Whether profile `name` exists and MCP may change or remove it: `Ok(true)`
+/// when it may, `Ok(false)` when there is no such profile, an error saying
+/// why not otherwise.
+pub fn owned(path: &Path, name: &str) -> Result<bool, String> {
+    let path = real_path(path);
+    let (_, doc) = read_doc(&path)?;
+    let Some(t) = doc
+        .get("profile")
+        .and_then(Item::as_table_like)
+        .and_then(|p| p.get(name))
+    else {
+        return Ok(false);
+    };
+    let t = t.as_table_like().ok_or_else(|| {
+        format!("{}: profile '{name}' is not a table; fix it by hand", path.display())
+    })?;
+    check_owned(t, name, &path).map(|()| true)
 }
 
 /// Comment placed above a table this module creates, so a person reading the
@@ -67,11 +211,23 @@ fn read_doc(path: &Path) -> Result<(String, DocumentMut), String> {
 pub fn set_profile(path: &Path, edit: &ProfileEdit) -> Result<Written, String> {
     check_name(&edit.name)?;
     let path = real_path(path);
+    check_edit(edit, &path)?;
     let (_, mut doc) = read_doc(&path)?;
     let profiles = profiles_table(&mut doc, &path)?;
     let created = !profiles.contains_key(&edit.name);
+    if let Some(t) = profiles.get(&edit.name) {
+        let t = t.as_table_like().ok_or_else(|| {
+            format!(
+                "{}: profile '{}' is not a table; fix it by hand",
+                path.display(),
+                edit.name
+            )
+        })?;
+        check_owned(t, &edit.name, &path)?;
+    }
     if created {
         let mut t = Table::new();
+        t.insert(MARK, toml_edit::value(true));
         let blank = if doc_is_empty(&doc) { "" } else { "\n" };
         t.decor_mut().set_prefix(format!("{blank}{ADDED_COMMENT}"));
         // After every table there is, whatever order the file has them in.
@@ -127,6 +283,16 @@ pub fn remove_profile(path: &Path, name: &str) -> Result<bool, String> {
     let Some(profiles) = doc.get_mut("profile").and_then(Item::as_table_like_mut) else {
         return Ok(false);
     };
+    match profiles.get(name).map(Item::as_table_like) {
+        None => return Ok(false),
+        Some(None) => {
+            return Err(format!(
+                "{}: profile '{name}' is not a table; fix it by hand",
+                path.display()
+            ));
+        }
+        Some(Some(t)) => check_owned(t, name, &path)?,
+    }
     let Some(removed) = profiles.remove(name) else {
         return Ok(false);
     };
@@ -363,19 +529,107 @@ mod tests {
         }
     }
 
+    /// Two profiles MCP created, commented on by a person since.
     const FILE: &str = "\
 # My tunnels, kept by hand.
 
 # The lab box.
 [profile.lab]
+mcp_created = true
 destination = \"alice@lab.example\"
 port = 2200  # not 22
 # forwards below
 remote_forwards = [\"2222:localhost:22\"]
 
 [profile.prod]
+mcp_created = true
 destination = \"prod.example\" # the real one
 ";
+
+    /// A person's profile, and one MCP created that a person took over.
+    const PERSON: &str = "\
+# Mine.
+[profile.mine]
+destination = \"me@h.example\" # keep
+
+[profile.taken]
+mcp_created = true
+destination = \"t.example\"
+listen = \"127.0.0.1:2301\"
+mcp_exec = true
+";
+
+    #[test]
+    fn every_profile_key_is_classified() {
+        for k in profile::KEYS {
+            let mcp = MCP_KEYS.contains(k);
+            let person = PERSON_KEYS.iter().any(|(p, _)| p == k);
+            assert!(
+                mcp ^ person,
+                "profile key '{k}' must be in exactly one of MCP_KEYS and PERSON_KEYS"
+            );
+        }
+        for k in MCP_KEYS.iter().chain(PERSON_KEYS.iter().map(|(k, _)| k)) {
+            assert!(profile::KEYS.contains(k), "'{k}' is no profile key");
+        }
+    }
+
+    #[test]
+    fn person_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        for (key, val) in [
+            ("on_event", Json::from("touch /tmp/pwned")),
+            ("mcp_exec", Json::from(true)),
+            ("authorized_keys", Json::from("/tmp/k")),
+            ("listen", Json::from("127.0.0.1:2999")),
+            ("known_hosts", Json::from("/dev/null")),
+            ("accept_new", Json::from(true)),
+            ("copy_dir", Json::from("/")),
+            ("mcp_created", Json::Null),
+        ] {
+            let mut e = edit("new", "h.example");
+            e.options.insert(key.into(), val);
+            let err = set_profile(&path, &e).unwrap_err();
+            assert!(err.contains("only a person sets"), "{key}: {err}");
+        }
+        assert!(!path.exists(), "nothing written");
+        for (kind, spec) in [
+            ("local", "0.0.0.0:8080:db:5432"),
+            ("local", "/tmp/s.sock:db:5432"),
+            ("remote", "2375:/var/run/docker.sock"),
+        ] {
+            let mut e = edit("new", "h.example");
+            let l = Some(vec![spec.to_owned()]);
+            if kind == "local" {
+                e.local_forwards = l;
+            } else {
+                e.remote_forwards = l;
+            }
+            let err = set_profile(&path, &e).unwrap_err();
+            assert!(err.contains("loopback"), "{spec}: {err}");
+        }
+        let mut e = edit("new", "h.example");
+        e.local_forwards = Some(vec!["127.0.0.1:8080:db:5432".into(), "8081:db:5432".into()]);
+        e.remote_forwards = Some(vec!["2222:localhost:22".into()]);
+        assert!(set_profile(&path, &e).unwrap().created);
+    }
+
+    #[test]
+    fn a_persons_profiles_are_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, PERSON).unwrap();
+        for name in ["mine", "taken"] {
+            let err = set_profile(&path, &edit(name, "x.example")).unwrap_err();
+            assert!(err.contains("MCP"), "{err}");
+            let err = remove_profile(&path, name).unwrap_err();
+            assert!(err.contains("MCP"), "{err}");
+            assert!(owned(&path, name).is_err());
+        }
+        assert!(!owned(&path, "none").unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), PERSON);
+    }
 
     #[test]
     fn update_keeps_the_rest_of_the_file() {
@@ -384,20 +638,21 @@ destination = \"prod.example\" # the real one
         std::fs::write(&path, FILE).unwrap();
         let mut e = edit("lab", "bob@lab.example");
         e.options.insert("port".into(), 2201.into());
-        e.options.insert("mcp_exec".into(), true.into());
+        e.options.insert("keepalive".into(), 5.into());
         let w = set_profile(&path, &e).unwrap();
         assert!(!w.created);
+        assert!(owned(&path, "lab").unwrap());
         let text = std::fs::read_to_string(&path).unwrap();
         let want = FILE
             .replace("alice@lab", "bob@lab")
             .replace("port = 2200  # not 22\n", "port = 2201  # not 22\n")
             .replace(
                 "remote_forwards = [\"2222:localhost:22\"]\n",
-                "remote_forwards = [\"2222:localhost:22\"]\nmcp_exec = true\n",
+                "remote_forwards = [\"2222:localhost:22\"]\nkeepalive = 5\n",
             );
         assert_eq!(text, want);
         assert_eq!(w.settings["port"], 2201);
-        assert_eq!(w.settings["mcp_exec"], true);
+        assert_eq!(w.settings["keepalive"], 5);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
@@ -421,7 +676,7 @@ destination = \"prod.example\" # the real one
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with(FILE), "{text}");
         assert!(
-            text.ends_with("[profile.zz]\ndestination = \"z.example\"\n"),
+            text.ends_with("[profile.zz]\nmcp_created = true\ndestination = \"z.example\"\n"),
             "{text}"
         );
     }
@@ -458,7 +713,7 @@ destination = \"prod.example\" # the real one
         assert_eq!(
             text,
             "# My tunnels, kept by hand.\n\n\
-             [profile.prod]\ndestination = \"prod.example\" # the real one\n"
+             [profile.prod]\nmcp_created = true\ndestination = \"prod.example\" # the real one\n"
         );
         assert!(!remove_profile(&path, "lab").unwrap());
         assert!(remove_profile(&path, "prod").unwrap());

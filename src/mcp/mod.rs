@@ -7,11 +7,18 @@
 //! message the CLI would print. stdout carries only JSON-RPC; every call is
 //! logged (tool, profile, outcome) to stderr, never file contents.
 //!
-//! `exec` and `copy` work only for profiles with `mcp_exec = true`.
-//! `tunnel_setup` may set that key on a profile it creates, but never turns
-//! it on for a profile that already exists without it: a person opts an
-//! existing profile in by editing the file.
+//! The gate holds against an agent set on working around it:
+//! - `exec` and `copy` work only for profiles with `mcp_exec = true`, a key
+//!   only a person sets (by editing the file), and only through a process
+//!   whose status names exactly that profile of this file with the same
+//!   destination (see [`check_identity`]);
+//! - `tunnel_setup` writes only harmless keys ([`edit::MCP_KEYS`]) and
+//!   changes, like `tunnel_remove` removes, only profiles it created and no
+//!   person has taken over (see [`edit`]);
+//! - `copy` reads and writes local files only beneath the server's working
+//!   directory or the profile's `copy_dir` (see [`beneath`]).
 
+mod beneath;
 mod edit;
 mod remote;
 
@@ -88,10 +95,10 @@ pub struct SetupParams {
     /// Replaces the profile's list; [] removes it; omitted keeps it.
     #[serde(default)]
     pub local_forwards: Option<Vec<String>>,
-    /// Other profile keys, as in the config file: port, user, identity (list
-    /// of paths), known_hosts, accept_new, listen ("127.0.0.1:2222", needed
-    /// for exec and copy), keepalive, connect_timeout, mcp_exec, ... A null
-    /// value removes the key.
+    /// Other profile keys, as in the config file; only these: port, user,
+    /// keepalive, keepalive_max, max_backoff, connect_timeout, stall_limit. A
+    /// null value removes the key. Keys such as identity, known_hosts,
+    /// listen, on_event or mcp_exec are a person's to set, by editing the file.
     #[serde(default)]
     pub options: Option<serde_json::Map<String, Value>>,
     /// Also install and start a systemd user service running this profile.
@@ -159,6 +166,9 @@ pub struct TunnelInfo {
     pub settings: Value,
     /// True when exec and copy may use it (mcp_exec = true).
     pub mcp_exec: bool,
+    /// True when tunnel_setup created it and no person has taken it over,
+    /// so tunnel_setup may change it and tunnel_remove remove it.
+    pub mcp_managed: bool,
     /// True when an sshshim is running it.
     pub running: bool,
     /// The running profile's status, as `sshshim status --json` prints it
@@ -212,8 +222,10 @@ pub struct CopyParams {
     pub profile: String,
     /// "put" (local to remote) or "get" (remote to local).
     pub direction: Direction,
-    /// Local file (relative to the server's working directory); for get, an
-    /// existing directory receives the file under its remote name.
+    /// Local file, a relative path without '..' beneath the server's working
+    /// directory (or the profile's copy_dir); symlinks leading out are
+    /// refused. For get, an existing directory receives the file under its
+    /// remote name.
     pub local: String,
     /// Remote path; relative paths start in the remote home directory.
     pub remote: String,
@@ -239,10 +251,11 @@ impl Server {
     #[tool(
         description = "Add or update a tunnel profile ([profile.NAME] in sshshim's config file), \
         validated exactly as `sshshim up` reads it; the rest of the file, comments included, is kept. \
-        Keys not given are kept. With service: true, also installs and starts a systemd user \
-        service for it; otherwise nothing is started and next_steps says how.",
+        Keys not given are kept. Only profiles created by tunnel_setup can be updated, and only \
+        destination, forwards and timing keys can be set. With service: true, also installs and \
+        starts a systemd user service for it; otherwise nothing is started and next_steps says how.",
         annotations(
-            destructive_hint = false,
+            destructive_hint = true,
             idempotent_hint = true,
             open_world_hint = false
         )
@@ -272,9 +285,9 @@ impl Server {
 
     /// Stops and removes a profile.
     #[tool(
-        description = "Remove a tunnel: stop it if running, remove its systemd unit if it had one \
-        of its own, and delete its [profile.NAME] table from the config file (the rest of the \
-        file, comments included, is kept).",
+        description = "Remove a tunnel created by tunnel_setup: stop it if running, remove its \
+        systemd unit if it had one of its own, and delete its [profile.NAME] table from the config \
+        file (the rest of the file, comments included, is kept).",
         annotations(
             destructive_hint = true,
             idempotent_hint = true,
@@ -348,7 +361,8 @@ impl Server {
                 remote::copy(
                     &t,
                     p.direction,
-                    Path::new(&p.local),
+                    &t.copy_dir,
+                    &p.local,
                     &p.remote,
                     Duration::from_secs(secs),
                 )
@@ -378,10 +392,10 @@ impl Server {
     router = self.tool_router,
     name = "sshshim",
     instructions = "sshshim keeps one verified, authenticated SSH connection per profile and \
-    serves it on a local endpoint. tunnel_status lists profiles; tunnel_setup adds one (set \
-    options.listen, e.g. \"127.0.0.1:2222\", and options.mcp_exec = true to use exec and copy); \
-    it starts with `sshshim up NAME` or as a service (service: true). exec and copy run through \
-    the running shim of a profile with mcp_exec = true."
+    serves it on a local endpoint. tunnel_status lists profiles; tunnel_setup adds one with \
+    forwards (it starts with `sshshim up NAME` or as a service, service: true). exec and copy \
+    run through the running shim of a profile a person opted in (listen and mcp_exec = true, \
+    set by editing the file; tunnel_setup cannot set them)."
 )]
 impl rmcp::ServerHandler for Server {}
 
@@ -407,25 +421,8 @@ impl Server {
         };
         let written = {
             let _guard = self.edits.lock().await;
-            blocking(move || {
-                // Only a person opts an existing profile in to exec/copy.
-                let file = profile::load(&path, false)?;
-                if let (Some(existing), Some(Value::Bool(true))) =
-                    (file.profiles.get(&edit.name), edit.options.get("mcp_exec"))
-                    && existing.mcp_exec != Some(true)
-                {
-                    return Err(format!(
-                        "profile '{}' already exists without mcp_exec = true; tunnel_setup only \
-                         sets that key on profiles it creates. Ask the user to add \
-                         `mcp_exec = true` to [profile.{}] in {}",
-                        edit.name,
-                        edit.name,
-                        path.display()
-                    ));
-                }
-                edit::set_profile(&path, &edit)
-            })
-            .await?
+            // Which keys, and which profiles, MCP may write: see `edit`.
+            blocking(move || edit::set_profile(&path, &edit)).await?
         };
         let name = p.name;
         let running = {
@@ -435,11 +432,12 @@ impl Server {
         let flag = self.config_flag();
         let mut notes = Vec::new();
         if written.settings.get("listen").is_none() {
-            notes.push(
-                "no listen address: the tunnel will serve no local endpoint, so exec and copy \
-                 cannot use it; set options.listen, e.g. \"127.0.0.1:2222\""
-                    .to_owned(),
-            );
+            notes.push(format!(
+                "no listen address: the tunnel serves no local endpoint, so exec and copy cannot \
+                 use it. Only a person can opt it in, by adding `listen = \"127.0.0.1:PORT\"` and \
+                 `mcp_exec = true` to [profile.{name}] in {} (MCP then no longer changes it)",
+                written.path.display()
+            ));
         }
         if running {
             notes.push(format!(
@@ -542,6 +540,7 @@ impl Server {
                         configured: p.is_some(),
                         settings: settings.get(&name).cloned().unwrap_or(Value::Null),
                         mcp_exec: p.is_some_and(|p| p.mcp_exec == Some(true)),
+                        mcp_managed: edit::owned(&path, &name).unwrap_or(false),
                         running: status.is_some(),
                         status: status.and_then(|s| serde_json::to_value(s).ok()),
                         service_unit: own_unit(&name).map(|u| u.display().to_string()),
@@ -563,12 +562,23 @@ impl Server {
         let _guard = self.edits.lock().await;
         blocking(move || {
             let file = profile::load(&path, false)?;
-            let configured = file.profiles.contains_key(&name);
-            let was_running = control::query(&name).is_ok();
-            let unit = own_unit(&name);
-            if !configured && !was_running && unit.is_none() {
+            // Only a profile of this file that MCP created and still owns;
+            // never a person's, never a process that is not that profile.
+            let p = file.get(&name)?;
+            if !edit::owned(&path, &name)? {
                 return Err(file.get(&name).err().unwrap_or_default());
             }
+            let configured = true;
+            let was_running = match control::query(&name) {
+                Ok(st) => {
+                    check_identity(&st, &name, p, &path).map_err(|e| {
+                        format!("{e}; nothing was stopped or removed")
+                    })?;
+                    true
+                }
+                Err(_) => false,
+            };
+            let unit = own_unit(&name);
             // The unit first: systemd would restart a profile stopped under it.
             let service = match unit {
                 Some(_) => Some(service::remove(false, Some(&name), false)?),
@@ -611,6 +621,7 @@ impl Server {
             }
             let status = control::query(&name)
                 .map_err(|e| format!("{e}: start it first with `sshshim up {name}{flag}`"))?;
+            check_identity(&status, &name, p, &path)?;
             let endpoint = status.endpoint.ok_or_else(|| {
                 format!(
                     "profile '{name}' serves no local endpoint: set listen = \"127.0.0.1:PORT\" \
@@ -619,15 +630,55 @@ impl Server {
             })?;
             let state = crate::paths::state_dir()
                 .map_err(|e| format!("cannot open sshshim's state directory: {e}"))?;
+            let copy_dir = match &p.copy_dir {
+                Some(d) => d.clone(),
+                None => std::env::current_dir()
+                    .map_err(|e| format!("no current directory for copy: {e}"))?,
+            };
             Ok(remote::Target {
                 endpoint: remote::Target::endpoint_of(&endpoint)?,
                 known_hosts: state.join("known_hosts"),
                 identities: p.identity.clone(),
+                copy_dir,
                 name,
             })
         })
         .await
     }
+}
+
+/// Checks that the process answering on `name`'s control socket runs
+/// exactly profile `name` of the file at `path`, with the destination the
+/// file gives it: the name alone could belong to an ad-hoc `sshshim up`, a
+/// profile of another file, or a profile edited since it started.
+fn check_identity(
+    st: &control::ProfileStatus,
+    name: &str,
+    p: &profile::Profile,
+    path: &Path,
+) -> Result<(), String> {
+    let file = profile::file_identity(path);
+    let who = format!(
+        "the sshshim answering as '{name}' (pid {}) runs '{}' to {} from {}",
+        st.pid,
+        st.profile,
+        st.profile_destination.as_deref().unwrap_or(&st.destination),
+        st.config_file.as_deref().unwrap_or("no profiles file (started ad hoc)")
+    );
+    if st.profile != name || st.config_file.as_deref() != Some(file.as_str()) {
+        return Err(format!(
+            "{who}, not profile '{name}' of {file}; MCP acts only on that profile's own process"
+        ));
+    }
+    let want = p.target_label();
+    if st.profile_destination.is_none() || st.profile_destination != want {
+        return Err(format!(
+            "{who}, but [profile.{name}] now says {}; restart it (`sshshim down {name}`, then \
+             start it again) so the two agree",
+            want.as_deref().unwrap_or("no destination")
+        ));
+    }
+    Ok(())
 }
 
 /// The user unit that runs profile `name` alone, if installed.

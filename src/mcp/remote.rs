@@ -33,6 +33,8 @@ pub struct Target {
     pub known_hosts: PathBuf,
     /// Identity files to offer, on top of the agent and OpenSSH's defaults.
     pub identities: Vec<PathBuf>,
+    /// The directory `copy` stays beneath.
+    pub copy_dir: PathBuf,
 }
 
 impl Target {
@@ -268,44 +270,58 @@ pub struct CopyOutput {
     pub duration_ms: u64,
 }
 
-/// Copies one regular file with sftp through the shim.
+/// Copies one regular file with sftp through the shim. `local` is a
+/// relative path beneath `root` (see [`super::beneath`]); sftp gets the
+/// file already open, as `/dev/fd/N`.
 pub async fn copy(
     t: &Target,
     direction: Direction,
-    local: &Path,
+    root: &Path,
+    local: &str,
     remote: &str,
     timeout: Duration,
 ) -> Result<CopyOutput, String> {
     let started = Instant::now();
-    let cwd = std::env::current_dir().map_err(|e| format!("no current directory: {e}"))?;
-    let mut local = cwd.join(local);
-    let local_arg = local
-        .to_str()
-        .ok_or_else(|| format!("local path {} is not UTF-8", local.display()))?
-        .to_owned();
-    match direction {
-        Direction::Put => {
-            let meta = std::fs::metadata(&local)
-                .map_err(|e| format!("cannot read {}: {e}", local.display()))?;
-            if !meta.is_file() {
-                return Err(format!("{} is not a regular file", local.display()));
-            }
-        }
+    let opened = match direction {
+        Direction::Put => super::beneath::open_for_put(root, local)?,
         Direction::Get => {
-            // sftp puts the file inside a directory given as the target.
-            if local.is_dir() {
-                let base = remote
-                    .trim_end_matches('/')
-                    .rsplit('/')
-                    .next()
-                    .unwrap_or("");
-                if base.is_empty() || base == "." || base == ".." {
-                    return Err(format!("remote path '{remote}' names no file"));
-                }
-                local = local.join(base);
+            // sftp would put the file inside a directory given as the target.
+            let base = remote.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+            super::beneath::open_for_get(root, local, base)?
+        }
+    };
+    match transfer(t, direction, &opened.file, remote, timeout).await {
+        Ok(()) => {}
+        Err(e) => {
+            if direction == Direction::Get {
+                opened.discard();
             }
+            return Err(e);
         }
     }
+    let (bytes, sha256) = file_digest(&opened.file, &opened.shown).await?;
+    Ok(CopyOutput {
+        direction,
+        local: opened.shown.display().to_string(),
+        remote: remote.to_owned(),
+        bytes,
+        sha256,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Runs sftp for one transfer between `file` (handed over as `/dev/fd/N`)
+/// and `remote`.
+async fn transfer(
+    t: &Target,
+    direction: Direction,
+    file: &std::fs::File,
+    remote: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    use std::os::fd::AsRawFd as _;
+    let fd = file.as_raw_fd();
+    let local_arg = format!("/dev/fd/{fd}");
     let batch = match direction {
         Direction::Put => format!("put {} {}\n", sftp_arg(&local_arg)?, sftp_arg(remote)?),
         Direction::Get => format!("get {} {}\n", sftp_arg(remote)?, sftp_arg(&local_arg)?),
@@ -318,6 +334,16 @@ pub async fn copy(
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    // SAFETY: fcntl is async-signal-safe; it changes only the child's copy
+    // of the descriptor table, so sftp inherits this one file and no other.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run sftp (the OpenSSH client): {e}"))?;
@@ -355,15 +381,7 @@ pub async fn copy(
             format!("sftp failed (exit {code}): {messages}")
         });
     }
-    let (bytes, sha256) = file_digest(&local).await?;
-    Ok(CopyOutput {
-        direction,
-        local: local.display().to_string(),
-        remote: remote.to_owned(),
-        bytes,
-        sha256,
-        duration_ms: started.elapsed().as_millis() as u64,
-    })
+    Ok(())
 }
 
 /// One path as an argument of an sftp batch command. Inside double quotes
@@ -389,10 +407,16 @@ fn sftp_arg(path: &str) -> Result<String, String> {
     ))
 }
 
-/// Size and SHA-256 (lowercase hex) of a file.
-async fn file_digest(path: &Path) -> Result<(u64, String), String> {
+/// Size and SHA-256 (lowercase hex) of an open file, read from its start
+/// (`path` only names it in errors).
+async fn file_digest(file: &std::fs::File, path: &Path) -> Result<(u64, String), String> {
     use sha2::Digest as _;
-    let mut f = tokio::fs::File::open(path)
+    use tokio::io::AsyncSeekExt as _;
+    let f = file
+        .try_clone()
+        .map_err(|e| format!("cannot read {} after the transfer: {e}", path.display()))?;
+    let mut f = tokio::fs::File::from_std(f);
+    f.seek(std::io::SeekFrom::Start(0))
         .await
         .map_err(|e| format!("cannot read {} after the transfer: {e}", path.display()))?;
     let mut h = sha2::Sha256::new();
@@ -453,6 +477,7 @@ mod tests {
             endpoint: "127.0.0.1:2301".parse().unwrap(),
             known_hosts: "/s/known_hosts".into(),
             identities: Vec::new(),
+            copy_dir: "/w".into(),
         };
         let e = t.ssh_failure("Host key verification failed.\n").unwrap();
         assert!(
@@ -478,7 +503,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"abc").unwrap();
-        let (n, h) = file_digest(&p).await.unwrap();
+        let f = std::fs::File::open(&p).unwrap();
+        let (n, h) = file_digest(&f, &p).await.unwrap();
         assert_eq!(n, 3);
         assert_eq!(
             h,

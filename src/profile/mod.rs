@@ -39,6 +39,8 @@ pub const KEYS: &[&str] = &[
     "stall_limit",
     "mux",
     "mcp_exec",
+    "mcp_created",
+    "copy_dir",
 ];
 
 /// The settings of one profile. `None` / empty means "not set here", so
@@ -89,6 +91,13 @@ pub struct Profile {
     /// Lets `sshshim mcp` run commands and copy files through this profile's
     /// endpoint (its `exec` and `copy` tools); off unless set.
     pub mcp_exec: Option<bool>,
+    /// Marks a profile `sshshim mcp` created (its `tunnel_setup` writes it):
+    /// the only profiles MCP may change or remove. `sshshim up` ignores it.
+    pub mcp_created: Option<bool>,
+    /// The directory beneath which `sshshim mcp`'s `copy` reads and writes
+    /// local files for this profile, `~` expanded (default: the MCP server's
+    /// working directory). Set by a person only; MCP may not set it.
+    pub copy_dir: Option<PathBuf>,
 }
 
 impl Profile {
@@ -126,8 +135,38 @@ impl Profile {
             stall_limit: self.stall_limit.or(lower.stall_limit),
             mux: self.mux.or(lower.mux),
             mcp_exec: self.mcp_exec.or(lower.mcp_exec),
+            mcp_created: self.mcp_created.or(lower.mcp_created),
+            copy_dir: self.copy_dir.or(lower.copy_dir),
         }
     }
+}
+
+impl Profile {
+    /// Where the profile connects as its own settings say, before
+    /// ssh_config: `destination` with the `user` and `port` keys applied,
+    /// as `[user@]host[:port]`. None without a (valid) destination. A
+    /// running profile reports it in its status, and `sshshim mcp` compares
+    /// it with the file's.
+    pub fn target_label(&self) -> Option<String> {
+        let mut d: Destination = self.destination.as_deref()?.parse().ok()?;
+        if self.user.is_some() {
+            d.user = self.user.clone();
+        }
+        if self.port.is_some() {
+            d.port = self.port;
+        }
+        Some(d.to_string())
+    }
+}
+
+/// How a profiles file is named in a running profile's status: absolute,
+/// symlinks resolved, so two spellings of one file compare equal.
+pub fn file_identity(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
 }
 
 /// A loaded config file.
@@ -273,7 +312,7 @@ fn env_val(key: &str, s: &str) -> Val {
                 .map(|i| Ok(i.to_owned()))
                 .collect(),
         ),
-        "accept_new" | "allow_non_loopback" | "mcp_exec" => match s.to_ascii_lowercase().as_str() {
+        "accept_new" | "allow_non_loopback" | "mcp_exec" | "mcp_created" => match s.to_ascii_lowercase().as_str() {
             "1" | "true" | "yes" | "on" => Val::Bool(true),
             "0" | "false" | "no" | "off" => Val::Bool(false),
             _ => string(),
@@ -428,6 +467,8 @@ fn set(p: &mut Profile, key: &str, v: Val) -> Result<(), Bad> {
         "stall_limit" => p.stall_limit = Some(int_of(v, 1, i64::MAX, secs)? as u64),
         "mux" => p.mux = Some(path_of(v)?),
         "mcp_exec" => p.mcp_exec = Some(bool_of(v)?),
+        "mcp_created" => p.mcp_created = Some(bool_of(v)?),
+        "copy_dir" => p.copy_dir = Some(path_of(v)?),
         _ => return Err(Bad::whole(unknown_key(key))),
     }
     Ok(())
