@@ -74,7 +74,9 @@ const MCP_EXAMPLES: &str = "\
 Register it with an MCP client, for example:
   claude mcp add sshshim -- sshshim mcp
   {\"mcpServers\": {\"sshshim\": {\"command\": \"sshshim\", \"args\": [\"mcp\"]}}}
-exec and copy work only for profiles with `mcp_exec = true`.";
+exec and copy work only for profiles a person opted in (`listen` and
+`mcp_exec = true`, set by editing the file); tunnel_setup writes only
+destination, forward and timing keys, of profiles it created.";
 
 /// `sshshim mcp`.
 #[derive(Args, Debug)]

@@ -476,8 +476,7 @@ fn start(name: &str, p: Profile, file: &str, default_hook: &Option<String>) -> S
 pub async fn supervise(opts: SuperviseOptions) -> Result<(), String> {
     use tokio::signal::unix::{SignalKind, signal};
     let wanted = read_profiles(&opts)?;
-    let file =
-        profile::file_identity(&opts.config.clone().unwrap_or_else(profile::default_path));
+    let file = profile::file_identity(&opts.config.clone().unwrap_or_else(profile::default_path));
     let mut running: BTreeMap<String, Supervised> = BTreeMap::new();
     let controls = CancellationToken::new();
     let serve_control = |name: &str, live: &Arc<Live>, tok: CancellationToken| {

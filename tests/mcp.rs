@@ -1,6 +1,8 @@
 //! `sshshim mcp` driven by a real MCP client (rmcp's) over the child's
 //! stdin/stdout: tunnel set-up, status, exec and copy through a running
-//! shim in front of the harness sshd, refusal without `mcp_exec`, removal.
+//! shim in front of the harness sshd, refusal without `mcp_exec`, removal;
+//! and the attacks of issue 26 (a shim that is not the profile, keys and
+//! profiles that are a person's, copy outside its directory), refused.
 
 mod support;
 
@@ -122,6 +124,31 @@ fn config_file(env: &TestEnv) -> PathBuf {
     env.path("config").join("sshshim").join("config.toml")
 }
 
+/// A person's profile that opts in to exec and copy, for the harness sshd,
+/// serving an endpoint on `listen`.
+fn person_profile(env: &TestEnv, sshd: &Sshd, name: &str, listen: &str, extra: &str) -> String {
+    format!(
+        "\n# Opted in by hand.\n[profile.\"{name}\"]\ndestination = \"{dest}\"\nport = {port}\n\
+         identity = [\"{key}\"]\nknown_hosts = \"{kh}\"\nauthorized_keys = \"{ak}\"\n\
+         host_key = \"{hk}\"\nlisten = \"{listen}\"\nconnect_timeout = 5\n{extra}",
+        dest = env.dest(),
+        port = sshd.port(),
+        key = env.user_key().display(),
+        kh = env.known_hosts().display(),
+        ak = env.authorized_keys().display(),
+        hk = env.shim_host_key().display(),
+    )
+}
+
+/// A multi-threaded runtime for the MCP client.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// SHA-256 of a file, lowercase hex.
 fn sha(path: &Path) -> String {
     sha256_file(path)
@@ -133,13 +160,14 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     let sshd = Sshd::start(&env);
     let cfg = config_file(&env);
     std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
-    std::fs::write(&cfg, HAND_WRITTEN).unwrap();
     let listen = format!("127.0.0.1:{}", free_port());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // `lab` is a person's: only a person opts a profile in to exec.
+    let hand_written = format!(
+        "{HAND_WRITTEN}{}",
+        person_profile(&env, &sshd, "lab", &listen, "mcp_exec = true\n")
+    );
+    std::fs::write(&cfg, &hand_written).unwrap();
+    let rt = runtime();
     let mcp = rt.block_on(Mcp::start(&env));
 
     // The tools are there, with input schemas.
@@ -159,35 +187,40 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         ]
     );
 
-    // Set up a profile for the harness sshd.
+    // The annotations say what each tool does.
+    let hint = |name: &str| {
+        let t = tools.iter().find(|t| t.name == name).unwrap();
+        t.annotations.clone().expect("annotations")
+    };
+    assert_eq!(hint("tunnel_setup").destructive_hint, Some(true));
+    assert_eq!(hint("tunnel_remove").destructive_hint, Some(true));
+    assert_eq!(hint("exec").open_world_hint, Some(true));
+    assert_eq!(hint("copy").open_world_hint, Some(true));
+    assert_eq!(hint("tunnel_status").read_only_hint, Some(true));
+
+    // Set up a profile of MCP's own for the harness sshd: a forward, no
+    // endpoint, no exec.
     let setup = rt.block_on(mcp.ok(
         "tunnel_setup",
         json!({
-            "name": "lab",
+            "name": "agent",
             "destination": env.dest(),
-            "options": {
-                "port": sshd.port(),
-                "identity": [env.user_key()],
-                "known_hosts": env.known_hosts(),
-                "authorized_keys": env.authorized_keys(),
-                "host_key": env.shim_host_key(),
-                "listen": listen,
-                "connect_timeout": 5,
-                "mcp_exec": true,
-            },
+            "remote_forwards": [format!("{}:localhost:{}", free_port(), sshd.port())],
+            "options": {"port": sshd.port(), "connect_timeout": 5},
         }),
     ));
     assert_eq!(setup["created"], true, "{setup}");
     assert_eq!(setup["running"], false, "{setup}");
+    assert_eq!(setup["settings"]["mcp_created"], true, "{setup}");
     assert!(
         setup["next_steps"]
             .as_str()
             .unwrap()
-            .contains("sshshim up lab"),
+            .contains("sshshim up agent"),
         "{setup}"
     );
     let text_now = std::fs::read_to_string(&cfg).unwrap();
-    assert!(text_now.starts_with(HAND_WRITTEN), "{text_now}");
+    assert!(text_now.starts_with(&hand_written), "{text_now}");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&cfg).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
@@ -196,7 +229,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     // nothing is written.
     let e = rt.block_on(mcp.err(
         "tunnel_setup",
-        json!({"name": "lab", "destination": env.dest(), "options": {"keepalive": 0}}),
+        json!({"name": "agent", "destination": env.dest(), "options": {"keepalive": 0}}),
     ));
     assert!(
         e.contains("config.toml:") && e.contains("key 'keepalive'"),
@@ -211,6 +244,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     assert_eq!(lab["configured"], true, "{st}");
     assert_eq!(lab["running"], false, "{st}");
     assert_eq!(lab["mcp_exec"], true, "{st}");
+    assert_eq!(lab["mcp_managed"], false, "{st}");
     assert_eq!(lab["settings"]["listen"], listen.as_str(), "{st}");
 
     // Exec before the shim runs says how to start it.
@@ -226,14 +260,27 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         .start();
     let st = rt.block_on(mcp.ok("tunnel_status", json!({})));
     let all = st["profiles"].as_array().unwrap();
-    assert_eq!(all.len(), 2, "{st}");
+    assert_eq!(all.len(), 3, "{st}");
     let lab = all.iter().find(|p| p["name"] == "lab").unwrap();
     assert_eq!(lab["running"], true, "{st}");
     assert_eq!(lab["status"]["endpoint"], listen.as_str(), "{st}");
     assert_eq!(lab["status"]["upstream"]["state"], "connected", "{st}");
+    let cfg_real = std::fs::canonicalize(&cfg).unwrap();
+    assert_eq!(
+        lab["status"]["config_file"],
+        cfg_real.to_str().unwrap(),
+        "{st}"
+    );
+    assert_eq!(
+        lab["status"]["profile_destination"],
+        format!("{}:{}", env.dest(), sshd.port()),
+        "{st}"
+    );
     let manual = all.iter().find(|p| p["name"] == "manual").unwrap();
     assert_eq!(manual["running"], false, "{st}");
     assert_eq!(manual["mcp_exec"], false, "{st}");
+    let agent = all.iter().find(|p| p["name"] == "agent").unwrap();
+    assert_eq!(agent["mcp_managed"], true, "{st}");
 
     // exec: output, exit status, a marker that must not reach the log.
     let marker = "mcp-secret-7f3a";
@@ -279,7 +326,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     let remote_up = env.path("remote_put.bin");
     let put = rt.block_on(mcp.ok(
         "copy",
-        json!({"profile": "lab", "direction": "put", "local": local_up, "remote": remote_up}),
+        json!({"profile": "lab", "direction": "put", "local": "up file.bin", "remote": remote_up}),
     ));
     assert_eq!(put["bytes"], 300_000, "{put}");
     assert_eq!(put["sha256"], sha256_hex(&data), "{put}");
@@ -319,7 +366,42 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         "tunnel_setup",
         json!({"name": "manual", "destination": "nobody@127.0.0.1", "options": {"mcp_exec": true}}),
     ));
-    assert!(e.contains("mcp_exec = true"), "{e}");
+    assert!(e.contains("only a person sets"), "{e}");
+
+    // copy stays beneath the server's working directory (issue 26,
+    // finding 3): no absolute path, no '..', no symlink leading out, for
+    // reading and for writing; nothing outside is read or changed.
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    std::fs::write(&secret, b"keep me").unwrap();
+    std::os::unix::fs::symlink(&secret, env.path("leaf-link")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), env.path("dir-link")).unwrap();
+    let secret_abs = secret.to_str().unwrap().to_owned();
+    let dotdot = format!(
+        "downloads/../../{}/secret",
+        outside.path().file_name().unwrap().to_str().unwrap()
+    );
+    for (direction, local, why) in [
+        ("put", secret_abs.as_str(), "absolute"),
+        ("get", secret_abs.as_str(), "absolute"),
+        ("put", dotdot.as_str(), "'..'"),
+        ("get", dotdot.as_str(), "'..'"),
+        ("put", "leaf-link", "symbolic link"),
+        ("get", "leaf-link", "symbolic link"),
+        ("put", "dir-link/secret", "symbolic link"),
+        ("get", "dir-link/secret", "symbolic link"),
+        ("get", "dir-link/new", "symbolic link"),
+    ] {
+        let e = rt.block_on(mcp.err(
+            "copy",
+            json!({"profile": "lab", "direction": direction, "local": local, "remote": remote_up}),
+        ));
+        assert!(e.contains(why), "{direction} {local}: {e}");
+    }
+    assert_eq!(std::fs::read(&secret).unwrap(), b"keep me");
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+    // A get that fails leaves no empty file behind.
+    assert!(!env.path("x").exists(), "a failed get left its file");
 
     // Without systemd, service: true installs nothing and says why.
     if !Path::new("/run/systemd/system").exists() {
@@ -346,18 +428,38 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         assert_eq!(rm["stopped"], false, "{rm}");
     }
 
-    // Remove: stops the shim and deletes the table, keeping the comments
-    // and the other profile.
-    let rm = rt.block_on(mcp.ok("tunnel_remove", json!({"name": "lab"})));
+    // A person's profile is not MCP's to remove, running or not.
+    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "lab"})));
+    assert!(e.contains("MCP"), "{e}");
+    assert!(
+        shim.is_running(),
+        "tunnel_remove stopped a person's profile"
+    );
+
+    // Remove MCP's own profile while a person runs it (flags for what MCP
+    // may not set): it is stopped and its table deleted, keeping the
+    // comments and the other profiles.
+    let mut agent_shim = env
+        .shim_builder(0)
+        .no_default_args()
+        .args(&["up", "agent", "--listen", "127.0.0.1:0", "--known-hosts"])
+        .arg(env.known_hosts().to_str().unwrap())
+        .arg("-i")
+        .arg(env.user_key().to_str().unwrap())
+        .args(&["--host-key", env.shim_host_key().to_str().unwrap()])
+        .env("XDG_CONFIG_HOME", env.path("config").to_str().unwrap())
+        .start();
+    let rm = rt.block_on(mcp.ok("tunnel_remove", json!({"name": "agent"})));
     assert_eq!(rm["stopped"], true, "{rm}");
     assert_eq!(rm["removed_from_file"], true, "{rm}");
     assert!(
-        shim.wait_exit(Duration::from_secs(10)).is_some(),
+        agent_shim.wait_exit(Duration::from_secs(10)).is_some(),
         "tunnel_remove did not stop the shim"
     );
-    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), HAND_WRITTEN);
-    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "lab"})));
-    assert!(e.contains("no profile 'lab'"), "{e}");
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), hand_written);
+    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "agent"})));
+    assert!(e.contains("no profile 'agent'"), "{e}");
+    shim.kill();
 
     // Every call was logged on stderr, with no command output in it.
     let Mcp {
@@ -384,4 +486,171 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         !log.contains(marker),
         "command output leaked into the log:\n{log}"
     );
+}
+
+/// Issue 26, finding 2: the agent cannot grant itself code execution. Keys
+/// that run commands, authenticate, trust host keys, listen or opt in are
+/// refused in tunnel_setup, new profile or not; a person's profile can be
+/// neither changed nor removed (so not removed and re-created with
+/// mcp_exec), and the file keeps its comments.
+#[test]
+fn mcp_cannot_grant_itself_exec() {
+    let env = TestEnv::new();
+    let cfg = config_file(&env);
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    std::fs::write(&cfg, HAND_WRITTEN).unwrap();
+    let rt = runtime();
+    let mcp = rt.block_on(Mcp::start(&env));
+    for (key, value) in [
+        ("on_event", json!("touch /tmp/sshshim-pwned")),
+        ("mcp_exec", json!(true)),
+        ("authorized_keys", json!("/tmp/keys")),
+        ("listen", json!("127.0.0.1:2399")),
+        ("allow_non_loopback", json!(true)),
+        ("known_hosts", json!("/dev/null")),
+        ("accept_new", json!(true)),
+        ("identity", json!(["/tmp/k"])),
+        ("host_key", json!("/tmp/hk")),
+        ("metrics", json!("127.0.0.1:9999")),
+        ("mux", json!("/tmp/m.sock")),
+        ("copy_dir", json!("/")),
+        ("mcp_created", json!(true)),
+    ] {
+        for name in ["fresh", "manual"] {
+            let e = rt.block_on(mcp.err(
+                "tunnel_setup",
+                json!({"name": name, "destination": "h.example", "options": {key: value}}),
+            ));
+            assert!(e.contains("only a person sets"), "{key} on {name}: {e}");
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), HAND_WRITTEN);
+
+    // A person's profile: not changed, not removed, so not re-created.
+    let e = rt.block_on(mcp.err(
+        "tunnel_setup",
+        json!({"name": "manual", "destination": "h.example"}),
+    ));
+    assert!(e.contains("not created through MCP"), "{e}");
+    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "manual"})));
+    assert!(e.contains("not created through MCP"), "{e}");
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), HAND_WRITTEN);
+
+    // A profile MCP created is its to change, until a person takes it over
+    // by adding a key of theirs.
+    let made = rt.block_on(mcp.ok(
+        "tunnel_setup",
+        json!({"name": "mine", "destination": "h.example", "options": {"keepalive": 7}}),
+    ));
+    assert_eq!(made["created"], true, "{made}");
+    let updated = rt.block_on(mcp.ok(
+        "tunnel_setup",
+        json!({"name": "mine", "destination": "h2.example"}),
+    ));
+    assert_eq!(updated["created"], false, "{updated}");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "keepalive = 7\n",
+            "keepalive = 7\nlisten = \"127.0.0.1:2398\"\nmcp_exec = true\n",
+        ),
+    )
+    .unwrap();
+    let taken = std::fs::read_to_string(&cfg).unwrap();
+    let e = rt.block_on(mcp.err(
+        "tunnel_setup",
+        json!({"name": "mine", "destination": "evil.example"}),
+    ));
+    assert!(e.contains("taken it over"), "{e}");
+    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "mine"})));
+    assert!(e.contains("taken it over"), "{e}");
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), taken);
+    assert!(taken.starts_with(HAND_WRITTEN), "{taken}");
+}
+
+/// Issue 26, finding 1: MCP acts only on the process that runs exactly
+/// the profile of its own file. An ad-hoc `sshshim up USER@127.0.0.1` no
+/// longer shares a socket with a profile named `USER_127.0.0.1`, and a shim
+/// running a profile of the same name from another file is neither used by
+/// exec nor stopped by tunnel_remove.
+#[test]
+fn mcp_acts_only_on_the_profiles_own_process() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let cfg = config_file(&env);
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    let rt = runtime();
+
+    // The audit's collision: an ad-hoc shim (no mcp_exec anywhere).
+    let adhoc = env.start_shim(&sshd);
+    let folded = env.dest().replace('@', "_");
+    let mcp = rt.block_on(Mcp::start(&env));
+    let e = rt.block_on(mcp.err(
+        "tunnel_setup",
+        json!({"name": folded, "destination": "unrelated", "options": {"mcp_exec": true}}),
+    ));
+    assert!(e.contains("only a person sets"), "{e}");
+    // Even a person's profile of that name does not reach the ad-hoc shim.
+    let listen_a = format!("127.0.0.1:{}", free_port());
+    let listen_b = format!("127.0.0.1:{}", free_port());
+    let mine = format!(
+        "{}{}",
+        person_profile(&env, &sshd, &folded, &listen_a, "mcp_exec = true\n"),
+        person_profile(&env, &sshd, "twin", &listen_b, "mcp_exec = true\n"),
+    );
+    std::fs::write(&cfg, &mine).unwrap();
+    let e = rt.block_on(mcp.err(
+        "exec",
+        json!({"profile": folded, "command": "echo ran", "timeout_s": EXEC_TIMEOUT_S}),
+    ));
+    assert!(e.contains(&format!("sshshim up {folded}")), "{e}");
+
+    // `twin` of another file, without mcp_exec, runs under the same name.
+    let other = env.path("other.toml");
+    std::fs::write(&other, person_profile(&env, &sshd, "twin", &listen_b, "")).unwrap();
+    let mut twin = env
+        .shim_builder(0)
+        .no_default_args()
+        .args(&["up", "-c", other.to_str().unwrap(), "twin"])
+        .start();
+    let e = rt.block_on(mcp.err(
+        "exec",
+        json!({"profile": "twin", "command": "echo ran", "timeout_s": EXEC_TIMEOUT_S}),
+    ));
+    assert!(
+        e.contains("other.toml") && e.contains("not profile 'twin'"),
+        "{e}"
+    );
+    let e = rt.block_on(mcp.err(
+        "copy",
+        json!({"profile": "twin", "direction": "get", "local": "got", "remote": "/etc/hostname"}),
+    ));
+    assert!(e.contains("not profile 'twin'"), "{e}");
+    assert!(!env.path("got").exists());
+
+    // Were `twin` MCP's own in this file, tunnel_remove still would not
+    // stop a process that runs another file's `twin`.
+    std::fs::write(
+        &cfg,
+        format!(
+            "[profile.twin]\nmcp_created = true\ndestination = \"{}\"\nport = {}\n",
+            env.dest(),
+            sshd.port()
+        ),
+    )
+    .unwrap();
+    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "twin"})));
+    assert!(e.contains("nothing was stopped"), "{e}");
+    assert!(
+        twin.is_running(),
+        "tunnel_remove stopped another file's profile"
+    );
+    assert!(
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .contains("[profile.twin]")
+    );
+    twin.kill();
+    drop(adhoc);
 }

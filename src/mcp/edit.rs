@@ -69,19 +69,40 @@ pub const MCP_KEYS: &[&str] = &[
 
 /// Profile keys only a person sets, each with why.
 pub const PERSON_KEYS: &[(&str, &str)] = &[
-    ("identity", "it chooses the private keys that authenticate upstream"),
-    ("known_hosts", "it decides which upstream host keys are trusted"),
+    (
+        "identity",
+        "it chooses the private keys that authenticate upstream",
+    ),
+    (
+        "known_hosts",
+        "it decides which upstream host keys are trusted",
+    ),
     ("accept_new", "it would trust unknown upstream host keys"),
-    ("listen", "it opens a local SSH endpoint, through which commands run"),
-    ("allow_non_loopback", "it exposes the endpoint beyond this machine"),
-    ("authorized_keys", "it decides who may log in to the endpoint"),
+    (
+        "listen",
+        "it opens a local SSH endpoint, through which commands run",
+    ),
+    (
+        "allow_non_loopback",
+        "it exposes the endpoint beyond this machine",
+    ),
+    (
+        "authorized_keys",
+        "it decides who may log in to the endpoint",
+    ),
     ("host_key", "it sets the endpoint's identity"),
     ("on_event", "it runs a local command"),
     ("metrics", "it opens a listener"),
     ("mux", "it places a socket through which commands run"),
     ("mcp_exec", "it lets MCP run commands and copy files"),
-    ("mcp_created", "it marks the profiles MCP created; tunnel_setup writes it itself"),
-    ("copy_dir", "it decides which local files copy may read and write"),
+    (
+        "mcp_created",
+        "it marks the profiles MCP created; tunnel_setup writes it itself",
+    ),
+    (
+        "copy_dir",
+        "it decides which local files copy may read and write",
+    ),
 ];
 
 /// The marker key of profiles MCP created.
@@ -102,18 +123,31 @@ fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
         // Unknown keys are left to the loader, which names the close ones.
     }
     let lists = [
-        (Kind::Local, &edit.local_forwards, edit.options.get("local_forwards")),
-        (Kind::Remote, &edit.remote_forwards, edit.options.get("remote_forwards")),
+        (
+            Kind::Local,
+            &edit.local_forwards,
+            edit.options.get("local_forwards"),
+        ),
+        (
+            Kind::Remote,
+            &edit.remote_forwards,
+            edit.options.get("remote_forwards"),
+        ),
     ];
     for (kind, list, opt) in lists {
         let from_opt: Vec<String> = match opt {
-            Some(Json::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+            Some(Json::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect(),
             Some(Json::String(s)) => vec![s.clone()],
             _ => Vec::new(),
         };
         for s in list.iter().flatten().chain(&from_opt) {
             // A spec that does not parse is the loader's to report.
-            let Ok(f) = ForwardSpec::parse(kind, s) else { continue };
+            let Ok(f) = ForwardSpec::parse(kind, s) else {
+                continue;
+            };
             let local = match kind {
                 Kind::Local => &f.listen,
                 Kind::Remote => &f.target,
@@ -122,7 +156,8 @@ fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
                 (Kind::Local, Addr::Tcp(h, _)) => {
                     h.is_empty()
                         || h == "localhost"
-                        || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+                        || h.parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
                 }
                 (Kind::Remote, Addr::Tcp(..)) => true,
                 (_, Addr::Unix(_)) => false,
@@ -180,7 +215,10 @@ pub fn owned(path: &Path, name: &str) -> Result<bool, String> {
         return Ok(false);
     };
     let t = t.as_table_like().ok_or_else(|| {
-        format!("{}: profile '{name}' is not a table; fix it by hand", path.display())
+        format!(
+            "{}: profile '{name}' is not a table; fix it by hand",
+            path.display()
+        )
     })?;
     check_owned(t, name, &path).map(|()| true)
 }

@@ -571,9 +571,8 @@ impl Server {
             let configured = true;
             let was_running = match control::query(&name) {
                 Ok(st) => {
-                    check_identity(&st, &name, p, &path).map_err(|e| {
-                        format!("{e}; nothing was stopped or removed")
-                    })?;
+                    check_identity(&st, &name, p, &path)
+                        .map_err(|e| format!("{e}; nothing was stopped or removed"))?;
                     true
                 }
                 Err(_) => false,
@@ -663,7 +662,9 @@ fn check_identity(
         st.pid,
         st.profile,
         st.profile_destination.as_deref().unwrap_or(&st.destination),
-        st.config_file.as_deref().unwrap_or("no profiles file (started ad hoc)")
+        st.config_file
+            .as_deref()
+            .unwrap_or("no profiles file (started ad hoc)")
     );
     if st.profile != name || st.config_file.as_deref() != Some(file.as_str()) {
         return Err(format!(

@@ -286,7 +286,11 @@ pub async fn copy(
         Direction::Put => super::beneath::open_for_put(root, local)?,
         Direction::Get => {
             // sftp would put the file inside a directory given as the target.
-            let base = remote.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+            let base = remote
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("");
             super::beneath::open_for_get(root, local, base)?
         }
     };

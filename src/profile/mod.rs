@@ -312,11 +312,13 @@ fn env_val(key: &str, s: &str) -> Val {
                 .map(|i| Ok(i.to_owned()))
                 .collect(),
         ),
-        "accept_new" | "allow_non_loopback" | "mcp_exec" | "mcp_created" => match s.to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" | "on" => Val::Bool(true),
-            "0" | "false" | "no" | "off" => Val::Bool(false),
-            _ => string(),
-        },
+        "accept_new" | "allow_non_loopback" | "mcp_exec" | "mcp_created" => {
+            match s.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Val::Bool(true),
+                "0" | "false" | "no" | "off" => Val::Bool(false),
+                _ => string(),
+            }
+        }
         "port" | "keepalive" | "keepalive_max" | "connect_timeout" => {
             s.parse().map(Val::Int).unwrap_or_else(|_| string())
         }
