@@ -447,6 +447,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         .arg("-i")
         .arg(env.user_key().to_str().unwrap())
         .args(&["--host-key", env.shim_host_key().to_str().unwrap()])
+        .args(&["--authorized-keys", env.authorized_keys().to_str().unwrap()])
         .env("XDG_CONFIG_HOME", env.path("config").to_str().unwrap())
         .start();
     let rm = rt.block_on(mcp.ok("tunnel_remove", json!({"name": "agent"})));

@@ -164,7 +164,9 @@ fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
             };
             if !ok {
                 return Err(format!(
-                    "forward '{s}': through MCP a forward's local side must be a TCP port on                      loopback (no bind address beyond loopback, no Unix socket path); ask the                      user to add it by hand"
+                    "forward '{s}': through MCP a forward's local side must be a TCP port on \
+                     loopback (no bind address beyond loopback, no Unix socket path); ask the \
+                     user to add it by hand"
                 ));
             }
         }
@@ -182,7 +184,9 @@ fn check_owned(table: &dyn toml_edit::TableLike, name: &str, path: &Path) -> Res
         == Some(true);
     if !marked {
         return Err(format!(
-            "profile '{name}' in {} was not created through MCP (it has no `mcp_created =              true`): MCP changes and removes only the profiles it created. Ask the user to edit              it, or use another name",
+            "profile '{name}' in {} was not created through MCP (it has no `mcp_created = \
+             true`): MCP changes and removes only the profiles it created. Ask the user to edit \
+             it, or use another name",
             path.display()
         ));
     }
@@ -193,7 +197,8 @@ fn check_owned(table: &dyn toml_edit::TableLike, name: &str, path: &Path) -> Res
         .collect();
     if !person.is_empty() {
         return Err(format!(
-            "profile '{name}' in {} has keys only a person sets ({}): a person has taken it              over, so MCP no longer changes or removes it",
+            "profile '{name}' in {} has keys only a person sets ({}): a person has taken it \
+             over, so MCP no longer changes or removes it",
             path.display(),
             person.join(", ")
         ));
