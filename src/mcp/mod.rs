@@ -577,7 +577,7 @@ impl Server {
                 }
                 Err(_) => false,
             };
-            let unit = own_unit(&name);
+            let unit = installed_unit(&name, &path);
             // The unit first: systemd would restart a profile stopped under it.
             let service = match unit {
                 Some(_) => Some(service::remove(false, Some(&name), false)?),
@@ -689,6 +689,29 @@ fn own_unit(name: &str) -> Option<PathBuf> {
         ..Default::default()
     });
     path.exists().then_some(path)
+}
+
+/// The user unit that `tunnel_setup` installed for profile `name` of the
+/// file at `path`: its name alone is not enough (`sshshim-a-b.service` may
+/// run the profiles `a` and `b`), so its command line must be the one
+/// `service install NAME -c FILE` writes, whatever the executable's path.
+fn installed_unit(name: &str, path: &Path) -> Option<PathBuf> {
+    let unit = own_unit(name)?;
+    let spec = service::UnitSpec {
+        profiles: vec![name.to_owned()],
+        system: false,
+        config: Some(std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())),
+        exe: PathBuf::from("/sshshim"),
+    };
+    let exec_tail = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .and_then(|l| l.split_once(" supervise "))
+            .map(|(_, tail)| tail.to_owned())
+    };
+    let want = exec_tail(&service::render_unit(&spec))?;
+    let have = exec_tail(&std::fs::read_to_string(&unit).ok()?)?;
+    (have == want).then_some(unit)
 }
 
 /// Waits until profile `name` no longer answers on its control socket.
