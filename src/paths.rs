@@ -153,20 +153,22 @@ pub fn runtime_dir_in(runtime: Option<&Path>, tmp: &Path, uid: u32) -> PathBuf {
 
 /// Makes `name` safe as one file-name component or ssh_config alias:
 /// ASCII letters, digits, `.`, `_` and `-` stay, every other byte (of the
-/// UTF-8 form) is written `%XX` (upper-case hex), `%` itself included.
+/// UTF-8 form) is written `+XX` (upper-case hex), `+` itself included.
 /// Escaping, not folding, keeps it injective: two names never share a
-/// socket or alias (`root@h:1` is `root%40h%3A1`, `root_h_1` stays). The
-/// empty name becomes `%` (no other name does), never a hidden file.
+/// socket or alias (`root@h:1` is `root+40h+3A1`, `root_h_1` stays). `+`
+/// rather than `%`, which OpenSSH expands in `ControlPath` (a socket path
+/// copied from `sshshim status` into `-o ControlPath=` must work as is).
+/// The empty name becomes `+` (no other name does), never a hidden file.
 pub fn safe_name(name: &str) -> String {
     if name.is_empty() {
-        return "%".into();
+        return "+".into();
     }
     let mut s = String::with_capacity(name.len());
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
             s.push(b as char);
         } else {
-            s.push_str(&format!("%{b:02X}"));
+            s.push_str(&format!("+{b:02X}"));
         }
     }
     s
@@ -238,10 +240,10 @@ mod tests {
     fn safe_names() {
         assert_eq!(safe_name("prod"), "prod");
         assert_eq!(safe_name("x.y-z_1"), "x.y-z_1");
-        assert_eq!(safe_name("a b/c@d"), "a%20b%2Fc%40d");
-        assert_eq!(safe_name("100%"), "100%25");
-        assert_eq!(safe_name("é"), "%C3%A9");
-        assert_eq!(safe_name(""), "%");
+        assert_eq!(safe_name("a b/c@d"), "a+20b+2Fc+40d");
+        assert_eq!(safe_name("1+1%"), "1+2B1+25");
+        assert_eq!(safe_name("é"), "+C3+A9");
+        assert_eq!(safe_name(""), "+");
         // The collision of the audit (issue 26): folded, both were
         // `root_127.0.0.1_23401`.
         assert_ne!(
@@ -253,14 +255,14 @@ mod tests {
 
     /// Inverse of [`safe_name`], to show nothing is lost.
     fn unescape(s: &str) -> Vec<u8> {
-        if s == "%" {
+        if s == "+" {
             return Vec::new();
         }
         let b = s.as_bytes();
         let mut out = Vec::new();
         let mut i = 0;
         while i < b.len() {
-            if b[i] == b'%' {
+            if b[i] == b'+' {
                 let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
                 out.push(u8::from_str_radix(hex, 16).unwrap());
                 i += 3;
@@ -278,12 +280,12 @@ mod tests {
         /// Every name maps to a non-empty, safe component from which the
         /// name can be read back, so no two names share one.
         #[test]
-        fn safe_name_is_injective(a in "\\PC{0,24}", b in "[a-z@:_%. /-]{0,12}") {
+        fn safe_name_is_injective(a in "\\PC{0,24}", b in "[a-z@:_%+. /-]{0,12}") {
             for n in [&a, &b] {
                 let s = safe_name(n);
                 proptest::prop_assert!(!s.is_empty());
                 proptest::prop_assert_eq!(s.starts_with('.'), n.starts_with('.'));
-                proptest::prop_assert!(s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-%".contains(&c)));
+                proptest::prop_assert!(s.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-+".contains(&c)));
                 proptest::prop_assert_eq!(unescape(&s), n.as_bytes());
             }
             proptest::prop_assert_eq!(a == b, safe_name(&a) == safe_name(&b));

@@ -474,7 +474,7 @@ fn host_block_steers_to_the_fastest_algorithms() {
     );
     assert!(kex.contains("curve25519-sha256"), "{kex}");
 
-    // The alias is the profile name made safe ("root@h" gives "root%40h-shim").
+    // The alias is the profile name made safe ("root@h" gives "root+40h-shim").
     let alias = value("Host ");
     assert!(
         alias.ends_with("-shim") && !alias.contains('@'),

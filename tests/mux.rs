@@ -80,7 +80,7 @@ fn mux_cmd(sock: &Path, args: &[&str]) -> Command {
 
 /// The shim's multiplexing socket (the default path for its destination).
 fn shim_mux(env: &TestEnv) -> PathBuf {
-    let name = format!("{}@{LOCALHOST}", env.user()).replace('@', "%40");
+    let name = format!("{}@{LOCALHOST}", env.user()).replace('@', "+40");
     env.runtime_dir()
         .join("sshshim")
         .join(format!("{name}.mux"))
@@ -319,7 +319,7 @@ fn survives_the_upstream_connection() {
         .args(&["--keepalive", "1", "--max-backoff", "1"])
         .start();
     let mux = {
-        let name = format!("{}@{LOCALHOST}", env.user()).replace('@', "%40");
+        let name = format!("{}@{LOCALHOST}", env.user()).replace('@', "+40");
         env.runtime_dir()
             .join("sshshim")
             .join(format!("{name}.mux"))
@@ -389,7 +389,7 @@ fn ssh_config_asks_the_running_instance() {
     );
     let file = env.path("block.conf");
     std::fs::write(&file, &block).unwrap();
-    let alias = format!("{}-shim", name.replace('@', "%40"));
+    let alias = format!("{}-shim", name.replace('@', "+40"));
     let mut c = Command::new("ssh");
     c.args(["-F"])
         .arg(&file)
