@@ -29,6 +29,14 @@ pub const CHANNEL_BUFFER: usize = 64;
 /// loaded machine); with 4 they stayed within 21 MiB, at the same speed.
 pub const UPSTREAM_CHANNEL_BUFFER: usize = 4;
 
+/// Channels the server may have opened towards us (connections to remote
+/// forwards, agent requests) and not yet closed, per upstream connection,
+/// counting those still being routed: more are refused with "resource
+/// shortage", so a hostile or runaway server cannot grow our memory and
+/// descriptors without bound. Each open one holds a local socket and a
+/// bridge; 1024 is far beyond what a person's forwards carry at once.
+pub const MAX_SERVER_CHANNELS: usize = 1024;
+
 /// How long an extra upstream connection (opened past the server's
 /// MaxSessions) may carry no session before it is closed.
 pub const EXTRA_IDLE: Duration = Duration::from_secs(30);

@@ -27,6 +27,31 @@ pub struct ServerOpen {
     pub generation: u64,
     /// That connection's congestion counter (see `bridge::Options`).
     pub congestion: Arc<AtomicUsize>,
+    /// Counts the channel against the connection's cap on server-opened
+    /// channels until dropped: hold it as long as the channel lives.
+    pub slot: ServerSlot,
+}
+
+/// One server-opened channel counted against
+/// [`crate::tuning::MAX_SERVER_CHANNELS`]; frees its place when dropped.
+pub struct ServerSlot(Arc<AtomicUsize>);
+
+impl ServerSlot {
+    /// Takes a place in `count` unless all `max` are taken.
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<ServerSlot> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ServerSlot(count.clone()))
+    }
+}
+
+impl Drop for ServerSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The kinds of channel a server opens.
@@ -66,6 +91,11 @@ pub struct ClientHandler {
     pub(super) closed: watch::Sender<Option<String>>,
     /// The server's version string, learnt during the handshake.
     pub(super) server_version: Arc<Mutex<String>>,
+    /// Server-opened channels of this connection open or being routed now.
+    pub(super) server_channels: Arc<AtomicUsize>,
+    /// Channels of a kind we never ask for that the server opened (they are
+    /// refused; only the first is logged above debug level).
+    pub(super) unasked: u64,
 }
 
 impl ClientHandler {
@@ -83,12 +113,26 @@ impl ClientHandler {
                 .await;
             return;
         };
+        let Some(slot) = ServerSlot::take(
+            &self.server_channels,
+            crate::tuning::MAX_SERVER_CHANNELS,
+        ) else {
+            tracing::warn!(
+                "refusing a channel the server opened: {} are open already",
+                crate::tuning::MAX_SERVER_CHANNELS
+            );
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return;
+        };
         let ev = ServerOpen {
             kind,
             channel,
             reply,
             generation: self.generation,
             congestion: self.congestion.clone(),
+            slot,
         };
         if let Err(e) = tx.try_send(ev) {
             let ev = match e {
@@ -99,6 +143,21 @@ impl ClientHandler {
                 .reject(russh::ChannelOpenFailure::ResourceShortage)
                 .await;
         }
+    }
+
+    /// Refuses a channel of a kind sshshim never asks the server for
+    /// (a session, direct-tcpip or direct-streamlocal towards us, X11: we
+    /// never request X11 forwarding). russh would accept these by default.
+    async fn refuse_unasked(&mut self, kind: &str, reply: client::ChannelOpenHandle) {
+        self.unasked += 1;
+        if self.unasked == 1 {
+            tracing::warn!("the server opened a {kind} channel sshshim never asked for: refused");
+        } else {
+            tracing::debug!("refused an unasked-for {kind} channel from the server");
+        }
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
     }
 }
 
@@ -171,6 +230,67 @@ impl client::Handler for ClientHandler {
         };
         self.report(kind, channel, reply).await;
         Ok(())
+    }
+
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_unasked("session", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_unasked("direct-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_unasked("direct-streamlocal", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_unasked("x11", reply).await;
+        Ok(())
+    }
+
+    // Said explicitly although it is russh's default: a channel type russh
+    // does not know is answered "unknown channel type" and never created.
+    async fn should_accept_unknown_server_channel(
+        &mut self,
+        _id: russh::ChannelId,
+        channel_type: &str,
+    ) -> bool {
+        tracing::debug!(
+            "refused a channel of unknown type {:?} from the server",
+            channel_type.escape_debug().to_string()
+        );
+        false
     }
 
     async fn disconnected(

@@ -26,7 +26,9 @@ use crate::config::UpConfig;
 use crate::stats::Stats;
 use auth::Authenticator;
 use connection::{ClientHandler, Io, client_config, close_when_idle, refused, set_tcp_keepalive};
-pub use connection::{Connection, LoadGuard, Open, OpenError, Opened, ServerOpen, ServerOpenKind};
+pub use connection::{
+    Connection, LoadGuard, Open, OpenError, Opened, ServerOpen, ServerOpenKind, ServerSlot,
+};
 pub use error::UpstreamError;
 use known_hosts::HostKeyVerifier;
 
@@ -204,6 +206,8 @@ impl Pool {
                 congestion: congestion.clone(),
                 closed: closed_tx.clone(),
                 server_version: server_version.clone(),
+                server_channels: Arc::default(),
+                unasked: 0,
             };
             let mut handle = tokio::time::timeout(
                 deadline,
