@@ -337,6 +337,8 @@ pub struct Connection {
     pub(super) _jumps: Vec<client::Handle<ClientHandler>>,
     /// A session channel opened in advance (see [`Connection::replenish`]).
     pub(super) spare: Mutex<Spare>,
+    /// Asks the keepalive monitor for a probe now (the network changed).
+    pub(super) probe: tokio::sync::Notify,
 }
 
 /// The spare session channel of a connection. A new session takes it and
@@ -644,34 +646,73 @@ impl Connection {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 
+    /// Asks for a keepalive probe now instead of at the next interval: the
+    /// network changed, and the path may be dead.
+    pub fn probe_now(&self) {
+        self.probe.notify_one();
+    }
+
+    /// Whether the local address this connection was made from is gone
+    /// from the machine (its path cannot work any more).
+    fn local_address_gone(&self) -> bool {
+        let Ok(local) = self.socket.local_addr() else {
+            return false;
+        };
+        // Binding to an address only works while an interface has it.
+        matches!(
+            std::net::UdpSocket::bind((local.ip(), 0)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable
+        )
+    }
+
     /// Sends a keepalive every `interval`; after `max` unanswered in a row
     /// the path is dead (a blackhole sends no RST, so nothing else would
-    /// notice for a long time). Records the round-trip time.
+    /// notice for a long time). Records the round-trip time. On a probe
+    /// request (a network change) it checks at once: if our address is
+    /// gone the connection is dead now; otherwise keepalives wait only a
+    /// few round trips for their answer until one comes, so a path the
+    /// change broke is noticed within seconds.
     pub(super) async fn monitor(self: Arc<Self>, interval: Duration, max: usize) {
         let mut missed = 0;
+        let mut probing = false;
+        let mut first_miss = None;
         loop {
             // After a miss the next keepalive is already due: we just waited
-            // a whole interval for the answer.
+            // a whole interval (or a probe's timeout) for the answer.
             if missed == 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
+                    _ = self.probe.notified() => probing = true,
                     _ = self.closed() => return,
                 }
             }
+            if probing && self.local_address_gone() {
+                self.kill("the local network address of the connection is gone".into());
+                return;
+            }
+            let wait = if probing {
+                let rtt = self.rtt.lock().unwrap().unwrap_or_default();
+                (rtt * 4).max(crate::tuning::PROBE_TIMEOUT).min(interval)
+            } else {
+                interval
+            };
             let sent = Instant::now();
-            match tokio::time::timeout(interval, self.handle.send_ping()).await {
+            match tokio::time::timeout(wait, self.handle.send_ping()).await {
                 Ok(Ok(())) => {
                     missed = 0;
+                    probing = false;
+                    first_miss = None;
                     *self.rtt.lock().unwrap() = Some(sent.elapsed());
                 }
                 Ok(Err(_)) => return,
                 Err(_) => {
                     missed += 1;
+                    let since: Instant = *first_miss.get_or_insert(sent);
                     tracing::debug!("keepalive {missed}/{max} unanswered");
                     if missed >= max {
                         self.kill(format!(
-                            "no answer to {max} keepalives in {}s (dead network path?)",
-                            (interval * max as u32).as_secs()
+                            "no answer to {max} keepalives in {:.0}s (dead network path?)",
+                            since.elapsed().as_secs_f64()
                         ));
                         return;
                     }
