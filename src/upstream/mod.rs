@@ -334,10 +334,12 @@ impl Pool {
     /// (every successful connect and authentication starts it over). Sooner
     /// when someone waits for the upstream or the network changes. Never
     /// two attempts at once, nor two starts within
-    /// [`crate::tuning::RECONNECT_GAP`]: that floor is what damps a
-    /// flapping link or a server that accepts and then drops us.
+    /// [`crate::tuning::RECONNECT_GAP`] (or `--max-backoff` if smaller):
+    /// that floor is what damps a flapping link or a server that accepts
+    /// and then drops us.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), UpstreamError> {
-        let gap = crate::tuning::RECONNECT_GAP;
+        // A --max-backoff below the gap asks for quicker retries still.
+        let gap = crate::tuning::RECONNECT_GAP.min(self.cfg.max_backoff);
         let mut generation = 1;
         let mut net = crate::netwatch::spawn();
         let mut net_alive = true;
