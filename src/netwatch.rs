@@ -98,7 +98,10 @@ fn suspend_clock() -> Duration {
     };
     // SAFETY: `ts` is a valid timespec to write to; the clock id exists.
     unsafe { libc::clock_gettime(id, &mut ts) };
-    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 /// How long the machine was suspended between two readings of (suspend
@@ -196,9 +199,7 @@ mod netlink {
             };
             let n = match guard.try_io(|s| {
                 // SAFETY: `buf` is writable for its whole length.
-                let n = unsafe {
-                    libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
-                };
+                let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {

@@ -476,9 +476,11 @@ fn new_address_triggers_a_reconnect_at_once() {
     let Some(_addr) = LoAddress::add("127.0.0.43/8") else {
         return;
     };
-    let took = eventually(Duration::from_secs(3), "reconnect on the new address", || {
-        log_count(&shim, "reconnected to") > 0
-    });
+    let took = eventually(
+        Duration::from_secs(3),
+        "reconnect on the new address",
+        || log_count(&shim, "reconnected to") > 0,
+    );
     eprintln!("reconnected {took:?} after the address appeared");
     assert!(
         shim.stderr_text().contains("a network address was added"),

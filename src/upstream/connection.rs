@@ -113,10 +113,9 @@ impl ClientHandler {
                 .await;
             return;
         };
-        let Some(slot) = ServerSlot::take(
-            &self.server_channels,
-            crate::tuning::MAX_SERVER_CHANNELS,
-        ) else {
+        let Some(slot) =
+            ServerSlot::take(&self.server_channels, crate::tuning::MAX_SERVER_CHANNELS)
+        else {
             tracing::warn!(
                 "refusing a channel the server opened: {} are open already",
                 crate::tuning::MAX_SERVER_CHANNELS
