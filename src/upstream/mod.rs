@@ -84,6 +84,32 @@ pub struct Pool {
     waiting: AtomicUsize,
 }
 
+/// The network changes the reconnect loop reacts to (see
+/// [`crate::netwatch`]); `None` once the watcher is gone.
+struct NetChanges(Option<watch::Receiver<crate::netwatch::Latest>>);
+
+impl NetChanges {
+    /// Marks every change so far as handled.
+    fn seen(&mut self) {
+        if let Some(rx) = &mut self.0 {
+            rx.borrow_and_update();
+        }
+    }
+
+    /// Waits for the next change and says what it was; never returns when
+    /// nothing watches the network.
+    async fn changed(&mut self) -> String {
+        if let Some(rx) = &mut self.0 {
+            if rx.changed().await.is_ok() {
+                let change = rx.borrow_and_update().change.clone();
+                return change.map_or("the network changed".into(), |c| c.to_string());
+            }
+            self.0 = None;
+        }
+        std::future::pending().await
+    }
+}
+
 /// Counts one request waiting for the upstream while alive.
 struct Waiting<'a>(&'a AtomicUsize);
 
@@ -341,8 +367,7 @@ impl Pool {
         // A --max-backoff below the gap asks for quicker retries still.
         let gap = crate::tuning::RECONNECT_GAP.min(self.cfg.max_backoff);
         let mut generation = 1;
-        let mut net = crate::netwatch::spawn();
-        let mut net_alive = true;
+        let mut net = NetChanges(Some(crate::netwatch::spawn()));
         // connect_first has just made an attempt.
         let mut last_attempt = Instant::now();
         let new_backoff = || {
@@ -362,21 +387,14 @@ impl Pool {
             let State::Up(conn) = self.state.borrow().clone() else {
                 unreachable!("run() starts after connect_first and loops back only when up")
             };
-            net.borrow_and_update();
+            net.seen();
             let why = loop {
                 tokio::select! {
                     why = conn.closed() => break why,
-                    r = net.changed(), if net_alive => match r {
-                        Ok(()) => {
-                            let change = net.borrow_and_update().change.clone();
-                            tracing::debug!(
-                                "{}: probing the upstream connection now",
-                                change.map_or("network changed".into(), |c| c.to_string())
-                            );
-                            conn.probe_now();
-                        }
-                        Err(_) => net_alive = false,
-                    },
+                    change = net.changed() => {
+                        tracing::debug!("{change}: probing the upstream connection now");
+                        conn.probe_now();
+                    }
                     _ = shutdown.cancelled() => {
                         let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "sshshim shutting down", "en").await;
                         return shut_down(&self);
@@ -413,48 +431,18 @@ impl Pool {
                         .min(self.cfg.max_backoff)
                 };
                 let earliest = last_attempt + gap;
-                let mut at = (Instant::now() + planned).max(earliest);
-                let mut why_now = None;
-                loop {
-                    if why_now.is_none() && self.waiting.load(Ordering::Acquire) > 0 {
-                        why_now = Some("a request is waiting for the upstream".to_string());
-                    }
-                    if why_now.is_some() {
-                        at = at.min(earliest.max(Instant::now()));
-                    }
-                    let wait = at.saturating_duration_since(Instant::now());
-                    self.state.send_replace(State::Reconnecting {
-                        attempt,
-                        last_error: last_error.clone(),
-                        next_at: Some(std::time::SystemTime::now() + wait),
-                    });
-                    match &why_now {
-                        Some(why) => tracing::info!(
-                            "{why}: retrying in {:.1}s (attempt {attempt})",
-                            wait.as_secs_f32()
-                        ),
-                        None => tracing::info!(
-                            "retrying in {:.1}s (attempt {attempt})",
-                            wait.as_secs_f32()
-                        ),
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at.into()) => break,
-                        _ = self.wake.notified(), if why_now.is_none() => {
-                            why_now = Some("a request is waiting for the upstream".into());
-                        }
-                        r = net.changed(), if why_now.is_none() && net_alive => match r {
-                            Ok(()) => {
-                                let change = net.borrow_and_update().change.clone();
-                                why_now = Some(change.map_or("network changed".into(), |c| c.to_string()));
-                            }
-                            Err(_) => net_alive = false,
-                        },
-                        _ = shutdown.cancelled() => return shut_down(&self),
-                    }
+                let waited = self.wait_for_attempt(
+                    Instant::now() + planned,
+                    earliest,
+                    (attempt, &last_error),
+                    &mut net,
+                    &shutdown,
+                );
+                if !waited.await {
+                    return shut_down(&self);
                 }
                 // Requests and changes up to here are served by this attempt.
-                net.borrow_and_update();
+                net.seen();
                 last_attempt = Instant::now();
                 generation += 1;
                 let res = tokio::select! {
@@ -482,6 +470,53 @@ impl Pool {
                         attempt += 1;
                     }
                 }
+            }
+        }
+    }
+
+    /// Waits until the next connect attempt is due: at `at`, or sooner
+    /// when a request waits or the network changes, but never before
+    /// `earliest`. Publishes the state (`attempt`, last error, when) and
+    /// logs why. Returns false on shutdown.
+    async fn wait_for_attempt(
+        &self,
+        mut at: Instant,
+        earliest: Instant,
+        (attempt, last_error): (u32, &str),
+        net: &mut NetChanges,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        at = at.max(earliest);
+        let mut why_now: Option<String> = None;
+        loop {
+            if why_now.is_none() && self.waiting.load(Ordering::Acquire) > 0 {
+                why_now = Some("a request is waiting for the upstream".into());
+            }
+            if why_now.is_some() {
+                at = at.min(earliest.max(Instant::now()));
+            }
+            let wait = at.saturating_duration_since(Instant::now());
+            self.state.send_replace(State::Reconnecting {
+                attempt,
+                last_error: last_error.to_owned(),
+                next_at: Some(std::time::SystemTime::now() + wait),
+            });
+            let why = why_now
+                .as_deref()
+                .map_or(String::new(), |w| format!("{w}: "));
+            tracing::info!(
+                "{why}retrying in {:.1}s (attempt {attempt})",
+                wait.as_secs_f32()
+            );
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => return true,
+                _ = self.wake.notified(), if why_now.is_none() => {
+                    why_now = Some("a request is waiting for the upstream".into());
+                }
+                change = net.changed(), if why_now.is_none() => {
+                    why_now = Some(change);
+                }
+                _ = shutdown.cancelled() => return false,
             }
         }
     }
