@@ -689,7 +689,9 @@ impl Connection {
                 self.kill("the local network address of the connection is gone".into());
                 return;
             }
-            let wait = if probing {
+            // A stalled local reader holds the session loop, and with it
+            // the answer: then only the usual patience is fair.
+            let wait = if probing && !self.is_congested() {
                 let rtt = self.rtt.lock().unwrap().unwrap_or_default();
                 (rtt * 4).max(crate::tuning::PROBE_TIMEOUT).min(interval)
             } else {
