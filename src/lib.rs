@@ -20,7 +20,7 @@
 //!   (pool, auth,                                                 /      \
 //!    known_hosts)                                          profile   ssh_config   client_config
 //!     |                                                       |          |             |
-//!   config ----------- stats, tuning --------------------- spec, paths (ground: import nothing)
+//!   config ----------- stats, tuning, netwatch ----------- spec, paths (ground: import nothing)
 //! ```
 //!
 //! [`check`] (`sshshim check`) makes its own short-lived connection with
@@ -48,6 +48,7 @@ pub mod local_channel;
 pub mod master;
 pub mod mcp;
 pub mod mux;
+pub mod netwatch;
 pub mod paths;
 pub mod profile;
 pub mod resolve;

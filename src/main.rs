@@ -230,6 +230,11 @@ struct UpArgs {
     keepalive_max: Option<u64>,
 
     /// Longest wait between reconnect attempts, in seconds, fractions allowed [default: 30].
+    /// The first retry after a working connection is at once; the wait then
+    /// starts at 1 s and doubles per failed attempt in a row, up to this. A
+    /// waiting request or a network change triggers an attempt at once.
+    /// Flapping is damped by a floor: attempts start at least 1 s apart
+    /// (or this, if smaller).
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     max_backoff: Option<Duration>,
 

@@ -29,6 +29,33 @@ pub const CHANNEL_BUFFER: usize = 64;
 /// loaded machine); with 4 they stayed within 21 MiB, at the same speed.
 pub const UPSTREAM_CHANNEL_BUFFER: usize = 4;
 
+/// Channels the server may have opened towards us (connections to remote
+/// forwards, agent requests) and not yet closed, per upstream connection,
+/// counting those still being routed: more are refused with "resource
+/// shortage", so a hostile or runaway server cannot grow our memory and
+/// descriptors without bound. Each open one holds a local socket and a
+/// bridge; 1024 is far beyond what a person's forwards carry at once.
+pub const MAX_SERVER_CHANNELS: usize = 1024;
+
+/// Least time between the starts of two connect attempts of one upstream:
+/// however many clients wait and however often the network changes or a
+/// connection drops, the server sees at most about one attempt a second.
+pub const RECONNECT_GAP: Duration = Duration::from_secs(1);
+
+/// The first retry after a connection that worked waits a random time up to
+/// this (many shims dropped at once by a server restart do not return in
+/// one burst).
+pub const FIRST_RETRY_JITTER: Duration = Duration::from_millis(250);
+
+/// The wait after the first failed attempt in a row; each further failure
+/// doubles it (plus up to as much again of jitter), up to `--max-backoff`.
+pub const RETRY_MIN: Duration = Duration::from_secs(1);
+
+/// How long to wait for a keepalive answer right after a network change, at
+/// least (with several round trips of the last measured RTT): a path the
+/// change broke is noticed within a few of these, not keepalive intervals.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long an extra upstream connection (opened past the server's
 /// MaxSessions) may carry no session before it is closed.
 pub const EXTRA_IDLE: Duration = Duration::from_secs(30);

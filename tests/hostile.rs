@@ -628,3 +628,137 @@ fn control_socket_survives_garbage_huge_lines_and_crowds() {
     fds_settle(pid, before, 8, "control abuse over");
     assert!(rig.shim.pid() == pid && std::fs::metadata(&sock).is_ok());
 }
+
+/// Issue 26, finding 5: a hostile upstream opens channels sshshim never
+/// asked for (x11, session, direct-tcpip, direct-streamlocal: each refused,
+/// 20,000 x11 opens without the shim's memory growing), then more
+/// connections to a remote forward than the cap on server-opened channels
+/// (those beyond it refused until one closes). The shim keeps working.
+#[test]
+fn hostile_upstream_cannot_open_channels_nobody_asked_for() {
+    use russh::ChannelOpenFailure as F;
+    use support::evil_server::EvilServer;
+    const X11_OPENS: usize = 20_000;
+    const MAX: usize = sshshim::tuning::MAX_SERVER_CHANNELS;
+    let env = TestEnv::new();
+    let evil = EvilServer::start(&env);
+    // The remote forward's target: accepts and holds every connection.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let svc = holder.local_addr().unwrap().port();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h2 = held.clone();
+    thread::spawn(move || {
+        for s in holder.incoming().flatten() {
+            h2.lock().unwrap().push(s);
+        }
+    });
+    let rport = free_port();
+    let shim = env
+        .shim_builder(evil.port())
+        .known_hosts(evil.known_hosts())
+        .args(&["-R", &format!("{rport}:127.0.0.1:{svc}")])
+        .start();
+    let pid = shim.pid();
+    let h = evil.session(Duration::from_secs(10));
+    probe(&env, &shim, "through the hostile upstream");
+
+    let refusal = |r: Result<russh::Channel<russh::server::Msg>, russh::Error>| match r {
+        Err(russh::Error::ChannelOpenFailure(f)) => Some(f),
+        _ => None,
+    };
+    evil.block_on(async {
+        let x11 = refusal(h.channel_open_x11("127.0.0.1", 6010).await);
+        let session = refusal(h.channel_open_session().await);
+        let direct = refusal(
+            h.channel_open_direct_tcpip("127.0.0.1", 22, "127.0.0.1", 4000)
+                .await,
+        );
+        let unix = refusal(h.channel_open_direct_streamlocal("/tmp/x").await);
+        for (what, r) in [
+            ("x11", x11),
+            ("session", session),
+            ("direct-tcpip", direct),
+            ("direct-streamlocal", unix),
+        ] {
+            assert_eq!(r, Some(F::AdministrativelyProhibited), "{what}");
+        }
+    });
+
+    let before = ProcStats::of(pid);
+    let t = Instant::now();
+    let refused = evil.block_on(async {
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut refused = 0;
+                    for _ in 0..X11_OPENS / 50 {
+                        if let Err(russh::Error::ChannelOpenFailure(_)) =
+                            h.channel_open_x11("127.0.0.1", 6010).await
+                        {
+                            refused += 1;
+                        }
+                    }
+                    refused
+                })
+            })
+            .collect();
+        let mut n = 0;
+        for t in tasks {
+            n += t.await.unwrap();
+        }
+        n
+    });
+    let after = ProcStats::of(pid);
+    eprintln!(
+        "{refused} of {X11_OPENS} x11 opens refused in {:?}; rss {} -> {} KiB",
+        t.elapsed(),
+        before.rss_kib,
+        after.rss_kib
+    );
+    assert_eq!(refused, X11_OPENS);
+    // Accepted, 20,000 x11 channels held about 50 MB.
+    assert!(
+        after.rss_kib < before.rss_kib + 16 * 1024,
+        "memory grew from {} to {} KiB",
+        before.rss_kib,
+        after.rss_kib
+    );
+    probe(&env, &shim, "after the x11 flood");
+
+    // Connections to the remote forward: up to the cap, then refused.
+    eventually(Duration::from_secs(10), "the -R forward requested", || {
+        !evil.forwards().is_empty()
+    });
+    let (addr, port) = evil.forwards()[0].clone();
+    let open = || h.channel_open_forwarded_tcpip(addr.clone(), port, "127.0.0.1", 5000);
+    let mut open_now = evil.block_on(async {
+        let mut chans = Vec::new();
+        for i in 0..MAX {
+            match open().await {
+                Ok(c) => chans.push(c),
+                Err(e) => panic!("forwarded-tcpip {i} of {MAX} refused: {e}"),
+            }
+        }
+        chans
+    });
+    eprintln!("{MAX} forwarded connections open");
+    evil.block_on(async {
+        assert_eq!(refusal(open().await), Some(F::ResourceShortage));
+        // One closes: there is room for one more.
+        open_now.pop().unwrap().close().await.unwrap();
+        let t = Instant::now();
+        loop {
+            match open().await {
+                Ok(c) => break open_now.push(c),
+                Err(_) if t.elapsed() < Duration::from_secs(5) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("no room after a close: {e}"),
+            }
+        }
+        assert_eq!(refusal(open().await), Some(F::ResourceShortage));
+    });
+    probe(&env, &shim, "with the forwarded channels at the cap");
+    drop(open_now);
+}

@@ -293,3 +293,221 @@ fn many_drop_cycles_leak_nothing() {
     assert!(fds1 <= fds0 + 2, "fd leak: {fds0} -> {fds1}");
     assert!(rss1 < rss0 + 16 * 1024, "memory grew: {rss0} -> {rss1} KiB");
 }
+
+/// The wait the shim announced last ("retrying in 12.3s"), in seconds.
+fn last_retry_delay(shim: &Shim) -> Option<f64> {
+    let err = shim.stderr_text();
+    let at = err.rfind("retrying in ")? + "retrying in ".len();
+    let rest = &err[at..];
+    rest[..rest.find('s')?].parse().ok()
+}
+
+/// How often `needle` occurs in the shim's log.
+fn log_count(shim: &Shim, needle: &str) -> usize {
+    shim.stderr_text().matches(needle).count()
+}
+
+/// Refuses connections through `proxy` and drops the live one, then waits
+/// until the shim's backoff has grown to a step of at least `secs`.
+fn outage_until_backoff(proxy: &FaultProxy, shim: &Shim, secs: f64) {
+    proxy.set_mode(Mode::Refuse);
+    proxy.drop_all();
+    eventually(
+        Duration::from_secs(40),
+        &format!("a backoff step of {secs} s"),
+        || last_retry_delay(shim).is_some_and(|d| d >= secs),
+    );
+}
+
+/// Issue 23: after a long refused outage, an `ssh` started a second after
+/// the upstream is back must not wait for the next backoff step. A 60 s
+/// outage is shortened to "until the backoff has grown to 8 s or more"
+/// (the behaviour is the same: the next attempt is seconds away).
+#[test]
+fn ssh_right_after_an_outage_connects_at_once() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(&env, &sshd, &[]);
+    assert!(shim_works(&env, &shim));
+    outage_until_backoff(&proxy, &shim, 8.0);
+    proxy.set_mode(Mode::Pass);
+    thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    let out = run_with_timeout(&mut shim.ssh(&["echo back"]), b"", Duration::from_secs(30));
+    let took = t.elapsed();
+    eprintln!("ssh after the outage took {took:?}");
+    assert_success(&out, "ssh after the outage");
+    assert_eq!(stdout_text(&out), "back\n");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
+
+/// Issue 23: an `ssh` started during an outage gets the upstream within
+/// 3 s of its return (8 s outage instead of 15: the --connect-timeout of
+/// 30 s is far from both).
+#[test]
+fn ssh_started_during_an_outage_succeeds_soon_after_it_ends() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(&env, &sshd, &[]);
+    assert!(shim_works(&env, &shim));
+    let began = Instant::now();
+    proxy.set_mode(Mode::Refuse);
+    proxy.drop_all();
+    thread::sleep(Duration::from_secs(2));
+    let mut c = shim.ssh(&["echo back"]);
+    let waiter = thread::spawn(move || {
+        let out = run_with_timeout(&mut c, b"", Duration::from_secs(40));
+        (out, Instant::now())
+    });
+    thread::sleep(Duration::from_secs(8).saturating_sub(began.elapsed()));
+    proxy.set_mode(Mode::Pass);
+    let ended = Instant::now();
+    let (out, done) = waiter.join().unwrap();
+    let after = done.saturating_duration_since(ended);
+    eprintln!("ssh finished {after:?} after the outage ended");
+    assert_success(&out, "ssh across the outage");
+    assert_eq!(stdout_text(&out), "back\n");
+    assert!(after < Duration::from_secs(3), "took {after:?}");
+}
+
+/// Issue 23: quick drops in a row do not grow the delay: each reconnect
+/// comes about a second after the last attempt, the fourth within 2 s.
+#[test]
+fn quick_drops_in_a_row_reconnect_quickly() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(&env, &sshd, &[]);
+    assert!(shim_works(&env, &shim));
+    for i in 1..=4 {
+        let before = log_count(&shim, "reconnected to");
+        proxy.drop_all();
+        // The log, not an ssh: a waiting client would itself hurry the
+        // reconnect.
+        let took = eventually(Duration::from_secs(10), &format!("reconnect {i}"), || {
+            log_count(&shim, "reconnected to") > before
+        });
+        eprintln!("drop {i}: reconnected after {took:?}");
+        assert!(took < Duration::from_secs(2), "drop {i}: took {took:?}");
+    }
+    assert!(shim_works(&env, &shim));
+}
+
+/// Issue 23: a storm of clients arriving during an outage makes about one
+/// connect attempt a second (counted at the proxy), and every one of them
+/// gets through once the upstream is back.
+#[test]
+fn reconnect_storm_makes_about_one_attempt_per_second() {
+    const CLIENTS: usize = 20;
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(&env, &sshd, &[]);
+    assert!(shim_works(&env, &shim));
+    proxy.set_mode(Mode::Refuse);
+    proxy.drop_all();
+    shim.wait_stderr("disconnected", Duration::from_secs(5));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let mut c = shim.ssh(&["true"]);
+            thread::spawn(move || run_with_timeout(&mut c, b"", Duration::from_secs(40)))
+        })
+        .collect();
+    // Let them all arrive, then count attempts over a fixed window.
+    thread::sleep(Duration::from_secs(1));
+    let (a0, t0) = (proxy.accepted(), Instant::now());
+    thread::sleep(Duration::from_secs(5));
+    let (attempts, secs) = (proxy.accepted() - a0, t0.elapsed().as_secs_f64());
+    eprintln!("{attempts} connect attempts in {secs:.1} s with {CLIENTS} clients waiting");
+    assert!(attempts >= 3, "clients waiting, yet {attempts} attempts");
+    assert!(
+        attempts as f64 <= secs + 1.0,
+        "{attempts} attempts in {secs:.1} s"
+    );
+    proxy.set_mode(Mode::Pass);
+    for c in clients {
+        assert_success(&c.join().unwrap(), "a client of the storm");
+    }
+}
+
+/// Adds an address to `lo` for the life of the guard (root only).
+struct LoAddress(&'static str);
+
+impl LoAddress {
+    /// Adds `addr` (a 127/8 address with prefix), or None with a message
+    /// when not permitted.
+    fn add(addr: &'static str) -> Option<LoAddress> {
+        let out = std::process::Command::new("ip")
+            .args(["addr", "add", addr, "dev", "lo"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(LoAddress(addr)),
+            Ok(o) => {
+                eprintln!(
+                    "skipped: cannot add {addr} to lo: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: no `ip` command: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoAddress {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["addr", "del", self.0, "dev", "lo"])
+            .output();
+    }
+}
+
+/// Issue 23: a new address (netlink) makes a shim that is waiting out a
+/// backoff step of seconds try again at once.
+#[test]
+fn new_address_triggers_a_reconnect_at_once() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(&env, &sshd, &["--max-backoff", "60"]);
+    assert!(shim_works(&env, &shim));
+    outage_until_backoff(&proxy, &shim, 4.0);
+    proxy.set_mode(Mode::Pass);
+    let Some(_addr) = LoAddress::add("127.0.0.43/8") else {
+        return;
+    };
+    let took = eventually(
+        Duration::from_secs(3),
+        "reconnect on the new address",
+        || log_count(&shim, "reconnected to") > 0,
+    );
+    eprintln!("reconnected {took:?} after the address appeared");
+    assert!(
+        shim.stderr_text().contains("a network address was added"),
+        "{}",
+        shim.stderr_text()
+    );
+}
+
+/// Issue 23: on a live connection a network change sends a keepalive at
+/// once, so a path that went dead is noticed in seconds, not keepalive
+/// intervals (here 30 s x 3).
+#[test]
+fn network_change_probes_a_live_connection() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(&env, &sshd, &["--keepalive", "30"]);
+    assert!(shim_works(&env, &shim));
+    proxy.set_mode(Mode::Freeze);
+    let Some(_addr) = LoAddress::add("127.0.0.44/8") else {
+        return;
+    };
+    let t = Instant::now();
+    assert!(
+        shim.wait_stderr("disconnected", Duration::from_secs(8)),
+        "blackhole not noticed within 8 s of the change: {}",
+        shim.stderr_text()
+    );
+    eprintln!("noticed {:?} after the change", t.elapsed());
+    proxy.set_mode(Mode::Pass);
+}

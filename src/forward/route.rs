@@ -13,7 +13,7 @@ use super::{Owner, Registry};
 use crate::bridge::{self, stream};
 use crate::local_channel;
 use crate::spec::Addr;
-use crate::upstream::{ServerOpen, ServerOpenKind};
+use crate::upstream::{ServerOpen, ServerOpenKind, ServerSlot};
 
 /// Where the server's agent requests for one local session go.
 #[derive(Clone)]
@@ -61,6 +61,9 @@ struct Routed {
     kind: &'static str,
     /// Its connection's congestion counter.
     congestion: Arc<AtomicUsize>,
+    /// Its place under the cap on server-opened channels, held while the
+    /// bridge lives.
+    slot: ServerSlot,
 }
 
 impl Registry {
@@ -105,6 +108,7 @@ impl Registry {
             reply,
             generation,
             congestion,
+            slot,
         } = ev;
         let reg = self.clone();
         self.tasks.spawn(async move {
@@ -120,6 +124,7 @@ impl Registry {
                         reply,
                         kind: "forwarded-tcpip",
                         congestion,
+                        slot,
                     };
                     let Ok(port) = u16::try_from(connected_port) else {
                         return routed.reply.reject(ChannelOpenFailure::ConnectFailed).await;
@@ -153,6 +158,7 @@ impl Registry {
                         reply,
                         kind: "forwarded-streamlocal",
                         congestion,
+                        slot,
                     };
                     match reg.owner_of(&Addr::Unix(socket_path.clone())) {
                         None => {
@@ -174,6 +180,7 @@ impl Registry {
                         reply,
                         kind: "agent",
                         congestion,
+                        slot,
                     };
                     reg.to_agent(generation, routed).await
                 }
@@ -230,7 +237,7 @@ impl Registry {
                     i,
                     o,
                     routed.channel,
-                    self.options(routed.kind, routed.congestion),
+                    self.options(routed.kind, routed.congestion, routed.slot),
                     &self.tasks,
                 );
             }
@@ -279,18 +286,23 @@ impl Registry {
             stream::StreamIn::new(rd),
             stream::StreamOut::new(wr).reset_on_abort(dup),
             routed.channel,
-            self.options(routed.kind, routed.congestion),
+            self.options(routed.kind, routed.congestion, routed.slot),
             &self.tasks,
         );
     }
 
     /// Bridge settings for a routed channel.
-    fn options(&self, kind: &'static str, congestion: Arc<AtomicUsize>) -> bridge::Options {
+    fn options(
+        &self,
+        kind: &'static str,
+        congestion: Arc<AtomicUsize>,
+        slot: ServerSlot,
+    ) -> bridge::Options {
         bridge::Options {
             session: false,
             what: kind.to_owned(),
             meter: self.pool.stats().open(kind),
-            hold: None,
+            hold: Some(Box::new(slot)),
             stall_limit: self.stall_limit,
             congestion: Some(congestion),
         }

@@ -27,6 +27,31 @@ pub struct ServerOpen {
     pub generation: u64,
     /// That connection's congestion counter (see `bridge::Options`).
     pub congestion: Arc<AtomicUsize>,
+    /// Counts the channel against the connection's cap on server-opened
+    /// channels until dropped: hold it as long as the channel lives.
+    pub slot: ServerSlot,
+}
+
+/// One server-opened channel counted against
+/// [`crate::tuning::MAX_SERVER_CHANNELS`]; frees its place when dropped.
+pub struct ServerSlot(Arc<AtomicUsize>);
+
+impl ServerSlot {
+    /// Takes a place in `count` unless all `max` are taken.
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<ServerSlot> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ServerSlot(count.clone()))
+    }
+}
+
+impl Drop for ServerSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The kinds of channel a server opens.
@@ -66,6 +91,11 @@ pub struct ClientHandler {
     pub(super) closed: watch::Sender<Option<String>>,
     /// The server's version string, learnt during the handshake.
     pub(super) server_version: Arc<Mutex<String>>,
+    /// Server-opened channels of this connection open or being routed now.
+    pub(super) server_channels: Arc<AtomicUsize>,
+    /// Channels of a kind we never ask for that the server opened (they are
+    /// refused; only the first is logged above debug level).
+    pub(super) unasked: u64,
 }
 
 impl ClientHandler {
@@ -83,12 +113,25 @@ impl ClientHandler {
                 .await;
             return;
         };
+        let Some(slot) =
+            ServerSlot::take(&self.server_channels, crate::tuning::MAX_SERVER_CHANNELS)
+        else {
+            tracing::warn!(
+                "refusing a channel the server opened: {} are open already",
+                crate::tuning::MAX_SERVER_CHANNELS
+            );
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return;
+        };
         let ev = ServerOpen {
             kind,
             channel,
             reply,
             generation: self.generation,
             congestion: self.congestion.clone(),
+            slot,
         };
         if let Err(e) = tx.try_send(ev) {
             let ev = match e {
@@ -99,6 +142,21 @@ impl ClientHandler {
                 .reject(russh::ChannelOpenFailure::ResourceShortage)
                 .await;
         }
+    }
+
+    /// Refuses a channel of a kind sshshim never asks the server for
+    /// (a session, direct-tcpip or direct-streamlocal towards us, X11: we
+    /// never request X11 forwarding). russh would accept these by default.
+    async fn refuse_unasked(&mut self, kind: &str, reply: client::ChannelOpenHandle) {
+        self.unasked += 1;
+        if self.unasked == 1 {
+            tracing::warn!("the server opened a {kind} channel sshshim never asked for: refused");
+        } else {
+            tracing::debug!("refused an unasked-for {kind} channel from the server");
+        }
+        reply
+            .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+            .await;
     }
 }
 
@@ -173,6 +231,67 @@ impl client::Handler for ClientHandler {
         Ok(())
     }
 
+    async fn server_channel_open_session(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_unasked("session", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_tcpip(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _host_to_connect: &str,
+        _port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_unasked("direct-tcpip", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_direct_streamlocal(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _socket_path: &str,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_unasked("direct-streamlocal", reply).await;
+        Ok(())
+    }
+
+    async fn server_channel_open_x11(
+        &mut self,
+        _channel: russh::Channel<client::Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.refuse_unasked("x11", reply).await;
+        Ok(())
+    }
+
+    // Said explicitly although it is russh's default: a channel type russh
+    // does not know is answered "unknown channel type" and never created.
+    async fn should_accept_unknown_server_channel(
+        &mut self,
+        _id: russh::ChannelId,
+        channel_type: &str,
+    ) -> bool {
+        tracing::debug!(
+            "refused a channel of unknown type {:?} from the server",
+            channel_type.escape_debug().to_string()
+        );
+        false
+    }
+
     async fn disconnected(
         &mut self,
         reason: client::DisconnectReason<Self::Error>,
@@ -217,6 +336,8 @@ pub struct Connection {
     pub(super) _jumps: Vec<client::Handle<ClientHandler>>,
     /// A session channel opened in advance (see [`Connection::replenish`]).
     pub(super) spare: Mutex<Spare>,
+    /// Asks the keepalive monitor for a probe now (the network changed).
+    pub(super) probe: tokio::sync::Notify,
 }
 
 /// The spare session channel of a connection. A new session takes it and
@@ -524,34 +645,75 @@ impl Connection {
         let _ = self.socket.shutdown(std::net::Shutdown::Both);
     }
 
+    /// Asks for a keepalive probe now instead of at the next interval: the
+    /// network changed, and the path may be dead.
+    pub fn probe_now(&self) {
+        self.probe.notify_one();
+    }
+
+    /// Whether the local address this connection was made from is gone
+    /// from the machine (its path cannot work any more).
+    fn local_address_gone(&self) -> bool {
+        let Ok(local) = self.socket.local_addr() else {
+            return false;
+        };
+        // Binding to an address only works while an interface has it.
+        matches!(
+            std::net::UdpSocket::bind((local.ip(), 0)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable
+        )
+    }
+
     /// Sends a keepalive every `interval`; after `max` unanswered in a row
     /// the path is dead (a blackhole sends no RST, so nothing else would
-    /// notice for a long time). Records the round-trip time.
+    /// notice for a long time). Records the round-trip time. On a probe
+    /// request (a network change) it checks at once: if our address is
+    /// gone the connection is dead now; otherwise keepalives wait only a
+    /// few round trips for their answer until one comes, so a path the
+    /// change broke is noticed within seconds.
     pub(super) async fn monitor(self: Arc<Self>, interval: Duration, max: usize) {
         let mut missed = 0;
+        let mut probing = false;
+        let mut first_miss = None;
         loop {
             // After a miss the next keepalive is already due: we just waited
-            // a whole interval for the answer.
+            // a whole interval (or a probe's timeout) for the answer.
             if missed == 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
+                    _ = self.probe.notified() => probing = true,
                     _ = self.closed() => return,
                 }
             }
+            if probing && self.local_address_gone() {
+                self.kill("the local network address of the connection is gone".into());
+                return;
+            }
+            // A stalled local reader holds the session loop, and with it
+            // the answer: then only the usual patience is fair.
+            let wait = if probing && !self.is_congested() {
+                let rtt = self.rtt.lock().unwrap().unwrap_or_default();
+                (rtt * 4).max(crate::tuning::PROBE_TIMEOUT).min(interval)
+            } else {
+                interval
+            };
             let sent = Instant::now();
-            match tokio::time::timeout(interval, self.handle.send_ping()).await {
+            match tokio::time::timeout(wait, self.handle.send_ping()).await {
                 Ok(Ok(())) => {
                     missed = 0;
+                    probing = false;
+                    first_miss = None;
                     *self.rtt.lock().unwrap() = Some(sent.elapsed());
                 }
                 Ok(Err(_)) => return,
                 Err(_) => {
                     missed += 1;
+                    let since: Instant = *first_miss.get_or_insert(sent);
                     tracing::debug!("keepalive {missed}/{max} unanswered");
                     if missed >= max {
                         self.kill(format!(
-                            "no answer to {max} keepalives in {}s (dead network path?)",
-                            (interval * max as u32).as_secs()
+                            "no answer to {max} keepalives in {:.0}s (dead network path?)",
+                            since.elapsed().as_secs_f64()
                         ));
                         return;
                     }

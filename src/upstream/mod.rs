@@ -26,7 +26,9 @@ use crate::config::UpConfig;
 use crate::stats::Stats;
 use auth::Authenticator;
 use connection::{ClientHandler, Io, client_config, close_when_idle, refused, set_tcp_keepalive};
-pub use connection::{Connection, LoadGuard, Open, OpenError, Opened, ServerOpen, ServerOpenKind};
+pub use connection::{
+    Connection, LoadGuard, Open, OpenError, Opened, ServerOpen, ServerOpenKind, ServerSlot,
+};
 pub use error::UpstreamError;
 use known_hosts::HostKeyVerifier;
 
@@ -74,6 +76,56 @@ pub struct Pool {
     reconnects: AtomicU64,
     /// Generation numbers for new connections.
     next_generation: AtomicU64,
+    /// Someone wants the upstream now: while down, try at once (within
+    /// [`crate::tuning::RECONNECT_GAP`] of the last attempt).
+    wake: tokio::sync::Notify,
+    /// Requests waiting for the upstream right now: while any wait, attempts
+    /// follow each other every [`crate::tuning::RECONNECT_GAP`].
+    waiting: AtomicUsize,
+}
+
+/// The network changes the reconnect loop reacts to (see
+/// [`crate::netwatch`]); `None` once the watcher is gone.
+struct NetChanges(Option<watch::Receiver<crate::netwatch::Latest>>);
+
+impl NetChanges {
+    /// Marks every change so far as handled.
+    fn seen(&mut self) {
+        if let Some(rx) = &mut self.0 {
+            rx.borrow_and_update();
+        }
+    }
+
+    /// Waits for the next change and says what it was; never returns when
+    /// nothing watches the network.
+    async fn changed(&mut self) -> String {
+        if let Some(rx) = &mut self.0 {
+            if rx.changed().await.is_ok() {
+                let change = rx.borrow_and_update().change.clone();
+                return change.map_or("the network changed".into(), |c| c.to_string());
+            }
+            self.0 = None;
+        }
+        std::future::pending().await
+    }
+}
+
+/// Counts one request waiting for the upstream while alive.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    /// Registers a waiter and wakes the reconnect loop.
+    fn new(pool: &'a Pool) -> Self {
+        pool.waiting.fetch_add(1, Ordering::AcqRel);
+        pool.wake.notify_one();
+        Waiting(&pool.waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Pool {
@@ -116,6 +168,8 @@ impl Pool {
             stats: Arc::default(),
             reconnects: AtomicU64::new(0),
             next_generation: AtomicU64::new(1000),
+            wake: tokio::sync::Notify::new(),
+            waiting: AtomicUsize::new(0),
         });
         (pool, rx)
     }
@@ -204,6 +258,8 @@ impl Pool {
                 congestion: congestion.clone(),
                 closed: closed_tx.clone(),
                 server_version: server_version.clone(),
+                server_channels: Arc::default(),
+                unasked: 0,
             };
             let mut handle = tokio::time::timeout(
                 deadline,
@@ -235,6 +291,7 @@ impl Pool {
                     congestion,
                     _jumps: jump_handles,
                     spare: Mutex::default(),
+                    probe: tokio::sync::Notify::new(),
                 });
             }
             let next = hops[i + 1];
@@ -293,31 +350,55 @@ impl Pool {
         Ok(())
     }
 
-    /// Keeps the connection alive until `shutdown`: when it dies, reconnects
-    /// with exponential backoff and full jitter. Returns an error only for
-    /// failures retrying cannot fix.
+    /// Keeps the connection alive until `shutdown`: when it dies, reconnects.
+    /// Returns an error only for failures retrying cannot fix.
+    ///
+    /// When: the first retry after a connection that worked comes at once
+    /// (after up to [`crate::tuning::FIRST_RETRY_JITTER`]); after that,
+    /// exponential backoff with jitter, from [`crate::tuning::RETRY_MIN`]
+    /// up to `--max-backoff`, growing only across failed attempts in a row
+    /// (every successful connect and authentication starts it over). Sooner
+    /// when someone waits for the upstream or the network changes. Never
+    /// two attempts at once, nor two starts within
+    /// [`crate::tuning::RECONNECT_GAP`] (or `--max-backoff` if smaller):
+    /// that floor is what damps a flapping link or a server that accepts
+    /// and then drops us.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), UpstreamError> {
+        // A --max-backoff below the gap asks for quicker retries still.
+        let gap = crate::tuning::RECONNECT_GAP.min(self.cfg.max_backoff);
         let mut generation = 1;
+        let mut net = NetChanges(Some(crate::netwatch::spawn()));
+        // connect_first has just made an attempt.
+        let mut last_attempt = Instant::now();
         let new_backoff = || {
             backon::ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(500).min(self.cfg.max_backoff))
+                .with_min_delay(crate::tuning::RETRY_MIN.min(self.cfg.max_backoff))
                 .with_max_delay(self.cfg.max_backoff)
                 .with_jitter()
                 .without_max_times()
                 .build()
         };
-        let mut backoff = new_backoff();
+        let shut_down = |pool: &Pool| -> Result<(), UpstreamError> {
+            pool.state
+                .send_replace(State::Failed("shutting down".into()));
+            Ok(())
+        };
         loop {
             let State::Up(conn) = self.state.borrow().clone() else {
                 unreachable!("run() starts after connect_first and loops back only when up")
             };
-            let up_since = Instant::now();
-            let why = tokio::select! {
-                why = conn.closed() => why,
-                _ = shutdown.cancelled() => {
-                    let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "sshshim shutting down", "en").await;
-                    self.state.send_replace(State::Failed("shutting down".into()));
-                    return Ok(());
+            net.seen();
+            let why = loop {
+                tokio::select! {
+                    why = conn.closed() => break why,
+                    change = net.changed() => {
+                        tracing::debug!("{change}: probing the upstream connection now");
+                        conn.probe_now();
+                    }
+                    _ = shutdown.cancelled() => {
+                        let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "sshshim shutting down", "en").await;
+                        return shut_down(&self);
+                    }
                 }
             };
             let rtt = *conn.rtt.lock().unwrap();
@@ -330,43 +411,43 @@ impl Pool {
                     d.as_secs_f64() * 1e3
                 ))
             );
-            // Only a connection that stayed up a while resets the backoff, so
-            // a server that accepts and then drops us is not hammered.
-            if up_since.elapsed() >= Duration::from_secs(60) {
-                backoff = new_backoff();
-            }
+            // The connection worked: the backoff starts over. A wake-up
+            // left from before is stale (its waiter was served or gave up).
+            let _ = tokio::time::timeout(Duration::ZERO, self.wake.notified()).await;
+            let mut backoff = new_backoff();
             let mut last_error = why;
             let mut attempt = 1u32;
             loop {
-                // Jitter may add up to the whole delay again: --max-backoff
-                // is the longest wait, whatever the jitter.
-                let delay = backoff
-                    .next()
-                    .unwrap_or(self.cfg.max_backoff)
-                    .min(self.cfg.max_backoff);
-                self.state.send_replace(State::Reconnecting {
-                    attempt,
-                    last_error: last_error.clone(),
-                    next_at: Some(std::time::SystemTime::now() + delay),
-                });
-                tracing::info!(
-                    "retrying in {:.1}s (attempt {attempt})",
-                    delay.as_secs_f32()
+                let planned = if attempt == 1 {
+                    crate::tuning::FIRST_RETRY_JITTER
+                        .mul_f64(rand::random_range(0.0..1.0))
+                        .min(self.cfg.max_backoff)
+                } else {
+                    // Jitter may add up to the whole delay again:
+                    // --max-backoff is the longest wait, whatever the jitter.
+                    backoff
+                        .next()
+                        .unwrap_or(self.cfg.max_backoff)
+                        .min(self.cfg.max_backoff)
+                };
+                let earliest = last_attempt + gap;
+                let waited = self.wait_for_attempt(
+                    Instant::now() + planned,
+                    earliest,
+                    (attempt, &last_error),
+                    &mut net,
+                    &shutdown,
                 );
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => {
-                        self.state.send_replace(State::Failed("shutting down".into()));
-                        return Ok(());
-                    }
+                if !waited.await {
+                    return shut_down(&self);
                 }
+                // Requests and changes up to here are served by this attempt.
+                net.seen();
+                last_attempt = Instant::now();
                 generation += 1;
                 let res = tokio::select! {
                     r = self.connect_once(false, generation) => r,
-                    _ = shutdown.cancelled() => {
-                        self.state.send_replace(State::Failed("shutting down".into()));
-                        return Ok(());
-                    }
+                    _ = shutdown.cancelled() => return shut_down(&self),
                 };
                 match res {
                     Ok(conn) => {
@@ -389,6 +470,53 @@ impl Pool {
                         attempt += 1;
                     }
                 }
+            }
+        }
+    }
+
+    /// Waits until the next connect attempt is due: at `at`, or sooner
+    /// when a request waits or the network changes, but never before
+    /// `earliest`. Publishes the state (`attempt`, last error, when) and
+    /// logs why. Returns false on shutdown.
+    async fn wait_for_attempt(
+        &self,
+        mut at: Instant,
+        earliest: Instant,
+        (attempt, last_error): (u32, &str),
+        net: &mut NetChanges,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        at = at.max(earliest);
+        let mut why_now: Option<String> = None;
+        loop {
+            if why_now.is_none() && self.waiting.load(Ordering::Acquire) > 0 {
+                why_now = Some("a request is waiting for the upstream".into());
+            }
+            if why_now.is_some() {
+                at = at.min(earliest.max(Instant::now()));
+            }
+            let wait = at.saturating_duration_since(Instant::now());
+            self.state.send_replace(State::Reconnecting {
+                attempt,
+                last_error: last_error.to_owned(),
+                next_at: Some(std::time::SystemTime::now() + wait),
+            });
+            let why = why_now
+                .as_deref()
+                .map_or(String::new(), |w| format!("{w}: "));
+            tracing::info!(
+                "{why}retrying in {:.1}s (attempt {attempt})",
+                wait.as_secs_f32()
+            );
+            tokio::select! {
+                _ = tokio::time::sleep_until(at.into()) => return true,
+                _ = self.wake.notified(), if why_now.is_none() => {
+                    why_now = Some("a request is waiting for the upstream".into());
+                }
+                change = net.changed(), if why_now.is_none() => {
+                    why_now = Some(change);
+                }
+                _ = shutdown.cancelled() => return false,
             }
         }
     }
@@ -525,14 +653,22 @@ impl Pool {
 
     /// The live connection, waiting up to the connect timeout while
     /// reconnecting. The error text says why there is none.
+    ///
+    /// Waiting is a reason to reconnect now: while anyone waits, attempts
+    /// follow each other every [`crate::tuning::RECONNECT_GAP`] instead of
+    /// the backoff, and every waiter gets the connection as soon as it is up.
     pub async fn connection(&self) -> Result<Arc<Connection>, String> {
         let mut rx = self.state.subscribe();
         let wait = async {
+            let mut waiting = None;
             loop {
                 match &*rx.borrow_and_update() {
                     State::Up(c) if c.is_alive() => return Ok(c.clone()),
                     State::Failed(why) => return Err(format!("upstream unavailable: {why}")),
                     _ => {}
+                }
+                if waiting.is_none() {
+                    waiting = Some(Waiting::new(self));
                 }
                 if rx.changed().await.is_err() {
                     return Err("upstream unavailable: shutting down".to_string());

@@ -23,6 +23,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub mod evil_server;
+
 /// Path of the OpenSSH server binary used as the upstream.
 pub const SSHD_BIN: &str = "/usr/sbin/sshd";
 /// Loopback address used for every endpoint in the tests.
@@ -1247,6 +1249,8 @@ struct ProxyShared {
     stop: AtomicBool,
     /// Live connections.
     conns: Mutex<Vec<ProxyConn>>,
+    /// Connections accepted so far, refused ones included.
+    accepted: AtomicU64,
 }
 
 /// One proxied connection: both sockets plus its two pump threads.
@@ -1295,6 +1299,7 @@ impl FaultProxy {
             delay: Mutex::new(Duration::ZERO),
             stop: AtomicBool::new(false),
             conns: Mutex::new(Vec::new()),
+            accepted: AtomicU64::new(0),
         });
         let sh = shared.clone();
         let accept = thread::spawn(move || {
@@ -1318,6 +1323,7 @@ impl FaultProxy {
 
     /// Handles a new client connection according to the current mode.
     fn on_accept(sh: &Arc<ProxyShared>, client: TcpStream) {
+        sh.accepted.fetch_add(1, Ordering::SeqCst);
         let _ = client.set_nonblocking(false);
         if *sh.mode.lock().unwrap() == Mode::Refuse {
             set_rst_on_close(&client);
@@ -1367,6 +1373,12 @@ impl FaultProxy {
         let mut conns = self.shared.conns.lock().unwrap();
         conns.retain(|c| !c.threads.iter().all(JoinHandle::is_finished));
         conns.len()
+    }
+
+    /// Connections accepted so far, refused ones included (each is one
+    /// connect attempt of the shim).
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
     }
 
     /// Aborts every current connection with RST on both sides.
