@@ -56,6 +56,9 @@ const SLOW_PAUSE: Duration = Duration::from_millis(20);
 const IDLE_LIMIT: Duration = Duration::from_secs(5);
 /// Longest an outage may last before recovery is declared failed.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(30);
+/// How long a refused path lasts: longer than the shim's connect timeout
+/// (2 s), so a session started in it fails with the reason.
+const REFUSE_OUTAGE: Duration = Duration::from_millis(2500);
 /// `--max-backoff` of the shim, in seconds.
 const MAX_BACKOFF: &str = "0.5";
 /// Shim flags: keepalives notice a blackhole within about 3 s, and an
@@ -66,7 +69,7 @@ const SHIM_FLAGS: [&str; 8] = [
     "--keepalive-max",
     "2",
     "--connect-timeout",
-    "3",
+    "2",
     "--max-backoff",
     MAX_BACKOFF,
 ];
@@ -76,12 +79,12 @@ const SHIM_FLAGS: [&str; 8] = [
 enum Fault {
     /// Every proxied connection reset.
     Drop,
-    /// Existing connections dropped and new ones reset for 4 s (longer
-    /// than the shim's connect timeout, so a new session fails).
+    /// Existing connections dropped and new ones reset for
+    /// [`REFUSE_OUTAGE`].
     Refuse,
     /// All bytes held until the shim's keepalives declare the path dead.
     Blackhole,
-    /// sshd killed, down for 1.5 s, started again on the same port.
+    /// sshd killed, down for 1 s, started again on the same port.
     Restart,
 }
 
@@ -450,7 +453,7 @@ impl World {
                 self.proxy.set_mode(Mode::Refuse);
                 self.proxy.drop_all();
                 let s = self.start_outage_session();
-                thread::sleep(Duration::from_secs(4));
+                thread::sleep(REFUSE_OUTAGE);
                 self.proxy.set_mode(Mode::Pass);
                 s
             }
@@ -470,7 +473,7 @@ impl World {
             Fault::Restart => {
                 self.sshd.kill();
                 let s = self.start_outage_session();
-                thread::sleep(Duration::from_millis(1500));
+                thread::sleep(Duration::from_secs(1));
                 self.sshd.restart();
                 s
             }
