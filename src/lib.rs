@@ -20,7 +20,7 @@
 //!   (pool, auth,                                                 /      \
 //!    known_hosts)                                          profile   ssh_config   client_config
 //!     |                                                       |          |             |
-//!   config ----------- stats, tuning --------------------- spec, paths (ground: import nothing)
+//!   config ----------- stats, tuning --------------------- spec, paths, term (ground: import nothing)
 //! ```
 //!
 //! [`check`] (`sshshim check`) makes its own short-lived connection with
@@ -57,5 +57,6 @@ pub mod spec;
 pub mod ssh_config;
 pub mod stats;
 pub mod supervisor;
+pub mod term;
 pub mod tuning;
 pub mod upstream;

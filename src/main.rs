@@ -472,7 +472,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            eprintln!("sshshim: {msg}");
+            // Errors may carry a server's words (its version, its reasons).
+            eprintln!("sshshim: {}", sshshim::term::clean_lines(&msg));
             ExitCode::FAILURE
         }
     }
@@ -516,7 +517,7 @@ fn check(a: CheckArgs) -> ExitCode {
     let reports = match result {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("sshshim: {e}");
+            eprintln!("sshshim: {}", sshshim::term::clean_lines(&e.to_string()));
             return match e {
                 check::Error::Usage(_) => ExitCode::from(2),
                 check::Error::Config(_) => ExitCode::FAILURE,
@@ -638,8 +639,9 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
                     "{name} serves no multiplexing socket (mux = \"none\"): --same-name needs one"
                 ));
             };
+            sshshim::spec::check_name(name)?;
             warn_if_controlpath_taken(name, mux);
-            blocks.push_str(&sshshim::client_config::same_name_block(name, mux));
+            blocks.push_str(&sshshim::client_config::same_name_block(name, mux)?);
             blocks.push('\n');
             continue;
         }
@@ -654,7 +656,7 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
                 identity_file: identity.as_deref(),
                 control_path: mux.as_deref(),
             },
-        ));
+        )?);
         blocks.push('\n');
     }
     if a.install {

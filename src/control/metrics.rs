@@ -502,7 +502,9 @@ fn loopback_host(text: &str) -> bool {
     let headers = text.lines().skip(1).take_while(|l| !l.is_empty());
     let mut hosts = headers.filter_map(|l| {
         let (name, value) = l.split_once(':')?;
-        name.trim().eq_ignore_ascii_case("host").then(|| value.trim())
+        name.trim()
+            .eq_ignore_ascii_case("host")
+            .then(|| value.trim())
     });
     let (Some(host), None) = (hosts.next(), hosts.next()) else {
         return false;
