@@ -552,6 +552,12 @@ fn service(c: ServiceCommand) -> Result<(), String> {
             config,
             dry_run,
         } => {
+            // A file that `supervise` would refuse (a bad name, a typo) is
+            // reported now rather than at the unit's first start.
+            let path = config
+                .clone()
+                .unwrap_or_else(sshshim::profile::default_path);
+            sshshim::profile::load(&path, config.is_some())?;
             let exe =
                 std::env::current_exe().map_err(|e| format!("cannot find my own path: {e}"))?;
             let spec = service::UnitSpec {
