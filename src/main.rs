@@ -247,7 +247,7 @@ struct UpArgs {
     on_event: Option<String>,
 
     /// Serve Prometheus metrics (/metrics) and status JSON (/status) over HTTP
-    /// on this loopback address.
+    /// on this loopback address, to your own user only.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
 
@@ -260,7 +260,9 @@ struct UpArgs {
 
     /// Serve OpenSSH's multiplexing protocol on this Unix socket, so OpenSSH
     /// tools with `ControlPath` set to it skip the local handshake; `none`
-    /// serves none [default: $XDG_RUNTIME_DIR/sshshim/NAME.mux].
+    /// serves none. Its directory must be yours and writable by nobody else
+    /// [default: $XDG_RUNTIME_DIR/sshshim/NAME.mux, else
+    /// ~/.local/state/sshshim/run/NAME.mux].
     #[arg(long, value_name = "PATH|none")]
     mux: Option<PathBuf>,
 }
