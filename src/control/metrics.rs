@@ -271,8 +271,9 @@ type Sources = Arc<dyn Fn() -> Vec<ProfileStatus> + Send + Sync>;
 /// Serves HTTP on `addr` until shutdown: GET /metrics -> Prometheus text;
 /// GET /status -> JSON array of [`ProfileStatus`]; anything else 404.
 /// `addr` must be loopback: the metrics reveal hosts and forwards and there is
-/// no authentication, so exposing them on the network is refused.
-/// `sources` is called at request time.
+/// no authentication, so exposing them on the network is refused. Only our
+/// own uid is answered (403 otherwise) and only a loopback `Host` (421
+/// otherwise): see the module docs. `sources` is called at request time.
 pub async fn serve_metrics(
     addr: SocketAddr,
     sources: Sources,
