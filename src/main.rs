@@ -647,7 +647,6 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
                     "{name} serves no multiplexing socket (mux = \"none\"): --same-name needs one"
                 ));
             };
-            sshshim::spec::check_name(name)?;
             warn_if_controlpath_taken(name, mux);
             blocks.push_str(&sshshim::client_config::same_name_block(name, mux)?);
             blocks.push('\n');
