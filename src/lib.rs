@@ -20,7 +20,7 @@
 //!   (pool, auth,                                                 /      \
 //!    known_hosts)                                          profile   ssh_config   client_config
 //!     |                                                       |          |             |
-//!   config ----------- stats, tuning, netwatch ----------- spec, paths (ground: import nothing)
+//!   config ----------- stats, tuning, netwatch ----------- spec, paths, term (ground: import nothing)
 //! ```
 //!
 //! [`check`] (`sshshim check`) makes its own short-lived connection with
@@ -58,5 +58,6 @@ pub mod spec;
 pub mod ssh_config;
 pub mod stats;
 pub mod supervisor;
+pub mod term;
 pub mod tuning;
 pub mod upstream;

@@ -254,7 +254,7 @@ struct UpArgs {
     on_event: Option<String>,
 
     /// Serve Prometheus metrics (/metrics) and status JSON (/status) over HTTP
-    /// on this loopback address.
+    /// on this loopback address, to your own user only.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
 
@@ -267,7 +267,9 @@ struct UpArgs {
 
     /// Serve OpenSSH's multiplexing protocol on this Unix socket, so OpenSSH
     /// tools with `ControlPath` set to it skip the local handshake; `none`
-    /// serves none [default: $XDG_RUNTIME_DIR/sshshim/NAME.mux].
+    /// serves none. Its directory must be yours and writable by nobody else
+    /// [default: $XDG_RUNTIME_DIR/sshshim/NAME.mux, else
+    /// ~/.local/state/sshshim/run/NAME.mux].
     #[arg(long, value_name = "PATH|none")]
     mux: Option<PathBuf>,
 }
@@ -488,7 +490,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            eprintln!("sshshim: {msg}");
+            // Errors may carry a server's words (its version, its reasons).
+            eprintln!("sshshim: {}", sshshim::term::clean_lines(&msg));
             ExitCode::FAILURE
         }
     }
@@ -532,7 +535,7 @@ fn check(a: CheckArgs) -> ExitCode {
     let reports = match result {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("sshshim: {e}");
+            eprintln!("sshshim: {}", sshshim::term::clean_lines(&e.to_string()));
             return match e {
                 check::Error::Usage(_) => ExitCode::from(2),
                 check::Error::Config(_) => ExitCode::FAILURE,
@@ -567,6 +570,12 @@ fn service(c: ServiceCommand) -> Result<(), String> {
             config,
             dry_run,
         } => {
+            // A file that `supervise` would refuse (a bad name, a typo) is
+            // reported now rather than at the unit's first start.
+            let path = config
+                .clone()
+                .unwrap_or_else(sshshim::profile::default_path);
+            sshshim::profile::load(&path, config.is_some())?;
             let exe =
                 std::env::current_exe().map_err(|e| format!("cannot find my own path: {e}"))?;
             let spec = service::UnitSpec {
@@ -641,7 +650,11 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
             None => match profile.and_then(|p| p.mux.clone()) {
                 Some(p) if p.as_os_str() == "none" => None,
                 Some(p) => Some(p),
-                None => Some(paths::runtime_dir().join(format!("{}.mux", paths::safe_name(name)))),
+                None => Some(
+                    paths::runtime_dir()
+                        .map_err(|e| e.to_string())?
+                        .join(format!("{}.mux", paths::safe_name(name))),
+                ),
             },
         };
         if a.same_name {
@@ -651,7 +664,7 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
                 ));
             };
             warn_if_controlpath_taken(name, mux);
-            blocks.push_str(&sshshim::client_config::same_name_block(name, mux));
+            blocks.push_str(&sshshim::client_config::same_name_block(name, mux)?);
             blocks.push('\n');
             continue;
         }
@@ -666,7 +679,7 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
                 identity_file: identity.as_deref(),
                 control_path: mux.as_deref(),
             },
-        ));
+        )?);
         blocks.push('\n');
     }
     if a.install {

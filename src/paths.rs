@@ -128,27 +128,76 @@ pub fn config_dir() -> io::Result<PathBuf> {
     Ok(xdg("XDG_CONFIG_HOME", ".config")?.join("sshshim"))
 }
 
-/// Where sshshim's sockets live: `$XDG_RUNTIME_DIR/sshshim` when that is
-/// set (and absolute, as the XDG spec requires: a relative one would make
-/// client and server disagree), else `/tmp/sshshim-UID` (fixed, not
-/// `$TMPDIR`, for the same reason). Not created here: see
-/// [`create_private_dir`].
-pub fn runtime_dir() -> PathBuf {
+/// The longest Unix socket path the kernel takes: `sun_path` is 108
+/// bytes, one of them the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Room [`runtime_dir`] keeps for a socket's own name (`/NAME.mux`): a
+/// runtime directory longer than `MAX_SOCKET_PATH` minus this is refused.
+const SOCKET_NAME_ROOM: usize = 32;
+
+/// Where sshshim's sockets live (control sockets, and mux sockets that
+/// ssh_config Host blocks name): `$XDG_RUNTIME_DIR/sshshim` when that is
+/// a private directory of ours (absolute, a real directory owned by us,
+/// mode 0700, as the XDG spec requires), else `sshshim/run` in the state
+/// directory (`$XDG_STATE_HOME`, else `~/.local/state`). Never a shared
+/// directory such as `/tmp`: OpenSSH's mux client does not authenticate
+/// the master, so whoever could create the socket there first would
+/// receive the user's commands. Not created here (clients create
+/// nothing): see [`create_private_dir`]. An error when neither is known,
+/// or when the directory is too long to hold a socket (`sun_path` is 108
+/// bytes): the message says to point `XDG_RUNTIME_DIR` at a shorter one.
+pub fn runtime_dir() -> io::Result<PathBuf> {
+    let state_home = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| home_dir().map(|h| h.join(".local/state")));
     runtime_dir_in(
         std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .as_deref(),
-        Path::new("/tmp"),
+        state_home.as_deref(),
         my_uid(),
     )
 }
 
-/// [`runtime_dir`] with its inputs given, for tests.
-pub fn runtime_dir_in(runtime: Option<&Path>, tmp: &Path, uid: u32) -> PathBuf {
-    match runtime.filter(|r| r.is_absolute()) {
-        Some(r) => r.join("sshshim"),
-        None => tmp.join(format!("sshshim-{uid}")),
+/// [`runtime_dir`] with its inputs given, for tests: `runtime` is
+/// `$XDG_RUNTIME_DIR`, `state_home` the state base directory.
+pub fn runtime_dir_in(
+    runtime: Option<&Path>,
+    state_home: Option<&Path>,
+    uid: u32,
+) -> io::Result<PathBuf> {
+    let private = |r: &&Path| {
+        r.is_absolute()
+            && std::fs::symlink_metadata(r)
+                .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0)
+    };
+    let dir = match (runtime.filter(private), state_home) {
+        (Some(r), _) => r.join("sshshim"),
+        (None, Some(s)) if s.is_absolute() => s.join("sshshim/run"),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "no private directory for sshshim's sockets: XDG_RUNTIME_DIR is not a \
+                 private (0700) directory of ours, and neither XDG_STATE_HOME nor HOME \
+                 is set to an absolute path",
+            ));
+        }
+    };
+    let len = dir.as_os_str().len();
+    if len + SOCKET_NAME_ROOM > MAX_SOCKET_PATH {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "sshshim's socket directory {} is {len} bytes long, too long for Unix socket \
+                 paths (at most {MAX_SOCKET_PATH} bytes with the socket's name); set \
+                 XDG_RUNTIME_DIR to a private (0700) directory of yours with a shorter path",
+                dir.display()
+            ),
+        ));
     }
+    Ok(dir)
 }
 
 /// Makes `name` safe as one file-name component or ssh_config alias:
@@ -294,16 +343,34 @@ mod tests {
 
     #[test]
     fn runtime_dirs() {
-        let t = Path::new("/tmp");
-        assert_eq!(
-            runtime_dir_in(Some(Path::new("/run/user/5")), t, 5),
-            PathBuf::from("/run/user/5/sshshim")
-        );
-        assert_eq!(runtime_dir_in(None, t, 5), PathBuf::from("/tmp/sshshim-5"));
-        assert_eq!(
-            runtime_dir_in(Some(Path::new("rel")), t, 5),
-            PathBuf::from("/tmp/sshshim-5")
-        );
+        let t = tempfile::tempdir().unwrap();
+        let me = my_uid();
+        let state = t.path().join("state");
+        let run = t.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let got = |r: Option<&Path>, uid| runtime_dir_in(r, Some(&state), uid).unwrap();
+        // A private runtime directory of ours is used.
+        assert_eq!(got(Some(&run), me), run.join("sshshim"));
+        // Anything else falls back to the state directory, never /tmp:
+        // unset, relative, missing, someone else's, too open, a symlink.
+        let fallback = state.join("sshshim/run");
+        assert_eq!(got(None, me), fallback);
+        assert_eq!(got(Some(Path::new("rel")), me), fallback);
+        assert_eq!(got(Some(&t.path().join("missing")), me), fallback);
+        assert_eq!(got(Some(&run), me + 1), fallback);
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&run, &link).unwrap();
+        assert_eq!(got(Some(&link), me), fallback);
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(got(Some(&run), me), fallback);
+        // No base at all, or one too long for a socket path: a clear error.
+        let e = runtime_dir_in(None, None, me).unwrap_err();
+        assert!(e.to_string().contains("XDG_RUNTIME_DIR"), "{e}");
+        let long = PathBuf::from(format!("/{}", "x".repeat(80)));
+        let e = runtime_dir_in(None, Some(&long), me).unwrap_err();
+        assert!(e.to_string().contains("too long"), "{e}");
+        assert!(e.to_string().contains("set XDG_RUNTIME_DIR"), "{e}");
     }
 
     #[test]

@@ -165,6 +165,7 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
             Some(path) => Some(path),
             None => Some(
                 crate::paths::runtime_dir()
+                    .map_err(|e| e.to_string())?
                     .join(format!("{}.mux", crate::paths::safe_name(req.name))),
             ),
         },

@@ -118,6 +118,7 @@ pub fn systemd_available(system: bool) -> bool {
 /// Installs and starts the unit; with `dry_run`, only says what it would
 /// do. Without systemd, installs nothing and says how to do it by hand.
 pub fn install(spec: &UnitSpec, dry_run: bool) -> Result<String, String> {
+    check_spec(spec)?;
     let unit = render_unit(spec);
     let path = unit_path(spec);
     let cmds = install_commands(spec);
@@ -208,6 +209,24 @@ pub fn status(system: bool, name: Option<&str>) -> Result<String, String> {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok(text)
+}
+
+/// Refuses what could break out of the unit file's syntax: every profile
+/// name must pass [`crate::spec::check_name`] (a newline in `Description=`
+/// would start a directive of its own), and no path or user name may hold a
+/// control character.
+fn check_spec(spec: &UnitSpec) -> Result<(), String> {
+    for p in &spec.profiles {
+        crate::spec::check_name(p)?;
+    }
+    crate::spec::check_path_text("the sshshim executable", &spec.exe)?;
+    if let Some(c) = &spec.config {
+        crate::spec::check_path_text("the config file", c)?;
+    }
+    if spec.system {
+        crate::spec::check_path_text("the user name", Path::new(&invoking_user()))?;
+    }
+    Ok(())
 }
 
 /// Stops and disables the unit, removes its file and reloads systemd. With
@@ -480,6 +499,35 @@ mod tests {
             config: Some("/etc/sshshim/my config.toml".into()),
             exe: "/usr/local/bin/sshshim".into(),
         }
+    }
+
+    /// A name or path that would add a line to the unit is refused before
+    /// anything is written or shown, even in a dry run.
+    #[test]
+    fn injection_is_refused() {
+        let bad_name = UnitSpec {
+            profiles: vec!["lab\nExecStartPre=/bin/touch /tmp/pwned".into()],
+            ..spec(false)
+        };
+        let e = install(&bad_name, true).unwrap_err();
+        assert!(e.contains("may only use letters"), "{e}");
+        assert!(
+            install(
+                &UnitSpec {
+                    profiles: vec!["a b".into()],
+                    ..spec(false)
+                },
+                true
+            )
+            .is_err()
+        );
+        let bad_config = UnitSpec {
+            config: Some("/x\nExecStartPre=/bin/true".into()),
+            ..spec(false)
+        };
+        let e = install(&bad_config, true).unwrap_err();
+        assert!(e.contains("control character"), "{e}");
+        assert!(install(&spec(false), true).is_ok());
     }
 
     #[test]

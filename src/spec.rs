@@ -100,6 +100,43 @@ pub fn parse_port(p: &str) -> Result<u16, String> {
     }
 }
 
+/// Checks a profile name: 1 to 64 of ASCII letters, digits, `.`, `_` and
+/// `-`. Names are written into other files' syntax (ssh_config `Host`
+/// lines, systemd units, TOML keys, socket names), where a space, newline
+/// or quote would start something else, so every name from any source
+/// must pass. The error quotes the name escaped and says what to fix.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!(
+            "profile name {name:?} must be 1 to 64 characters (letters, digits, '.', '_', '-')"
+        ));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(format!(
+            "profile name {name:?} may only use letters, digits, '.', '_' and '-'; rename it"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a path about to be written into another file's syntax
+/// (ssh_config `ControlPath`, a unit's `ExecStart`): no control
+/// characters, which could end the line and start a directive of their
+/// own. `what` names the setting for the error.
+pub fn check_path_text(what: &str, path: &std::path::Path) -> Result<(), String> {
+    let text = path.to_string_lossy();
+    if text.chars().any(char::is_control) {
+        return Err(format!(
+            "{what} {text:?} contains a control character (such as a newline); \
+             choose a path without one"
+        ));
+    }
+    Ok(())
+}
+
 /// One SSH hop (the target or a jump host), fully resolved.
 #[derive(Debug, Clone)]
 pub struct HostSpec {
@@ -275,6 +312,29 @@ fn split_fields(s: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_and_paths_for_other_files() {
+        for ok in ["prod", "a.b_c-1", &"x".repeat(64)] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "x\nProxyCommand evil",
+            "a@b",
+            "a/b",
+            "é",
+            &"x".repeat(65),
+        ] {
+            let e = check_name(bad).unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let p = std::path::Path::new("/run/x.mux");
+        assert!(check_path_text("ControlPath", p).is_ok());
+        let e = check_path_text("ControlPath", std::path::Path::new("/a\nb")).unwrap_err();
+        assert!(e.contains("ControlPath \"/a\\nb\""), "{e}");
+    }
 
     fn p(kind: Kind, s: &str) -> ForwardSpec {
         ForwardSpec::parse(kind, s).unwrap_or_else(|e| panic!("{e}"))

@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::control::ProfileStatus;
+use crate::term::clean;
 
 /// The outcome of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -166,18 +167,22 @@ fn label(check: &str) -> &str {
 
 /// The table for people: per profile a heading, one line per check
 /// (ok / FAIL / skip, check, detail), a summary line; a total at the end.
+/// Every text is [`clean`]ed: the server's version string and its error
+/// messages come from the network, before any host key is checked, and
+/// must not drive the terminal (the JSON form escapes them instead).
 pub fn render(reports: &[ProfileReport]) -> String {
     let mut out = String::new();
     for (i, r) in reports.iter().enumerate() {
         if i > 0 {
             out.push('\n');
         }
+        let profile = clean(&r.profile);
         match &r.destination {
             Some(d) if d != &r.profile => {
-                let _ = writeln!(out, "{} ({d})", r.profile);
+                let _ = writeln!(out, "{profile} ({})", clean(d));
             }
             _ => {
-                let _ = writeln!(out, "{}", r.profile);
+                let _ = writeln!(out, "{profile}");
             }
         }
         for c in &r.checks {
@@ -187,10 +192,10 @@ pub fn render(reports: &[ProfileReport]) -> String {
                 Status::Skip => "skip",
             };
             let detail = match &c.subject {
-                Some(s) => format!("{s}: {}", c.detail),
-                None => c.detail.clone(),
+                Some(s) => format!("{}: {}", clean(s), clean(&c.detail)),
+                None => clean(&c.detail),
             };
-            let _ = writeln!(out, "  {status:<5} {:<10} {detail}", label(&c.check));
+            let _ = writeln!(out, "  {status:<5} {:<10} {detail}", clean(label(&c.check)));
         }
         let (failed, skipped) = (r.failed(), r.count(Status::Skip));
         let skipped_text = match skipped {
@@ -198,12 +203,11 @@ pub fn render(reports: &[ProfileReport]) -> String {
             n => format!(", {n} skipped"),
         };
         let _ = if failed == 0 {
-            writeln!(out, "{}: passed{skipped_text}", r.profile)
+            writeln!(out, "{profile}: passed{skipped_text}")
         } else {
             writeln!(
                 out,
-                "{}: {failed} of {} checks failed{skipped_text}",
-                r.profile,
+                "{profile}: {failed} of {} checks failed{skipped_text}",
                 r.checks.len()
             )
         };
@@ -277,6 +281,25 @@ mod tests {
         assert!(t.contains("  skip  sshshim    not running\n"), "{t}");
         assert!(t.contains("lab: 1 of 3 checks failed, 1 skipped\n"), "{t}");
         assert!(t.contains("(skipped checks are not failures)"), "{t}");
+    }
+
+    /// A hostile version string or error cannot drive the terminal.
+    #[test]
+    fn table_is_cleaned() {
+        let evil = "SSH-2.0-x\x1b[1A\x1b[2K\r  ok    host key SHA256:forged\x1b]0;t\x07";
+        let mut r = report(vec![
+            Check::ok("version", None, evil),
+            Check::fail("auth", Some("a\x1bb".into()), "server said \u{9b}2J"),
+        ]);
+        r.profile = "p\x1b[31m".into();
+        let t = render(&[r]);
+        assert!(!t.contains(['\x1b', '\x07', '\r', '\u{9b}']), "{t:?}");
+        assert!(
+            t.contains("  ok    version    SSH-2.0-x?[1A?[2K?  ok"),
+            "{t}"
+        );
+        // Only the table's own line breaks are left.
+        assert_eq!(t.lines().count(), 4, "{t}");
     }
 
     #[test]

@@ -1,6 +1,13 @@
 //! Prometheus rendering of profile statuses and the loopback-only HTTP
 //! endpoint serving it (`GET /metrics`) alongside the status JSON
 //! (`GET /status`).
+//!
+//! Both name hosts, sockets and forwards, so the endpoint answers only the
+//! user running sshshim (the client's socket must be ours, as on the SSH
+//! endpoint; 403 otherwise) and only requests addressed to a loopback name
+//! (`Host: 127.0.0.1`, `[::1]` or `localhost`, with any port; 421
+//! otherwise), so a web page that rebinds its own DNS name to 127.0.0.1
+//! reads nothing.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -264,8 +271,9 @@ type Sources = Arc<dyn Fn() -> Vec<ProfileStatus> + Send + Sync>;
 /// Serves HTTP on `addr` until shutdown: GET /metrics -> Prometheus text;
 /// GET /status -> JSON array of [`ProfileStatus`]; anything else 404.
 /// `addr` must be loopback: the metrics reveal hosts and forwards and there is
-/// no authentication, so exposing them on the network is refused.
-/// `sources` is called at request time.
+/// no authentication, so exposing them on the network is refused. Only our
+/// own uid is answered (403 otherwise) and only a loopback `Host` (421
+/// otherwise): see the module docs. `sources` is called at request time.
 pub async fn serve_metrics(
     addr: SocketAddr,
     sources: Sources,
@@ -302,8 +310,8 @@ async fn serve_metrics_on(
             _ = shutdown.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((s, _)) => s,
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
                     Err(e) => {
                         tracing::warn!("metrics accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -313,11 +321,15 @@ async fn serve_metrics_on(
                 // Over the limit: drop the connection instead of queueing work.
                 let Ok(permit) = limit.clone().try_acquire_owned() else { continue };
                 let sources = sources.clone();
+                let who = same_user(peer, stream.local_addr().ok());
+                if let Err(why) = &who {
+                    tracing::warn!("metrics request from {peer} refused: {why}");
+                }
                 conns.spawn(async move {
                     let _permit = permit;
                     let _ = tokio::time::timeout(
                         HTTP_TIMEOUT,
-                        handle_http(stream, sources),
+                        handle_http(stream, sources, who.is_ok()),
                     )
                     .await;
                 });
@@ -327,8 +339,24 @@ async fn serve_metrics_on(
     Ok(())
 }
 
-/// Reads one request head and writes one response, then closes.
-async fn handle_http(mut stream: tokio::net::TcpStream, sources: Sources) -> io::Result<()> {
+/// Whether the client at `peer` (connected to our `local`) runs as our
+/// own uid, asked of the kernel as the SSH endpoint does. Fails closed.
+fn same_user(peer: SocketAddr, local: Option<SocketAddr>) -> Result<(), String> {
+    let local = local.ok_or("cannot tell the local address")?;
+    match crate::endpoint::auth::peer_uid(peer, local) {
+        Some(uid) if uid == crate::paths::my_uid() => Ok(()),
+        Some(uid) => Err(format!("its socket belongs to uid {uid}, not ours")),
+        None => Err("cannot find the owner of its socket".into()),
+    }
+}
+
+/// Reads one request head and writes one response, then closes. A client
+/// that is not `same_user` gets 403 and no content.
+async fn handle_http(
+    mut stream: tokio::net::TcpStream,
+    sources: Sources,
+    same_user: bool,
+) -> io::Result<()> {
     let mut head = HeadReader::default();
     let mut chunk = [0u8; 1024];
     let complete = loop {
@@ -341,7 +369,13 @@ async fn handle_http(mut stream: tokio::net::TcpStream, sources: Sources) -> io:
             break complete;
         }
     };
-    let (route, mut head_only) = route(&head.buf, complete);
+    let (route, mut head_only) = if complete && !same_user {
+        let status = "403 Forbidden";
+        let body = "only the user running sshshim may read its metrics and status\n";
+        (Route::Fixed { status, body }, false)
+    } else {
+        route(&head.buf, complete)
+    };
     let (status, ctype, body) = match route {
         Route::Fixed { status, body } => (status, "text/plain", body.to_string()),
         Route::Metrics | Route::Status => {
@@ -442,6 +476,11 @@ fn route(head: &[u8], complete: bool) -> (Route, bool) {
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     let head_only = method == "HEAD";
+    if !loopback_host(&text) {
+        let status = "421 Misdirected Request";
+        let body = "the Host header must be 127.0.0.1, [::1] or localhost (with any port)\n";
+        return (Route::Fixed { status, body }, head_only);
+    }
     if method != "GET" && !head_only {
         let (status, body) = ("405 Method Not Allowed", "method not allowed\n");
         return (Route::Fixed { status, body }, false);
@@ -455,6 +494,39 @@ fn route(head: &[u8], complete: bool) -> (Route, bool) {
         },
     };
     (route, head_only)
+}
+
+/// Whether the request head `text` has exactly one `Host` header, naming
+/// 127.0.0.1, [::1] or localhost, with or without a port. A DNS-rebinding
+/// page sends its own name there; no browser lets a page forge it.
+fn loopback_host(text: &str) -> bool {
+    let headers = text.lines().skip(1).take_while(|l| !l.is_empty());
+    let mut hosts = headers.filter_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("host")
+            .then(|| value.trim())
+    });
+    let (Some(host), None) = (hosts.next(), hosts.next()) else {
+        return false;
+    };
+    let port = if let Some(v6) = host.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some(("::1", port)) => port,
+            _ => return false,
+        }
+    } else {
+        let (name, port) = host.split_at(host.find(':').unwrap_or(host.len()));
+        if name != "127.0.0.1" && !name.eq_ignore_ascii_case("localhost") {
+            return false;
+        }
+        port
+    };
+    match port.strip_prefix(':') {
+        // Digits only: u16's parser would take a leading '+'.
+        Some(p) => p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok(),
+        None => port.is_empty(),
+    }
 }
 
 /// True once `buf` holds a complete request head (blank line seen); bare LF
@@ -647,28 +719,71 @@ mod tests {
         let sources: Sources = Arc::new(|| vec![sample("work")]);
         let task = tokio::spawn(serve_metrics_on(listener, sources, token.clone()));
 
-        let resp = http(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let resp = http(addr, "GET /metrics HTTP/1.1\r\nHost: localhost:9\r\n\r\n").await;
         assert!(resp.starts_with("HTTP/1.0 200 OK\r\n"), "{resp}");
         assert!(resp.contains("Content-Type: text/plain; version=0.0.4"));
         assert!(resp.contains("sshshim_up{profile=\"work\"} 1"));
         let (head, body) = resp.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("Content-Length: {}", body.len())));
 
-        let resp = http(addr, "GET /status?x=1 HTTP/1.0\r\n\r\n").await;
+        let resp = http(addr, "GET /status?x=1 HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").await;
         let body = resp.split_once("\r\n\r\n").unwrap().1;
         let parsed: Vec<ProfileStatus> = serde_json::from_str(body).unwrap();
         assert_eq!(parsed, vec![sample("work")]);
 
-        let resp = http(addr, "GET /nope HTTP/1.0\r\n\r\n").await;
+        let resp = http(addr, "GET /nope HTTP/1.0\r\nHost: [::1]\r\n\r\n").await;
         assert!(resp.starts_with("HTTP/1.0 404"), "{resp}");
-        let resp = http(addr, "POST /metrics HTTP/1.0\r\n\r\n").await;
+        let resp = http(addr, "POST /metrics HTTP/1.0\r\nhost: 127.0.0.1\r\n\r\n").await;
         assert!(resp.starts_with("HTTP/1.0 405"), "{resp}");
+        // A foreign or missing Host (DNS rebinding) gets no content.
+        for req in [
+            "GET /status HTTP/1.1\r\nHost: evil.example:9102\r\n\r\n",
+            "GET /metrics HTTP/1.0\r\n\r\n",
+        ] {
+            let resp = http(addr, req).await;
+            assert!(resp.starts_with("HTTP/1.0 421"), "{resp}");
+            assert!(!resp.contains("work"), "{resp}");
+        }
         let big = format!("GET /metrics HTTP/1.0\r\nX: {}\r\n\r\n", "a".repeat(9000));
         let resp = http(addr, &big).await;
         assert!(resp.starts_with("HTTP/1.0 431"), "{resp}");
 
         token.cancel();
         task.await.unwrap().unwrap();
+    }
+
+    /// Only loopback names pass as Host, once, with a numeric port or none.
+    #[test]
+    fn host_header_rule() {
+        let head = |h: &str| format!("GET /status HTTP/1.1\r\n{h}\r\n\r\nHost: evil\r\n");
+        for ok in [
+            "Host: 127.0.0.1",
+            "Host: 127.0.0.1:9102",
+            "host:localhost",
+            "HOST: LocalHost:1",
+            "Host: [::1]",
+            "Host: [::1]:9102",
+        ] {
+            assert!(loopback_host(&head(ok)), "{ok}");
+        }
+        for bad in [
+            "Host: evil.example",
+            "Host: localhost.evil.example",
+            "Host: 127.0.0.1.nip.io",
+            "Host: 127.0.0.2",
+            "Host: [::2]",
+            "Host: [::1",
+            "Host: localhost:",
+            "Host: localhost:+80",
+            "Host: localhost:99999",
+            "Host: 127.0.0.1:80:80",
+            "Host: ",
+            "Host: localhost\r\nHost: evil",
+            "X-Host: localhost",
+        ] {
+            assert!(!loopback_host(&head(bad)), "{bad}");
+        }
+        assert!(!loopback_host("GET / HTTP/1.0\r\n\r\n"));
     }
 
     /// Non-loopback metrics addresses are refused before binding.
@@ -821,14 +936,14 @@ mod tests {
             let (done, at, _) = bounded("HeadReader", move || read(&slow, &[1; MAX_HTTP_HEAD]));
             assert_eq!((done, at), (Some(false), MAX_HTTP_HEAD));
             // The blank line split across reads is still seen.
-            let req = b"GET /metrics HTTP/1.0\r\n\r\n";
+            let req = b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n";
             for split in 1..req.len() {
                 let (done, _, r) = read(req, &[split, req.len()]);
                 assert_eq!(done, Some(true), "split at {split}");
                 assert_eq!(route(&r.buf, true), (Route::Metrics, false));
             }
             assert_eq!(
-                route(b"HEAD /status?x HTTP/1.1\r\n\r\n", true),
+                route(b"HEAD /status?x HTTP/1.1\r\nHost: [::1]:1\r\n\r\n", true),
                 (Route::Status, true)
             );
             assert!(!route(b"\0\xff\n\n", true).1);

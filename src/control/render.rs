@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use super::status::ProfileStatus;
 
 use crate::stats::unix_now;
+// Server versions and errors come from the network.
+use crate::term::clean;
 
 /// Formats a duration compactly: "45s", "3m12s", "2h05m", "3d04h".
 fn fmt_duration(secs: u64) -> String {
@@ -34,14 +36,6 @@ fn fmt_bytes(n: u64) -> String {
         unit += 1;
     }
     format!("{v:.1} {}", UNITS[unit])
-}
-
-/// Makes text safe for a terminal: server versions and errors come from the
-/// network, and raw control characters could rewrite the user's screen.
-fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
 }
 
 /// Human-readable status of several profiles: for each, a header line

@@ -54,11 +54,12 @@ fn our_uid() -> u32 {
 }
 
 /// Directory of control sockets: sshshim's runtime directory
-/// ($XDG_RUNTIME_DIR/sshshim, else /tmp/sshshim-<uid>), created 0700. A
-/// directory not owned by us is refused, since anyone who can write there
-/// could plant a socket that impersonates a profile.
+/// ($XDG_RUNTIME_DIR/sshshim, else in the state directory: see
+/// [`crate::paths::runtime_dir`]), created 0700. A directory not owned by
+/// us is refused, since anyone who can write there could plant a socket
+/// that impersonates a profile.
 pub fn socket_dir() -> io::Result<PathBuf> {
-    let dir = crate::paths::runtime_dir();
+    let dir = crate::paths::runtime_dir()?;
     crate::paths::create_private_dir(&dir)?;
     Ok(dir)
 }
@@ -400,7 +401,7 @@ fn down_at(path: &Path, name: &str) -> Result<(), String> {
 /// cannot exist (say $XDG_RUNTIME_DIR points nowhere) means nothing runs.
 fn client_socket_path(name: &str) -> Result<PathBuf, String> {
     // A client creates nothing: no directory means nothing runs.
-    let dir = crate::paths::runtime_dir();
+    let dir = crate::paths::runtime_dir().map_err(|e| e.to_string())?;
     if !is_ours(&dir) {
         return Err(format!("no running sshshim for profile {name}"));
     }
@@ -426,7 +427,9 @@ pub fn down(name: &str) -> Result<(), String> {
 
 /// Names of profiles with a socket in socket_dir() that answer (stale sockets ignored).
 pub fn running() -> Vec<String> {
-    let dir = crate::paths::runtime_dir();
+    let Ok(dir) = crate::paths::runtime_dir() else {
+        return Vec::new();
+    };
     if !is_ours(&dir) {
         return Vec::new();
     }

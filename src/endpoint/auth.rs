@@ -102,6 +102,49 @@ pub fn peer_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
     proc_net_uid(peer, local)
 }
 
+/// Whether `ip` is one of this machine's own interface addresses, so a
+/// client connecting from it runs here. When the addresses cannot be
+/// listed, yes (fails closed: the uid check then applies).
+pub fn is_host_address(ip: IpAddr) -> bool {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list head we free below.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return true;
+    }
+    let mut found = false;
+    let mut at = list;
+    while !at.is_null() && !found {
+        // SAFETY: `at` is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*at };
+        found = !ifa.ifa_addr.is_null() && sockaddr_ip(ifa.ifa_addr) == Some(ip);
+        at = ifa.ifa_next;
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
+/// The IP address of a socket address of family AF_INET or AF_INET6.
+fn sockaddr_ip(sa: *const libc::sockaddr) -> Option<IpAddr> {
+    // SAFETY: the caller passes a valid sockaddr; the family says which
+    // larger struct it is the start of.
+    unsafe {
+        match i32::from((*sa).sa_family) {
+            libc::AF_INET => {
+                let sin = &*(sa as *const libc::sockaddr_in);
+                Some(IpAddr::from(
+                    u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                ))
+            }
+            libc::AF_INET6 => {
+                let sin6 = &*(sa as *const libc::sockaddr_in6);
+                Some(IpAddr::from(sin6.sin6_addr.s6_addr))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// [`peer_uid`] from `/proc/net/tcp` and `/proc/net/tcp6`. Slow: the kernel
 /// walks its whole connection table for every read (~4 ms per table here).
 fn proc_net_uid(peer: SocketAddr, local: SocketAddr) -> Option<u32> {
@@ -293,6 +336,14 @@ mod tests {
     fn parses_keys_with_options_and_junk() {
         let text = "# c\nno-pty,command=\"x y\" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHz2V0FmQkFUM8WwiDGx1Co4aa2wuqmz8rn4UcTwmPxQ me\ngarbage\n";
         assert_eq!(parse_keys(text).len(), 1);
+    }
+
+    #[test]
+    fn host_addresses() {
+        assert!(is_host_address("127.0.0.1".parse().unwrap()));
+        // TEST-NET-1 and documentation IPv6: never assigned to a real host.
+        assert!(!is_host_address("192.0.2.1".parse().unwrap()));
+        assert!(!is_host_address("2001:db8::1".parse().unwrap()));
     }
 
     #[test]

@@ -134,7 +134,6 @@ pub struct Endpoint {
 impl Endpoint {
     /// Accepts local clients until `shutdown`.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
-        let local = listener.local_addr().ok();
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -148,7 +147,10 @@ impl Endpoint {
                 },
                 _ = shutdown.cancelled() => return,
             };
-            if let Err(why) = self.admit(peer, local.or(stream.local_addr().ok())) {
+            // The accepted socket's own address (getsockname), not the
+            // listener's: on a wildcard listener that is 0.0.0.0, which
+            // names no socket the kernel could look up.
+            if let Err(why) = self.admit(peer, stream.local_addr().ok()) {
                 tracing::warn!("refused local connection from {peer}: {why}");
                 continue;
             }
@@ -212,14 +214,18 @@ impl Endpoint {
         }
     }
 
-    /// The same-user check done before any SSH byte is exchanged.
+    /// The same-user check done before any SSH byte is exchanged. A client
+    /// on this machine (loopback, or one of the host's own addresses when
+    /// the endpoint listens beyond loopback) must run as our uid; one from
+    /// elsewhere is let through to the key check only with
+    /// `allow_non_loopback`.
     fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Result<(), String> {
-        if !peer.ip().is_loopback() {
-            return if self.allow_non_loopback {
-                Ok(())
-            } else {
-                Err("not a loopback address".into())
-            };
+        // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d,
+        // which is not "loopback" until unmapped.
+        let ip = peer.ip().to_canonical();
+        let from_here = ip.is_loopback() || auth::is_host_address(ip);
+        if !from_here && !self.allow_non_loopback {
+            return Err("not a loopback address".into());
         }
         let Some(local) = local else {
             return Err("cannot tell the local address".into());
@@ -229,12 +235,21 @@ impl Endpoint {
             // check alone decides (README says so).
             return Ok(());
         }
-        // Fails closed: an owner that cannot be determined is refused.
-        match auth::peer_uid(peer, local) {
-            Some(uid) if uid == auth::my_uid() => Ok(()),
-            Some(uid) => Err(format!("its socket belongs to uid {uid}, not ours")),
-            None => Err("cannot find the owner of its socket".into()),
-        }
+        admission(from_here, auth::peer_uid(peer, local), auth::my_uid())
+    }
+}
+
+/// The verdict on a client: `from_here` when its address is this
+/// machine's, `owner` the uid of its socket if the kernel knows the socket.
+/// Fails closed: a client from here whose owner cannot be found is refused;
+/// a socket the kernel knows is checked wherever its address points.
+fn admission(from_here: bool, owner: Option<u32>, me: u32) -> Result<(), String> {
+    match owner {
+        Some(uid) if uid == me => Ok(()),
+        Some(uid) => Err(format!("its socket belongs to uid {uid}, not ours")),
+        None if from_here => Err("cannot find the owner of its socket".into()),
+        // Another machine: only the key check applies.
+        None => Ok(()),
     }
 }
 
@@ -696,6 +711,19 @@ mod tests {
         ) -> Result<bool, Self::Error> {
             Ok(true)
         }
+    }
+
+    /// Same uid: in. Another uid: out, from here or not. Unknown owner:
+    /// out from this machine (fails closed), key check only from elsewhere.
+    #[test]
+    fn admission_verdicts() {
+        assert!(admission(true, Some(7), 7).is_ok());
+        assert!(admission(false, Some(7), 7).is_ok());
+        let e = admission(true, Some(65534), 7).unwrap_err();
+        assert!(e.contains("uid 65534"), "{e}");
+        assert!(admission(false, Some(65534), 7).is_err());
+        assert!(admission(true, None, 7).is_err());
+        assert!(admission(false, None, 7).is_ok());
     }
 
     /// A client that insists on ML-KEM (OpenSSH 9.9 and later may) completes

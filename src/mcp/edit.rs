@@ -252,7 +252,7 @@ fn read_doc(path: &Path) -> Result<(String, DocumentMut), String> {
 /// Edits the file so profile `edit.name` holds the given settings (creating
 /// it, and the file, if needed). Keys not mentioned are kept.
 pub fn set_profile(path: &Path, edit: &ProfileEdit) -> Result<Written, String> {
-    check_name(&edit.name)?;
+    crate::spec::check_name(&edit.name)?;
     let path = real_path(path);
     check_edit(edit, &path)?;
     let (_, mut doc) = read_doc(&path)?;
@@ -371,22 +371,6 @@ pub fn all_settings(path: &Path) -> Result<serde_json::Map<String, Json>, String
         }
     }
     Ok(out)
-}
-
-/// Rejects names that would make a poor table key, unit name or alias.
-fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 64 {
-        return Err("profile name must be 1 to 64 characters".into());
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-    {
-        return Err(format!(
-            "profile name '{name}' may only use letters, digits, '.', '_' and '-'"
-        ));
-    }
-    Ok(())
 }
 
 /// A symlinked file (dotfile managers) is edited through the link.

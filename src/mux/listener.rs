@@ -1,8 +1,10 @@
 //! The mux control socket: bound safely, peers checked, removed on drop.
 //!
 //! - The parent directory is created 0700, or must already be ours and
-//!   closed to group and others: anyone who can enter it could reach the
-//!   socket, and anyone who can write it could swap the socket.
+//!   not writable by group or others: anyone who can write it could swap
+//!   the socket (and OpenSSH's mux client does not authenticate its
+//!   master). Our own 0755 or 0711 directory is fine, as with OpenSSH:
+//!   entering it reaches only the 0600 socket, whose peers are checked.
 //! - The socket is bound under a temporary name in that directory, made
 //!   0600 and listening, then hard-linked into place, so the final path
 //!   never shows a socket with loose permissions or one that refuses
@@ -123,8 +125,8 @@ impl Drop for MuxListener {
 }
 
 /// Creates `dir` (0700) if missing, then checks it is a directory owned by
-/// `uid` with no group/other permissions. A symlink is followed only if it
-/// is ours too (so nobody else can redirect it later).
+/// `uid` that neither group nor others may write. A symlink is followed
+/// only if it is ours too (so nobody else can redirect it later).
 fn ensure_private_dir(dir: &Path, uid: u32) -> io::Result<()> {
     match std::fs::DirBuilder::new()
         .recursive(true)
@@ -161,14 +163,19 @@ fn ensure_private_dir(dir: &Path, uid: u32) -> io::Result<()> {
     }
     if meta.uid() != uid {
         return refuse(format!(
-            "it is owned by uid {} instead of us (uid {uid})",
+            "it is owned by uid {} instead of us (uid {uid}), who could swap the socket; \
+             choose a directory of your own (e.g. ~/.ssh/sockets)",
             meta.uid()
         ));
     }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    let mode = meta.permissions().mode() & 0o7777;
+    // Strict: even a sticky shared directory lets others plant a socket
+    // under a name before we bind it.
+    if mode & 0o022 != 0 {
         return refuse(format!(
-            "its mode is {mode:03o}, so other users can reach the socket; run `chmod 700 {}`",
+            "its mode is {mode:03o}, so other users can write it and swap the socket; \
+             run `chmod go-w {}` or choose a directory only you can write \
+             (e.g. ~/.ssh/sockets)",
             dir.display()
         ));
     }
@@ -334,12 +341,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn loose_directories_are_refused() {
+    async fn writable_directories_are_refused_readable_ones_not() {
         bounded(async move {
             let d = dir();
-            std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-            let e = MuxListener::bind(&d.path().join("s")).unwrap_err();
-            assert!(e.to_string().contains("chmod 700"), "{e}");
+            let path = d.path().join("s");
+            // Our own directory that others may enter or list: fine, as
+            // with OpenSSH (the socket is 0600 and peers are checked).
+            for mode in [0o755, 0o711, 0o750, 0o705] {
+                std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+                let l = MuxListener::bind(&path).unwrap_or_else(|e| panic!("{mode:o}: {e}"));
+                drop(l);
+            }
+            // Writable by group or others, sticky or not: refused, saying
+            // what to do.
+            for mode in [0o775, 0o757, 0o777, 0o1777, 0o770] {
+                std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+                let e = MuxListener::bind(&path).unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+                let msg = e.to_string();
+                assert!(msg.contains("other users can write it"), "{mode:o}: {msg}");
+                assert!(msg.contains("chmod go-w"), "{mode:o}: {msg}");
+                assert!(!path.exists(), "{mode:o}: bound anyway");
+            }
+            std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         })
         .await
     }

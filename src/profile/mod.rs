@@ -542,6 +542,11 @@ fn parse(shown: &str, text: &str) -> Result<BTreeMap<String, Profile>, String> {
         for (name, pv) in table {
             let name_line = line(name.span());
             let name = name.get_ref();
+            // Names end up in ssh_config Host lines, unit files and socket
+            // names: one that could break out of them is refused here.
+            if let Err(e) = crate::spec::check_name(name) {
+                return Err(format!("{shown}:{name_line}: {e}"));
+            }
             let DeValue::Table(pt) = pv.get_ref() else {
                 return Err(format!(
                     "{shown}:{name_line}: profile '{name}' must be a table ([profile.{name}])"

@@ -213,6 +213,27 @@ fn bad_forward_spec() {
     );
 }
 
+/// A name that could break out of an ssh_config Host line or a unit file
+/// is refused at load, escaped in the message, with what to do.
+#[test]
+fn unsafe_names() {
+    let e = expect_err(
+        "[profile.ok]\ndestination = \"h\"\n\n[profile.\"x\\nProxyCommand touch /tmp/p\"]\ndestination = \"h\"\n",
+        4,
+        &[
+            "profile name \"x\\nProxyCommand touch /tmp/p\"",
+            "may only use letters",
+            "rename it",
+        ],
+    );
+    assert!(!e.contains('\n'), "{e}");
+    expect_err(
+        "[profile.\"a b\"]\ndestination = \"h\"\n",
+        1,
+        &["profile name \"a b\""],
+    );
+}
+
 #[test]
 fn missing_destination() {
     expect_err(
