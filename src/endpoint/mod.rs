@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod eow;
+pub mod kexinit;
 pub mod quickack;
 
 use std::collections::HashMap;
@@ -67,21 +68,40 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)
 }
 
-/// russh server settings for the endpoint.
+/// russh server settings for the endpoint, with every algorithm it accepts
+/// (for a client whose offer is not known; see [`config_for`]).
 pub fn server_config(host_key: PrivateKey) -> server::Config {
+    config_with(vec![host_key], crate::tuning::endpoint_algorithms())
+}
+
+/// The settings for one client, from `base` and what its KEXINIT offers:
+/// only the cheapest key exchange and cipher it offers are listed, so the
+/// negotiation lands on them whatever the client's order. Re-keying uses
+/// the same settings, so it keeps the choice.
+pub fn config_for(base: &server::Config, offer: &kexinit::Offer) -> server::Config {
+    let kex: Vec<&str> = offer.kex.iter().map(String::as_str).collect();
+    let ciphers: Vec<&str> = offer.ciphers.iter().map(String::as_str).collect();
+    config_with(
+        base.keys.clone(),
+        crate::tuning::endpoint_choice(&kex, &ciphers),
+    )
+}
+
+/// The endpoint's settings with these host keys and algorithm lists.
+fn config_with(keys: Vec<PrivateKey>, preferred: russh::Preferred) -> server::Config {
     server::Config {
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
         // OpenSSH probes with "none" first; rejecting it slowly would add a
         // second to every connect.
         auth_rejection_time: Duration::from_millis(100),
         auth_rejection_time_initial: Some(Duration::ZERO),
-        keys: vec![host_key],
+        keys,
         // Local sessions may idle for days (a shell in tmux).
         inactivity_timeout: None,
         window_size: crate::tuning::WINDOW_SIZE,
         maximum_packet_size: crate::tuning::MAX_PACKET,
         channel_buffer_size: crate::tuning::CHANNEL_BUFFER,
-        preferred: crate::tuning::endpoint_algorithms(),
+        preferred,
         nodelay: true,
         // OpenSSH clients use their extensions (eow@openssh.com above all,
         // which ends `ssh host yes | head` promptly) only with servers whose
@@ -170,11 +190,7 @@ impl Endpoint {
                 // The grace time counts from accept: a client that sends
                 // nothing at all is dropped too.
                 let deadline = tokio::time::Instant::now() + LOGIN_GRACE;
-                let started = tokio::time::timeout_at(
-                    deadline,
-                    server::run_stream(config, quickack::QuickAck::new(stream), handler),
-                )
-                .await;
+                let started = tokio::time::timeout_at(deadline, start(config, stream, handler)).await;
                 let running = match started {
                     Ok(Ok(r)) => r,
                     Ok(Err(e)) => {
@@ -236,6 +252,36 @@ impl Endpoint {
             None => Err("cannot find the owner of its socket".into()),
         }
     }
+}
+
+/// Starts russh on an accepted connection with the settings for what the
+/// client offers (see [`kexinit`]).
+async fn start(
+    base: Arc<server::Config>,
+    stream: tokio::net::TcpStream,
+    handler: LocalHandler,
+) -> Result<server::RunningSession<LocalHandler>, russh::Error> {
+    let mut stream = quickack::QuickAck::new(stream);
+    let id = kexinit::id_line(&base.server_id);
+    let (read, offer) = kexinit::peek(&mut stream, &id).await?;
+    let config = match offer {
+        Ok(offer) => {
+            let c = config_for(&base, &offer);
+            tracing::debug!(
+                "client offers kex {:?}, ciphers {:?}: listing {:?}, {:?}",
+                offer.kex,
+                offer.ciphers,
+                c.preferred.kex,
+                c.preferred.cipher
+            );
+            Arc::new(c)
+        }
+        Err(why) => {
+            tracing::debug!("listing every algorithm: {why}");
+            base
+        }
+    };
+    server::run_stream(config, kexinit::Replay::new(stream, read, id), handler).await
 }
 
 /// Per-connection russh callbacks.
