@@ -157,11 +157,19 @@ pub fn endpoint_algorithms() -> russh::Preferred {
 pub fn endpoint_choice(client_kex: &[&str], client_ciphers: &[&str]) -> russh::Preferred {
     let mut p = endpoint_algorithms();
     let offered = |name: &str, list: &[&str]| list.contains(&name);
-    if let Some(k) = ENDPOINT_KEX.iter().find(|k| offered(k.as_ref(), client_kex)) {
-        let kex: Vec<kex::Name> = std::iter::once(*k).chain(SERVER_MARKERS.iter().copied()).collect();
+    if let Some(k) = ENDPOINT_KEX
+        .iter()
+        .find(|k| offered(k.as_ref(), client_kex))
+    {
+        let kex: Vec<kex::Name> = std::iter::once(*k)
+            .chain(SERVER_MARKERS.iter().copied())
+            .collect();
         p.kex = Cow::Owned(kex);
     }
-    if let Some(c) = ciphers().iter().find(|c| offered(c.as_ref(), client_ciphers)) {
+    if let Some(c) = ciphers()
+        .iter()
+        .find(|c| offered(c.as_ref(), client_ciphers))
+    {
         p.cipher = Cow::Owned(vec![*c]);
     }
     p
@@ -233,13 +241,22 @@ mod tests {
         assert_eq!(ciphers, [fast]);
         // Restricted clients get exactly what they allow.
         let (kex, ciphers) = names(&endpoint_choice(
-            &["curve25519-sha256@libssh.org", "diffie-hellman-group16-sha512"],
+            &[
+                "curve25519-sha256@libssh.org",
+                "diffie-hellman-group16-sha512",
+            ],
             &["chacha20-poly1305@openssh.com"],
         ));
-        assert_eq!(kex, [&["curve25519-sha256@libssh.org"][..], &markers].concat());
+        assert_eq!(
+            kex,
+            [&["curve25519-sha256@libssh.org"][..], &markers].concat()
+        );
         assert_eq!(ciphers, ["chacha20-poly1305@openssh.com"]);
         let (kex, ciphers) = names(&endpoint_choice(
-            &["diffie-hellman-group18-sha512", "diffie-hellman-group14-sha256"],
+            &[
+                "diffie-hellman-group18-sha512",
+                "diffie-hellman-group14-sha256",
+            ],
             &["aes256-ctr", "aes256-gcm@openssh.com"],
         ));
         assert_eq!(kex[0], "diffie-hellman-group14-sha256");

@@ -64,9 +64,7 @@ pub fn scan(buf: &[u8]) -> Scan {
     let head = &buf[..buf.len().min(MAX_ID_LINE)];
     let Some(nl) = head.iter().position(|&b| b == b'\n') else {
         return if buf.len() >= MAX_ID_LINE {
-            Scan::Unusable(format!(
-                "no identification line within {MAX_ID_LINE} bytes"
-            ))
+            Scan::Unusable(format!("no identification line within {MAX_ID_LINE} bytes"))
         } else {
             Scan::NeedMore
         };
@@ -108,7 +106,9 @@ pub fn parse_kexinit(payload: &[u8]) -> Result<Offer, String> {
         return Err("an empty first message".into());
     };
     if msg != MSG_KEXINIT {
-        return Err(format!("the first message is {msg}, not KEXINIT ({MSG_KEXINIT})"));
+        return Err(format!(
+            "the first message is {msg}, not KEXINIT ({MSG_KEXINIT})"
+        ));
     }
     let mut r = rest.get(16..).ok_or("a KEXINIT shorter than its cookie")?;
     let kex = name_list(&mut r, "key exchange")?;
@@ -126,7 +126,9 @@ fn name_list(r: &mut &[u8], what: &str) -> Result<Vec<String>, String> {
     let bytes = r.get(4..4usize.saturating_add(len)).ok_or_else(short)?;
     *r = &r[4 + len..];
     if !bytes.iter().all(|b| b.is_ascii_graphic()) {
-        return Err(format!("a {what} list with bytes other than printable ASCII"));
+        return Err(format!(
+            "a {what} list with bytes other than printable ASCII"
+        ));
     }
     let text = std::str::from_utf8(bytes).map_err(|_| short())?;
     Ok(text
