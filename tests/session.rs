@@ -117,6 +117,35 @@ fn stock_client_gets_the_fastest_algorithms_it_offers() {
         &["echo hardened"],
     ));
     assert_eq!(stdout_text(&hardened), "hardened\n", "{hardened:?}");
+    // Re-keying (the client asks every 256 KiB here) keeps the choice.
+    let out = run(&mut rig.env.ssh_cmd(
+        rig.shim.port(),
+        &["-v", "-o", "RekeyLimit=256K"],
+        &["head -c 2000000 /dev/zero"],
+    ));
+    assert_success(&out, "ssh -o RekeyLimit=256K");
+    assert_eq!(out.stdout.len(), 2_000_000);
+    let err = stderr_text(&out);
+    let kex = kex_lines(&err);
+    let algorithms: Vec<_> = kex
+        .iter()
+        .filter(|l| l.starts_with("algorithm: "))
+        .collect();
+    assert!(algorithms.len() >= 3, "expected re-keying:\n{err}");
+    assert!(
+        algorithms
+            .iter()
+            .all(|l| **l == "algorithm: ecdh-sha2-nistp256"),
+        "{err}"
+    );
+    let ciphers: Vec<_> = kex.iter().filter(|l| l.contains(" cipher: ")).collect();
+    assert_eq!(ciphers.len(), 2 * algorithms.len(), "{err}");
+    assert!(
+        ciphers
+            .iter()
+            .all(|l| l.contains(&format!(" cipher: {want} "))),
+        "{err}"
+    );
 }
 
 #[test]
