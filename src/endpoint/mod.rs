@@ -71,7 +71,28 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
 /// russh server settings for the endpoint, with every algorithm it accepts
 /// (for a client whose offer is not known; see [`config_for`]).
 pub fn server_config(host_key: PrivateKey) -> server::Config {
-    config_with(vec![host_key], crate::tuning::endpoint_algorithms())
+    server::Config {
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        // OpenSSH probes with "none" first; rejecting it slowly would add a
+        // second to every connect.
+        auth_rejection_time: Duration::from_millis(100),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![host_key],
+        // Local sessions may idle for days (a shell in tmux).
+        inactivity_timeout: None,
+        window_size: crate::tuning::WINDOW_SIZE,
+        maximum_packet_size: crate::tuning::MAX_PACKET,
+        channel_buffer_size: crate::tuning::CHANNEL_BUFFER,
+        preferred: crate::tuning::endpoint_algorithms(),
+        nodelay: true,
+        // OpenSSH clients use their extensions (eow@openssh.com above all,
+        // which ends `ssh host yes | head` promptly) only with servers whose
+        // version starts with "OpenSSH"; we implement what they need.
+        server_id: russh::SshId::Standard(
+            concat!("SSH-2.0-OpenSSH_sshshim-", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        ..Default::default()
+    }
 }
 
 /// The settings for one client, from `base` and what its KEXINIT offers:
@@ -81,35 +102,34 @@ pub fn server_config(host_key: PrivateKey) -> server::Config {
 pub fn config_for(base: &server::Config, offer: &kexinit::Offer) -> server::Config {
     let kex: Vec<&str> = offer.kex.iter().map(String::as_str).collect();
     let ciphers: Vec<&str> = offer.ciphers.iter().map(String::as_str).collect();
-    config_with(
-        base.keys.clone(),
-        crate::tuning::endpoint_choice(&kex, &ciphers),
-    )
-}
-
-/// The endpoint's settings with these host keys and algorithm lists.
-fn config_with(keys: Vec<PrivateKey>, preferred: russh::Preferred) -> server::Config {
+    let choice = crate::tuning::endpoint_choice(&kex, &ciphers);
+    let preferred = russh::Preferred {
+        kex: choice.kex,
+        cipher: choice.cipher,
+        ..base.preferred.clone()
+    };
+    // Every other setting as in `base` (russh's Config is not Clone).
     server::Config {
-        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
-        // OpenSSH probes with "none" first; rejecting it slowly would add a
-        // second to every connect.
-        auth_rejection_time: Duration::from_millis(100),
-        auth_rejection_time_initial: Some(Duration::ZERO),
-        keys,
-        // Local sessions may idle for days (a shell in tmux).
-        inactivity_timeout: None,
-        window_size: crate::tuning::WINDOW_SIZE,
-        maximum_packet_size: crate::tuning::MAX_PACKET,
-        channel_buffer_size: crate::tuning::CHANNEL_BUFFER,
+        server_id: match &base.server_id {
+            russh::SshId::Standard(s) => russh::SshId::Standard(s.clone()),
+            russh::SshId::Raw(s) => russh::SshId::Raw(s.clone()),
+        },
+        methods: base.methods.clone(),
+        auth_rejection_time: base.auth_rejection_time,
+        auth_rejection_time_initial: base.auth_rejection_time_initial,
+        keys: base.keys.clone(),
+        certificates: base.certificates.clone(),
+        limits: base.limits.clone(),
+        window_size: base.window_size,
+        maximum_packet_size: base.maximum_packet_size,
+        channel_buffer_size: base.channel_buffer_size,
+        event_buffer_size: base.event_buffer_size,
         preferred,
-        nodelay: true,
-        // OpenSSH clients use their extensions (eow@openssh.com above all,
-        // which ends `ssh host yes | head` promptly) only with servers whose
-        // version starts with "OpenSSH"; we implement what they need.
-        server_id: russh::SshId::Standard(
-            concat!("SSH-2.0-OpenSSH_sshshim-", env!("CARGO_PKG_VERSION")).into(),
-        ),
-        ..Default::default()
+        max_auth_attempts: base.max_auth_attempts,
+        inactivity_timeout: base.inactivity_timeout,
+        keepalive_interval: base.keepalive_interval,
+        keepalive_max: base.keepalive_max,
+        nodelay: base.nodelay,
     }
 }
 
