@@ -8,6 +8,8 @@ Subcommands:
   delay  DIR TARGET MS     delay proxy in front of 127.0.0.1:TARGET, MS per
                            direction, order preserved, no bandwidth cap
                            (prints "PORT n")
+  relay  DIR TARGET        relay to 127.0.0.1:TARGET that resets every
+                           connection on SIGUSR1 (prints "PORT n")
 DIR is only there so that every process we start names the run directory on
 its command line (bench.sh's fallback cleanup relies on that).
 """
@@ -280,6 +282,76 @@ def cmd_delay(args):
 # --------------------------------------------------------------------------
 # the benchmark
 # --------------------------------------------------------------------------
+def cmd_relay(args):
+    """TCP relay to 127.0.0.1:TARGET that resets every connection it carries
+    (both sides, RST) on SIGUSR1: an upstream drop on demand."""
+    import struct
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        live = set()  # writers of both sides of every connection
+
+        def cut():
+            for w in list(live):
+                sock = w.get_extra_info("socket")
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+                w.transport.abort()
+            live.clear()
+
+        loop.add_signal_handler(signal.SIGUSR1, cut)
+
+        async def pipe(r, w):
+            try:
+                while True:
+                    b = await r.read(1 << 16)
+                    if not b:
+                        break
+                    w.write(b)
+                    await w.drain()
+            except Exception:
+                pass
+            finally:
+                if w in live:
+                    live.discard(w)
+                    w.close()
+
+        async def handle(r1, w1):
+            try:
+                r2, w2 = await asyncio.open_connection("127.0.0.1", args.target)
+            except OSError:
+                w1.close()
+                return
+            live.update((w1, w2))
+            await asyncio.gather(pipe(r1, w2), pipe(r2, w1))
+
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        announce_port(srv.sockets[0].getsockname()[1])
+        async with srv:
+            await srv.serve_forever()
+
+    asyncio.run(main())
+
+
+def listening_inodes(ports):
+    """{port: socket inode} of the TCP sockets listening on 127.0.0.1 at any
+    of `ports` (from /proc/net/tcp; loopback forwards bind 127.0.0.1)."""
+    out = {}
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            p = line.split()
+            if p[3] != "0A":  # LISTEN
+                continue
+            addr, port = p[1].split(":")
+            port = int(port, 16)
+            if addr == "0100007F" and port in ports:
+                out[port] = p[9]
+    return out
+
+
 def log(msg):
     sys.stderr.write("[%s] %s\n" % (time.strftime("%H:%M:%S"), msg))
     sys.stderr.flush()
@@ -358,6 +430,7 @@ class Bench:
         self.mem = {}
         self.conc = {}
         self.par = {}  # parallel -L downloads: via -> result
+        self.tun = {}  # -R tunnels in one supervise: start/drop seconds, RSS
         self.baselines = {}
         self.loads = []
         self.env = dict(os.environ, SSH_AUTH_SOCK="")
@@ -1002,6 +1075,98 @@ SetEnv HOME=%s/home
                         q.kill()
                         q.wait()
 
+    def run_tunnels(self):
+        """N sshshim-owned -R tunnels in one `sshshim supervise` (its own
+        profiles file), upstream through a relay that can cut the
+        connection: seconds from start until sshd listens on all N ports,
+        RSS then, and seconds from a cut (RST both ways) until all N listen
+        again on the new connection (new listening sockets, by inode)."""
+        n = self.a.tunnels
+        d = self.dir
+        x = {"n": n}
+        self.tun = x
+        # N distinct free loopback ports, held at once so none repeats
+        held = []
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+        ports = sorted(s.getsockname()[1] for s in held)
+        for s in held:
+            s.close()
+        wanted = set(ports)
+        started = []
+        try:
+            relay_p, relay_port = self.spawn_helper("relay", ["relay", d, str(self.sshd_port)])
+            started.append(relay_p)
+            hostkey = " ".join(open(os.path.join(d, "sshd_host_key.pub")).read().split()[:2])
+            with open(os.path.join(d, "known_hosts"), "a") as f:
+                f.write("[127.0.0.1]:%d %s\n" % (relay_port, hostkey))
+            cfg = os.path.join(d, "tunnels.toml")
+            with open(cfg, "w") as f:
+                f.write("[profile.tunnels]\ndestination = %s\nport = %d\nidentity = [%s]\n"
+                        "known_hosts = %s\nmux = %s\nremote_forwards = [\n"
+                        % (json.dumps(self.shim_name), relay_port, json.dumps(self.key),
+                           json.dumps(os.path.join(d, "known_hosts")), json.dumps(os.path.join(d, "tunnels.mux"))))
+                for p in ports:
+                    f.write('  "127.0.0.1:%d:127.0.0.1:%d",\n' % (p, self.echo_port))
+                f.write("]\n")
+            env = self.shim_env("shim_tunnels")
+            os.makedirs(env["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
+            log("%d sshshim-owned -R tunnels in one `sshshim supervise`" % n)
+            t0 = time.perf_counter()
+            sup = self.spawn("shim_tunnels", [self.a.bin, "supervise", "-c", cfg], env=env)
+            started.append(sup)
+            end = t0 + 60
+            while True:
+                up = listening_inodes(wanted)
+                if len(up) == n:
+                    x["start_s"] = time.perf_counter() - t0
+                    break
+                if time.perf_counter() > end or sup.poll() is not None:
+                    raise RuntimeError("%d of %d listening after %.0f s%s" % (
+                        len(up), n, time.perf_counter() - t0,
+                        "" if sup.poll() is None else "; supervise exited: " + self.tail("shim_tunnels")))
+                time.sleep(0.01)
+            x["rss_up"] = proc_mem(sup.pid)["VmRSS"]
+            # the tunnels carry traffic: one round trip through a few of them
+            for p in ports[:: max(1, n // 5)]:
+                with socket.create_connection(("127.0.0.1", p), timeout=10) as c:
+                    c.sendall(b"ping\n")
+                    if c.recv(5) != b"ping\n":
+                        raise RuntimeError("no echo through tunnel port %d" % p)
+            time.sleep(1)
+            x["rss_idle"] = proc_mem(sup.pid)["VmRSS"]
+            old = set(up.values())
+            t1 = time.perf_counter()
+            os.kill(relay_p.pid, signal.SIGUSR1)
+            end = t1 + 60
+            while True:
+                now = listening_inodes(wanted)
+                fresh = [p for p, ino in now.items() if ino not in old]
+                if len(fresh) == n:
+                    x["drop_s"] = time.perf_counter() - t1
+                    break
+                if time.perf_counter() > end or sup.poll() is not None:
+                    raise RuntimeError("after the cut, %d of %d listening again after %.0f s" % (
+                        len(fresh), n, time.perf_counter() - t1))
+                time.sleep(0.01)
+            x["hwm"] = proc_mem(sup.pid)["VmHWM"]
+            log("  all listening %.2f s after start (RSS %.1f MiB, %.1f MiB a second later); "
+                "all again %.2f s after the cut; peak RSS %.1f MiB"
+                % (x["start_s"], x["rss_up"], x["rss_idle"], x["drop_s"], x["hwm"]))
+        except Exception as e:
+            self.errors[("tunnels", "sshshim")].append("%s: %s" % (type(e).__name__, e))
+            log("  ERROR %s" % e)
+        for q in reversed(started):
+            if q.poll() is None:
+                q.terminate()
+                try:
+                    q.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    q.kill()
+                    q.wait()
+
     def baseline(self):
         """The harness itself must not be the bottleneck: raw loopback numbers."""
         n = min(self.a.fwd_mib, 512) * MiB
@@ -1053,9 +1218,12 @@ SetEnv HOME=%s/home
             self.run_concurrency()
         if self.a.par_downloads:
             self.run_parallel_downloads()
+        if self.a.tunnels:
+            self.run_tunnels()
         for name, p in self.procs:
             # (the shim_par_* shims are stopped on purpose after their phase)
-            if name.startswith(("shim", "sshd")) and not name.startswith("shim_par_") and p.poll() is not None:
+            if name.startswith(("shim", "sshd")) and not name.startswith(("shim_par_", "shim_tunnels")) \
+                    and p.poll() is not None:
                 self.notes.append("%s exited early (rc %s): %s" % (name, p.returncode, self.tail(name)))
         self.elapsed = time.time() - t_start
         self.report()
@@ -1178,6 +1346,25 @@ SetEnv HOME=%s/home
         idle = self.mem.get("idle", {}).get("VmRSS")
         if idle is not None:
             out.append([i14, "idle RSS < 10 MiB", "%.1f MiB" % idle, verdict(idle < 10)])
+        i22 = "#22 stock client, tunnels"
+        ratio(i22, "exec via endpoint, OpenSSH's default options ≤ 1.6× ControlMaster", "exec", "r_cm", "sshshim",
+              "ControlMaster", True, 1.6)
+        for k in ("cat_down", "cat_up", "sftp_put", "sftp_get", "fwd_up", "fwd_down"):
+            ratio(i22, "%s via endpoint, default options ≥ 0.9× ControlMaster" % lab(k), k, "r_cm", "sshshim",
+                  "ControlMaster", False, 0.9)
+        ratio(i22, "exec via mux ≤ 1.0× ControlMaster", "exec", "r_mux_cm", "mux", "ControlMaster", True, 1.0)
+        if a.tunnels:
+            t = self.tun
+            desc = "%d sshshim-owned -R tunnels in one supervise: " % a.tunnels
+            if "drop_s" not in t:
+                out.append([i22, desc + "start, RSS, drop", "no result (see errors)", "error"])
+            else:
+                out.append([i22, desc + "all listening ≤ 1 s after start", "%.2f s" % t["start_s"],
+                            verdict(t["start_s"] <= 1.0)])
+                out.append([i22, desc + "peak RSS < 24 MiB", "%.1f MiB (%.1f MiB once all listened)"
+                            % (t["hwm"], t["rss_up"]), verdict(t["hwm"] < 24)])
+                out.append([i22, desc + "all listening again ≤ 2 s after an upstream drop", "%.2f s" % t["drop_s"],
+                            verdict(t["drop_s"] <= 2.0)])
         st = "standing"
         for k in ("fwd_up", "fwd_down", "cat_up", "cat_down", "sftp_put", "sftp_get"):
             ratio(st, "%s via endpoint ≥ 0.7× ControlMaster" % lab(k), k, "r_cm", "sshshim", "ControlMaster", False, 0.7)
@@ -1587,6 +1774,9 @@ def main():
     p.add_argument("dir")
     p.add_argument("target", type=int)
     p.add_argument("ms", type=float)
+    p = sub.add_parser("relay")
+    p.add_argument("dir")
+    p.add_argument("target", type=int)
     p = sub.add_parser("run")
     p.add_argument("--dir", required=True)
     p.add_argument("--bin", required=True)
@@ -1606,6 +1796,8 @@ def main():
     p.add_argument("--par-downloads", type=int, default=50,
                    help="concurrent -L downloads for the peak-RSS test (0: skip)")
     p.add_argument("--par-mib", type=int, default=16, help="MiB per concurrent download")
+    p.add_argument("--tunnels", type=int, default=1000,
+                   help="sshshim-owned -R tunnels in one `supervise` for the start/drop test (0: skip)")
     p.add_argument("--delay-ms", type=float, default=25.0)
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--only", help="comma-separated test keys (exec,exec_cfg,fwd_up,fwd_down,cat_up,cat_down,"
@@ -1613,7 +1805,7 @@ def main():
     a = ap.parse_args()
     if a.cmd == "run":
         sys.exit(cmd_run(a))
-    {"sink": cmd_sink, "echo": cmd_echo, "delay": cmd_delay}[a.cmd](a)
+    {"sink": cmd_sink, "echo": cmd_echo, "delay": cmd_delay, "relay": cmd_relay}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,11 @@
 #   full sizes); sshshim's CPU s/GiB (and that of the ssh processes on the -L
 #   tests); RSS: idle, peak during the bulk tests, during 50 concurrent 16 MiB
 #   -L downloads and during 1,000 open forwarded connections (each through a
-#   client -L and through an sshshim-owned -L).
+#   client -L and through an sshshim-owned -L); 1,000 sshshim-owned -R tunnels
+#   in one `sshshim supervise` (seconds until sshd listens on all, RSS, seconds
+#   until all listen again after the upstream connection is reset; --tunnels N,
+#   0 to skip). The endpoint rows use a stock client: `ssh -F /dev/null`, no
+#   Host block, OpenSSH's default algorithm order.
 # Writes bench/results.md (with a table of the targets, PASS/MISS),
 # bench/results.svg (ratios vs ControlMaster) and bench/results.json; prints
 # the tables. A failing sub-benchmark is recorded as "error" and the run
@@ -53,7 +57,7 @@ for arg in "$@"; do
     case "$arg" in
         --no-build) build=false ;;
         --keep) keep=true ;;
-        -h|--help) sed -n '2,44p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        -h|--help) sed -n '2,48p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) pass+=("$arg") ;;
     esac
 done

@@ -43,56 +43,109 @@ fn cpu_has_aes() -> bool {
     }
 }
 
+/// The `kex: ...` lines of `ssh -v` output, without the "debug1: kex: "
+/// prefix.
+fn kex_lines(err: &str) -> Vec<&str> {
+    err.lines()
+        .filter_map(|l| l.strip_prefix("debug1: kex: "))
+        .map(str::trim_end)
+        .collect()
+}
+
 #[test]
-fn local_leg_negotiates_fast_algorithms_openssh_accepts() {
+fn stock_client_gets_the_fastest_algorithms_it_offers() {
     let rig = Rig::start();
-    // The endpoint accepts every algorithm; the Host block of `sshshim
-    // ssh-config` steers clients to these (tests/faithful.rs checks the
-    // block itself).
-    let out = run(&mut rig.env.ssh_cmd(
-        rig.shim.port(),
-        &[
-            "-v",
-            "-o",
-            "Ciphers=aes128-gcm@openssh.com,chacha20-poly1305@openssh.com",
-            "-o",
-            "KexAlgorithms=ecdh-sha2-nistp256,curve25519-sha256",
-        ],
-        &["true"],
-    ));
-    assert_success(&out, "ssh -v true");
-    let err = String::from_utf8_lossy(&out.stderr);
+    // OpenSSH's default options list ChaCha20 and curve25519 first; the
+    // endpoint lists only the cheapest of what the client offers.
+    let out = run(&mut rig.env.ssh_cmd(rig.shim.port(), &["-vvv"], &["true"]));
+    assert_success(&out, "ssh -vvv true");
+    let err = stderr_text(&out);
     let want = if cpu_has_aes() {
         "aes128-gcm@openssh.com"
     } else {
         "chacha20-poly1305@openssh.com"
     };
+    let kex = kex_lines(&err);
     for dir in ["client->server", "server->client"] {
+        let line = format!("{dir} cipher: {want} ");
         assert!(
-            err.contains(&format!("kex: {dir} cipher: {want}")),
+            kex.iter().any(|l| l.starts_with(&line)),
             "expected {want} for {dir}:\n{err}"
         );
     }
     // OpenSSH does P-256 with OpenSSL, curve25519 with slower portable code.
-    assert!(err.contains("kex: algorithm: ecdh-sha2-nistp256"), "{err}");
+    assert!(kex.contains(&"algorithm: ecdh-sha2-nistp256"), "{err}");
+    // The server's list for this client: that one key exchange, and the
+    // markers for extension negotiation and strict key exchange, both used.
+    assert!(
+        err.lines().any(|l| l.trim_end()
+            == "debug2: KEX algorithms: ecdh-sha2-nistp256,ext-info-s,kex-strict-s-v00@openssh.com"),
+        "{err}"
+    );
+    assert!(err.contains("will use strict KEX ordering"), "{err}");
+    assert!(err.contains("server-sig-algs="), "{err}");
+    // A client limited to ChaCha20 still gets ChaCha20, and one that
+    // insists on curve25519 gets it.
+    let out = run(&mut rig.env.ssh_cmd(
+        rig.shim.port(),
+        &[
+            "-v",
+            "-c",
+            "chacha20-poly1305@openssh.com",
+            "-o",
+            "KexAlgorithms=curve25519-sha256",
+        ],
+        &["echo chacha"],
+    ));
+    assert_eq!(stdout_text(&out), "chacha\n", "{out:?}");
+    let err = stderr_text(&out);
+    let kex = kex_lines(&err);
+    assert!(kex.contains(&"algorithm: curve25519-sha256"), "{err}");
+    assert!(
+        kex.iter()
+            .any(|l| l.starts_with("client->server cipher: chacha20-poly1305@openssh.com ")),
+        "{err}"
+    );
     // A client configured without NIST curves still gets in (via DH).
     let hardened = run(&mut rig.env.ssh_cmd(
         rig.shim.port(),
         &[
             "-o",
-            "KexAlgorithms=sntrup761x25519-sha512@openssh.com,curve25519-sha256,\
+            "KexAlgorithms=sntrup761x25519-sha512@openssh.com,\
              diffie-hellman-group-exchange-sha256,diffie-hellman-group16-sha512",
         ],
         &["echo hardened"],
     ));
     assert_eq!(stdout_text(&hardened), "hardened\n", "{hardened:?}");
-    // A client limited to ChaCha20 gets in too (no longer locked out).
+    // Re-keying (the client asks every 256 KiB here) keeps the choice.
     let out = run(&mut rig.env.ssh_cmd(
         rig.shim.port(),
-        &["-c", "chacha20-poly1305@openssh.com"],
-        &["echo chacha"],
+        &["-v", "-o", "RekeyLimit=256K"],
+        &["head -c 2000000 /dev/zero"],
     ));
-    assert_eq!(stdout_text(&out), "chacha\n", "{out:?}");
+    assert_success(&out, "ssh -o RekeyLimit=256K");
+    assert_eq!(out.stdout.len(), 2_000_000);
+    let err = stderr_text(&out);
+    let kex = kex_lines(&err);
+    let algorithms: Vec<_> = kex
+        .iter()
+        .filter(|l| l.starts_with("algorithm: "))
+        .collect();
+    assert!(algorithms.len() >= 3, "expected re-keying:\n{err}");
+    assert!(
+        algorithms
+            .iter()
+            .all(|l| **l == "algorithm: ecdh-sha2-nistp256"),
+        "{err}"
+    );
+    let ciphers: Vec<_> = kex.iter().filter(|l| l.contains(" cipher: ")).collect();
+    assert_eq!(ciphers.len(), 2 * algorithms.len(), "{err}");
+    assert!(
+        ciphers
+            .iter()
+            .all(|l| l.contains(&format!(" cipher: {want} "))),
+        "{err}"
+    );
 }
 
 #[test]

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod eow;
+pub mod kexinit;
 pub mod quickack;
 
 use std::collections::HashMap;
@@ -67,7 +68,8 @@ fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     f.write_all(data)
 }
 
-/// russh server settings for the endpoint.
+/// russh server settings for the endpoint, with every algorithm it accepts
+/// (for a client whose offer is not known; see [`config_for`]).
 pub fn server_config(host_key: PrivateKey) -> server::Config {
     server::Config {
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
@@ -90,6 +92,44 @@ pub fn server_config(host_key: PrivateKey) -> server::Config {
             concat!("SSH-2.0-OpenSSH_sshshim-", env!("CARGO_PKG_VERSION")).into(),
         ),
         ..Default::default()
+    }
+}
+
+/// The settings for one client, from `base` and what its KEXINIT offers:
+/// only the cheapest key exchange and cipher it offers are listed, so the
+/// negotiation lands on them whatever the client's order. Re-keying uses
+/// the same settings, so it keeps the choice.
+pub fn config_for(base: &server::Config, offer: &kexinit::Offer) -> server::Config {
+    let kex: Vec<&str> = offer.kex.iter().map(String::as_str).collect();
+    let ciphers: Vec<&str> = offer.ciphers.iter().map(String::as_str).collect();
+    let choice = crate::tuning::endpoint_choice(&kex, &ciphers);
+    let preferred = russh::Preferred {
+        kex: choice.kex,
+        cipher: choice.cipher,
+        ..base.preferred.clone()
+    };
+    // Every other setting as in `base` (russh's Config is not Clone).
+    server::Config {
+        server_id: match &base.server_id {
+            russh::SshId::Standard(s) => russh::SshId::Standard(s.clone()),
+            russh::SshId::Raw(s) => russh::SshId::Raw(s.clone()),
+        },
+        methods: base.methods.clone(),
+        auth_rejection_time: base.auth_rejection_time,
+        auth_rejection_time_initial: base.auth_rejection_time_initial,
+        keys: base.keys.clone(),
+        certificates: base.certificates.clone(),
+        limits: base.limits.clone(),
+        window_size: base.window_size,
+        maximum_packet_size: base.maximum_packet_size,
+        channel_buffer_size: base.channel_buffer_size,
+        event_buffer_size: base.event_buffer_size,
+        preferred,
+        max_auth_attempts: base.max_auth_attempts,
+        inactivity_timeout: base.inactivity_timeout,
+        keepalive_interval: base.keepalive_interval,
+        keepalive_max: base.keepalive_max,
+        nodelay: base.nodelay,
     }
 }
 
@@ -172,11 +212,7 @@ impl Endpoint {
                 // The grace time counts from accept: a client that sends
                 // nothing at all is dropped too.
                 let deadline = tokio::time::Instant::now() + LOGIN_GRACE;
-                let started = tokio::time::timeout_at(
-                    deadline,
-                    server::run_stream(config, quickack::QuickAck::new(stream), handler),
-                )
-                .await;
+                let started = tokio::time::timeout_at(deadline, start(config, stream, handler)).await;
                 let running = match started {
                     Ok(Ok(r)) => r,
                     Ok(Err(e)) => {
@@ -251,6 +287,36 @@ fn admission(from_here: bool, owner: Option<u32>, me: u32) -> Result<(), String>
         // Another machine: only the key check applies.
         None => Ok(()),
     }
+}
+
+/// Starts russh on an accepted connection with the settings for what the
+/// client offers (see [`kexinit`]).
+async fn start(
+    base: Arc<server::Config>,
+    stream: tokio::net::TcpStream,
+    handler: LocalHandler,
+) -> Result<server::RunningSession<LocalHandler>, russh::Error> {
+    let mut stream = quickack::QuickAck::new(stream);
+    let id = kexinit::id_line(&base.server_id);
+    let (read, offer) = kexinit::peek(&mut stream, &id).await?;
+    let config = match offer {
+        Ok(offer) => {
+            let c = config_for(&base, &offer);
+            tracing::debug!(
+                "client offers kex {:?}, ciphers {:?}: listing {:?}, {:?}",
+                offer.kex,
+                offer.ciphers,
+                c.preferred.kex,
+                c.preferred.cipher
+            );
+            Arc::new(c)
+        }
+        Err(why) => {
+            tracing::debug!("listing every algorithm: {why}");
+            base
+        }
+    };
+    server::run_stream(config, kexinit::Replay::new(stream, read, id), handler).await
 }
 
 /// Per-connection russh callbacks.

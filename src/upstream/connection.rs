@@ -536,9 +536,14 @@ impl Connection {
     async fn take_spare(self: &Arc<Self>) -> Option<russh::Channel<client::Msg>> {
         let mut ch = self.spare.lock().unwrap().chan.take()?;
         // Polls once: anything queued on an unused channel means it ended.
-        let pending = tokio::time::timeout(Duration::ZERO, ch.wait())
-            .await
-            .is_err();
+        // (Not `timeout(Duration::ZERO, ..)`: Tokio rounds its deadline up
+        // to the next millisecond tick, which cost every session open about
+        // half a millisecond.)
+        let pending = {
+            let mut wait = std::pin::pin!(ch.wait());
+            std::future::poll_fn(|cx| std::task::Poll::Ready(wait.as_mut().poll(cx).is_pending()))
+                .await
+        };
         let mut s = self.spare.lock().unwrap();
         if pending {
             s.dead = 0;
