@@ -61,9 +61,11 @@ pub fn script(shell: Shell, completer: &str) -> Vec<u8> {
         // Installed as `_sshshim` in $fpath, this file is the body of the
         // function compinit autoloads at the first Tab: the compdef above
         // only takes effect from the second, so complete this one too.
-        // Sourced, `_sshshim` is not running and this does nothing.
+        // Sourced, `_sshshim` is not running and this does nothing (an
+        // `if`, so sourcing still returns 0).
         out.extend_from_slice(
-            b"\n[[ ${funcstack[1]} = _sshshim ]] && _clap_dynamic_completer_sshshim \"$@\"\n",
+            b"\nif [[ ${funcstack[1]} = _sshshim ]]; then\n    \
+              _clap_dynamic_completer_sshshim \"$@\"\nfi\n",
         );
     }
     out
