@@ -193,7 +193,10 @@ mod tests {
             line(&["sshshim", "up", "--config=b.toml", "-Fx", "pro"]),
             (p("b.toml"), p("x"))
         );
-        assert_eq!(line(&["sshshim", "check", "-cc.toml", ""]), (p("c.toml"), None));
+        assert_eq!(
+            line(&["sshshim", "check", "-cc.toml", ""]),
+            (p("c.toml"), None)
+        );
         // The word being completed is not a value yet.
         assert_eq!(line(&["sshshim", "up", "-c"]), (None, None));
     }
@@ -213,6 +216,9 @@ mod tests {
     fn completer_path() {
         assert_eq!(completer_for("sshshim".as_ref()), "sshshim");
         let abs = completer_for("./bin/sshshim".as_ref());
-        assert!(abs.starts_with('/') && abs.ends_with("bin/sshshim"), "{abs}");
+        assert!(
+            abs.starts_with('/') && abs.ends_with("bin/sshshim"),
+            "{abs}"
+        );
     }
 }

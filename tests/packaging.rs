@@ -133,7 +133,10 @@ fn subcommands(sub: &[&str]) -> Vec<String> {
 }
 
 fn assert_has(got: &[String], want: &str, what: &str) {
-    assert!(got.iter().any(|g| g == want), "{what}: no {want:?} in {got:?}");
+    assert!(
+        got.iter().any(|g| g == want),
+        "{what}: no {want:?} in {got:?}"
+    );
 }
 
 #[test]
@@ -165,7 +168,11 @@ fn completion_scripts_complete_every_subcommand() {
         assert_has(&offered, &c, "bash: sshshim service <Tab>");
     }
     assert_eq!(home.bash_complete(&["comp"]), ["completions"]);
-    assert_has(&home.bash_complete(&["up", "--acc"]), "--accept-new", "bash");
+    assert_has(
+        &home.bash_complete(&["up", "--acc"]),
+        "--accept-new",
+        "bash",
+    );
 
     for shell in ["zsh", "fish"] {
         let out = run(home.cmd("sshshim").args(["completions", shell]));
@@ -234,7 +241,10 @@ fn completion_offers_profiles_and_host_aliases() {
     let got = home.bash_complete(&["up", "-c", "other.toml", "-F", "other_ssh_config", ""]);
     assert_has(&got, "otherprofile", "-c/-F");
     assert_has(&got, "otherhost", "-c/-F");
-    assert!(!got.iter().any(|g| g == "labprofile" || g == "gw1"), "{got:?}");
+    assert!(
+        !got.iter().any(|g| g == "labprofile" || g == "gw1"),
+        "{got:?}"
+    );
     // Where only a profile will do, no Host aliases.
     let got = home.bash_complete(&["supervise", ""]);
     assert_has(&got, "labprofile", "supervise");
@@ -301,9 +311,16 @@ fn man_pages_for_every_subcommand() {
                 Duration::from_secs(30),
             );
             assert_success(&out, "man -l");
-            assert!(stderr_text(&out).is_empty(), "{name}: {}", stderr_text(&out));
+            assert!(
+                stderr_text(&out).is_empty(),
+                "{name}: {}",
+                stderr_text(&out)
+            );
             let text = stdout_text(&out);
-            assert!(text.contains("SYNOPSIS") && text.contains("OPTIONS"), "{text}");
+            assert!(
+                text.contains("SYNOPSIS") && text.contains("OPTIONS"),
+                "{text}"
+            );
         }
     }
 
@@ -336,7 +353,10 @@ fn template_unit_runs_the_instance_profile() {
             .any(|l| l == "ExecStart=/usr/bin/sshshim supervise %i"),
         "{unit}"
     );
-    assert!(unit.lines().any(|l| l == "WantedBy=default.target"), "{unit}");
+    assert!(
+        unit.lines().any(|l| l == "WantedBy=default.target"),
+        "{unit}"
+    );
 }
 
 /// Whether `program` is on `$PATH`.

@@ -187,7 +187,10 @@ mod tests {
             Some(("Host".into(), vec!["a".into(), "b".into(), "c".into()]))
         );
         assert_eq!(s("host=x"), Some(("host".into(), vec!["x".into()])));
-        assert_eq!(s("Host = x y"), Some(("Host".into(), vec!["x".into(), "y".into()])));
+        assert_eq!(
+            s("Host = x y"),
+            Some(("Host".into(), vec!["x".into(), "y".into()]))
+        );
         assert_eq!(
             s("Include \"/p/with space/*.conf\" other"),
             Some((
