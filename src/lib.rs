@@ -33,10 +33,14 @@
 //! Data flows one way: local clients -> [`endpoint`] -> [`bridge`] ->
 //! [`upstream`]. Channels the server opens leave [`upstream`] as events
 //! that [`forward`] consumes; nothing calls back up.
+//!
+//! [`completion`] (shell completion and its candidates) and [`manpages`]
+//! serve only `main` too.
 
 pub mod bridge;
 pub mod check;
 pub mod client_config;
+pub mod completion;
 pub mod config;
 pub mod control;
 pub mod endpoint;
@@ -45,6 +49,7 @@ pub mod forward;
 mod fuzzing;
 pub mod hooks;
 pub mod local_channel;
+pub mod manpages;
 pub mod master;
 pub mod mcp;
 pub mod mux;

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use clap_complete::engine::ArgValueCandidates;
 use sshshim::paths;
 use sshshim::profile::Profile;
 use sshshim::resolve;
@@ -54,6 +55,7 @@ enum Command {
     /// Stop a running profile gracefully.
     Down {
         /// Profile (or destination) name, as shown by `sshshim status`.
+        #[arg(add = ArgValueCandidates::new(sshshim::completion::running))]
         name: String,
     },
     /// Install, inspect or remove the systemd service that runs `sshshim supervise`.
@@ -67,6 +69,38 @@ enum Command {
     /// Diagnose profiles or destinations: resolution, connect, host key, authentication, forwards.
     #[command(after_help = CHECK_HELP)]
     Check(CheckArgs),
+    /// Print the shell completion script for SHELL (see README: Install).
+    #[command(after_help = COMPLETIONS_HELP)]
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: sshshim::completion::Shell,
+    },
+    /// Print the man page of sshshim or of a subcommand, or write them all (--dir).
+    Man(ManArgs),
+}
+
+/// Shown under `sshshim completions --help`.
+const COMPLETIONS_HELP: &str = "\
+Subcommands, options, profile names and ssh_config Host aliases complete.
+Load it now or from your shell's start-up file:
+  bash:  source <(sshshim completions bash)            (~/.bashrc)
+  zsh:   source <(sshshim completions zsh)             (~/.zshrc, after compinit)
+  fish:  sshshim completions fish | source             (~/.config/fish/config.fish)
+or save it where the shell looks (the Debian package does this):
+  sshshim completions bash > ~/.local/share/bash-completion/completions/sshshim
+  sshshim completions zsh > ~/.zfunc/_sshshim           (a directory in $fpath)
+  sshshim completions fish > ~/.config/fish/completions/sshshim.fish";
+
+/// `sshshim man`.
+#[derive(Args, Debug)]
+struct ManArgs {
+    /// Subcommand whose page to print, e.g. `up` or `service install` (default: sshshim's).
+    #[arg(value_name = "SUBCOMMAND", conflicts_with = "dir")]
+    subcommand: Vec<String>,
+    /// Write every page (sshshim.1, sshshim-up.1, ...) into DIR instead.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 }
 
 /// Examples shown under `sshshim mcp --help`.
@@ -116,7 +150,7 @@ Examples:
 #[derive(Args, Debug)]
 struct CheckArgs {
     /// Profiles or destinations to check (default: every profile of the config file).
-    #[arg(value_name = "NAME|DESTINATION")]
+    #[arg(value_name = "NAME|DESTINATION", add = ArgValueCandidates::new(sshshim::completion::destinations))]
     names: Vec<String>,
     /// Profiles file (default: ~/.config/sshshim/config.toml).
     #[arg(short = 'c', long = "config", value_name = "FILE")]
@@ -153,7 +187,7 @@ Examples:
 #[derive(Args, Debug)]
 struct UpArgs {
     /// Where to connect: [user@]host[:port], a Host alias from ssh_config, or a profile name.
-    #[arg(value_name = "DESTINATION|PROFILE")]
+    #[arg(value_name = "DESTINATION|PROFILE", add = ArgValueCandidates::new(sshshim::completion::destinations))]
     destination: String,
 
     /// Profiles file (default: ~/.config/sshshim/config.toml).
@@ -353,6 +387,7 @@ struct SuperviseArgs {
     #[arg(long, value_name = "CMD")]
     on_event: Option<String>,
     /// Profiles to run (default: all). SIGHUP re-reads the file.
+    #[arg(add = ArgValueCandidates::new(sshshim::completion::profiles))]
     names: Vec<String>,
 }
 
@@ -360,6 +395,7 @@ struct SuperviseArgs {
 #[derive(Args, Debug)]
 struct StatusArgs {
     /// Only this profile.
+    #[arg(add = ArgValueCandidates::new(sshshim::completion::running))]
     name: Option<String>,
     /// Print JSON (a stable format, see README).
     #[arg(long)]
@@ -371,6 +407,7 @@ enum ServiceCommand {
     /// Write a systemd unit running `sshshim supervise` (or the named profiles), enable and start it.
     Install {
         /// Profiles (default: all).
+        #[arg(add = ArgValueCandidates::new(sshshim::completion::profiles))]
         names: Vec<String>,
         /// A system unit in /etc/systemd/system instead of a user unit.
         #[arg(long)]
@@ -381,6 +418,13 @@ enum ServiceCommand {
         /// Print the unit and the commands instead of running them.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Print the template unit sshshim@.service (instance = profile name), for packages
+    /// or to install by hand: `systemctl --user enable --now sshshim@PROFILE`.
+    Template {
+        /// The sshshim executable the unit runs.
+        #[arg(long, value_name = "PATH", default_value = "/usr/bin/sshshim")]
+        exe: PathBuf,
     },
     /// Show `systemctl status` of the sshshim unit(s).
     Status {
@@ -407,6 +451,7 @@ enum ServiceCommand {
 #[derive(Args, Debug)]
 struct SshConfigArgs {
     /// Profiles or destinations to write Host blocks for (default: every profile).
+    #[arg(add = ArgValueCandidates::new(sshshim::completion::destinations))]
     names: Vec<String>,
     /// Profiles file (default: ~/.config/sshshim/config.toml).
     #[arg(short = 'c', long = "config", value_name = "FILE")]
@@ -457,6 +502,7 @@ fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
+    sshshim::completion::complete_if_asked(Cli::command);
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet, cli.log_format);
     let runtime = || build_runtime().map_err(|e| format!("cannot start the runtime: {e}"));
@@ -486,6 +532,12 @@ fn main() -> ExitCode {
             }))
         }),
         Command::Check(a) => return check(a),
+        Command::Completions { shell } => {
+            let argv0 = std::env::args_os().next().unwrap_or_default();
+            let completer = sshshim::completion::completer_for(&argv0);
+            write_stdout(&sshshim::completion::script(shell, &completer))
+        }
+        Command::Man(a) => man(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -586,6 +638,7 @@ fn service(c: ServiceCommand) -> Result<(), String> {
             };
             service::install(&spec, dry_run)?
         }
+        ServiceCommand::Template { exe } => service::render_template_unit(&exe),
         ServiceCommand::Status { name, system } => service::status(system, name.as_deref())?,
         ServiceCommand::Remove {
             name,
@@ -598,6 +651,31 @@ fn service(c: ServiceCommand) -> Result<(), String> {
         println!();
     }
     Ok(())
+}
+
+/// `sshshim man [SUBCOMMAND…] [--dir DIR]`.
+fn man(a: ManArgs) -> Result<(), String> {
+    match a.dir {
+        Some(dir) => {
+            for path in sshshim::manpages::write_all(Cli::command(), &dir)? {
+                println!("{}", path.display());
+            }
+            Ok(())
+        }
+        None => write_stdout(&sshshim::manpages::render(Cli::command(), &a.subcommand)?),
+    }
+}
+
+/// Writes `bytes` to stdout; a closed pipe (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write to stdout: {e}"))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `sshshim ssh-config [NAME…] [--install]`.

@@ -36,14 +36,42 @@ pub fn render_unit(spec: &UnitSpec) -> String {
     }
     argv.extend(spec.profiles.iter().cloned());
     let exec = argv.iter().map(|a| quote(a)).collect::<Vec<_>>().join(" ");
+    render(
+        spec,
+        "# Written by `sshshim service install`; `sshshim service remove` deletes it.\n",
+        &escape_specifiers(&which),
+        &exec,
+    )
+}
+
+/// The template user unit `sshshim@.service` that packages install: the
+/// unit [`render_unit`] writes for one profile, the instance name (`%i`),
+/// run by `exe`. `systemctl --user enable --now sshshim@NAME` starts it.
+pub fn render_template_unit(exe: &Path) -> String {
+    let spec = UnitSpec {
+        exe: exe.to_path_buf(),
+        ..UnitSpec::default()
+    };
+    let exec = format!("{} supervise %i", quote(&absolute(exe)));
+    render(
+        &spec,
+        "# Installed by the sshshim package. One instance per profile:\n\
+         #   systemctl --user enable --now sshshim@PROFILE\n",
+        "%i",
+        &exec,
+    )
+}
+
+/// The unit text around its header comment, the profiles named in its
+/// Description and its ExecStart line (both already escaped for systemd).
+fn render(spec: &UnitSpec, header: &str, which: &str, exec: &str) -> String {
     let mut u = String::new();
-    u.push_str("# Written by `sshshim service install`; `sshshim service remove` deletes it.\n");
+    u.push_str(header);
     u.push_str("[Unit]\n");
     u.push_str(&format!(
-        "Description=sshshim persistent tunnels (profiles: {})\n",
-        escape_specifiers(&which)
+        "Description=sshshim persistent tunnels (profiles: {which})\n"
     ));
-    u.push_str("Documentation=man:ssh(1)\n");
+    u.push_str("Documentation=man:sshshim(1) man:ssh(1)\n");
     u.push_str("Wants=network-online.target\nAfter=network-online.target\n\n");
     u.push_str("[Service]\n");
     u.push_str("Type=notify\n");
@@ -559,6 +587,31 @@ mod tests {
     }
 
     #[test]
+    fn template_unit() {
+        let u = render_template_unit(Path::new("/usr/bin/sshshim"));
+        let user = render_unit(&spec(false));
+        // The same unit as `service install` writes for one profile, but
+        // for the instance's: only these lines differ.
+        let differ = |l: &&str| {
+            l.starts_with('#') || l.starts_with("Description=") || l.starts_with("ExecStart=")
+        };
+        assert_eq!(
+            u.lines().filter(|l| !differ(l)).collect::<Vec<_>>(),
+            user.lines().filter(|l| !differ(l)).collect::<Vec<_>>()
+        );
+        assert!(
+            u.lines()
+                .any(|l| l == "ExecStart=/usr/bin/sshshim supervise %i"),
+            "{u}"
+        );
+        assert!(
+            u.lines()
+                .any(|l| l == "Description=sshshim persistent tunnels (profiles: %i)"),
+            "{u}"
+        );
+    }
+
+    #[test]
     fn system_unit() {
         let s = UnitSpec {
             profiles: vec![],
@@ -756,5 +809,13 @@ mod tests {
                 );
             }
         }
+        // The template, as an instance (verify loads units by file name).
+        let path = dir.path().join("sshshim@lab.service");
+        std::fs::write(&path, render_template_unit(Path::new("/bin/true"))).unwrap();
+        let err = verify(&path, false);
+        assert!(
+            !err.contains("Unknown") && !err.contains("Invalid") && !err.contains("Failed"),
+            "systemd-analyze (template): {err}"
+        );
     }
 }

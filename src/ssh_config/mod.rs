@@ -1,11 +1,13 @@
 //! Resolving a destination the way OpenSSH does: by running `ssh -G`, so
 //! Match, Include, wildcards and `%` tokens follow OpenSSH's own rules.
 //!
-//! There is no reader of our own: sshshim serves OpenSSH clients, so
-//! `ssh` is almost always installed where it runs. On a machine without it,
-//! a destination resolves to OpenSSH's defaults when there is no ssh_config
-//! to read, and is an error (saying to install the client) when there is.
+//! There is no reader of our own for resolving: sshshim serves OpenSSH
+//! clients, so `ssh` is almost always installed where it runs. On a machine
+//! without it, a destination resolves to OpenSSH's defaults when there is no
+//! ssh_config to read, and is an error (saying to install the client) when
+//! there is. ([`hosts`] reads `Host` lines, only to offer completions.)
 
+pub mod hosts;
 mod tokens;
 
 use std::io::Read;
