@@ -193,6 +193,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         t.annotations.clone().expect("annotations")
     };
     assert_eq!(hint("tunnel_setup").destructive_hint, Some(true));
+    assert_eq!(hint("tunnel_setup").open_world_hint, Some(true));
     assert_eq!(hint("tunnel_remove").destructive_hint, Some(true));
     assert_eq!(hint("exec").open_world_hint, Some(true));
     assert_eq!(hint("copy").open_world_hint, Some(true));

@@ -254,10 +254,11 @@ impl Server {
         Keys not given are kept. Only profiles created by tunnel_setup can be updated, and only \
         destination, forwards and timing keys can be set. With service: true, also installs and \
         starts a systemd user service for it; otherwise nothing is started and next_steps says how.",
+        // Open world: with service: true it connects to any destination.
         annotations(
             destructive_hint = true,
             idempotent_hint = true,
-            open_world_hint = false
+            open_world_hint = true
         )
     )]
     async fn tunnel_setup(&self, p: Parameters<SetupParams>) -> Result<Json<SetupOutput>, String> {
