@@ -402,6 +402,11 @@ fn check_name(name: &str) -> Result<(), String> {
             "profile name '{name}' may only use letters, digits, '.', '_' and '-'"
         ));
     }
+    // It goes on command lines (the unit's ExecStart, `sshshim up NAME`),
+    // where a leading '-' reads as an option.
+    if name.starts_with('-') {
+        return Err(format!("profile name '{name}' must not start with '-'"));
+    }
     Ok(())
 }
 
@@ -766,6 +771,8 @@ mcp_exec = true
         assert!(err.contains("remote_forwards"), "{err}");
         let err = set_profile(&path, &edit("a b", "h")).unwrap_err();
         assert!(err.contains("may only use"), "{err}");
+        let err = set_profile(&path, &edit("-c.evil", "h")).unwrap_err();
+        assert!(err.contains("must not start with '-'"), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), FILE);
         let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(leftovers, 1, "temp files left behind");
