@@ -119,6 +119,13 @@ pub fn check_name(name: &str) -> Result<(), String> {
             "profile name {name:?} may only use letters, digits, '.', '_' and '-'; rename it"
         ));
     }
+    // It goes on command lines (a unit's ExecStart, `sshshim up NAME`),
+    // where a leading '-' reads as an option.
+    if name.starts_with('-') {
+        return Err(format!(
+            "profile name {name:?} must not start with '-'; rename it"
+        ));
+    }
     Ok(())
 }
 

@@ -193,6 +193,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         t.annotations.clone().expect("annotations")
     };
     assert_eq!(hint("tunnel_setup").destructive_hint, Some(true));
+    assert_eq!(hint("tunnel_setup").open_world_hint, Some(true));
     assert_eq!(hint("tunnel_remove").destructive_hint, Some(true));
     assert_eq!(hint("exec").open_world_hint, Some(true));
     assert_eq!(hint("copy").open_world_hint, Some(true));
@@ -391,6 +392,8 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         ("put", "dir-link/secret", "symbolic link"),
         ("get", "dir-link/secret", "symbolic link"),
         ("get", "dir-link/new", "symbolic link"),
+        // sshshim's own profiles file lies beneath it here: never written.
+        ("get", "config/sshshim/config.toml", "profiles file"),
     ] {
         let e = rt.block_on(mcp.err(
             "copy",
@@ -654,4 +657,76 @@ fn mcp_acts_only_on_the_profiles_own_process() {
     );
     twin.kill();
     drop(adhoc);
+}
+
+/// tunnel_setup and tunnel_remove never touch a person's systemd unit: not
+/// one whose name only looks like the profile's (`sshshim-a-b.service` runs
+/// the profiles `a` and `b`), and not `sshshim.service` or `X.service`,
+/// which `service remove NAME` would resolve a profile named `sshshim` or
+/// `X.service` to.
+#[test]
+fn mcp_leaves_a_persons_units_alone() {
+    let env = TestEnv::new();
+    let cfg = config_file(&env);
+    std::fs::create_dir_all(cfg.parent().unwrap()).unwrap();
+    let units = env.path("config").join("systemd").join("user");
+    std::fs::create_dir_all(&units).unwrap();
+    let canon = std::fs::canonicalize(cfg.parent().unwrap())
+        .unwrap()
+        .join("config.toml");
+    let unit = |profiles: &str| {
+        format!(
+            "[Service]\nExecStart=/usr/bin/sshshim supervise -c {} {profiles}\n",
+            canon.display()
+        )
+    };
+    // The person's units: every profile, prod alone, and a and b together.
+    let person = [
+        ("sshshim.service", unit("")),
+        ("sshshim-prod.service", unit("prod")),
+        ("sshshim-a-b.service", unit("a b")),
+    ];
+    for (f, text) in &person {
+        std::fs::write(units.join(f), text).unwrap();
+    }
+    // MCP's own profiles, with the units tunnel_setup would have installed.
+    std::fs::write(
+        &cfg,
+        "[profile.sshshim]\nmcp_created = true\ndestination = \"h.example\"\n\n\
+         [profile.\"sshshim-prod.service\"]\nmcp_created = true\ndestination = \"h.example\"\n",
+    )
+    .unwrap();
+    let own = [
+        ("sshshim-sshshim.service", unit("sshshim")),
+        (
+            "sshshim-sshshim-prod.service.service",
+            unit("sshshim-prod.service"),
+        ),
+    ];
+    for (f, text) in &own {
+        std::fs::write(units.join(f), text).unwrap();
+    }
+    let rt = runtime();
+    let mcp = rt.block_on(Mcp::start(&env));
+    for name in ["sshshim", "sshshim-prod.service"] {
+        let out = rt.block_on(mcp.ok("tunnel_remove", json!({"name": name})));
+        assert_eq!(out["removed_from_file"], true, "{out}");
+    }
+    for (f, _) in &own {
+        assert!(!units.join(f).exists(), "{f} was not removed");
+    }
+    let before = std::fs::read_to_string(&cfg).unwrap();
+    let e = rt.block_on(mcp.err(
+        "tunnel_setup",
+        json!({"name": "a-b", "destination": "evil.example", "service": true}),
+    ));
+    assert!(e.contains("not tunnel_setup's"), "{e}");
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), before);
+    for (f, text) in &person {
+        assert_eq!(
+            std::fs::read_to_string(units.join(f)).ok().as_ref(),
+            Some(text),
+            "{f} was changed"
+        );
+    }
 }

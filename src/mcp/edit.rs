@@ -112,6 +112,22 @@ const MARK: &str = "mcp_created";
 /// side is not a loopback port (a `-L` listening beyond loopback, or a Unix
 /// socket path on this machine).
 fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
+    // `ssh -G` resolves the destination through the user's ssh_config,
+    // whose `Match exec` commands expand %h and %r: shell syntax there
+    // would run (OpenSSH before 9.6 does not refuse it itself).
+    let user = edit.options.get("user").and_then(Json::as_str);
+    for (what, s) in [
+        ("destination", Some(edit.destination.as_str())),
+        ("options.user", user),
+    ] {
+        let Some(s) = s else { continue };
+        if s.starts_with('-') || s.contains(|c: char| "'`\"$\\;&<>|(){}".contains(c)) {
+            return Err(format!(
+                "{what} '{s}': a host or user name starts with no '-' and holds none of \
+                 ' ` \" $ \\ ; & < > | ( ) {{ }} through MCP"
+            ));
+        }
+    }
     for key in edit.options.keys() {
         if let Some((_, why)) = PERSON_KEYS.iter().find(|(k, _)| k == key) {
             return Err(format!(
@@ -621,6 +637,15 @@ mcp_exec = true
             assert!(err.contains("only a person sets"), "{key}: {err}");
         }
         assert!(!path.exists(), "nothing written");
+        for dest in ["a$(touch /tmp/x).corp", "-oFoo", "h;id", "u`id`@h"] {
+            let err = set_profile(&path, &edit("new", dest)).unwrap_err();
+            assert!(err.contains("holds none of"), "{dest}: {err}");
+        }
+        let mut e = edit("new", "h.example");
+        e.options.insert("user".into(), Json::from("x$(id)"));
+        let err = set_profile(&path, &e).unwrap_err();
+        assert!(err.contains("options.user"), "{err}");
+        assert!(!path.exists(), "nothing written");
         for (kind, spec) in [
             ("local", "0.0.0.0:8080:db:5432"),
             ("local", "/tmp/s.sock:db:5432"),
@@ -725,6 +750,8 @@ mcp_exec = true
         assert!(err.contains("remote_forwards"), "{err}");
         let err = set_profile(&path, &edit("a b", "h")).unwrap_err();
         assert!(err.contains("may only use"), "{err}");
+        let err = set_profile(&path, &edit("-c.evil", "h")).unwrap_err();
+        assert!(err.contains("must not start with '-'"), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), FILE);
         let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(leftovers, 1, "temp files left behind");

@@ -254,10 +254,11 @@ impl Server {
         Keys not given are kept. Only profiles created by tunnel_setup can be updated, and only \
         destination, forwards and timing keys can be set. With service: true, also installs and \
         starts a systemd user service for it; otherwise nothing is started and next_steps says how.",
+        // Open world: with service: true it connects to any destination.
         annotations(
             destructive_hint = true,
             idempotent_hint = true,
-            open_world_hint = false
+            open_world_hint = true
         )
     )]
     async fn tunnel_setup(&self, p: Parameters<SetupParams>) -> Result<Json<SetupOutput>, String> {
@@ -419,6 +420,10 @@ impl Server {
             local_forwards: p.local_forwards,
             options: p.options.unwrap_or_default(),
         };
+        if p.service == Some(true) {
+            let (n, path) = (p.name.clone(), self.config.clone());
+            blocking(move || foreign_unit(&n, &path)).await?;
+        }
         let written = {
             let _guard = self.edits.lock().await;
             // Which keys, and which profiles, MCP may write: see `edit`.
@@ -579,11 +584,21 @@ impl Server {
             };
             let unit = installed_unit(&name, &path);
             // The unit first: systemd would restart a profile stopped under it.
-            let service = match unit {
-                Some(_) => Some(service::remove(false, Some(&name), false)?),
+            // By its exact file name: given the profile name, `service
+            // remove` would resolve `sshshim` to `sshshim.service` and
+            // `X.service` to itself, a person's units.
+            let service = match unit.as_deref().and_then(Path::file_name) {
+                Some(file) => Some(service::remove(
+                    false,
+                    Some(&file.to_string_lossy()),
+                    false,
+                )?),
                 None => None,
             };
-            if control::query(&name).is_ok() {
+            // Checked again: whatever answers now must still be this profile.
+            if let Ok(st) = control::query(&name) {
+                check_identity(&st, &name, p, &path)
+                    .map_err(|e| format!("{e}; it was not stopped"))?;
                 control::down(&name)?;
             }
             wait_stopped(&name)?;
@@ -631,14 +646,18 @@ impl Server {
                 .map_err(|e| format!("cannot open sshshim's state directory: {e}"))?;
             let copy_dir = match &p.copy_dir {
                 Some(d) => d.clone(),
-                None => std::env::current_dir()
-                    .map_err(|e| format!("no current directory for copy: {e}"))?,
+                None => {
+                    let cwd = std::env::current_dir()
+                        .map_err(|e| format!("no current directory for copy: {e}"))?;
+                    default_copy_dir(cwd, crate::paths::home_dir().as_deref(), &name, &path)?
+                }
             };
             Ok(remote::Target {
                 endpoint: remote::Target::endpoint_of(&endpoint)?,
                 known_hosts: state.join("known_hosts"),
                 identities: p.identity.clone(),
                 copy_dir,
+                keep: vec![path],
                 name,
             })
         })
@@ -682,6 +701,31 @@ fn check_identity(
     Ok(())
 }
 
+/// The working directory as `copy`'s directory, refused when it holds the
+/// home directory (`/`, `/home`, `~`: where MCP clients often start their
+/// servers): beneath it lie `~/.ssh`, shell start-up files and sshshim's
+/// own config, so confinement there would confine nothing.
+fn default_copy_dir(
+    cwd: PathBuf,
+    home: Option<&Path>,
+    name: &str,
+    path: &Path,
+) -> Result<PathBuf, String> {
+    let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let real = canon(&cwd);
+    if real == Path::new("/") || home.is_some_and(|h| canon(h).starts_with(&real)) {
+        return Err(format!(
+            "copy refused: the MCP server runs in {}, which holds your home directory, so \
+             copy would reach ~/.ssh and your shell's start-up files. Start `sshshim mcp` in a \
+             project directory, or have the user set `copy_dir = \"DIR\"` in [profile.{name}] \
+             in {}",
+            cwd.display(),
+            path.display()
+        ));
+    }
+    Ok(cwd)
+}
+
 /// The user unit that runs profile `name` alone, if installed.
 fn own_unit(name: &str) -> Option<PathBuf> {
     let path = service::unit_path(&service::UnitSpec {
@@ -712,6 +756,23 @@ fn installed_unit(name: &str, path: &Path) -> Option<PathBuf> {
     let want = exec_tail(&service::render_unit(&spec))?;
     let have = exec_tail(&std::fs::read_to_string(&unit).ok()?)?;
     (have == want).then_some(unit)
+}
+
+/// Refuses when a unit file by the name `tunnel_setup` would install for
+/// profile `name` exists but is not the one it installs (another file's
+/// profile of that name, the profiles `a` and `b` of `sshshim-a-b.service`,
+/// a name folded to the same unit name): installing would overwrite a
+/// person's unit and change what their tunnels run.
+fn foreign_unit(name: &str, path: &Path) -> Result<(), String> {
+    match own_unit(name) {
+        Some(unit) if installed_unit(name, path).is_none() => Err(format!(
+            "{} exists and does not run profile '{name}' of {} alone: it is not tunnel_setup's \
+             to replace. Nothing was written; use another name, or ask the user",
+            unit.display(),
+            path.display()
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Waits until profile `name` no longer answers on its control socket.
@@ -763,5 +824,32 @@ fn shell_word(s: &str) -> String {
         s.to_owned()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The working directory is copy's default directory unless it holds
+    /// the home directory (`/`, `~`, `/home`), where it would confine nothing.
+    #[test]
+    fn copy_dir_is_never_home_or_root() {
+        let d = tempfile::tempdir().unwrap();
+        let home = d.path().join("home/me");
+        let project = home.join("project");
+        std::fs::create_dir_all(&project).unwrap();
+        let cfg = Path::new("/c.toml");
+        for cwd in [PathBuf::from("/"), d.path().join("home"), home.clone()] {
+            let e = default_copy_dir(cwd.clone(), Some(&home), "p", cfg).unwrap_err();
+            assert!(e.contains("copy_dir"), "{}: {e}", cwd.display());
+        }
+        // A symlink to home is home.
+        std::os::unix::fs::symlink(&home, d.path().join("h")).unwrap();
+        assert!(default_copy_dir(d.path().join("h"), Some(&home), "p", cfg).is_err());
+        assert_eq!(
+            default_copy_dir(project.clone(), Some(&home), "p", cfg).unwrap(),
+            project
+        );
     }
 }

@@ -35,6 +35,9 @@ pub struct Target {
     pub identities: Vec<PathBuf>,
     /// The directory `copy` stays beneath.
     pub copy_dir: PathBuf,
+    /// Files a `get` never writes, wherever they are (sshshim's profiles
+    /// file: writing it would grant MCP any key it likes).
+    pub keep: Vec<PathBuf>,
 }
 
 impl Target {
@@ -291,7 +294,9 @@ pub async fn copy(
                 .rsplit('/')
                 .next()
                 .unwrap_or("");
-            super::beneath::open_for_get(root, local, base)?
+            let opened = super::beneath::open_for_get(root, local, base)?;
+            refuse_kept(t, &opened)?;
+            opened
         }
     };
     match transfer(t, direction, &opened.file, remote, timeout).await {
@@ -312,6 +317,27 @@ pub async fn copy(
         sha256,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Refuses a get into one of `t.keep` (compared by device and inode, so
+/// no other spelling or hard link gets through); a file this call created
+/// is removed again.
+fn refuse_kept(t: &Target, opened: &super::beneath::Local) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = opened
+        .file
+        .metadata()
+        .map_err(|e| format!("{}: {e}", opened.shown.display()))?;
+    let hit = t.keep.iter().find(|k| {
+        std::fs::metadata(k).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+    });
+    match hit {
+        Some(k) => Err(format!(
+            "copy does not write {}: it is sshshim's profiles file, which only a person edits",
+            k.display()
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Runs sftp for one transfer between `file` (handed over as `/dev/fd/N`)
@@ -482,6 +508,7 @@ mod tests {
             known_hosts: "/s/known_hosts".into(),
             identities: Vec::new(),
             copy_dir: "/w".into(),
+            keep: Vec::new(),
         };
         let e = t.ssh_failure("Host key verification failed.\n").unwrap();
         assert!(
