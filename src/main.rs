@@ -351,6 +351,10 @@ impl UpArgs {
         let file = sshshim::profile::load(&path, self.config.is_some())?;
         let from_file = file.profiles.get(&self.destination).cloned();
         let is_profile = from_file.is_some();
+        let created = from_file.as_ref().and_then(|p| p.mcp_created) == Some(true);
+        if let Some(w) = sshshim::profile::reserved_name_warning(&self.destination, created) {
+            tracing::warn!("{w}");
+        }
         let layered = self
             .as_profile()
             .or(sshshim::profile::from_env()?)

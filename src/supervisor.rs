@@ -388,6 +388,11 @@ fn read_profiles(opts: &SuperviseOptions) -> Result<BTreeMap<String, Profile>, S
             out.insert(n.clone(), env.clone().or(file.get(n)?.clone()));
         }
     }
+    for (n, p) in &out {
+        if let Some(w) = profile::reserved_name_warning(n, p.mcp_created == Some(true)) {
+            tracing::warn!("{w}");
+        }
+    }
     if out.is_empty() {
         return Err(format!(
             "no profiles in {} (add a [profile.NAME] table with a destination)",

@@ -204,7 +204,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     let setup = rt.block_on(mcp.ok(
         "tunnel_setup",
         json!({
-            "name": "agent",
+            "name": "mcp-agent",
             "destination": env.dest(),
             "remote_forwards": [format!("{}:localhost:{}", free_port(), sshd.port())],
             "options": {"port": sshd.port(), "connect_timeout": 5},
@@ -217,7 +217,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         setup["next_steps"]
             .as_str()
             .unwrap()
-            .contains("sshshim up agent"),
+            .contains("sshshim up mcp-agent"),
         "{setup}"
     );
     let text_now = std::fs::read_to_string(&cfg).unwrap();
@@ -230,7 +230,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     // nothing is written.
     let e = rt.block_on(mcp.err(
         "tunnel_setup",
-        json!({"name": "agent", "destination": env.dest(), "options": {"keepalive": 0}}),
+        json!({"name": "mcp-agent", "destination": env.dest(), "options": {"keepalive": 0}}),
     ));
     assert!(
         e.contains("config.toml:") && e.contains("key 'keepalive'"),
@@ -280,7 +280,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     let manual = all.iter().find(|p| p["name"] == "manual").unwrap();
     assert_eq!(manual["running"], false, "{st}");
     assert_eq!(manual["mcp_exec"], false, "{st}");
-    let agent = all.iter().find(|p| p["name"] == "agent").unwrap();
+    let agent = all.iter().find(|p| p["name"] == "mcp-agent").unwrap();
     assert_eq!(agent["mcp_managed"], true, "{st}");
 
     // exec: output, exit status, a marker that must not reach the log.
@@ -410,7 +410,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     if !Path::new("/run/systemd/system").exists() {
         let svc = rt.block_on(mcp.ok(
             "tunnel_setup",
-            json!({"name": "svc", "destination": "h.example", "service": true}),
+            json!({"name": "mcp-svc", "destination": "h.example", "service": true}),
         ));
         assert_eq!(svc["service"]["installed"], false, "{svc}");
         assert!(
@@ -424,10 +424,10 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
             svc["next_steps"]
                 .as_str()
                 .unwrap()
-                .contains("sshshim up svc"),
+                .contains("sshshim up mcp-svc"),
             "{svc}"
         );
-        let rm = rt.block_on(mcp.ok("tunnel_remove", json!({"name": "svc"})));
+        let rm = rt.block_on(mcp.ok("tunnel_remove", json!({"name": "mcp-svc"})));
         assert_eq!(rm["stopped"], false, "{rm}");
     }
 
@@ -445,7 +445,13 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
     let mut agent_shim = env
         .shim_builder(0)
         .no_default_args()
-        .args(&["up", "agent", "--listen", "127.0.0.1:0", "--known-hosts"])
+        .args(&[
+            "up",
+            "mcp-agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--known-hosts",
+        ])
         .arg(env.known_hosts().to_str().unwrap())
         .arg("-i")
         .arg(env.user_key().to_str().unwrap())
@@ -453,7 +459,7 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         .args(&["--authorized-keys", env.authorized_keys().to_str().unwrap()])
         .env("XDG_CONFIG_HOME", env.path("config").to_str().unwrap())
         .start();
-    let rm = rt.block_on(mcp.ok("tunnel_remove", json!({"name": "agent"})));
+    let rm = rt.block_on(mcp.ok("tunnel_remove", json!({"name": "mcp-agent"})));
     assert_eq!(rm["stopped"], true, "{rm}");
     assert_eq!(rm["removed_from_file"], true, "{rm}");
     assert!(
@@ -461,8 +467,8 @@ fn mcp_tools_set_up_use_and_remove_a_tunnel() {
         "tunnel_remove did not stop the shim"
     );
     assert_eq!(std::fs::read_to_string(&cfg).unwrap(), hand_written);
-    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "agent"})));
-    assert!(e.contains("no profile 'agent'"), "{e}");
+    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "mcp-agent"})));
+    assert!(e.contains("no profile 'mcp-agent'"), "{e}");
     shim.kill();
 
     // Every call was logged on stderr, with no command output in it.
@@ -520,7 +526,7 @@ fn mcp_cannot_grant_itself_exec() {
         ("copy_dir", json!("/")),
         ("mcp_created", json!(true)),
     ] {
-        for name in ["fresh", "manual"] {
+        for name in ["mcp-fresh", "manual"] {
             let e = rt.block_on(mcp.err(
                 "tunnel_setup",
                 json!({"name": name, "destination": "h.example", "options": {key: value}}),
@@ -540,16 +546,28 @@ fn mcp_cannot_grant_itself_exec() {
     assert!(e.contains("not created through MCP"), "{e}");
     assert_eq!(std::fs::read_to_string(&cfg).unwrap(), HAND_WRITTEN);
 
+    // New profiles take the reserved prefix, so none gets the socket of a
+    // person's `prod` run from another file or ad hoc.
+    let e = rt.block_on(mcp.err(
+        "tunnel_setup",
+        json!({"name": "prod", "destination": "h.example", "service": true}),
+    ));
+    assert!(
+        e.contains("named mcp-") && e.contains("try mcp-prod"),
+        "{e}"
+    );
+    assert_eq!(std::fs::read_to_string(&cfg).unwrap(), HAND_WRITTEN);
+
     // A profile MCP created is its to change, until a person takes it over
     // by adding a key of theirs.
     let made = rt.block_on(mcp.ok(
         "tunnel_setup",
-        json!({"name": "mine", "destination": "h.example", "options": {"keepalive": 7}}),
+        json!({"name": "mcp-mine", "destination": "h.example", "options": {"keepalive": 7}}),
     ));
     assert_eq!(made["created"], true, "{made}");
     let updated = rt.block_on(mcp.ok(
         "tunnel_setup",
-        json!({"name": "mine", "destination": "h2.example"}),
+        json!({"name": "mcp-mine", "destination": "h2.example"}),
     ));
     assert_eq!(updated["created"], false, "{updated}");
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -564,10 +582,10 @@ fn mcp_cannot_grant_itself_exec() {
     let taken = std::fs::read_to_string(&cfg).unwrap();
     let e = rt.block_on(mcp.err(
         "tunnel_setup",
-        json!({"name": "mine", "destination": "evil.example"}),
+        json!({"name": "mcp-mine", "destination": "evil.example"}),
     ));
     assert!(e.contains("taken it over"), "{e}");
-    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "mine"})));
+    let e = rt.block_on(mcp.err("tunnel_remove", json!({"name": "mcp-mine"})));
     assert!(e.contains("taken it over"), "{e}");
     assert_eq!(std::fs::read_to_string(&cfg).unwrap(), taken);
     assert!(taken.starts_with(HAND_WRITTEN), "{taken}");
@@ -633,8 +651,9 @@ fn mcp_acts_only_on_the_profiles_own_process() {
     assert!(e.contains("not profile 'twin'"), "{e}");
     assert!(!env.path("got").exists());
 
-    // Were `twin` MCP's own in this file, tunnel_remove still would not
-    // stop a process that runs another file's `twin`.
+    // Were `twin` MCP's own in this file (made before new names took the
+    // mcp- prefix), tunnel_remove still would not stop a process that runs
+    // another file's `twin`.
     std::fs::write(
         &cfg,
         format!(
@@ -660,8 +679,8 @@ fn mcp_acts_only_on_the_profiles_own_process() {
 }
 
 /// tunnel_setup and tunnel_remove never touch a person's systemd unit: not
-/// one whose name only looks like the profile's (`sshshim-a-b.service` runs
-/// the profiles `a` and `b`), and not `sshshim.service` or `X.service`,
+/// one whose name only looks like the profile's (`sshshim-mcp-a-b.service`
+/// runs the profiles `mcp` and `a-b`), and not `sshshim.service` or `X.service`,
 /// which `service remove NAME` would resolve a profile named `sshshim` or
 /// `X.service` to.
 #[test]
@@ -680,16 +699,17 @@ fn mcp_leaves_a_persons_units_alone() {
             canon.display()
         )
     };
-    // The person's units: every profile, prod alone, and a and b together.
+    // The person's units: every profile, prod alone, and mcp and a-b together.
     let person = [
         ("sshshim.service", unit("")),
         ("sshshim-prod.service", unit("prod")),
-        ("sshshim-a-b.service", unit("a b")),
+        ("sshshim-mcp-a-b.service", unit("mcp a-b")),
     ];
     for (f, text) in &person {
         std::fs::write(units.join(f), text).unwrap();
     }
-    // MCP's own profiles, with the units tunnel_setup would have installed.
+    // MCP's own profiles, with the units tunnel_setup would have installed
+    // (named before the mcp- prefix: MCP still removes what it owns).
     std::fs::write(
         &cfg,
         "[profile.sshshim]\nmcp_created = true\ndestination = \"h.example\"\n\n\
@@ -718,7 +738,7 @@ fn mcp_leaves_a_persons_units_alone() {
     let before = std::fs::read_to_string(&cfg).unwrap();
     let e = rt.block_on(mcp.err(
         "tunnel_setup",
-        json!({"name": "a-b", "destination": "evil.example", "service": true}),
+        json!({"name": "mcp-a-b", "destination": "evil.example", "service": true}),
     ));
     assert!(e.contains("not tunnel_setup's"), "{e}");
     assert_eq!(std::fs::read_to_string(&cfg).unwrap(), before);

@@ -13,7 +13,8 @@
 //! only profiles it created, which it marks `mcp_created = true` (a key, so
 //! the mark goes wherever the table goes and a comment cannot fake it) and
 //! which hold no person's key: a person who adds one (say `listen` and
-//! `mcp_exec`) takes the profile over.
+//! `mcp_exec`) takes the profile over. It creates only names beginning with
+//! [`profile::MCP_PREFIX`], which a person's profiles are warned off.
 
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
@@ -274,6 +275,16 @@ pub fn set_profile(path: &Path, edit: &ProfileEdit) -> Result<Written, String> {
     let (_, mut doc) = read_doc(&path)?;
     let profiles = profiles_table(&mut doc, &path)?;
     let created = !profiles.contains_key(&edit.name);
+    // Sockets and aliases go by name alone: a new profile under a person's
+    // name would take their ControlPath while theirs is down.
+    if created && !edit.name.starts_with(profile::MCP_PREFIX) {
+        return Err(format!(
+            "profiles created through MCP are named {p}… (a prefix reserved for them, so \
+             none takes the socket of a person's profile of the same name); try {p}{}",
+            edit.name,
+            p = profile::MCP_PREFIX
+        ));
+    }
     if let Some(t) = profiles.get(&edit.name) {
         let t = t.as_table_like().ok_or_else(|| {
             format!(
@@ -631,17 +642,17 @@ mcp_exec = true
             ("copy_dir", Json::from("/")),
             ("mcp_created", Json::Null),
         ] {
-            let mut e = edit("new", "h.example");
+            let mut e = edit("mcp-new", "h.example");
             e.options.insert(key.into(), val);
             let err = set_profile(&path, &e).unwrap_err();
             assert!(err.contains("only a person sets"), "{key}: {err}");
         }
         assert!(!path.exists(), "nothing written");
         for dest in ["a$(touch /tmp/x).corp", "-oFoo", "h;id", "u`id`@h"] {
-            let err = set_profile(&path, &edit("new", dest)).unwrap_err();
+            let err = set_profile(&path, &edit("mcp-new", dest)).unwrap_err();
             assert!(err.contains("holds none of"), "{dest}: {err}");
         }
-        let mut e = edit("new", "h.example");
+        let mut e = edit("mcp-new", "h.example");
         e.options.insert("user".into(), Json::from("x$(id)"));
         let err = set_profile(&path, &e).unwrap_err();
         assert!(err.contains("options.user"), "{err}");
@@ -651,7 +662,7 @@ mcp_exec = true
             ("local", "/tmp/s.sock:db:5432"),
             ("remote", "2375:/var/run/docker.sock"),
         ] {
-            let mut e = edit("new", "h.example");
+            let mut e = edit("mcp-new", "h.example");
             let l = Some(vec![spec.to_owned()]);
             if kind == "local" {
                 e.local_forwards = l;
@@ -661,7 +672,7 @@ mcp_exec = true
             let err = set_profile(&path, &e).unwrap_err();
             assert!(err.contains("loopback"), "{spec}: {err}");
         }
-        let mut e = edit("new", "h.example");
+        let mut e = edit("mcp-new", "h.example");
         e.local_forwards = Some(vec!["127.0.0.1:8080:db:5432".into(), "8081:db:5432".into()]);
         e.remote_forwards = Some(vec!["2222:localhost:22".into()]);
         assert!(set_profile(&path, &e).unwrap().created);
@@ -681,6 +692,30 @@ mcp_exec = true
         }
         assert!(!owned(&path, "none").unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), PERSON);
+    }
+
+    #[test]
+    fn new_names_take_the_reserved_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, FILE).unwrap();
+        let err = set_profile(&path, &edit("staging", "h.example")).unwrap_err();
+        assert!(
+            err.contains("named mcp-") && err.contains("try mcp-staging"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), FILE);
+        // Profiles MCP already owns keep their names and stay its own.
+        assert!(
+            !set_profile(&path, &edit("prod", "p2.example"))
+                .unwrap()
+                .created
+        );
+        assert!(
+            set_profile(&path, &edit("mcp-staging", "h.example"))
+                .unwrap()
+                .created
+        );
     }
 
     #[test]
@@ -713,22 +748,22 @@ mcp_exec = true
     fn create_appends_a_table_and_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/config.toml");
-        let mut e = edit("new", "h.example");
+        let mut e = edit("mcp-new", "h.example");
         e.remote_forwards = Some(vec!["1:h:2".into(), "3:h:4".into()]);
         let w = set_profile(&path, &e).unwrap();
         assert!(w.created);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with(ADDED_COMMENT), "{text}");
-        assert!(text.contains("[profile.new]\n"), "{text}");
+        assert!(text.contains("[profile.mcp-new]\n"), "{text}");
         let cf = profile::load(&path, true).unwrap();
-        assert_eq!(cf.get("new").unwrap().remote_forwards.len(), 2);
+        assert_eq!(cf.get("mcp-new").unwrap().remote_forwards.len(), 2);
 
         std::fs::write(&path, FILE).unwrap();
-        set_profile(&path, &edit("zz", "z.example")).unwrap();
+        set_profile(&path, &edit("mcp-zz", "z.example")).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with(FILE), "{text}");
         assert!(
-            text.ends_with("[profile.zz]\nmcp_created = true\ndestination = \"z.example\"\n"),
+            text.ends_with("[profile.mcp-zz]\nmcp_created = true\ndestination = \"z.example\"\n"),
             "{text}"
         );
     }
@@ -781,8 +816,8 @@ mcp_exec = true
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, FILE).unwrap();
-        set_profile(&path, &edit("zz", "z.example")).unwrap();
-        assert!(remove_profile(&path, "zz").unwrap());
+        set_profile(&path, &edit("mcp-zz", "z.example")).unwrap();
+        assert!(remove_profile(&path, "mcp-zz").unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), FILE);
     }
 

@@ -83,7 +83,8 @@ pub struct Server {
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetupParams {
-    /// Profile name, the NAME of [profile.NAME]: letters, digits, '.', '_', '-'.
+    /// Profile name, the NAME of [profile.NAME]: letters, digits, '.', '_', '-'; a new
+    /// profile's name must begin with "mcp-" (reserved for profiles made here).
     pub name: String,
     /// Where to connect: [user@]host[:port], or a Host alias from ~/.ssh/config.
     pub destination: String,
@@ -251,7 +252,8 @@ impl Server {
     #[tool(
         description = "Add or update a tunnel profile ([profile.NAME] in sshshim's config file), \
         validated exactly as `sshshim up` reads it; the rest of the file, comments included, is kept. \
-        Keys not given are kept. Only profiles created by tunnel_setup can be updated, and only \
+        Keys not given are kept. New profiles must be named mcp-NAME. Only profiles created by \
+        tunnel_setup can be updated, and only \
         destination, forwards and timing keys can be set. With service: true, also installs and \
         starts a systemd user service for it; otherwise nothing is started and next_steps says how.",
         // Open world: with service: true it connects to any destination.
@@ -393,7 +395,7 @@ impl Server {
     router = self.tool_router,
     name = "sshshim",
     instructions = "sshshim keeps one verified, authenticated SSH connection per profile and \
-    serves it on a local endpoint. tunnel_status lists profiles; tunnel_setup adds one with \
+    serves it on a local endpoint. tunnel_status lists profiles; tunnel_setup adds one (named mcp-…) with \
     forwards (it starts with `sshshim up NAME` or as a service, service: true). exec and copy \
     run through the running shim of a profile a person opted in (listen and mcp_exec = true, \
     set by editing the file; tunnel_setup cannot set them)."

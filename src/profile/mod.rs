@@ -196,6 +196,25 @@ impl ConfigFile {
     }
 }
 
+/// Prefix of the profile names `sshshim mcp` creates, reserved for it:
+/// sockets and aliases are named by profile name alone, so an MCP profile
+/// named like a person's could take the person's ControlPath while theirs
+/// is down.
+pub const MCP_PREFIX: &str = "mcp-";
+
+/// The warning for a person's profile (one without `mcp_created = true`),
+/// or an ad-hoc name, that uses the prefix reserved for MCP; `None` if it
+/// does not.
+pub fn reserved_name_warning(name: &str, mcp_created: bool) -> Option<String> {
+    (name.starts_with(MCP_PREFIX) && !mcp_created).then(|| {
+        format!(
+            "'{name}': names beginning with '{MCP_PREFIX}' are reserved for profiles `sshshim \
+             mcp` creates; one of them named '{name}' would take this one's socket and alias \
+             while it is down. Rename it"
+        )
+    })
+}
+
 /// Default config path: `$XDG_CONFIG_HOME/sshshim/config.toml`, else
 /// `~/.config/sshshim/config.toml`.
 pub fn default_path() -> PathBuf {

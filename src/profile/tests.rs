@@ -614,3 +614,12 @@ mod fuzz {
         assert!(e.contains("bad.toml") && e.contains("cannot read"), "{e}");
     }
 }
+
+#[test]
+fn the_mcp_prefix_is_reserved() {
+    let w = reserved_name_warning("mcp-prod", false).expect("a warning");
+    assert!(w.contains("'mcp-prod'") && w.contains("reserved"), "{w}");
+    assert_eq!(reserved_name_warning("mcp-prod", true), None);
+    assert_eq!(reserved_name_warning("prod", false), None);
+    assert_eq!(reserved_name_warning("prod-mcp-x", false), None);
+}
