@@ -409,6 +409,19 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
+
+def stop_all(procs):
+    """Stops the processes a phase started, newest first: SIGTERM, then
+    SIGKILL after 10 s."""
+    for q in reversed(procs):
+        if q.poll() is None:
+            q.terminate()
+            try:
+                q.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                q.kill()
+                q.wait()
+
 class Bench:
     # every contender; each test names the ones it runs (see tests())
     CONTENDERS = ("direct", "ControlMaster", "sshshim", "sshshim-cfg", "mux")
@@ -1066,14 +1079,7 @@ SetEnv HOME=%s/home
             except Exception as e:
                 self.errors[("par_down", via)].append("%s: %s" % (type(e).__name__, e))
                 log("  ERROR %s" % e)
-            for q in reversed(started):
-                if q.poll() is None:
-                    q.terminate()
-                    try:
-                        q.wait(timeout=10)
-                    except subprocess.TimeoutExpired:
-                        q.kill()
-                        q.wait()
+            stop_all(started)
 
     def run_tunnels(self):
         """N sshshim-owned -R tunnels in one `sshshim supervise` (its own
@@ -1158,14 +1164,7 @@ SetEnv HOME=%s/home
         except Exception as e:
             self.errors[("tunnels", "sshshim")].append("%s: %s" % (type(e).__name__, e))
             log("  ERROR %s" % e)
-        for q in reversed(started):
-            if q.poll() is None:
-                q.terminate()
-                try:
-                    q.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    q.kill()
-                    q.wait()
+        stop_all(started)
 
     def baseline(self):
         """The harness itself must not be the bottleneck: raw loopback numbers."""

@@ -55,29 +55,6 @@ fn closed_port() -> u16 {
     free_port()
 }
 
-/// `ssh` through the multiplexing socket `sock` (never a direct
-/// connection: HostName/Port point at a closed loopback port).
-fn mux_cmd(sock: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new("ssh");
-    c.args([
-        "-F",
-        "/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ControlMaster=no",
-    ])
-    .arg("-o")
-    .arg(format!("ControlPath={}", sock.display()))
-    .args(["-o", "HostName=127.0.0.1", "-o", "LogLevel=ERROR"])
-    .arg("-o")
-    .arg(format!("Port={}", closed_port()))
-    .arg("muxhost")
-    .args(args)
-    .env_remove("SSH_AUTH_SOCK");
-    c
-}
-
 /// The shim's multiplexing socket (the default path for its destination).
 fn shim_mux(env: &TestEnv) -> PathBuf {
     let name = format!("{}@{LOCALHOST}", env.user()).replace('@', "+40");

@@ -340,28 +340,6 @@ fn metrics_serve_only_our_user_and_loopback_hosts() {
     );
 }
 
-/// `ssh` through the multiplexing socket `sock` only (HostName and Port
-/// name a closed loopback port, so a direct connection would fail).
-fn through_mux(sock: &Path, args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new("ssh");
-    c.args([
-        "-F",
-        "/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "ControlMaster=no",
-    ])
-    .arg("-o")
-    .arg(format!("ControlPath={}", sock.display()))
-    .args(["-o", "HostName=127.0.0.1", "-o", "LogLevel=ERROR", "-o"])
-    .arg(format!("Port={}", free_port()))
-    .arg("muxhost")
-    .args(args)
-    .env_remove("SSH_AUTH_SOCK");
-    c
-}
-
 #[test]
 fn mux_directory_rule_is_what_openssh_users_expect() {
     let env = TestEnv::new();
@@ -375,7 +353,7 @@ fn mux_directory_rule_is_what_openssh_users_expect() {
         .shim_builder(sshd.port())
         .args(&["--mux", sock.to_str().unwrap()])
         .start();
-    let out = run(&mut through_mux(&sock, &["echo through-mux"]));
+    let out = run(&mut mux_cmd(&sock, &["echo through-mux"]));
     assert_eq!(stdout_text(&out), "through-mux\n", "{}", stderr_text(&out));
     drop(shim);
 
@@ -485,7 +463,7 @@ fn sockets_never_live_where_another_user_can_create_them() {
         stdout_text(&out)
     );
     // A real client gets through that socket.
-    let out = run(&mut through_mux(Path::new(&mux), &["echo via-state-dir"]));
+    let out = run(&mut mux_cmd(Path::new(&mux), &["echo via-state-dir"]));
     assert_eq!(
         stdout_text(&out),
         "via-state-dir\n",

@@ -75,6 +75,22 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// `ssh` through the multiplexing socket `sock` only: HostName and Port
+/// name a closed loopback port, so a client that fell back to a direct
+/// connection would fail at once instead of passing the test.
+pub fn mux_cmd(sock: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(["-F", "/dev/null", "-o", "BatchMode=yes"])
+        .args(["-o", "ControlMaster=no", "-o"])
+        .arg(format!("ControlPath={}", sock.display()))
+        .args(["-o", "HostName=127.0.0.1", "-o", "LogLevel=ERROR", "-o"])
+        .arg(format!("Port={}", free_port()))
+        .arg("muxhost")
+        .args(args)
+        .env_remove("SSH_AUTH_SOCK");
+    c
+}
+
 /// Exit code of a process, or 128+signal when it was killed by a signal.
 pub fn exit_code(status: &ExitStatus) -> i32 {
     status
