@@ -57,6 +57,7 @@ pub mod netwatch;
 pub mod paths;
 pub mod profile;
 pub mod resolve;
+pub mod resume;
 pub mod service;
 pub mod shim;
 pub mod spec;

@@ -1,0 +1,1 @@
+//! The remote helper: what `sshshim remote-helper` does on the server.
