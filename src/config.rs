@@ -47,6 +47,9 @@ pub struct UpConfig {
     /// How long a local reader whose buffer is full may take nothing
     /// before its channel is closed.
     pub stall_limit: Duration,
+    /// Resumable sessions (`--resume`): how long the server holds one,
+    /// and the helper the user installed there; `None` when off.
+    pub resume: Option<(Duration, Option<String>)>,
     /// OpenSSH multiplexing socket; `None` serves none.
     pub mux: Option<PathBuf>,
     /// The profiles file this profile came from, as

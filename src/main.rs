@@ -306,6 +306,23 @@ struct UpArgs {
     /// ~/.local/state/sshshim/run/NAME.mux].
     #[arg(long, value_name = "PATH|none")]
     mux: Option<PathBuf>,
+
+    /// Keep sessions alive across network drops: each session runs under a
+    /// small helper that sshshim brings to the server (into
+    /// ~/.cache/sshshim there), and continues after the reconnect with
+    /// nothing lost. See README, "Resumable sessions".
+    #[arg(long)]
+    resume: bool,
+
+    /// Seconds the server holds a session while sshshim is away, before
+    /// its command gets SIGHUP as a lost session would [default: 600].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    resume_timeout: Option<u64>,
+
+    /// Use this helper on the server (an sshshim you installed there)
+    /// instead of uploading this one.
+    #[arg(long, value_name = "PATH")]
+    remote_helper: Option<String>,
 }
 
 impl UpArgs {
@@ -336,6 +353,9 @@ impl UpArgs {
             metrics: self.metrics,
             stall_limit: self.stall_limit,
             mux: self.mux.as_ref().map(|p| paths::expand_tilde(p)),
+            resume: self.resume.then_some(true),
+            resume_timeout: self.resume_timeout,
+            remote_helper: self.remote_helper.clone(),
             mcp_exec: None,
             mcp_created: None,
             copy_dir: None,

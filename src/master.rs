@@ -57,6 +57,8 @@ pub struct Master {
     forwards: Mutex<HashMap<String, CancellationToken>>,
     /// sshshim's own agent, for sessions that ask (as ControlMaster does).
     agent: Option<PathBuf>,
+    /// Resumable sessions (`--resume`), if on.
+    resume: Option<Arc<crate::resume::Resume>>,
 }
 
 /// A tty session, for window-size changes.
@@ -87,6 +89,8 @@ pub struct MasterOptions {
     pub stop_listening: CancellationToken,
     /// The profile's shutdown.
     pub shutdown: CancellationToken,
+    /// Resumable sessions (`--resume`), if on.
+    pub resume: Option<Arc<crate::resume::Resume>>,
 }
 
 impl Master {
@@ -101,6 +105,7 @@ impl Master {
             stop_profile: o.stop_profile,
             stop_listening: o.stop_listening,
             shutdown: o.shutdown,
+            resume: o.resume,
             ttys: Mutex::default(),
             forwards: Mutex::default(),
             agent: std::env::var_os("SSH_AUTH_SOCK")
@@ -235,15 +240,18 @@ impl Master {
             ctl: ctl.clone(),
             cell: cell.clone(),
         };
+        let generation = opened.generation;
+        let (upstream, hold, congestion) =
+            bridge::upstream::prepare(opened, true, self.resume.as_ref()).await;
         let opts = bridge::Options {
             session: true,
             what: "mux session".into(),
             meter: self.pool.stats().open("session"),
-            hold: Some(Box::new(opened.load)),
+            hold,
             stall_limit: self.stall_limit,
-            congestion: Some(opened.congestion),
+            congestion,
         };
-        let b = bridge::spawn(input, output, opened.channel, opts, &self.tasks);
+        let b = bridge::spawn(input, output, upstream, opts, &self.tasks);
         let _ = cell.set(b.clone());
         // Followed for SIGWINCH before any request goes out: the client may
         // resize as soon as the shell's first output reaches it.
@@ -303,7 +311,7 @@ impl Master {
         {
             let guard = self
                 .registry
-                .add_agent_route(opened.generation, AgentTarget::Socket(sock));
+                .add_agent_route(generation, AgentTarget::Socket(sock));
             let b2 = b.clone();
             self.tasks.spawn(async move {
                 b2.finished().await;

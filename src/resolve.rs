@@ -160,6 +160,13 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
         stall_limit: p
             .stall_limit
             .map_or(crate::tuning::READER_STALL, Duration::from_secs),
+        resume: p.resume.unwrap_or(false).then(|| {
+            (
+                p.resume_timeout
+                    .map_or(crate::tuning::RESUME_TIMEOUT, Duration::from_secs),
+                p.remote_helper.clone(),
+            )
+        }),
         mux: match p.mux {
             Some(path) if path.as_os_str() == "none" => None,
             Some(path) => Some(path),

@@ -54,6 +54,8 @@ pub struct Started {
     pub local_clients: Gauge,
     /// The OpenSSH multiplexing socket, if served.
     pub mux: Option<std::path::PathBuf>,
+    /// Resumable sessions, if on.
+    pub resume: Option<Arc<crate::resume::Resume>>,
 }
 
 /// Runs one profile until `stop` is cancelled. `on_start` is called once
@@ -134,6 +136,20 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
     let shutdown = CancellationToken::new();
     let (pool, server_opens) = Pool::new(cfg.clone());
     let registry = Registry::new(pool.clone(), tasks.clone(), cfg.stall_limit);
+    let resume = cfg.resume.as_ref().map(|(timeout, helper)| {
+        crate::resume::Resume::new(
+            pool.clone(),
+            crate::resume::Settings {
+                timeout: *timeout,
+                remote_helper: helper.clone(),
+                instance: format!(
+                    "{}\0{}",
+                    cfg.config_file.as_deref().unwrap_or(""),
+                    cfg.name
+                ),
+            },
+        )
+    });
     for spec in cfg.forwards.iter().filter(|f| f.kind == Kind::Remote) {
         registry.add_owned_remote(spec);
     }
@@ -172,6 +188,7 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
             stop_profile: stop.clone(),
             stop_listening: server.stop_token(),
             shutdown: shutdown.clone(),
+            resume: resume.clone(),
         });
         let stop_serving = server.stop_token();
         let sd = shutdown.clone();
@@ -207,6 +224,7 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
             clients: local_clients.clone(),
             tasks: tasks.clone(),
             stall_limit: cfg.stall_limit,
+            resume: resume.clone(),
         };
         tasks.spawn(ep.serve(listener, shutdown.clone()).in_current_span());
     }
@@ -217,6 +235,7 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
         host_key,
         local_clients,
         mux: mux_path,
+        resume,
     });
 
     let mut running = tokio::spawn(pool.clone().run(shutdown.clone()).in_current_span());

@@ -36,6 +36,8 @@ struct Parts {
     mux: Option<std::path::PathBuf>,
     /// Local clients connected.
     clients: Gauge,
+    /// Resumable sessions, if on.
+    resume: Option<Arc<crate::resume::Resume>>,
 }
 
 /// A profile's live status, shared with the control socket and metrics.
@@ -118,6 +120,7 @@ impl StatusSource for Live {
             bytes_out: 0,
             config_file: self.source.0.clone(),
             profile_destination: self.source.1.clone(),
+            resume: None,
         };
         let Some(p) = parts.as_ref() else {
             return status;
@@ -151,6 +154,10 @@ impl StatusSource for Live {
             .collect();
         status.bytes_in = stats.bytes_in.load(Ordering::Relaxed);
         status.bytes_out = stats.bytes_out.load(Ordering::Relaxed);
+        status.resume = p.resume.as_ref().map(|r| crate::control::ResumeStatus {
+            helper: r.helper_state(),
+            held_sessions: r.held(),
+        });
         status.forwards = p
             .forwards
             .snapshot()
@@ -259,6 +266,7 @@ async fn run_profile(
             endpoint: s.endpoint,
             mux: s.mux.clone(),
             clients: s.local_clients.clone(),
+            resume: s.resume.clone(),
         });
         tokio::spawn(
             follow(

@@ -64,6 +64,11 @@ pub const EXTRA_IDLE: Duration = Duration::from_secs(30);
 /// progress before its channel is closed (`--stall-limit`).
 pub const READER_STALL: Duration = Duration::from_secs(5);
 
+/// Default `--resume-timeout`: how long the server holds a resumable
+/// session while sshshim is away (then its command gets SIGHUP, as a lost
+/// session's would). Long enough for a laptop's lid or a train tunnel.
+pub const RESUME_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Whether the CPU has the instructions that make AES-GCM cheap.
 pub fn aes_hardware() -> bool {
     #[cfg(target_arch = "x86_64")]

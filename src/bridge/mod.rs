@@ -18,6 +18,7 @@
 
 pub mod spill;
 pub mod stream;
+pub mod upstream;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use russh::{ChannelMsg, ChannelWriteHalf, client};
+use russh::ChannelMsg;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +34,7 @@ use tracing::Instrument;
 
 use crate::stats::ChannelMeter;
 use spill::{Event, PushError, SpillQueue};
+pub use upstream::{UpRead, UpWrite, Upstream};
 
 pub use spill::Event as Output;
 
@@ -112,8 +114,8 @@ pub struct Options {
 /// The upstream write side of a bridged channel, shared by the local end's
 /// handler (requests, window changes, signals) and the bridge tasks.
 pub struct Bridge {
-    /// Writes to the upstream channel.
-    pub write: ChannelWriteHalf<client::Msg>,
+    /// Writes to the upstream channel (or resumable session).
+    pub write: UpWrite,
     /// Replies we are waiting for, in request order (SSH answers in order).
     replies: Mutex<VecDeque<oneshot::Sender<bool>>>,
     /// A session channel (the only kind OpenSSH sends `eow@openssh.com` on).
@@ -138,7 +140,7 @@ pub struct Bridge {
 
 impl Bridge {
     /// Wraps the write half of a freshly opened upstream channel.
-    fn new(write: ChannelWriteHalf<client::Msg>, session: bool) -> Arc<Self> {
+    fn new(write: UpWrite, session: bool) -> Arc<Self> {
         Arc::new(Bridge {
             write,
             replies: Mutex::new(VecDeque::new()),
@@ -245,11 +247,14 @@ impl Bridge {
 pub fn spawn(
     local_in: impl LocalIn,
     local_out: impl LocalOut,
-    upstream: russh::Channel<client::Msg>,
+    upstream: impl Into<Upstream>,
     opts: Options,
     tasks: &TaskTracker,
 ) -> Arc<Bridge> {
-    let (up_read, up_write) = upstream.split();
+    let Upstream {
+        read: up_read,
+        write: up_write,
+    } = upstream.into();
     let bridge = Bridge::new(up_write, opts.session);
     let queue = Arc::new(SpillQueue::new());
     let meter = Arc::new(opts.meter);
@@ -393,7 +398,7 @@ struct Pump {
 impl Pump {
     /// Drains an upstream channel into the queue as fast as it delivers,
     /// routing request replies. Ends with a `Close` event.
-    async fn run(self, mut up_read: russh::ChannelReadHalf) {
+    async fn run(self, mut up_read: UpRead) {
         let (u, q) = (&self.bridge, &self.queue);
         let mut overflowed = false;
         loop {

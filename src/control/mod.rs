@@ -29,4 +29,4 @@ mod status;
 pub use metrics::{prometheus, serve_metrics};
 pub use render::render;
 pub use socket::{ServeError, down, query, running, serve, socket_dir, socket_path};
-pub use status::{ForwardStatus, ProfileStatus, StatusSource, UpstreamStatus};
+pub use status::{ForwardStatus, ProfileStatus, ResumeStatus, StatusSource, UpstreamStatus};

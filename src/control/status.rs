@@ -91,6 +91,21 @@ pub struct ProfileStatus {
     /// `Profile::target_label`); null when not run from a profile.
     #[serde(default)]
     pub profile_destination: Option<String>,
+    /// Resumable sessions (`--resume`); null when off. Absent in the JSON
+    /// of older versions.
+    #[serde(default)]
+    pub resume: Option<ResumeStatus>,
+}
+
+/// Resumable sessions of one profile.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ResumeStatus {
+    /// The remote helper: "ready: PATH", "unavailable: REASON", or null
+    /// until the first session asked for it.
+    pub helper: Option<String>,
+    /// Sessions running under the helper, attached or held while the
+    /// upstream is away.
+    pub held_sessions: Vec<crate::resume::HeldStatus>,
 }
 
 /// Implemented by a running profile.
@@ -145,5 +160,6 @@ pub(super) fn sample(name: &str) -> ProfileStatus {
         bytes_out: 512,
         config_file: Some("/home/alice/.config/sshshim/config.toml".into()),
         profile_destination: Some("alice@example.com".into()),
+        resume: None,
     }
 }

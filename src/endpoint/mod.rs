@@ -169,6 +169,8 @@ pub struct Endpoint {
     pub tasks: TaskTracker,
     /// See `bridge::Options::stall_limit`.
     pub stall_limit: Duration,
+    /// Resumable sessions (`--resume`), if on.
+    pub resume: Option<Arc<crate::resume::Resume>>,
 }
 
 impl Endpoint {
@@ -400,21 +402,24 @@ impl LocalHandler {
                     }
                 };
                 let id = channel.id();
+                let generation = opened.generation;
                 let (i, o) = local_channel::ends(channel, handle);
+                let (upstream, hold, congestion) =
+                    bridge::upstream::prepare(opened, is_session, ep.resume.as_ref()).await;
                 let opts = bridge::Options {
                     session: is_session,
                     what: kind.to_owned(),
                     meter: ep.pool.stats().open(kind),
-                    hold: Some(Box::new(opened.load)),
+                    hold,
                     stall_limit: ep.stall_limit,
-                    congestion: Some(opened.congestion),
+                    congestion,
                 };
-                let b = bridge::spawn(i, o, opened.channel, opts, &ep.tasks);
+                let b = bridge::spawn(i, o, upstream, opts, &ep.tasks);
                 channels.lock().unwrap().insert(
                     id,
                     LocalChannel {
                         bridge: b.clone(),
-                        generation: opened.generation,
+                        generation,
                         agent: None,
                     },
                 );

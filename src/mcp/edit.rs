@@ -66,6 +66,8 @@ pub const MCP_KEYS: &[&str] = &[
     "max_backoff",
     "connect_timeout",
     "stall_limit",
+    "resume",
+    "resume_timeout",
 ];
 
 /// Profile keys only a person sets, each with why.
@@ -77,6 +79,10 @@ pub const PERSON_KEYS: &[(&str, &str)] = &[
     (
         "known_hosts",
         "it decides which upstream host keys are trusted",
+    ),
+    (
+        "remote_helper",
+        "it chooses a program that runs on the server",
     ),
     ("accept_new", "it would trust unknown upstream host keys"),
     (

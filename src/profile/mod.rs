@@ -38,6 +38,9 @@ pub const KEYS: &[&str] = &[
     "metrics",
     "stall_limit",
     "mux",
+    "resume",
+    "resume_timeout",
+    "remote_helper",
     "mcp_exec",
     "mcp_created",
     "copy_dir",
@@ -88,6 +91,12 @@ pub struct Profile {
     pub stall_limit: Option<u64>,
     /// OpenSSH multiplexing socket path, `~` expanded; `none` serves none.
     pub mux: Option<PathBuf>,
+    /// Sessions survive the network, under a helper on the server.
+    pub resume: Option<bool>,
+    /// Seconds the helper holds a session with no sshshim attached (>= 1).
+    pub resume_timeout: Option<u64>,
+    /// The helper's path on the server, when the user installed one.
+    pub remote_helper: Option<String>,
     /// Lets `sshshim mcp` run commands and copy files through this profile's
     /// endpoint (its `exec` and `copy` tools); off unless set.
     pub mcp_exec: Option<bool>,
@@ -134,6 +143,9 @@ impl Profile {
             metrics: self.metrics.or(lower.metrics),
             stall_limit: self.stall_limit.or(lower.stall_limit),
             mux: self.mux.or(lower.mux),
+            resume: self.resume.or(lower.resume),
+            resume_timeout: self.resume_timeout.or(lower.resume_timeout),
+            remote_helper: self.remote_helper.or(lower.remote_helper),
             mcp_exec: self.mcp_exec.or(lower.mcp_exec),
             mcp_created: self.mcp_created.or(lower.mcp_created),
             copy_dir: self.copy_dir.or(lower.copy_dir),
@@ -487,6 +499,9 @@ fn set(p: &mut Profile, key: &str, v: Val) -> Result<(), Bad> {
         "metrics" => p.metrics = Some(addr_of(v)?),
         "stall_limit" => p.stall_limit = Some(int_of(v, 1, i64::MAX, secs)? as u64),
         "mux" => p.mux = Some(path_of(v)?),
+        "resume" => p.resume = Some(bool_of(v)?),
+        "resume_timeout" => p.resume_timeout = Some(int_of(v, 1, i64::MAX, secs)? as u64),
+        "remote_helper" => p.remote_helper = Some(str_of(v, "a path on the server (string)")?),
         "mcp_exec" => p.mcp_exec = Some(bool_of(v)?),
         "mcp_created" => p.mcp_created = Some(bool_of(v)?),
         "copy_dir" => p.copy_dir = Some(path_of(v)?),

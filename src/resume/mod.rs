@@ -4,10 +4,205 @@
 //! run as `sshshim remote-helper`) starts each session's command, detached
 //! from sshd, and keeps it running while the upstream connection is gone.
 //! After the reconnect sshshim attaches to it again and both sides replay
-//! what the other missed ([`wire`]).
+//! what the other missed.
 //!
 //! - [`wire`]: the frames and replay buffers both sides share (ground).
 //! - [`remote`]: the helper, as it runs on the server.
+//! - [`install`]: finding, uploading and checking the helper, once per
+//!   upstream connection.
+//! - [`session`]: one resumable session on sshshim's side; the bridge sees
+//!   it as an upstream channel that outlives connections.
 
+pub mod install;
 pub mod remote;
+pub mod session;
 pub mod wire;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use sha2::Digest;
+
+use crate::upstream::Pool;
+pub use install::Helper;
+pub use session::{SessionRead, SessionWrite};
+
+/// Output the helper buffers per stream before it stops reading the
+/// command (which then blocks on write, as with a slow reader); also the
+/// input sshshim keeps for replay per session.
+pub const BUFFER: u32 = 4 << 20;
+
+/// The settings of resumable sessions.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long the helper holds a session with no sshshim attached
+    /// ([`crate::tuning::RESUME_TIMEOUT`] by default).
+    pub timeout: Duration,
+    /// A helper the user installed on the server (`--remote-helper`);
+    /// otherwise sshshim uploads its own.
+    pub remote_helper: Option<String>,
+    /// The profiles file and profile name, which name this sshshim's
+    /// sessions on the server (see [`wire::Owner`]).
+    pub instance: String,
+}
+
+/// A held session, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct HeldStatus {
+    /// The session's first 8 hex digits (its full id stays private).
+    pub session: String,
+    /// "exec", "shell" or "subsystem".
+    pub kind: String,
+    /// "attached" or "waiting" (the upstream is gone; the helper holds it).
+    pub state: String,
+    /// Unix seconds of the last change of `state`.
+    pub since: u64,
+    /// Input sshshim holds that the helper has not acknowledged.
+    pub unacked_input_bytes: u64,
+    /// Output received so far (stdout and stderr).
+    pub output_bytes: u64,
+    /// Times the session was resumed.
+    pub resumes: u64,
+}
+
+/// Resumable sessions of one running profile.
+pub struct Resume {
+    /// Where attachments are opened.
+    pool: Arc<Pool>,
+    /// Settings.
+    settings: Settings,
+    /// See [`wire::Owner`].
+    owner: wire::Owner,
+    /// This process's run.
+    run: wire::Run,
+    /// The helper, once found on the server (or why there is none).
+    helper: tokio::sync::Mutex<Option<Result<Arc<Helper>, String>>>,
+    /// Sessions, for status, by a local number.
+    held: Mutex<BTreeMap<u64, HeldStatus>>,
+    /// Numbers for `held`.
+    next: AtomicU64,
+}
+
+impl Resume {
+    /// Resumable sessions over `pool`.
+    pub fn new(pool: Arc<Pool>, settings: Settings) -> Arc<Resume> {
+        let machine = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+        let digest = sha2::Sha256::new()
+            .chain_update(machine.trim().as_bytes())
+            .chain_update([0])
+            .chain_update(settings.instance.as_bytes())
+            .finalize();
+        let mut owner = [0u8; 16];
+        owner.copy_from_slice(&digest[..16]);
+        Arc::new(Resume {
+            pool,
+            settings,
+            owner,
+            run: rand::random(),
+            helper: tokio::sync::Mutex::new(None),
+            held: Mutex::default(),
+            next: AtomicU64::new(0),
+        })
+    }
+
+    /// The helper on the server, found (and uploaded if needed) on first
+    /// use; the reason in words when none can run there.
+    pub async fn helper(&self) -> Result<Arc<Helper>, String> {
+        let mut g = self.helper.lock().await;
+        if let Some(r) = &*g {
+            return r.clone();
+        }
+        let found = install::find(&self.pool, &self.settings, self.owner, self.run).await;
+        // A transient failure (the connection dropped during the probe)
+        // should not switch resume off for good: only a verdict is kept.
+        let keep = found.as_ref().map_or_else(|e| !e.transient, |_| true);
+        let r = found.map(Arc::new).map_err(|e| e.why);
+        match &r {
+            Ok(h) => tracing::info!(
+                "resumable sessions: the remote helper is ready ({})",
+                crate::term::clean(&h.path)
+            ),
+            Err(why) => tracing::warn!(
+                "resumable sessions are off for this server: {}",
+                crate::term::clean(why)
+            ),
+        }
+        if keep {
+            *g = Some(r.clone());
+        }
+        r
+    }
+
+    /// Forgets the helper (it was removed on the server): the next session
+    /// looks again.
+    pub async fn forget_helper(&self) {
+        *self.helper.lock().await = None;
+    }
+
+    /// The helper's state for status: `None` until a session asked.
+    pub fn helper_state(&self) -> Option<String> {
+        let g = self.helper.try_lock().ok()?;
+        match &*g {
+            None => None,
+            Some(Ok(h)) => Some(format!("ready: {}", h.path)),
+            Some(Err(why)) => Some(format!("unavailable: {why}")),
+        }
+    }
+
+    /// Held sessions, for status.
+    pub fn held(&self) -> Vec<HeldStatus> {
+        self.held.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Registers a session for status; removed when the returned guard drops.
+    fn register(self: &Arc<Self>, st: HeldStatus) -> HeldGuard {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        self.held.lock().unwrap().insert(n, st);
+        HeldGuard {
+            resume: self.clone(),
+            n,
+        }
+    }
+}
+
+/// Keeps a session's status entry.
+struct HeldGuard {
+    /// Where it is.
+    resume: Arc<Resume>,
+    /// Its key.
+    n: u64,
+}
+
+impl HeldGuard {
+    /// Updates the entry.
+    fn update(&self, f: impl FnOnce(&mut HeldStatus)) {
+        if let Some(st) = self.resume.held.lock().unwrap().get_mut(&self.n) {
+            f(st);
+        }
+    }
+}
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        self.resume.held.lock().unwrap().remove(&self.n);
+    }
+}
+
+/// Unix seconds now.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Lower-case hex.
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Quotes `s` for a POSIX shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}

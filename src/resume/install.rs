@@ -1,0 +1,400 @@
+//! Finding the remote helper, and uploading it when the server does not
+//! have this version yet: once per sshshim run (again only after it went
+//! missing), over the upstream connection itself.
+//!
+//! The helper is sshshim's own executable. It goes to
+//! `${XDG_CACHE_HOME:-~/.cache}/sshshim/` on the server (0700), named by
+//! version and checksum; the upload is written to a temporary name,
+//! checked against the checksum, made executable and renamed into place,
+//! and the checksum is checked again before each run's first use. Then it
+//! must run there (`remote-helper version`): another OS or architecture, a
+//! noexec home, an old libc or a ForceCommand each end up as a reason in
+//! words, and sessions then work as without `--resume`.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use bytes::Bytes;
+use russh::ChannelMsg;
+use sha2::Digest;
+
+use super::{Settings, hex, shell_quote, wire};
+use crate::upstream::{Open, OpenError, Pool};
+
+/// How long one probe, upload or reap command may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The first line the probe script prints, so a ForceCommand or a
+/// restricted shell (which would print something else) is recognised.
+const PROBE_MARK: &str = "sshshim-probe 1";
+
+/// The helper on the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Helper {
+    /// Its path there.
+    pub path: String,
+    /// The sftp subsystem: the program sshd's config names for it, or why
+    /// sftp sessions cannot run under the helper.
+    pub sftp: Result<String, String>,
+}
+
+impl Helper {
+    /// The command line that runs the helper with `args`.
+    pub fn command(&self, args: &str) -> String {
+        format!("{} remote-helper {args}", shell_quote(&self.path))
+    }
+}
+
+/// Why no helper can run on the server.
+#[derive(Debug, Clone)]
+pub struct NotHere {
+    /// In words, for status, the log and `check`.
+    pub why: String,
+    /// The connection failed meanwhile: worth trying again later.
+    pub transient: bool,
+}
+
+impl NotHere {
+    /// A verdict about the server.
+    fn verdict(why: impl Into<String>) -> NotHere {
+        NotHere {
+            why: why.into(),
+            transient: false,
+        }
+    }
+
+    /// The connection failed under the probe.
+    fn transient(why: impl Into<String>) -> NotHere {
+        NotHere {
+            why: why.into(),
+            transient: true,
+        }
+    }
+}
+
+/// This executable, its checksum and the name it gets on the server.
+struct Local {
+    /// The executable's bytes.
+    bytes: Bytes,
+    /// Its SHA-256, hex.
+    sha256: String,
+}
+
+/// Reads this executable once.
+fn local() -> Result<&'static Local, String> {
+    static LOCAL: OnceLock<Result<Local, String>> = OnceLock::new();
+    LOCAL
+        .get_or_init(|| {
+            let bytes = std::fs::read("/proc/self/exe")
+                .map_err(|e| format!("cannot read sshshim's own executable: {e}"))?;
+            let sha256 = hex(&sha2::Sha256::digest(&bytes));
+            Ok(Local {
+                bytes: bytes.into(),
+                sha256,
+            })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// `uname -sm` of this machine, as the remote's `uname -sm` prints it.
+fn local_platform() -> String {
+    // SAFETY: utsname is plain data; uname fills it with NUL-terminated strings.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return String::new();
+    }
+    let field = |f: &[libc::c_char]| {
+        let bytes: Vec<u8> = f.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    format!("{} {}", field(&u.sysname), field(&u.machine))
+}
+
+/// What a command on the server printed, and how it ended.
+pub struct Ran {
+    /// Exit status, if it sent one.
+    pub status: Option<u32>,
+    /// Its stdout.
+    pub stdout: Vec<u8>,
+    /// Its stderr.
+    pub stderr: Vec<u8>,
+}
+
+/// Runs `command` on the server through the login shell (as `ssh host
+/// command` does), with `stdin` then EOF.
+pub async fn run(pool: &Pool, command: &str, stdin: &[u8]) -> Result<Ran, NotHere> {
+    let opened = match pool.open(Open::Session).await {
+        Ok(o) => o,
+        Err(e @ OpenError::Unavailable(_)) => return Err(NotHere::transient(e.to_string())),
+        Err(e) => return Err(NotHere::transient(format!("cannot open a session: {e}"))),
+    };
+    let ch = opened.channel;
+    let work = async {
+        ch.exec(true, command.as_bytes())
+            .await
+            .map_err(|e| NotHere::transient(e.to_string()))?;
+        let (mut rd, wr) = ch.split();
+        let writer = async {
+            for chunk in stdin.chunks(wire::CHUNK) {
+                if wr.data_bytes(Bytes::copy_from_slice(chunk)).await.is_err() {
+                    break;
+                }
+            }
+            let _ = wr.eof().await;
+        };
+        let reader = async {
+            let mut ran = Ran {
+                status: None,
+                stdout: Vec::new(),
+                stderr: Vec::new(),
+            };
+            let mut exec_ok = None;
+            while let Some(msg) = rd.wait().await {
+                match msg {
+                    ChannelMsg::Success if exec_ok.is_none() => exec_ok = Some(true),
+                    ChannelMsg::Failure if exec_ok.is_none() => exec_ok = Some(false),
+                    ChannelMsg::Data { data } => ran.stdout.extend_from_slice(&data),
+                    ChannelMsg::ExtendedData { data, .. } => ran.stderr.extend_from_slice(&data),
+                    ChannelMsg::ExitStatus { exit_status } => ran.status = Some(exit_status),
+                    ChannelMsg::Close => break,
+                    _ => {}
+                }
+            }
+            (ran, exec_ok)
+        };
+        let ((ran, exec_ok), ()) = tokio::join!(reader, writer);
+        match exec_ok {
+            Some(false) => Err(NotHere::verdict(
+                "the server refuses to run commands (exec request refused)",
+            )),
+            _ => Ok(ran),
+        }
+    };
+    tokio::time::timeout(STEP_TIMEOUT, work)
+        .await
+        .unwrap_or_else(|_| Err(NotHere::transient("the server did not answer in time")))
+}
+
+/// The probe script: prints [`PROBE_MARK`], `uname -sm`, then `have PATH`
+/// when the helper is there with the right checksum (`need PATH` if not),
+/// or `nodir REASON` when there is no private directory for it.
+fn probe_script(file: &str, sha256: &str) -> String {
+    format!(
+        r#"printf '%s\n' '{PROBE_MARK}'; uname -sm; umask 077
+d="${{XDG_CACHE_HOME:-$HOME/.cache}}/sshshim"
+if ! mkdir -p "$d" || ! chmod 700 "$d" || ! test -O "$d"; then echo "nodir $d is not a private directory of ours"; exit 0; fi
+f="$d/{file}"
+if ! command -v sha256sum >/dev/null 2>&1; then echo "nodir the server has no sha256sum to check the helper with"; exit 0; fi
+if test -f "$f" && test "$(sha256sum < "$f" | cut -c1-64)" = "{sha256}"; then echo "have $f"; else echo "need $f"; fi"#
+    )
+}
+
+/// The upload script: the helper arrives on stdin.
+fn upload_script(file: &str, sha256: &str) -> String {
+    format!(
+        r#"umask 077; d="${{XDG_CACHE_HOME:-$HOME/.cache}}/sshshim"; f="$d/{file}"
+t=$(mktemp "$d/.upload.XXXXXX") || exit 1
+if cat > "$t" && test "$(sha256sum < "$t" | cut -c1-64)" = "{sha256}" && chmod 700 "$t" && mv -f "$t" "$f"; then echo ok; else rm -f "$t"; echo "bad upload"; fi"#
+    )
+}
+
+/// Finds (or uploads) the helper and checks that it runs; then ends the
+/// sessions a previous run of this sshshim left held.
+pub async fn find(
+    pool: &Pool,
+    settings: &Settings,
+    owner: wire::Owner,
+    run: wire::Run,
+) -> Result<Helper, NotHere> {
+    let path = match &settings.remote_helper {
+        Some(p) => p.clone(),
+        None => install(pool).await?,
+    };
+    let helper = check(pool, &path).await?;
+    // Sessions the previous run held have no local client any more.
+    let reap = helper.command(&format!("reap {} {}", hex(&owner), hex(&run)));
+    match run_cmd(pool, &reap).await {
+        Ok(r) if r.status == Some(0) => {
+            let out = String::from_utf8_lossy(&r.stdout).trim().to_owned();
+            if out != "0" && !out.is_empty() {
+                tracing::info!("asked {out} session(s) held for a previous run to end");
+            }
+        }
+        Ok(r) => tracing::debug!(
+            "reap: {}",
+            crate::term::clean(&String::from_utf8_lossy(&r.stderr))
+        ),
+        Err(e) => tracing::debug!("reap: {}", e.why),
+    }
+    Ok(helper)
+}
+
+/// [`run`] without stdin.
+async fn run_cmd(pool: &Pool, command: &str) -> Result<Ran, NotHere> {
+    run(pool, command, &[]).await
+}
+
+/// Makes sure sshshim's own helper is in the server's cache: returns its path.
+async fn install(pool: &Pool) -> Result<String, NotHere> {
+    let me = local().map_err(NotHere::verdict)?;
+    let file = format!(
+        "sshshim-{}-{}",
+        env!("CARGO_PKG_VERSION"),
+        &me.sha256[..16]
+    );
+    let probe = run_cmd(pool, &probe_script(&file, &me.sha256)).await?;
+    let text = String::from_utf8_lossy(&probe.stdout).into_owned();
+    let mut lines = text.lines();
+    if lines.next() != Some(PROBE_MARK) {
+        let first = text.lines().next().unwrap_or("").trim();
+        return Err(NotHere::verdict(format!(
+            "the server ran something else instead of sshshim's probe (a ForceCommand or a \
+             restricted shell?){}",
+            if first.is_empty() {
+                String::new()
+            } else {
+                format!(": it printed {:?}", crate::term::clean(first))
+            }
+        )));
+    }
+    let platform = lines.next().unwrap_or("").trim().to_owned();
+    let ours = local_platform();
+    if platform != ours {
+        return Err(NotHere::verdict(format!(
+            "the server is {platform:?}, and this sshshim runs on {ours:?}; install an sshshim \
+             built for it there and give its path with --remote-helper"
+        )));
+    }
+    let verdict = lines.next().unwrap_or("").to_owned();
+    if let Some(why) = verdict.strip_prefix("nodir ") {
+        return Err(NotHere::verdict(why.to_owned()));
+    }
+    if let Some(path) = verdict.strip_prefix("have ") {
+        return Ok(path.to_owned());
+    }
+    let Some(path) = verdict.strip_prefix("need ") else {
+        return Err(NotHere::verdict(format!(
+            "the probe's answer was not understood: {:?}",
+            crate::term::clean(&text)
+        )));
+    };
+    tracing::info!(
+        "uploading the remote helper ({} KiB) to {}",
+        me.bytes.len() >> 10,
+        crate::term::clean(path)
+    );
+    let up = run(pool, &upload_script(&file, &me.sha256), &me.bytes).await?;
+    if String::from_utf8_lossy(&up.stdout).trim() != "ok" {
+        return Err(NotHere::verdict(format!(
+            "the upload of the helper failed: {}",
+            crate::term::clean(
+                String::from_utf8_lossy(&up.stderr)
+                    .lines()
+                    .next()
+                    .unwrap_or("its checksum did not match")
+            )
+        )));
+    }
+    Ok(path.to_owned())
+}
+
+/// Runs the helper's `version` there: it must answer with our protocol.
+async fn check(pool: &Pool, path: &str) -> Result<Helper, NotHere> {
+    let probe = Helper {
+        path: path.to_owned(),
+        sftp: Err(String::new()),
+    };
+    let ran = run_cmd(pool, &probe.command("version")).await?;
+    let out = String::from_utf8_lossy(&ran.stdout).into_owned();
+    let mut lines = out.lines();
+    let first = lines.next().unwrap_or("");
+    let mut words = first.split_whitespace();
+    if words.next() != Some("sshshim-remote-helper") {
+        let err = String::from_utf8_lossy(&ran.stderr);
+        let why = err.lines().next().unwrap_or("").trim();
+        return Err(NotHere::verdict(format!(
+            "the helper does not run on the server{}",
+            if why.is_empty() {
+                format!(" (exit status {:?})", ran.status)
+            } else {
+                format!(": {}", crate::term::clean(why))
+            }
+        )));
+    }
+    let proto = words.nth(1).and_then(|v| v.parse::<u32>().ok());
+    if proto != Some(wire::VERSION) {
+        return Err(NotHere::verdict(format!(
+            "the helper at {path} speaks protocol {proto:?}, this sshshim {}",
+            wire::VERSION
+        )));
+    }
+    let mut sftp = Err("sshd's configuration names no sftp subsystem".to_owned());
+    for line in lines {
+        if let Some(cmd) = line.strip_prefix("subsystem sftp ") {
+            sftp = if cmd.trim() == "internal" {
+                Err("sshd serves sftp in-process (internal-sftp): there is no sftp program \
+                     the helper could keep running"
+                    .to_owned())
+            } else {
+                Ok(cmd.trim().to_owned())
+            };
+        }
+    }
+    Ok(Helper {
+        path: path.to_owned(),
+        sftp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_local_platform_reads_like_uname() {
+        let p = local_platform();
+        let out = std::process::Command::new("uname").arg("-sm").output().unwrap();
+        assert_eq!(p, String::from_utf8_lossy(&out.stdout).trim());
+    }
+
+    #[test]
+    fn scripts_run_under_sh() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("cache");
+        let data = b"pretend helper".to_vec();
+        let sha = hex(&sha2::Sha256::digest(&data));
+        let sh = |script: &str, stdin: &[u8]| {
+            use std::io::Write;
+            let mut c = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .env("XDG_CACHE_HOME", &cache)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            c.stdin.take().unwrap().write_all(stdin).unwrap();
+            String::from_utf8(c.wait_with_output().unwrap().stdout).unwrap()
+        };
+        let out = sh(&probe_script("h", &sha), b"");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], PROBE_MARK);
+        assert_eq!(lines[1], local_platform());
+        let want = format!("need {}/sshshim/h", cache.display());
+        assert_eq!(lines[2], want);
+        assert_eq!(sh(&upload_script("h", &sha), b"wrong bytes").trim(), "bad upload");
+        assert_eq!(sh(&upload_script("h", &sha), &data).trim(), "ok");
+        let out = sh(&probe_script("h", &sha), b"");
+        assert!(out.ends_with(&format!("have {}/sshshim/h\n", cache.display())), "{out}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(cache.join("sshshim/h"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let left: Vec<_> = std::fs::read_dir(cache.join("sshshim")).unwrap().collect();
+        assert_eq!(left.len(), 1, "no temporary upload left behind");
+    }
+}
