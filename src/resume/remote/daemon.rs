@@ -634,7 +634,7 @@ impl Session {
 fn watch(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd owns the descriptor: it stays open and is not
     // replaced while registered, and is closed only after deregistering.
-    unsafe { AsyncFd::register(fd) }
+    Ok(unsafe { AsyncFd::register(fd) }?)
 }
 
 /// The wire's form of how a process ended.
