@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
-use sshshim::resume::wire::{
-    self, Exit, Frame, PtySpec, Secret, SessionId, StartSpec, Stream,
-};
+use sshshim::resume::wire::{self, Exit, Frame, PtySpec, Secret, SessionId, StartSpec, Stream};
 
 /// Bound for any one wait.
 const WAIT: Duration = Duration::from_secs(15);
@@ -283,7 +281,9 @@ fn wait_until(f: impl Fn() -> bool) -> bool {
 fn gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(s) => s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
     }
 }
 
@@ -367,7 +367,10 @@ fn a_wrong_secret_is_refused_and_the_session_stays_resumable() {
 fn attaching_to_an_ended_session_is_refused_in_the_protocol() {
     let env = Env::new();
     let mut p = env.relay(&["attach", &"ab".repeat(16)]);
-    assert_eq!(p.recv(), Frame::Refused("no such session (it ended)".into()));
+    assert_eq!(
+        p.recv(),
+        Frame::Refused("no such session (it ended)".into())
+    );
     let st = p.child.wait().unwrap();
     assert!(st.success(), "{st:?}");
 }
@@ -419,9 +422,15 @@ fn a_session_nobody_resumes_ends_after_its_timeout() {
     p.kill();
     assert!(!gone(pid), "the command runs on while the session is held");
     env.wait_no_socket(&id);
-    assert!(wait_until(|| gone(pid)), "the command {pid} was left behind");
+    assert!(
+        wait_until(|| gone(pid)),
+        "the command {pid} was left behind"
+    );
     let mut late = env.relay(&["attach", &hex(&id)]);
-    assert_eq!(late.recv(), Frame::Refused("no such session (it ended)".into()));
+    assert_eq!(
+        late.recv(),
+        Frame::Refused("no such session (it ended)".into())
+    );
 }
 
 #[test]
@@ -433,7 +442,10 @@ fn hangup_ends_the_command() {
     let pid = first_line_pid(&mut p, &mut got);
     p.send(&Frame::Hangup);
     env.wait_no_socket(&id);
-    assert!(wait_until(|| gone(pid)), "the command {pid} was left behind");
+    assert!(
+        wait_until(|| gone(pid)),
+        "the command {pid} was left behind"
+    );
     p.wait_exit();
 }
 
@@ -562,7 +574,10 @@ fn version_names_the_sftp_subsystem_of_the_sshd_above() {
             "Subsystem sftp /usr/lib/openssh/sftp-server -e",
             Some("subsystem sftp /usr/lib/openssh/sftp-server -e"),
         ),
-        ("Subsystem sftp internal-sftp", Some("subsystem sftp internal")),
+        (
+            "Subsystem sftp internal-sftp",
+            Some("subsystem sftp internal"),
+        ),
         ("Subsystem other /bin/other", None),
     ] {
         let cfg = env.dir.path().join("sshd_config");

@@ -207,9 +207,8 @@ impl Daemon {
                 }
                 continue;
             };
-            let can_read = [0, 1].map(|i| {
-                s.readers[i].is_some() && s.out[i].buffered() < s.spec.buffer as usize
-            });
+            let can_read = [0, 1]
+                .map(|i| s.readers[i].is_some() && s.out[i].buffered() < s.spec.buffer as usize);
             let can_write = s.stdin.is_some() && !s.stdin_queue.is_empty();
             let running = s.exit.is_none();
             tokio::select! {
@@ -560,9 +559,7 @@ impl Session {
 
     /// Whether output is waiting to go out.
     fn wants_to_send(&self) -> bool {
-        self.out
-            .iter()
-            .any(|o| o.buffered() > 0 || o.eof_due())
+        self.out.iter().any(|o| o.buffered() > 0 || o.eof_due())
     }
 
     /// A new attachment has output up to these offsets.

@@ -188,10 +188,7 @@ mod tests {
         );
         // The title sshd sets for itself.
         let title = b"sshd: /usr/sbin/sshd -D -f /srv/cfg [listener] 0 of 10-100 startups\0";
-        assert_eq!(
-            config_from_cmdline(title),
-            Some(PathBuf::from("/srv/cfg"))
-        );
+        assert_eq!(config_from_cmdline(title), Some(PathBuf::from("/srv/cfg")));
         assert_eq!(config_from_cmdline(b"sshd: alice@notty\0"), None);
         assert_eq!(config_from_cmdline(b"/bin/bash\0-f\0/x\0"), None);
     }
