@@ -52,8 +52,12 @@ impl Env {
 
     /// Starts a relay (`start` or `attach ID`) and reads its MAGIC.
     fn relay(&self, args: &[&str]) -> Peer {
-        let mut child = self
-            .helper(args)
+        self.relay_with(self.helper(args))
+    }
+
+    /// [`Env::relay`] with the command given.
+    fn relay_with(&self, mut cmd: Command) -> Peer {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -87,6 +91,14 @@ impl Env {
     /// Starts a session running `spec`: its id.
     fn start(&self, spec: &StartSpec) -> (Peer, SessionId) {
         let mut p = self.relay(&["start"]);
+        let id = self.hello(&mut p);
+        p.send(&Frame::Start(Box::new(spec.clone())));
+        assert_eq!(p.recv(), Frame::Started);
+        (p, id)
+    }
+
+    /// A fresh session's greeting: its id.
+    fn hello(&self, p: &mut Peer) -> SessionId {
         let id = match p.recv() {
             Frame::Hello {
                 version,
@@ -96,9 +108,7 @@ impl Env {
             f => panic!("expected a fresh Hello, got {f:?}"),
         };
         assert!(self.socket(&id).exists(), "the session's socket");
-        p.send(&Frame::Start(Box::new(spec.clone())));
-        assert_eq!(p.recv(), Frame::Started);
-        (p, id)
+        id
     }
 
     /// Attaches to session `id` and resumes it.
@@ -503,7 +513,13 @@ fn reap_ends_the_previous_runs_sessions_of_its_owner_only() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
     b.send(&Frame::Signal("KILL".into()));
     gb.until(&mut b, true, |g| g.exit.is_some());
-    assert!(!gone(b_pid) || gb.exit.is_some());
+    assert_eq!(
+        gb.exit,
+        Some(Exit::Signal {
+            name: "KILL".into(),
+            core_dumped: false
+        })
+    );
     b.send(&Frame::Done);
     env.wait_no_socket(&b_id);
 }
@@ -590,21 +606,111 @@ fn version_names_the_sftp_subsystem_of_the_sshd_above() {
     }
 }
 
-/// Runs `remote-helper SUB` as the child of a bash whose command line
-/// reads `sshd ... -f CFG` (as sshd's own does).
-fn under_fake_sshd(env: &Env, cfg: &Path, sub: &str) -> Vec<u8> {
+/// `remote-helper SUB` as the child of a bash whose command line reads
+/// `sshd ... -f CFG` (as sshd's own does).
+fn fake_sshd(env: &Env, cfg: &Path, sub: &str) -> Command {
     let helper = env!("CARGO_BIN_EXE_sshshim");
     let script = format!(
         "exec -a sshd bash -c '\"$0\" remote-helper {sub}; true' '{helper}' -f '{}'",
         cfg.display()
     );
-    let out = Command::new("bash")
-        .arg("-c")
+    let mut c = Command::new("bash");
+    c.arg("-c")
         .arg(script)
         .env("HOME", env.dir.path())
-        .env("XDG_CACHE_HOME", env.cache())
-        .output()
-        .unwrap();
+        .env("XDG_CACHE_HOME", env.cache());
+    c
+}
+
+/// Runs [`fake_sshd`] to its end: its stdout.
+fn under_fake_sshd(env: &Env, cfg: &Path, sub: &str) -> Vec<u8> {
+    let out = fake_sshd(env, cfg, sub).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     out.stdout
+}
+
+#[test]
+fn subsystems_run_the_program_sshd_names_and_internal_sftp_is_refused() {
+    let env = Env::new();
+    let cfg = env.dir.path().join("sshd_config");
+    std::fs::write(
+        &cfg,
+        "Subsystem upper tr a-z A-Z\nSubsystem sftp internal-sftp\n",
+    )
+    .unwrap();
+    let secret = Secret::random();
+    let mut p = env.relay_with(fake_sshd(&env, &cfg, "start"));
+    let id = env.hello(&mut p);
+    let mut s = spec("", &secret);
+    s.command = wire::Command::Subsystem("upper".into());
+    p.send(&Frame::Start(Box::new(s.clone())));
+    assert_eq!(p.recv(), Frame::Started);
+    p.send(&Frame::Data {
+        stream: Stream::Stdin,
+        offset: 0,
+        data: Bytes::from_static(b"hello\n"),
+    });
+    p.send(&Frame::Eof {
+        stream: Stream::Stdin,
+        at: 6,
+    });
+    let mut got = Got::default();
+    got.until(&mut p, true, |g| g.exit.is_some());
+    assert_eq!(got.text(), "HELLO\n");
+    assert_eq!(got.exit, Some(Exit::Status(0)));
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
+
+    for (name, why) in [
+        ("sftp", "internal-sftp"),
+        ("nope", "names no subsystem nope"),
+    ] {
+        let mut p = env.relay_with(fake_sshd(&env, &cfg, "start"));
+        let id = env.hello(&mut p);
+        s.command = wire::Command::Subsystem(name.into());
+        p.send(&Frame::Start(Box::new(s.clone())));
+        match p.recv() {
+            Frame::Refused(w) => assert!(w.contains(why), "{w}"),
+            f => panic!("expected Refused, got {f:?}"),
+        }
+        env.wait_no_socket(&id);
+        p.wait_exit();
+    }
+}
+
+#[test]
+fn a_full_buffer_stops_reading_the_command_until_acked() {
+    let env = Env::new();
+    let secret = Secret::random();
+    // 2 MiB out, then a word on stderr once stdout was all taken.
+    let mut s = spec("head -c 2097152 /dev/zero; echo written >&2", &secret);
+    s.buffer = 64 * 1024;
+    let (mut p, id) = env.start(&s);
+    let mut got = Got::default();
+    // Nothing acknowledged: the helper holds at most its buffer (plus
+    // one read), the pipe fills, the command blocks.
+    got.until(&mut p, false, |g| g.out.len() >= 64 * 1024);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(500) {
+        if let Ok(f) = p.rx.recv_timeout(Duration::from_millis(50)) {
+            got.take(&mut p, f, false);
+        }
+    }
+    assert!(
+        got.out.len() <= 64 * 1024 + wire::CHUNK,
+        "read {} bytes past a 64 KiB buffer",
+        got.out.len()
+    );
+    assert!(got.err.is_empty(), "the command was not held up");
+    // Acknowledged: everything arrives.
+    p.send(&Frame::Ack {
+        stream: Stream::Stdout,
+        upto: got.out.len() as u64,
+    });
+    got.until(&mut p, true, |g| g.exit.is_some());
+    assert_eq!(got.out.len(), 2 << 20);
+    assert!(got.out.iter().all(|b| *b == 0));
+    assert_eq!(got.err, b"written\n");
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
 }

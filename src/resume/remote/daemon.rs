@@ -155,6 +155,8 @@ struct Session {
     readers: [Option<AsyncFd<OwnedFd>>; 2],
     /// Output to send, kept until acknowledged.
     out: [Outbox; 2],
+    /// Where each output stream is read into (empty between reads).
+    scratch: [BytesMut; 2],
     /// Whether each output EOF went out on the current attachment.
     eof_sent: [bool; 2],
     /// Whether the exit went out on the current attachment.
@@ -211,6 +213,7 @@ impl Daemon {
                 .map(|i| s.readers[i].is_some() && s.out[i].buffered() < s.spec.buffer as usize);
             let can_write = s.stdin.is_some() && !s.stdin_queue.is_empty();
             let running = s.exit.is_none();
+            let [scratch_out, scratch_err] = &mut s.scratch;
             tokio::select! {
                 acc = self.listener.accept() => {
                     if let Ok((stream, _)) = acc {
@@ -219,8 +222,12 @@ impl Daemon {
                 }
                 Some(ev) = self.events.recv() => self.event(ev).await,
                 () = notified(drained), if attached_waits => {}
-                r = read_some(s.readers[0].as_ref()), if can_read[0] => s.output(0, r),
-                r = read_some(s.readers[1].as_ref()), if can_read[1] => s.output(1, r),
+                r = read_some(s.readers[0].as_ref(), scratch_out), if can_read[0] => {
+                    s.output(0, r);
+                }
+                r = read_some(s.readers[1].as_ref(), scratch_err), if can_read[1] => {
+                    s.output(1, r);
+                }
                 r = write_some(s.stdin.as_ref(), s.stdin_queue.front()), if can_write => {
                     s.wrote(r);
                 }
@@ -551,6 +558,7 @@ impl Session {
             inbox: Inbox::default(),
             readers: [Some(watch(sp.stdout)?), stderr],
             out,
+            scratch: [BytesMut::new(), BytesMut::new()],
             eof_sent: [false, false],
             exit_sent: false,
             pty: sp.pty,
@@ -662,18 +670,25 @@ async fn sleep_opt(t: Option<&mut Pin<Box<Sleep>>>) {
     }
 }
 
-/// Reads what is there from `fd`: `None` at its end. The read happens in
+/// Reads what is there from `fd` into `scratch`'s spare room: `None` at
+/// its end. Small reads share one allocation (a line does not pin a
+/// whole chunk's memory while it waits for its ack). The read happens in
 /// the poll that completes, so cancelling loses nothing.
-async fn read_some(fd: Option<&AsyncFd<OwnedFd>>) -> io::Result<Option<Bytes>> {
+async fn read_some(
+    fd: Option<&AsyncFd<OwnedFd>>,
+    scratch: &mut BytesMut,
+) -> io::Result<Option<Bytes>> {
     let Some(fd) = fd else {
         return std::future::pending().await;
     };
-    let mut buf = vec![0u8; wire::CHUNK];
+    scratch.reserve(wire::CHUNK);
     loop {
         let mut g = fd.readable().await?;
+        let spare = scratch.spare_capacity_mut();
+        let room = spare.len().min(wire::CHUNK);
         let r = g.try_io(|inner| {
-            // SAFETY: `buf` is valid for writing `buf.len()` bytes.
-            let n = unsafe { libc::read(inner.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            // SAFETY: `spare` is valid for writing `room` bytes.
+            let n = unsafe { libc::read(inner.as_raw_fd(), spare.as_mut_ptr().cast(), room) };
             if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -683,8 +698,9 @@ async fn read_some(fd: Option<&AsyncFd<OwnedFd>>) -> io::Result<Option<Bytes>> {
         match r {
             Ok(Ok(0)) => return Ok(None),
             Ok(Ok(n)) => {
-                buf.truncate(n);
-                return Ok(Some(Bytes::from(buf)));
+                // SAFETY: read initialised the first `n` spare bytes.
+                unsafe { scratch.set_len(n) };
+                return Ok(Some(scratch.split_to(n).freeze()));
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Ok(Err(e)) => return Err(e),
