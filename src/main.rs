@@ -78,6 +78,13 @@ enum Command {
     },
     /// Print the man page of sshshim or of a subcommand, or write them all (--dir).
     Man(ManArgs),
+    /// The helper sshshim runs on the server for resumable sessions (`--resume`).
+    #[command(hide = true, name = "remote-helper")]
+    RemoteHelper {
+        /// `version`, `start`, `attach ID` or `reap OWNER RUN`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Shown under `sshshim completions --help`.
@@ -528,6 +535,11 @@ fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     sshshim::completion::complete_if_asked(Cli::command);
     let cli = Cli::parse();
+    // Before any runtime or logging: the helper forks its daemons.
+    let cli = match cli.command {
+        Command::RemoteHelper { args } => return sshshim::resume::remote::main(args),
+        _ => cli,
+    };
     init_logging(cli.verbose, cli.quiet, cli.log_format);
     let runtime = || build_runtime().map_err(|e| format!("cannot start the runtime: {e}"));
     let result: Result<(), String> = match cli.command {
@@ -562,6 +574,7 @@ fn main() -> ExitCode {
             write_stdout(&sshshim::completion::script(shell, &completer))
         }
         Command::Man(a) => man(a),
+        Command::RemoteHelper { .. } => unreachable!("dispatched before logging"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,8 +10,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// The passwd entry's (login name, home directory) for our uid.
-fn passwd_entry() -> Option<(String, PathBuf)> {
+/// The passwd entry's (login name, home directory, login shell) for our uid.
+fn passwd_entry() -> Option<(String, PathBuf, PathBuf)> {
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     // SAFETY: an all-zero passwd is a valid value for getpwuid_r to overwrite.
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
@@ -32,9 +32,14 @@ fn passwd_entry() -> Option<(String, PathBuf)> {
     }
     // SAFETY: on success pw_name and pw_dir point to NUL-terminated strings in `buf`.
     let (name, dir) = unsafe { (CStr::from_ptr(pw.pw_name), CStr::from_ptr(pw.pw_dir)) };
+    // SAFETY: as pw_dir; a null pw_shell is taken as empty.
+    let shell = (!pw.pw_shell.is_null()).then(|| unsafe { CStr::from_ptr(pw.pw_shell) });
     Some((
         name.to_string_lossy().into_owned(),
         PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())),
+        PathBuf::from(std::ffi::OsStr::from_bytes(
+            shell.map_or(&b""[..], |s| s.to_bytes()),
+        )),
     ))
 }
 
@@ -48,7 +53,7 @@ pub fn home_dir() -> Option<PathBuf> {
     std::env::var_os("HOME")
         .filter(|h| !h.is_empty())
         .map(PathBuf::from)
-        .or_else(|| passwd_entry().map(|(_, d)| d))
+        .or_else(|| passwd_entry().map(|(_, d, _)| d))
         .filter(|d| !d.as_os_str().is_empty())
 }
 
@@ -74,10 +79,19 @@ pub fn expand_tilde(p: &Path) -> PathBuf {
 /// for our uid, then `$USER`.
 pub fn current_user() -> String {
     passwd_entry()
-        .map(|(n, _)| n)
+        .map(|(n, _, _)| n)
         .filter(|n| !n.is_empty())
         .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
         .unwrap_or_else(|| "root".into())
+}
+
+/// The user's login shell from the passwd entry, as sshd runs commands
+/// with it; `/bin/sh` when the entry names none.
+pub fn login_shell() -> PathBuf {
+    passwd_entry()
+        .map(|(_, _, s)| s)
+        .filter(|s| !s.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("/bin/sh"))
 }
 
 /// Our effective uid.

@@ -1,1 +1,73 @@
 //! The remote helper: what `sshshim remote-helper` does on the server.
+//!
+//! sshd starts it on an exec channel (stdin and stdout are the channel):
+//! - `version`: one line with the helper's and the protocol's version, then
+//!   how sshd runs the sftp subsystem ([`sshd`]).
+//! - `start`: binds a new session's socket, forks the session's daemon
+//!   ([`daemon`]) and relays the channel to it ([`relay`]).
+//! - `attach ID`: relays the channel to a held session.
+//! - `reap OWNER RUN`: asks every held session to end if it belongs to
+//!   OWNER's previous runs.
+//!
+//! The rendezvous is a Unix socket per session in a private directory
+//! ([`rundir`]). The command itself runs as sshd would run it ([`child`]).
+
+mod child;
+mod daemon;
+mod relay;
+mod rundir;
+mod sshd;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use super::wire;
+
+/// Runs `sshshim remote-helper ARGS...`. Called before any runtime or
+/// logging exists: `start` forks.
+pub fn main(args: Vec<OsString>) -> ExitCode {
+    let args: Vec<String> = match args.into_iter().map(OsString::into_string).collect() {
+        Ok(a) => a,
+        Err(_) => return fail("arguments are not UTF-8"),
+    };
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match args.as_slice() {
+        ["version"] => {
+            print!("{}", version_text());
+            Ok(())
+        }
+        ["start"] => relay::start(),
+        ["attach", id] => relay::attach(id),
+        ["reap", owner, run] => relay::reap(owner, run),
+        _ => Err(
+            "usage: sshshim remote-helper version | start | attach ID | reap OWNER RUN".to_string(),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Says why on stderr (sshd passes it to the client as extended data).
+fn fail(why: &str) -> ExitCode {
+    eprintln!("sshshim remote-helper: {why}");
+    ExitCode::FAILURE
+}
+
+/// What `version` prints: `sshshim-remote-helper VERSION PROTOCOL`, then
+/// `subsystem sftp COMMAND` or `subsystem sftp internal` when sshd's
+/// configuration names one.
+fn version_text() -> String {
+    let mut s = format!(
+        "sshshim-remote-helper {} {}\n",
+        env!("CARGO_PKG_VERSION"),
+        wire::VERSION
+    );
+    match sshd::subsystem("sftp") {
+        Some(sshd::Subsystem::Internal) => s.push_str("subsystem sftp internal\n"),
+        Some(sshd::Subsystem::Program(p)) => s.push_str(&format!("subsystem sftp {p}\n")),
+        None => {}
+    }
+    s
+}

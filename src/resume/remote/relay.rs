@@ -1,0 +1,208 @@
+//! The helper's short-lived side, run by sshd on an exec channel: `start`
+//! (bind a session's socket, fork its daemon, relay), `attach` (relay to a
+//! held session), `reap` (ask held sessions of a previous run to end).
+//!
+//! A relay copies the channel (stdin, stdout) to the session's socket
+//! byte for byte, and exits when either side ends: the session's daemon
+//! stays, holding the command, until a new relay attaches.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::BytesMut;
+
+use super::rundir::{check_peer, hex, parse_id, run_dir, socket_path};
+use super::{child, daemon};
+use crate::resume::wire::{self, Frame, SessionId};
+
+/// How long `reap` waits for one session's greeting.
+const REAP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `start`: a new session. Its socket is bound before the fork, so the
+/// relay can connect at once and the daemon owns the listener.
+pub fn start() -> Result<(), String> {
+    let dir = run_dir()?;
+    let id: SessionId = rand::random();
+    let path = socket_path(&dir, &id);
+    // SAFETY: umask only swaps the process's mask; we are single-threaded.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(&path);
+    // SAFETY: as above; the command inherits the user's own mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    // SAFETY: no other thread exists yet (no runtime, no logging), so the
+    // child may run arbitrary code after fork.
+    match unsafe { libc::fork() } {
+        -1 => {
+            let e = io::Error::last_os_error();
+            let _ = std::fs::remove_file(&path);
+            Err(format!("cannot fork the session's daemon: {e}"))
+        }
+        0 => {
+            detach_from_sshd();
+            daemon::run(listener, path, id);
+            std::process::exit(0);
+        }
+        _ => {
+            drop(listener);
+            let sock = UnixStream::connect(&path)
+                .map_err(|e| format!("cannot reach the new session: {e}"))?;
+            relay(sock)
+        }
+    }
+}
+
+/// The daemon's side of the fork: its own session (SIGHUP from sshd's
+/// session does not reach it), the home directory, stdio on /dev/null
+/// (the channel closes when the relay exits).
+fn detach_from_sshd() {
+    // SAFETY: setsid takes no arguments; it fails only for a group leader,
+    // which a fresh child is not.
+    unsafe { libc::setsid() };
+    let _ = std::env::set_current_dir(child::home());
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors, which we own.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}
+
+/// `attach ID`: relays to a held session, or answers for it when the
+/// session is gone: MAGIC and `Refused`, exit 0.
+pub fn attach(id: &str) -> Result<(), String> {
+    let id = parse_id(id).ok_or("a session id is 32 hexadecimal digits")?;
+    let path = socket_path(&run_dir()?, &id);
+    let sock = match UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e) if gone(&e) => {
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                // Its daemon died without cleaning up (killed).
+                let _ = std::fs::remove_file(&path);
+            }
+            let mut out = BytesMut::new();
+            out.extend_from_slice(wire::MAGIC);
+            Frame::Refused("no such session (it ended)".into()).encode(&mut out);
+            let mut stdout = io::stdout().lock();
+            stdout
+                .write_all(&out)
+                .and_then(|()| stdout.flush())
+                .map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        Err(e) => return Err(format!("cannot reach session {}: {e}", hex(&id))),
+    };
+    check_peer(&sock).map_err(|e| e.to_string())?;
+    relay(sock)
+}
+
+/// Whether a connect error means nobody holds that socket.
+fn gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// Copies stdin to `sock` and `sock` to stdout until either ends, then
+/// exits the process.
+fn relay(sock: UnixStream) -> Result<(), String> {
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .map(File::from)
+            .map_err(|e| e.to_string())
+    };
+    let stdin = dup(io::stdin().as_fd())?;
+    let stdout = dup(io::stdout().as_fd())?;
+    let up = sock.try_clone().map_err(|e| e.to_string())?;
+    std::thread::spawn(move || {
+        copy(stdin, up);
+        std::process::exit(0);
+    });
+    copy(sock, stdout);
+    std::process::exit(0);
+}
+
+/// Copies until EOF or an error on either side; each read is written out
+/// at once (no buffering: latency matters).
+fn copy(mut from: impl Read, mut to: impl Write) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// `reap OWNER RUN`: sends `Reap` to every held session (each decides);
+/// prints how many it asked.
+pub fn reap(owner: &str, run: &str) -> Result<(), String> {
+    let owner = parse_id(owner).ok_or("an owner is 32 hexadecimal digits")?;
+    let run = parse_id(run).ok_or("a run is 32 hexadecimal digits")?;
+    let dir = run_dir()?;
+    let mut asked = 0;
+    for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())? {
+        let Ok(entry) = entry else { continue };
+        let path = entry.path();
+        if path.extension().is_some_and(|x| x == "sock") && ask_reap(&path, owner, run) {
+            asked += 1;
+        }
+    }
+    println!("{asked}");
+    Ok(())
+}
+
+/// Greets one session and sends it `Reap`; whether it was asked.
+fn ask_reap(path: &Path, owner: [u8; 16], run: [u8; 16]) -> bool {
+    let mut sock = match UnixStream::connect(path) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.kind() == io::ErrorKind::ConnectionRefused {
+                let _ = std::fs::remove_file(path);
+            }
+            return false;
+        }
+    };
+    if check_peer(&sock).is_err()
+        || sock.set_read_timeout(Some(REAP_TIMEOUT)).is_err()
+        || sock.set_write_timeout(Some(REAP_TIMEOUT)).is_err()
+    {
+        return false;
+    }
+    let mut magic = [0u8; 12];
+    if sock.read_exact(&mut magic).is_err() || &magic != wire::MAGIC {
+        return false;
+    }
+    let mut buf = BytesMut::new();
+    loop {
+        match Frame::decode(&mut buf) {
+            Ok(Some(Frame::Hello { .. })) => break,
+            Ok(None) => {
+                let mut chunk = [0u8; 256];
+                match sock.read(&mut chunk) {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            _ => return false,
+        }
+    }
+    sock.write_all(&Frame::Reap { owner, run }.to_bytes())
+        .is_ok()
+}
