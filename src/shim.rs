@@ -175,6 +175,16 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
         };
     }
 
+    if let Some(r) = resume.clone() {
+        // Find (or upload) the helper now, so the first session does not
+        // wait for it, and end what a previous run of ours left held.
+        tasks.spawn(
+            async move {
+                let _ = r.helper().await;
+            }
+            .in_current_span(),
+        );
+    }
     let mux_path = mux_listener.as_ref().map(|l| l.path().to_path_buf());
     if let Some(l) = mux_listener {
         let (tx, rx) = tokio::sync::mpsc::channel(64);

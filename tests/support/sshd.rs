@@ -123,7 +123,6 @@ impl Sshd {
             "PermitRootLogin yes".into(),
             "PidFile none".into(),
             "AcceptEnv LANG LC_* SSHSHIM_TEST_*".into(),
-            "Subsystem sftp internal-sftp".into(),
             "AllowAgentForwarding yes".into(),
             "AllowTcpForwarding yes".into(),
             "AllowStreamLocalForwarding yes".into(),
@@ -139,8 +138,17 @@ impl Sshd {
             // (which differential tests compare). `no_rehash` (the variable
             // pyenv-init's --no-rehash sets) skips it; the timeout bounds it
             // should another pyenv ignore that.
-            format!("SetEnv {} PYENV_REHASH_TIMEOUT=2 no_rehash=1", self.marker),
+            // The remote helper of `--resume` caches itself (and its
+            // sockets) in the test's own directory, not the real home.
+            format!(
+                "SetEnv {} PYENV_REHASH_TIMEOUT=2 no_rehash=1 XDG_CACHE_HOME={d}/remote-cache",
+                self.marker
+            ),
         ]);
+        // A test may name its own sftp server (sshd refuses two lines).
+        if !self.extra.iter().any(|l| l.starts_with("Subsystem sftp")) {
+            cfg.push("Subsystem sftp internal-sftp".into());
+        }
         let path = self.env.path("sshd_config");
         fs::write(&path, cfg.join("\n") + "\n").expect("write sshd_config");
         path

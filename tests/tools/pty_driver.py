@@ -8,6 +8,9 @@ Steps run in order:
   expect:REGEX     wait (10 s at most) until the output so far matches REGEX
   resize:ROWS:COLS change the terminal size and send SIGWINCH, as a terminal does
   wait             wait (10 s at most) for the program to exit
+  touch:PATH       create PATH (a signal to the test)
+  gone:PATH        wait (30 s at most) until the test removed PATH
+  print            print the output so far, between lines of ====
 
 Prints "EXIT <code>" after `wait`. On a timeout prints the transcript to stderr
 and exits 1. Used by the integration tests for pty behaviour.
@@ -72,6 +75,18 @@ def main():
             r, c = arg.split(":")
             set_size(fd, int(r), int(c))
             os.kill(pid, signal.SIGWINCH)
+        elif kind == "touch":
+            open(arg, "w").close()
+        elif kind == "gone":
+            deadline = time.time() + 30
+            while os.path.exists(arg):
+                if time.time() > deadline:
+                    fail(f"{arg} was not removed")
+                pump(time.time() + 0.05)
+        elif kind == "print":
+            print("====")
+            print(out.decode(errors="replace"))
+            print("====")
         elif kind == "wait":
             deadline = time.time() + TIMEOUT
             while True:
