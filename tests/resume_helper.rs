@@ -714,3 +714,25 @@ fn a_full_buffer_stops_reading_the_command_until_acked() {
     p.send(&Frame::Done);
     env.wait_no_socket(&id);
 }
+
+#[test]
+fn a_resume_replaces_an_attachment_that_still_looks_alive() {
+    let env = Env::new();
+    let secret = Secret::random();
+    let (old, id) = env.start(&spec("read x; echo \"got $x\"", &secret));
+    // The old relay still runs (a blackholed connection): the new one
+    // takes over, and the old one is closed.
+    let (mut p, have_in) = env.resume(&id, &secret, 0, 0);
+    assert_eq!(have_in, 0);
+    old.wait_exit();
+    p.send(&Frame::Data {
+        stream: Stream::Stdin,
+        offset: 0,
+        data: Bytes::from_static(b"it\n"),
+    });
+    let mut got = Got::default();
+    got.until(&mut p, true, |g| g.exit.is_some());
+    assert_eq!(got.text(), "got it\n");
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
+}
