@@ -736,3 +736,43 @@ fn a_resume_replaces_an_attachment_that_still_looks_alive() {
     p.send(&Frame::Done);
     env.wait_no_socket(&id);
 }
+
+#[test]
+fn shell_is_a_login_shell_in_the_home_directory() {
+    let env = Env::new();
+    let secret = Secret::random();
+    let mut s = spec("", &secret);
+    s.command = wire::Command::Shell;
+    let (mut p, id) = env.start(&s);
+    p.send(&Frame::Data {
+        stream: Stream::Stdin,
+        offset: 0,
+        data: Bytes::from_static(b"echo \"argv0=$0 pwd=$PWD\"; exit 3\n"),
+    });
+    p.send(&Frame::Eof {
+        stream: Stream::Stdin,
+        at: 33,
+    });
+    let mut got = Got::default();
+    got.until(&mut p, true, |g| g.exit.is_some());
+    let shell = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "getent passwd $(id -u) | cut -d: -f7"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let base = Path::new(shell.trim())
+        .file_name()
+        .map_or("sh".into(), |n| n.to_string_lossy().into_owned());
+    let want = format!("argv0=-{base} pwd={}", env.dir.path().display());
+    assert!(
+        got.text().contains(&want),
+        "{:?} lacks {want:?}",
+        got.text()
+    );
+    assert_eq!(got.exit, Some(Exit::Status(3)));
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
+}
