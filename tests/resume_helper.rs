@@ -714,3 +714,65 @@ fn a_full_buffer_stops_reading_the_command_until_acked() {
     p.send(&Frame::Done);
     env.wait_no_socket(&id);
 }
+
+#[test]
+fn a_resume_replaces_an_attachment_that_still_looks_alive() {
+    let env = Env::new();
+    let secret = Secret::random();
+    let (old, id) = env.start(&spec("read x; echo \"got $x\"", &secret));
+    // The old relay still runs (a blackholed connection): the new one
+    // takes over, and the old one is closed.
+    let (mut p, have_in) = env.resume(&id, &secret, 0, 0);
+    assert_eq!(have_in, 0);
+    old.wait_exit();
+    p.send(&Frame::Data {
+        stream: Stream::Stdin,
+        offset: 0,
+        data: Bytes::from_static(b"it\n"),
+    });
+    let mut got = Got::default();
+    got.until(&mut p, true, |g| g.exit.is_some());
+    assert_eq!(got.text(), "got it\n");
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
+}
+
+#[test]
+fn shell_is_a_login_shell_in_the_home_directory() {
+    let env = Env::new();
+    let secret = Secret::random();
+    let mut s = spec("", &secret);
+    s.command = wire::Command::Shell;
+    let (mut p, id) = env.start(&s);
+    p.send(&Frame::Data {
+        stream: Stream::Stdin,
+        offset: 0,
+        data: Bytes::from_static(b"echo \"argv0=$0 pwd=$PWD\"; exit 3\n"),
+    });
+    p.send(&Frame::Eof {
+        stream: Stream::Stdin,
+        at: 33,
+    });
+    let mut got = Got::default();
+    got.until(&mut p, true, |g| g.exit.is_some());
+    let shell = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "getent passwd $(id -u) | cut -d: -f7"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let base = Path::new(shell.trim())
+        .file_name()
+        .map_or("sh".into(), |n| n.to_string_lossy().into_owned());
+    let want = format!("argv0=-{base} pwd={}", env.dir.path().display());
+    assert!(
+        got.text().contains(&want),
+        "{:?} lacks {want:?}",
+        got.text()
+    );
+    assert_eq!(got.exit, Some(Exit::Status(3)));
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
+}

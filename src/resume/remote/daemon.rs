@@ -39,6 +39,10 @@ use crate::resume::wire::{
 /// frames are made (the rest waits in the outboxes).
 const QUEUE_LIMIT: usize = 256 * 1024;
 
+/// Input written to the command between two acks while more is queued
+/// (so the client's window refills before the queue runs dry).
+const ACK_EVERY: u64 = 128 * 1024;
+
 /// How long a command may take to exit after SIGHUP before its process
 /// group gets SIGKILL.
 const KILL_AFTER: Duration = Duration::from_secs(5);
@@ -147,6 +151,11 @@ struct Session {
     stdin: Option<AsyncFd<OwnedFd>>,
     /// Input received and not yet written.
     stdin_queue: VecDeque<Bytes>,
+    /// Bytes in `stdin_queue`.
+    stdin_queued: usize,
+    /// Input acknowledged so far (written to the command, or dropped
+    /// after it closed its input).
+    stdin_acked: u64,
     /// Where input ends (`Eof` from the client), once known.
     stdin_eof: Option<u64>,
     /// Input received so far.
@@ -252,13 +261,16 @@ impl Daemon {
         let (Some(c), Some(s)) = (self.attached.as_ref(), self.session.as_mut()) else {
             return;
         };
-        if s.stdin_queue.is_empty()
-            && let Some(upto) = s.inbox.take_ack()
+        // Input is acknowledged once written: when the queue drains, and
+        // every ACK_EVERY bytes while it does not.
+        let written = s.inbox.have - s.stdin_queued as u64;
+        if written > s.stdin_acked && (s.stdin_queued == 0 || written - s.stdin_acked >= ACK_EVERY)
         {
             c.send(&Frame::Ack {
                 stream: Stream::Stdin,
-                upto,
+                upto: written,
             });
+            s.stdin_acked = written;
         }
         let streams = [Stream::Stdout, Stream::Stderr];
         let mut more = true;
@@ -497,6 +509,8 @@ impl Daemon {
         }
         child::kill(-s.pid, libc::SIGHUP);
         s.stdin = None;
+        s.stdin_queue.clear();
+        s.stdin_queued = 0;
         s.readers = [None, None];
         s.pty = None;
         if tokio::time::timeout(KILL_AFTER, s.child.wait())
@@ -554,6 +568,8 @@ impl Session {
             exit: None,
             stdin: Some(watch(sp.stdin)?),
             stdin_queue: VecDeque::new(),
+            stdin_queued: 0,
+            stdin_acked: 0,
             stdin_eof: None,
             inbox: Inbox::default(),
             readers: [Some(watch(sp.stdout)?), stderr],
@@ -596,6 +612,7 @@ impl Session {
     fn input(&mut self, offset: u64, data: Bytes) -> Result<(), WireError> {
         let fresh = self.inbox.accept(offset, data)?;
         if !fresh.is_empty() && self.stdin.is_some() {
+            self.stdin_queued += fresh.len();
             self.stdin_queue.push_back(fresh);
         }
         Ok(())
@@ -605,6 +622,7 @@ impl Session {
     fn wrote(&mut self, r: io::Result<usize>) {
         match r {
             Ok(n) => {
+                self.stdin_queued -= n;
                 if let Some(front) = self.stdin_queue.front_mut() {
                     if n >= front.len() {
                         self.stdin_queue.pop_front();
@@ -618,6 +636,7 @@ impl Session {
                 // dropped, as sshd drops it.
                 self.stdin = None;
                 self.stdin_queue.clear();
+                self.stdin_queued = 0;
             }
         }
         self.maybe_close_stdin();

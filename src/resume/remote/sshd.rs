@@ -92,10 +92,23 @@ fn config_from_cmdline(cmdline: &[u8]) -> Option<PathBuf> {
     None
 }
 
-/// The first `Subsystem NAME ...` line of a configuration's text. Lines
-/// inside `Match` blocks are ignored (a Match block lasts to the end of
-/// the file, so the search stops there), and so are `Include`d files.
+/// The first `Subsystem NAME ...` line of a configuration's text, with
+/// `Include`d files read in place (through `read`, which expands a
+/// pattern to the files' texts). Lines inside `Match` blocks are ignored:
+/// a Match block lasts to the end of its file, so the search of that file
+/// stops there.
 pub fn find_subsystem(text: &str, name: &str) -> Option<Subsystem> {
+    find_in(text, name, &read_include, 0).flatten()
+}
+
+/// [`find_subsystem`]: `None` when this text (and what it includes) has
+/// no line for `name`, `Some(found)` at the first one.
+fn find_in(
+    text: &str,
+    name: &str,
+    read: &dyn Fn(&str) -> Vec<String>,
+    depth: usize,
+) -> Option<Option<Subsystem>> {
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -105,6 +118,16 @@ pub fn find_subsystem(text: &str, name: &str) -> Option<Subsystem> {
         if key.eq_ignore_ascii_case("match") {
             break;
         }
+        if key.eq_ignore_ascii_case("include") && depth < 16 {
+            for pattern in rest.split_whitespace() {
+                for included in read(pattern) {
+                    if let Some(found) = find_in(&included, name, read, depth + 1) {
+                        return Some(found);
+                    }
+                }
+            }
+            continue;
+        }
         if !key.eq_ignore_ascii_case("subsystem") {
             continue;
         }
@@ -113,14 +136,57 @@ pub fn find_subsystem(text: &str, name: &str) -> Option<Subsystem> {
             continue;
         }
         let command = command.trim();
-        return match command {
+        return Some(match command {
             "" => None,
             "internal-sftp" => Some(Subsystem::Internal),
             c if c.starts_with("internal-sftp ") => Some(Subsystem::Internal),
             c => Some(Subsystem::Program(c.to_string())),
-        };
+        });
     }
     None
+}
+
+/// The texts of the files an `Include` pattern names, in sorted order as
+/// sshd's glob gives them; a relative pattern is under /etc/ssh. Wildcards
+/// (`*`, `?`) are taken in the file name only.
+fn read_include(pattern: &str) -> Vec<String> {
+    let path = PathBuf::from("/etc/ssh").join(pattern);
+    let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
+        return Vec::new();
+    };
+    let file = file.to_string_lossy();
+    if !file.contains(['*', '?']) {
+        return std::fs::read_to_string(&path).into_iter().collect();
+    }
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            !n.starts_with('.') && wildcard(file.as_bytes(), n.as_bytes())
+        })
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect()
+}
+
+/// Whether `name` matches the glob `pat` (`*` and `?` only).
+fn wildcard(pat: &[u8], name: &[u8]) -> bool {
+    match (pat.first(), name.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => {
+            wildcard(&pat[1..], name) || (!name.is_empty() && wildcard(pat, &name[1..]))
+        }
+        (Some(b'?'), Some(_)) => wildcard(&pat[1..], &name[1..]),
+        (Some(p), Some(n)) if p == n => wildcard(&pat[1..], &name[1..]),
+        _ => false,
+    }
 }
 
 /// The first word of `s` (ended by whitespace or `=`, as sshd takes
@@ -170,6 +236,31 @@ mod tests {
             find_subsystem("Subsystem=sftp internal-sftp\n", "sftp"),
             Some(Subsystem::Internal)
         );
+    }
+
+    #[test]
+    fn includes_are_read_in_place_first_line_wins() {
+        let read = |p: &str| match p {
+            "sshd_config.d/*.conf" => vec![
+                "# nothing\n".to_string(),
+                "Match all\nSubsystem sftp /in/match\n".to_string(),
+                "Subsystem sftp /from/include\n".to_string(),
+            ],
+            _ => Vec::new(),
+        };
+        let cfg = "Include sshd_config.d/*.conf\nSubsystem sftp /main\nSubsystem x /x\n";
+        assert_eq!(
+            find_in(cfg, "sftp", &read, 0),
+            Some(Some(Subsystem::Program("/from/include".into())))
+        );
+        assert_eq!(
+            find_in(cfg, "x", &read, 0),
+            Some(Some(Subsystem::Program("/x".into())))
+        );
+        assert_eq!(find_in(cfg, "y", &read, 0), None);
+        assert!(wildcard(b"*.conf", b"a.conf"));
+        assert!(wildcard(b"a?c", b"abc"));
+        assert!(!wildcard(b"*.conf", b"a.confx"));
     }
 
     #[test]
