@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use crate::config::UpConfig;
 use crate::paths::{current_user, default_identities, expand_tilde};
@@ -22,8 +21,6 @@ pub struct UpRequest<'a> {
     pub ssh_config: Option<&'a Path>,
     /// `-J`: jump hosts, overriding ProxyJump.
     pub jump: Option<&'a str>,
-    /// `--max-upstreams`.
-    pub max_upstreams: usize,
     /// Endpoint address when neither flags nor profile name one.
     pub default_listen: Option<SocketAddr>,
 }
@@ -131,10 +128,7 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
             }
         }
     }
-    let keepalive = p
-        .keepalive
-        .or(hc.server_alive_interval.filter(|s| *s > 0))
-        .unwrap_or(15);
+    let tuning = p.tuning(&hc);
     Ok(UpConfig {
         name: req.name.to_owned(),
         target,
@@ -144,22 +138,9 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
         authorized_keys: p.authorized_keys.map(|k| expand_tilde(&k)),
         host_key: p.host_key.map(|k| expand_tilde(&k)),
         forwards,
-        connect_timeout: Duration::from_secs(
-            p.connect_timeout.or(hc.connect_timeout).unwrap_or(30),
-        ),
-        keepalive: Duration::from_secs(keepalive),
-        keepalive_max: p
-            .keepalive_max
-            .or(hc.server_alive_count_max)
-            .unwrap_or(3)
-            .max(1) as usize,
-        max_backoff: p.max_backoff.unwrap_or(Duration::from_secs(30)),
-        max_upstreams: req.max_upstreams,
+        tuning,
         on_event: p.on_event,
         metrics: p.metrics,
-        stall_limit: p
-            .stall_limit
-            .map_or(crate::tuning::READER_STALL, Duration::from_secs),
         mux: match p.mux {
             Some(path) if path.as_os_str() == "none" => None,
             Some(path) => Some(path),

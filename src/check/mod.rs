@@ -242,7 +242,6 @@ async fn resolve(
             profile,
             ssh_config: ssh_config.as_deref(),
             jump: None,
-            max_upstreams: 1,
             default_listen: None,
         })
     });

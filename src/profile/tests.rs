@@ -1,7 +1,9 @@
 //! Unit tests of the parent module (kept apart to keep the module short).
 
 use super::*;
-use std::ffi::OsString;
+use std::time::Duration;
+
+use crate::spec::{ForwardSpec, Kind};
 
 /// Writes `text` to a temp file and loads it explicitly.
 fn load_text(text: &str) -> (tempfile::TempDir, Result<ConfigFile, String>) {
@@ -40,7 +42,7 @@ remote_forwards = [
 "0:/tmp/x.sock",
 ]
 keepalive = 10
-keepalive_max = 5
+max_upstreams = 5
 max_backoff = 2.5
 connect_timeout = 7
 on_event = "logger sshshim"
@@ -76,7 +78,7 @@ fn good_file() {
     assert_eq!(lab.remote_forwards.len(), 2);
     assert_eq!(lab.remote_forwards[0].kind, Kind::Remote);
     assert_eq!(lab.keepalive, Some(10));
-    assert_eq!(lab.keepalive_max, Some(5));
+    assert_eq!(lab.max_upstreams, Some(5));
     assert_eq!(lab.max_backoff, Some(Duration::from_millis(2500)));
     assert_eq!(lab.connect_timeout, Some(7));
     assert_eq!(lab.on_event.as_deref(), Some("logger sshshim"));
@@ -459,7 +461,7 @@ mod fuzz {
     /// A key: one we know, a near miss, or anything.
     fn key() -> impl Strategy<Value = String> {
         prop_oneof![
-            4 => prop::sample::select(KEYS.to_vec()).prop_map(str::to_owned),
+            4 => prop::sample::select(keys().to_vec()).prop_map(str::to_owned),
             1 => prop::sample::select(vec![
                 "listne", "accept-new", "Port", "destination.x", "\"destination\"",
                 "'port'", "a.b.c", "\"\"",
@@ -522,7 +524,7 @@ mod fuzz {
         /// `SSHSHIM_*` variables with any values: errors name the variable.
         #[test]
         fn fuzz_profile_env(
-            vars in prop::collection::btree_map(prop::sample::select(KEYS.to_vec()), nasty_text(16), 0..8),
+            vars in prop::collection::btree_map(prop::sample::select(keys().to_vec()), nasty_text(16), 0..8),
         ) {
             let r = bounded("profile::from_vars", move || {
                 from_vars(|name| {
