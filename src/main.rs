@@ -217,10 +217,6 @@ struct UpArgs {
     #[arg(short = 'F', value_name = "FILE")]
     ssh_config: Option<PathBuf>,
 
-    /// Jump hosts, comma-separated [user@]host[:port] (as `ssh -J`; overrides ProxyJump).
-    #[arg(short = 'J', long = "jump", value_name = "HOSTS")]
-    jump: Option<String>,
-
     /// The flags that are also profile keys.
     #[command(flatten)]
     settings: Profile,
@@ -245,7 +241,6 @@ impl UpArgs {
             name: &self.destination,
             profile: layered,
             ssh_config: self.ssh_config.as_deref(),
-            jump: self.jump.as_deref(),
             // A profile may serve no endpoint; an ad-hoc `up` always does.
             default_listen: (!is_profile).then_some(sshshim::profile::DEFAULT_LISTEN),
         })?;

@@ -19,8 +19,6 @@ pub struct UpRequest<'a> {
     pub profile: Profile,
     /// `-F`: the ssh_config file to read instead of the default.
     pub ssh_config: Option<&'a Path>,
-    /// `-J`: jump hosts, overriding ProxyJump.
-    pub jump: Option<&'a str>,
     /// Endpoint address when neither flags nor profile name one.
     pub default_listen: Option<SocketAddr>,
 }
@@ -102,7 +100,7 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
     let label = p.target_label();
     let dest: Destination = p.destination.as_deref().unwrap_or(req.name).parse()?;
     let (target, hc) = resolve_host(&dest, &p, req.ssh_config)?;
-    let jump_list: Vec<String> = match req.jump {
+    let jump_list: Vec<String> = match p.jump.as_deref() {
         Some(j) => j.split(',').map(str::to_owned).collect(),
         None => hc.proxy_jump.clone(),
     };

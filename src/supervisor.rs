@@ -426,7 +426,6 @@ fn start(name: &str, p: Profile, file: &str, default_hook: &Option<String>) -> S
                     name: &name,
                     profile,
                     ssh_config: None,
-                    jump: None,
                     default_listen: None,
                 })
             })

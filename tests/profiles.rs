@@ -205,10 +205,14 @@ fn max_upstreams_is_a_profile_key_and_the_flag_wins() {
             let mut c = shim.ssh(&["sleep 3; echo first"]);
             thread::spawn(move || run_with_timeout(&mut c, b"", Duration::from_secs(30)))
         };
-        eventually(Duration::from_secs(10), "first session open or over", || {
-            first.is_finished()
-                || status(&env, "lab").is_some_and(|s| s["channels"]["session"] == 1)
-        });
+        eventually(
+            Duration::from_secs(10),
+            "first session open or over",
+            || {
+                first.is_finished()
+                    || status(&env, "lab").is_some_and(|s| s["channels"]["session"] == 1)
+            },
+        );
         let second = run_with_timeout(
             &mut shim.ssh(&["echo second"]),
             b"",

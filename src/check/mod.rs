@@ -241,7 +241,6 @@ async fn resolve(
             name: &name,
             profile,
             ssh_config: ssh_config.as_deref(),
-            jump: None,
             default_listen: None,
         })
     });

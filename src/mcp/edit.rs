@@ -82,6 +82,10 @@ pub const PERSON_KEYS: &[(&str, &str)] = &[
     ),
     ("accept_new", "it would trust unknown upstream host keys"),
     (
+        "jump",
+        "it routes the connection through other hosts, as the user's ssh_config resolves them",
+    ),
+    (
         "listen",
         "it opens a local SSH endpoint, through which commands run",
     ),

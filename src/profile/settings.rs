@@ -24,8 +24,7 @@ use crate::ssh_config::HostConfig;
 
 /// The local endpoint of an ad-hoc `sshshim up` (a profile serves one only
 /// if it says `listen`).
-pub const DEFAULT_LISTEN: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2222));
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 2222));
 /// Keepalive interval when neither the profile nor ServerAliveInterval set one.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Unanswered keepalives when neither the profile nor ServerAliveCountMax say.
@@ -64,6 +63,11 @@ pub struct Profile {
     #[arg(skip)]
     #[serde(default, deserialize_with = "value::destination")]
     pub destination: Option<String>,
+
+    /// Jump hosts, comma-separated [user@]host[:port] (as `ssh -J`; overrides ProxyJump).
+    #[arg(short = 'J', long = "jump", value_name = "HOSTS")]
+    #[serde(default, deserialize_with = "value::jumps")]
+    pub jump: Option<String>,
 
     /// Upstream port (default: the destination's, ssh_config's, else 22).
     #[arg(short, long, value_parser = crate::spec::parse_port)]
@@ -241,6 +245,7 @@ impl Profile {
         }
         Profile {
             destination: self.destination.or(lower.destination),
+            jump: self.jump.or(lower.jump),
             port: self.port.or(lower.port),
             user: self.user.or(lower.user),
             identity: list(self.identity, lower.identity),
@@ -424,7 +429,10 @@ mod tests {
     fn keys_are_the_fields() {
         let k = keys();
         assert_eq!(k.first(), Some(&"destination"));
-        assert!(k.contains(&"max_upstreams") && k.contains(&"copy_dir"), "{k:?}");
+        assert!(
+            k.contains(&"max_upstreams") && k.contains(&"copy_dir"),
+            "{k:?}"
+        );
         for t in TUNING_KEYS {
             assert!(k.contains(t), "tuning key '{t}' is no profile key");
         }
@@ -442,5 +450,83 @@ mod tests {
                 assert_eq!(long.replace('-', "_"), id);
             }
         }
+    }
+
+    /// The backticked words of `text`.
+    fn quoted(text: &str) -> Vec<&str> {
+        text.split('`').skip(1).step_by(2).collect()
+    }
+
+    /// README's option table and profile reference agree with [`Profile`]:
+    /// every flag of it is in the table, every row of the table is such a
+    /// flag or one of the options README names as no key, and the key
+    /// list is [`keys`].
+    #[test]
+    fn readme_documents_every_setting() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let section = readme
+            .split("### Options of `sshshim up`")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has the option table");
+        // Each row's option names: `-p`, `--port`, ...
+        let rows: Vec<Vec<&str>> = section
+            .lines()
+            .filter(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cell = l.split('|').nth(1).unwrap_or("");
+                cell.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+                    .filter(|t| t.starts_with("--") || (t.starts_with('-') && t.len() == 2))
+                    .collect()
+            })
+            .collect();
+        let no_key = section
+            .split("Every option above except")
+            .nth(1)
+            .and_then(|s| s.split("is also a").next())
+            .map(quoted)
+            .expect("README names the options that are no key");
+        let cmd = <Profile as clap::Args>::augment_args(clap::Command::new("up"));
+        let mut flags = Vec::new();
+        for arg in cmd.get_arguments() {
+            let names: Vec<String> = arg
+                .get_long()
+                .map(|l| format!("--{l}"))
+                .into_iter()
+                .chain(arg.get_short().map(|s| format!("-{s}")))
+                .collect();
+            for n in &names {
+                assert!(
+                    rows.iter().any(|r| r.contains(&n.as_str())),
+                    "{n} is not in README's option table"
+                );
+                assert!(!no_key.contains(&n.as_str()), "README says {n} is no key");
+            }
+            flags.extend(names);
+        }
+        for row in rows.iter().filter(|r| !r.is_empty()) {
+            assert!(
+                row.iter()
+                    .any(|n| flags.iter().any(|f| f == n) || no_key.contains(n)),
+                "README's option table has {row:?}, which is neither a setting nor named as no key"
+            );
+        }
+        let reference = readme
+            .split("\nKeys: ")
+            .nth(1)
+            .and_then(|s| s.split("\n\n").next())
+            .expect("README has the profile reference");
+        let mut listed: Vec<&str> = quoted(reference)
+            .into_iter()
+            .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            .collect();
+        let mut want = keys().to_vec();
+        listed.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(
+            listed, want,
+            "README's profile keys differ from the settings"
+        );
     }
 }

@@ -33,6 +33,7 @@ const GOOD: &str = r#"
 # Two profiles.
 [profile.lab]
 destination = "alice@lab.example:2200"
+jump = "gw.example,bob@bastion:2201"
 listen = "127.0.0.1:2300"
 identity = ["~/.ssh/lab", "/etc/keys/lab"]
 accept_new = true
@@ -79,6 +80,7 @@ fn good_file() {
     assert_eq!(lab.remote_forwards[0].kind, Kind::Remote);
     assert_eq!(lab.keepalive, Some(10));
     assert_eq!(lab.max_upstreams, Some(5));
+    assert_eq!(lab.jump.as_deref(), Some("gw.example,bob@bastion:2201"));
     assert_eq!(lab.max_backoff, Some(Duration::from_millis(2500)));
     assert_eq!(lab.connect_timeout, Some(7));
     assert_eq!(lab.on_event.as_deref(), Some("logger sshshim"));
@@ -196,6 +198,16 @@ fn wrong_types() {
         2,
         &["key 'destination'", "invalid destination"],
     );
+    expect_err(
+        "[profile.a]\ndestination = \"h\"\njump = \"gw,bob@\"\n",
+        3,
+        &["key 'jump': jump host 'bob@'"],
+    );
+    expect_err(
+        "[profile.a]\ndestination = \"h\"\nmax_upstreams = 0\n",
+        3,
+        &["key 'max_upstreams' must be an integer 1-64, not 0"],
+    );
     expect_err("profile = 3\n", 1, &["'profile' must hold"]);
     expect_err("[profile]\na = 3\n", 2, &["profile 'a' must be a table"]);
 }
@@ -285,6 +297,7 @@ fn env_lookup() {
         ("SSHSHIM_REMOTE_FORWARDS", "2222:localhost:22, 0:/tmp/s"),
         ("SSHSHIM_MAX_BACKOFF", "0.5"),
         ("SSHSHIM_USER", ""),
+        ("SSHSHIM_MAX_UPSTREAMS", "2"),
     ]
     .into();
     let get = |n: &str| vars.get(n).map(OsString::from);
@@ -296,6 +309,7 @@ fn env_lookup() {
     assert_eq!(p.remote_forwards.len(), 2);
     assert_eq!(p.max_backoff, Some(Duration::from_millis(500)));
     assert_eq!(p.user, None);
+    assert_eq!(p.max_upstreams, Some(2));
 
     let bad = |name: &'static str, val: &'static str| {
         from_vars(move |n: &str| (n == name).then(|| OsString::from(val))).unwrap_err()

@@ -147,6 +147,18 @@ pub fn destination<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D:
     })
 }
 
+/// Jump hosts, `[user@]host[:port]` comma-separated, or `none`.
+pub fn jumps<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    checked(d, Hint::Str, |v| {
+        let s = string(v, "a string of [user@]host[:port], comma-separated")?;
+        for hop in s.split(',').filter(|h| *h != "none") {
+            hop.parse::<Destination>()
+                .map_err(|e| format!(": jump host '{hop}': {e}"))?;
+        }
+        Ok(Some(s))
+    })
+}
+
 /// A TCP port.
 pub fn port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
     checked(d, Hint::Int, |v| {
@@ -192,7 +204,9 @@ pub fn addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Er
 /// A whole number of seconds, at least 1.
 pub fn secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let what = "an integer number of seconds >= 1";
-    checked(d, Hint::Int, |v| Ok(Some(int(v, 1, i64::MAX, what)? as u64)))
+    checked(d, Hint::Int, |v| {
+        Ok(Some(int(v, 1, i64::MAX, what)? as u64))
+    })
 }
 
 /// A count, at least 1.
@@ -206,7 +220,9 @@ pub fn count<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
 pub fn upstreams<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let cap = super::MAX_UPSTREAMS_CAP;
     checked(d, Hint::Int, |v| {
-        Ok(Some(int(v, 1, cap as i64, &format!("an integer 1-{cap}"))? as u64))
+        Ok(Some(
+            int(v, 1, cap as i64, &format!("an integer 1-{cap}"))? as u64
+        ))
     })
 }
 
@@ -280,7 +296,10 @@ impl<'de, T, F: Fn(String) -> Result<T, String>> Visitor<'de> for List<F> {
         Err(E::custom(must("a list of strings", &Val::Int(v))))
     }
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Vec<T>, E> {
-        Err(E::custom(must("a list of strings", &Val::Other("huge integer"))))
+        Err(E::custom(must(
+            "a list of strings",
+            &Val::Other("huge integer"),
+        )))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Vec<T>, E> {
         Err(E::custom(must("a list of strings", &Val::Float(v))))
