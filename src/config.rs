@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::profile::Tuning;
 use crate::spec::{ForwardSpec, HostSpec};
 
 /// Everything `sshshim up` needs, resolved from flags, profiles, the
@@ -29,27 +30,15 @@ pub struct UpConfig {
     pub host_key: Option<PathBuf>,
     /// Forwards owned by sshshim itself.
     pub forwards: Vec<ForwardSpec>,
-    /// How long to wait for the upstream TCP connection and handshake.
-    pub connect_timeout: Duration,
-    /// Interval of SSH keepalives sent upstream.
-    pub keepalive: Duration,
-    /// Unanswered keepalives after which upstream is declared dead.
-    pub keepalive_max: usize,
-    /// Longest wait between reconnect attempts.
-    pub max_backoff: Duration,
-    /// Most upstream connections to open when the server limits sessions
-    /// per connection (sshd's MaxSessions).
-    pub max_upstreams: usize,
+    /// Timing and limits of the upstream connection.
+    pub tuning: Tuning,
+    /// Resumable sessions (`--resume`): how long the server holds one,
+    /// and the helper the user installed there; `None` when off.
+    pub resume: Option<(Duration, Option<String>)>,
     /// Command run on connection events.
     pub on_event: Option<String>,
     /// Address of the Prometheus/JSON metrics endpoint.
     pub metrics: Option<SocketAddr>,
-    /// How long a local reader whose buffer is full may take nothing
-    /// before its channel is closed.
-    pub stall_limit: Duration,
-    /// Resumable sessions (`--resume`): how long the server holds one,
-    /// and the helper the user installed there; `None` when off.
-    pub resume: Option<(Duration, Option<String>)>,
     /// OpenSSH multiplexing socket; `None` serves none.
     pub mux: Option<PathBuf>,
     /// The profiles file this profile came from, as

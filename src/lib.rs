@@ -17,10 +17,14 @@
 //!   forward (registry, routing, replay, sshshim's -L/-D)
 //!     |         \
 //!   upstream     bridge (spill queue; LocalIn/LocalOut seam)      resolve
-//!   (pool, auth,                                                 /      \
-//!    known_hosts)                                          profile   ssh_config   client_config
-//!     |                                                       |          |             |
-//!   config ----------- stats, tuning, netwatch ----------- spec, paths, term (ground: import nothing)
+//!   (pool, auth,                                                    |
+//!    known_hosts) ----------------------------------------------- config (resolved settings)
+//!     |                                                              |
+//!     |                                        client_config      profile (settings, declared once)
+//!     |                                              |               |
+//!     |                                              |           ssh_config
+//!     |                                              |               |
+//!   stats, tuning, netwatch ------------------------------ spec, paths, term (ground: import nothing)
 //! ```
 //!
 //! [`check`] (`sshshim check`) makes its own short-lived connection with

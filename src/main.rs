@@ -11,7 +11,6 @@ use clap_complete::engine::ArgValueCandidates;
 use sshshim::paths;
 use sshshim::profile::Profile;
 use sshshim::resolve;
-use sshshim::spec::{ForwardSpec, Kind};
 
 /// One verified SSH connection, shared by every ssh, scp, sftp and rsync you run.
 ///
@@ -122,9 +121,8 @@ destination, forward and timing keys, of profiles it created.";
 /// `sshshim mcp`.
 #[derive(Args, Debug)]
 struct McpArgs {
-    /// Profiles file to read and edit (default: ~/.config/sshshim/config.toml).
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
 }
 
 /// Shown under `sshshim check --help`.
@@ -159,9 +157,8 @@ struct CheckArgs {
     /// Profiles or destinations to check (default: every profile of the config file).
     #[arg(value_name = "NAME|DESTINATION", add = ArgValueCandidates::new(sshshim::completion::destinations))]
     names: Vec<String>,
-    /// Profiles file (default: ~/.config/sshshim/config.toml).
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
     /// ssh_config file to resolve with (as `ssh -F`).
     #[arg(short = 'F', value_name = "FILE")]
     ssh_config: Option<PathBuf>,
@@ -190,192 +187,52 @@ Examples:
   sshshim up node7 -J login.hpc.example.org     through a jump host
   sshshim up host --listen 127.0.0.1:2300       a second shim on another port";
 
-/// Options shared by `up` and the profiles it can run.
+/// `-c/--config`, the profiles file, as every subcommand that reads it takes it.
+#[derive(Args, Debug, Clone)]
+struct ConfigArg {
+    /// Profiles file (default: ~/.config/sshshim/config.toml).
+    #[arg(short = 'c', long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl ConfigArg {
+    /// The file: the one given, else the default.
+    fn path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(sshshim::profile::default_path)
+    }
+
+    /// Loads the file; only a file given with `-c` must exist.
+    fn load(&self) -> Result<sshshim::profile::ConfigFile, String> {
+        sshshim::profile::load(&self.path(), self.config.is_some())
+    }
+}
+
+/// `sshshim up`: a destination or profile, the files to read, and the
+/// settings a profile can also hold.
 #[derive(Args, Debug)]
 struct UpArgs {
     /// Where to connect: [user@]host[:port], a Host alias from ssh_config, or a profile name.
     #[arg(value_name = "DESTINATION|PROFILE", add = ArgValueCandidates::new(sshshim::completion::destinations))]
     destination: String,
 
-    /// Profiles file (default: ~/.config/sshshim/config.toml).
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
 
     /// ssh_config file to resolve DESTINATION with (as `ssh -F`).
     #[arg(short = 'F', value_name = "FILE")]
     ssh_config: Option<PathBuf>,
 
-    /// Jump hosts, comma-separated [user@]host[:port] (as `ssh -J`; overrides ProxyJump).
-    #[arg(short = 'J', long = "jump", value_name = "HOSTS")]
-    jump: Option<String>,
-
-    /// Upstream port (default: the destination's, ssh_config's, else 22).
-    #[arg(short, long, value_parser = sshshim::spec::parse_port)]
-    port: Option<u16>,
-
-    /// Upstream login name (default: the destination's, ssh_config's, else your own).
-    #[arg(short = 'l', long)]
-    user: Option<String>,
-
-    /// Identity file to authenticate with; repeatable. Default: ssh_config's
-    /// IdentityFile, else OpenSSH's default identity files. The agent is tried first.
-    #[arg(short, long = "identity", value_name = "FILE")]
-    identity: Vec<PathBuf>,
-
-    /// known_hosts file to verify the upstream host key against (default:
-    /// ssh_config's UserKnownHostsFile, else ~/.ssh/known_hosts).
-    /// /etc/ssh/ssh_known_hosts is also read (never written).
-    #[arg(long, value_name = "FILE")]
-    known_hosts: Option<PathBuf>,
-
-    /// Record the host key of a host not yet in known_hosts (a CHANGED key is
-    /// always refused).
-    #[arg(long)]
-    accept_new: bool,
-
-    /// Address of the local endpoint [default: 127.0.0.1:2222].
-    #[arg(long, value_name = "ADDR:PORT")]
-    listen: Option<SocketAddr>,
-
-    /// Allow --listen on a non-loopback address (other machines could try to
-    /// connect; key authentication still applies).
-    #[arg(long)]
-    allow_non_loopback: bool,
-
-    /// Public keys allowed to use the endpoint. Default: your own
-    /// ~/.ssh/*.pub and the keys in your ssh-agent.
-    #[arg(long, value_name = "FILE")]
-    authorized_keys: Option<PathBuf>,
-
-    /// Host key of the endpoint. Default: an ed25519 key generated once in
-    /// $XDG_STATE_HOME/sshshim/ (0600) and reused.
-    #[arg(long, value_name = "FILE")]
-    host_key: Option<PathBuf>,
-
-    /// Local forward owned by sshshim: [bind:]port:host:hostport, or with
-    /// socket paths. Repeatable.
-    #[arg(short = 'L', value_name = "SPEC", value_parser = |s: &str| ForwardSpec::parse(Kind::Local, s))]
-    local_forward: Vec<ForwardSpec>,
-
-    /// Remote forward owned by sshshim: [bind:]port:host:hostport, or with
-    /// socket paths. Repeatable. Kept alive across reconnects.
-    #[arg(short = 'R', value_name = "SPEC", value_parser = |s: &str| ForwardSpec::parse(Kind::Remote, s))]
-    remote_forward: Vec<ForwardSpec>,
-
-    /// Seconds between SSH keepalives sent upstream [default: ServerAliveInterval, else 15].
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
-    keepalive: Option<u64>,
-
-    /// Unanswered keepalives after which the upstream is declared dead [default: 3].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    keepalive_max: Option<u64>,
-
-    /// Longest wait between reconnect attempts, in seconds, fractions allowed [default: 30].
-    /// The first retry after a working connection is at once; the wait then
-    /// starts at 1 s and doubles per failed attempt in a row, up to this. A
-    /// waiting request or a network change triggers an attempt at once.
-    /// Flapping is damped by a floor: attempts start at least 1 s apart
-    /// (or this, if smaller).
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
-    max_backoff: Option<Duration>,
-
-    /// Seconds to wait for a connection (and, while reconnecting, how long a
-    /// new local channel waits for the upstream) [default: ConnectTimeout, else 30].
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
-    connect_timeout: Option<u64>,
-
-    /// Most upstream connections to use when the server limits sessions per
-    /// connection (sshd's MaxSessions, 10 by default); extra ones close when idle.
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
-    max_upstreams: u64,
-
-    /// Run CMD on events (connected, disconnected, forward-failed, ...), with
-    /// SSHSHIM_EVENT, SSHSHIM_PROFILE and SSHSHIM_REASON set; rate-limited.
-    #[arg(long, value_name = "CMD")]
-    on_event: Option<String>,
-
-    /// Serve Prometheus metrics (/metrics) and status JSON (/status) over HTTP
-    /// on this loopback address, to your own user only.
-    #[arg(long, value_name = "ADDR:PORT")]
-    metrics: Option<SocketAddr>,
-
-    /// Seconds a local reader that stopped reading may hold its full buffer
-    /// (the spill cap) before its channel is closed, with a message on its
-    /// stderr [default: 5]. Meanwhile new channels use another upstream
-    /// connection.
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
-    stall_limit: Option<u64>,
-
-    /// Serve OpenSSH's multiplexing protocol on this Unix socket, so OpenSSH
-    /// tools with `ControlPath` set to it skip the local handshake; `none`
-    /// serves none. Its directory must be yours and writable by nobody else
-    /// [default: $XDG_RUNTIME_DIR/sshshim/NAME.mux, else
-    /// ~/.local/state/sshshim/run/NAME.mux].
-    #[arg(long, value_name = "PATH|none")]
-    mux: Option<PathBuf>,
-
-    /// Keep sessions alive across network drops: each session runs under a
-    /// small helper that sshshim brings to the server (into
-    /// ~/.cache/sshshim there), and continues after the reconnect with
-    /// nothing lost. See README, "Resumable sessions".
-    #[arg(long)]
-    resume: bool,
-
-    /// Seconds the server holds a session while sshshim is away, before
-    /// its command gets SIGHUP as a lost session would [default: 600].
-    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
-    resume_timeout: Option<u64>,
-
-    /// Use this helper on the server (an sshshim you installed there)
-    /// instead of uploading this one.
-    #[arg(long, value_name = "PATH")]
-    remote_helper: Option<String>,
+    /// The flags that are also profile keys.
+    #[command(flatten)]
+    settings: Profile,
 }
 
 impl UpArgs {
-    /// The flags as the top layer of a profile.
-    fn as_profile(&self) -> Profile {
-        Profile {
-            destination: None,
-            port: self.port,
-            user: self.user.clone(),
-            identity: self
-                .identity
-                .iter()
-                .map(|p| paths::expand_tilde(p))
-                .collect(),
-            known_hosts: self.known_hosts.as_ref().map(|p| paths::expand_tilde(p)),
-            accept_new: self.accept_new.then_some(true),
-            listen: self.listen,
-            allow_non_loopback: self.allow_non_loopback.then_some(true),
-            authorized_keys: self.authorized_keys.clone(),
-            host_key: self.host_key.clone(),
-            local_forwards: self.local_forward.clone(),
-            remote_forwards: self.remote_forward.clone(),
-            keepalive: self.keepalive,
-            keepalive_max: self.keepalive_max,
-            max_backoff: self.max_backoff,
-            connect_timeout: self.connect_timeout,
-            on_event: self.on_event.clone(),
-            metrics: self.metrics,
-            stall_limit: self.stall_limit,
-            mux: self.mux.as_ref().map(|p| paths::expand_tilde(p)),
-            resume: self.resume.then_some(true),
-            resume_timeout: self.resume_timeout,
-            remote_helper: self.remote_helper.clone(),
-            mcp_exec: None,
-            mcp_created: None,
-            copy_dir: None,
-        }
-    }
-
     /// Resolves flags over environment over profile (if NAME is one) over ssh_config.
     fn resolve(&self) -> Result<sshshim::config::UpConfig, String> {
-        let path = self
-            .config
-            .clone()
-            .unwrap_or_else(sshshim::profile::default_path);
-        let file = sshshim::profile::load(&path, self.config.is_some())?;
+        let file = self.config.load()?;
         let from_file = file.profiles.get(&self.destination).cloned();
         let is_profile = from_file.is_some();
         let created = from_file.as_ref().and_then(|p| p.mcp_created) == Some(true);
@@ -383,21 +240,20 @@ impl UpArgs {
             tracing::warn!("{w}");
         }
         let layered = self
-            .as_profile()
+            .settings
+            .clone()
             .or(sshshim::profile::from_env()?)
             .or(from_file.unwrap_or_default());
         let mut cfg = resolve::resolve_up(resolve::UpRequest {
             name: &self.destination,
             profile: layered,
             ssh_config: self.ssh_config.as_deref(),
-            jump: self.jump.as_deref(),
-            max_upstreams: self.max_upstreams as usize,
             // A profile may serve no endpoint; an ad-hoc `up` always does.
-            default_listen: (!is_profile).then(|| "127.0.0.1:2222".parse().expect("valid")),
+            default_listen: (!is_profile).then_some(sshshim::profile::DEFAULT_LISTEN),
         })?;
         // Status says which file's profile runs (`sshshim mcp` checks it).
         if is_profile {
-            cfg.config_file = Some(sshshim::profile::file_identity(&path));
+            cfg.config_file = Some(sshshim::profile::file_identity(&self.config.path()));
         } else {
             cfg.profile_destination = None;
         }
@@ -408,9 +264,8 @@ impl UpArgs {
 /// `sshshim supervise`.
 #[derive(Args, Debug)]
 struct SuperviseArgs {
-    /// Profiles file (default: ~/.config/sshshim/config.toml).
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
     /// Serve Prometheus metrics and status JSON for all profiles on this loopback address.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
@@ -443,9 +298,8 @@ enum ServiceCommand {
         /// A system unit in /etc/systemd/system instead of a user unit.
         #[arg(long)]
         system: bool,
-        /// Profiles file the service should read.
-        #[arg(short = 'c', long = "config", value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Print the unit and the commands instead of running them.
         #[arg(long)]
         dry_run: bool,
@@ -484,9 +338,8 @@ struct SshConfigArgs {
     /// Profiles or destinations to write Host blocks for (default: every profile).
     #[arg(add = ArgValueCandidates::new(sshshim::completion::destinations))]
     names: Vec<String>,
-    /// Profiles file (default: ~/.config/sshshim/config.toml).
-    #[arg(short = 'c', long = "config", value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArg,
     /// Endpoint port for names that are not profiles [default: 2222].
     #[arg(long)]
     port: Option<u16>,
@@ -505,16 +358,6 @@ struct SshConfigArgs {
     /// Remove the installed blocks of these names (both kinds).
     #[arg(long, conflicts_with = "install")]
     uninstall: bool,
-}
-
-/// Parses a positive number of seconds, fractions allowed ("0.5").
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    match s.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 86400.0 => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!(
-            "'{s}' is not a number of seconds between 0 and 86400"
-        )),
-    }
 }
 
 /// The async runtime: half the CPUs as worker threads (1 to 4), unless
@@ -549,7 +392,7 @@ fn main() -> ExitCode {
         Command::Supervise(a) => runtime().and_then(|rt| {
             rt.block_on(sshshim::supervisor::supervise(
                 sshshim::supervisor::SuperviseOptions {
-                    config: a.config,
+                    config: a.config.config,
                     names: a.names,
                     metrics: a.metrics,
                     on_event: a.on_event,
@@ -564,7 +407,7 @@ fn main() -> ExitCode {
         Command::SshConfig(a) => ssh_config(a),
         Command::Mcp(a) => runtime().and_then(|rt| {
             rt.block_on(sshshim::mcp::serve(sshshim::mcp::Options {
-                config: a.config,
+                config: a.config.config,
             }))
         }),
         Command::Check(a) => return check(a),
@@ -613,7 +456,7 @@ fn check(a: CheckArgs) -> ExitCode {
     use sshshim::check;
     let opts = check::Options {
         names: a.names,
-        config: a.config,
+        config: a.config.config,
         ssh_config: a.ssh_config,
         timeout: Duration::from_secs(a.timeout),
         interactive: a.interactive,
@@ -661,16 +504,13 @@ fn service(c: ServiceCommand) -> Result<(), String> {
         } => {
             // A file that `supervise` would refuse (a bad name, a typo) is
             // reported now rather than at the unit's first start.
-            let path = config
-                .clone()
-                .unwrap_or_else(sshshim::profile::default_path);
-            sshshim::profile::load(&path, config.is_some())?;
+            config.load()?;
             let exe =
                 std::env::current_exe().map_err(|e| format!("cannot find my own path: {e}"))?;
             let spec = service::UnitSpec {
                 profiles: names,
                 system,
-                config,
+                config: config.config,
                 exe,
             };
             service::install(&spec, dry_run)?
@@ -717,11 +557,7 @@ fn write_stdout(bytes: &[u8]) -> Result<(), String> {
 
 /// `sshshim ssh-config [NAME…] [--install]`.
 fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
-    let path = a
-        .config
-        .clone()
-        .unwrap_or_else(sshshim::profile::default_path);
-    let file = sshshim::profile::load(&path, a.config.is_some())?;
+    let file = a.config.load()?;
     let names: Vec<String> = if a.names.is_empty() {
         file.profiles.keys().cloned().collect()
     } else {
@@ -759,7 +595,7 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
             .map(|e| e.port())
             .or(profile.and_then(|p| p.listen).map(|l| l.port()))
             .or(a.port)
-            .unwrap_or(2222);
+            .unwrap_or(sshshim::profile::DEFAULT_LISTEN.port());
         let mux: Option<PathBuf> = match &running {
             Some(st) => st.mux_socket.as_ref().map(PathBuf::from),
             None => match profile.and_then(|p| p.mux.clone()) {

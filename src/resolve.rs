@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use crate::config::UpConfig;
 use crate::paths::{current_user, default_identities, expand_tilde};
@@ -20,10 +19,6 @@ pub struct UpRequest<'a> {
     pub profile: Profile,
     /// `-F`: the ssh_config file to read instead of the default.
     pub ssh_config: Option<&'a Path>,
-    /// `-J`: jump hosts, overriding ProxyJump.
-    pub jump: Option<&'a str>,
-    /// `--max-upstreams`.
-    pub max_upstreams: usize,
     /// Endpoint address when neither flags nor profile name one.
     pub default_listen: Option<SocketAddr>,
 }
@@ -105,7 +100,7 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
     let label = p.target_label();
     let dest: Destination = p.destination.as_deref().unwrap_or(req.name).parse()?;
     let (target, hc) = resolve_host(&dest, &p, req.ssh_config)?;
-    let jump_list: Vec<String> = match req.jump {
+    let jump_list: Vec<String> = match p.jump.as_deref() {
         Some(j) => j.split(',').map(str::to_owned).collect(),
         None => hc.proxy_jump.clone(),
     };
@@ -131,10 +126,8 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
             }
         }
     }
-    let keepalive = p
-        .keepalive
-        .or(hc.server_alive_interval.filter(|s| *s > 0))
-        .unwrap_or(15);
+    let tuning = p.tuning(&hc);
+    let resume = p.resume();
     Ok(UpConfig {
         name: req.name.to_owned(),
         target,
@@ -144,29 +137,10 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
         authorized_keys: p.authorized_keys.map(|k| expand_tilde(&k)),
         host_key: p.host_key.map(|k| expand_tilde(&k)),
         forwards,
-        connect_timeout: Duration::from_secs(
-            p.connect_timeout.or(hc.connect_timeout).unwrap_or(30),
-        ),
-        keepalive: Duration::from_secs(keepalive),
-        keepalive_max: p
-            .keepalive_max
-            .or(hc.server_alive_count_max)
-            .unwrap_or(3)
-            .max(1) as usize,
-        max_backoff: p.max_backoff.unwrap_or(Duration::from_secs(30)),
-        max_upstreams: req.max_upstreams,
+        tuning,
+        resume,
         on_event: p.on_event,
         metrics: p.metrics,
-        stall_limit: p
-            .stall_limit
-            .map_or(crate::tuning::READER_STALL, Duration::from_secs),
-        resume: p.resume.unwrap_or(false).then(|| {
-            (
-                p.resume_timeout
-                    .map_or(crate::tuning::RESUME_TIMEOUT, Duration::from_secs),
-                p.remote_helper.clone(),
-            )
-        }),
         mux: match p.mux {
             Some(path) if path.as_os_str() == "none" => None,
             Some(path) => Some(path),

@@ -135,7 +135,7 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
     let (pool, server_opens) = Pool::new(cfg.clone());
-    let registry = Registry::new(pool.clone(), tasks.clone(), cfg.stall_limit);
+    let registry = Registry::new(pool.clone(), tasks.clone(), cfg.tuning.stall_limit);
     let resume = cfg.resume.as_ref().map(|(timeout, helper)| {
         crate::resume::Resume::new(
             pool.clone(),
@@ -193,8 +193,8 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
             pool: pool.clone(),
             registry: registry.clone(),
             tasks: tasks.clone(),
-            stall_limit: cfg.stall_limit,
-            connect_timeout: cfg.connect_timeout,
+            stall_limit: cfg.tuning.stall_limit,
+            connect_timeout: cfg.tuning.connect_timeout,
             stop_profile: stop.clone(),
             stop_listening: server.stop_token(),
             shutdown: shutdown.clone(),
@@ -233,7 +233,7 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
             allow_non_loopback: cfg.allow_non_loopback,
             clients: local_clients.clone(),
             tasks: tasks.clone(),
-            stall_limit: cfg.stall_limit,
+            stall_limit: cfg.tuning.stall_limit,
             resume: resume.clone(),
         };
         tasks.spawn(ep.serve(listener, shutdown.clone()).in_current_span());
@@ -355,7 +355,7 @@ pub fn print_banner(name: &str, s: &Started) {
     let alias = format!("{}-shim", crate::paths::safe_name(name));
     // The Host block is the way in we recommend: it pins the endpoint's host
     // key under a stable name and steers ssh to the fastest algorithms here.
-    let port_flag = if port == 2222 {
+    let port_flag = if port == crate::profile::DEFAULT_LISTEN.port() {
         String::new()
     } else {
         format!(" --port {port}")

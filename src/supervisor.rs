@@ -434,8 +434,6 @@ fn start(name: &str, p: Profile, file: &str, default_hook: &Option<String>) -> S
                     name: &name,
                     profile,
                     ssh_config: None,
-                    jump: None,
-                    max_upstreams: 4,
                     default_listen: None,
                 })
             })

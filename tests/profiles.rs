@@ -92,6 +92,16 @@ fn bad_profile_files_name_file_line_and_key() {
             ":3",
             "listne",
         ),
+        (
+            "[profile.a]\ndestination = \"h\"\n\nmax_upstream = 2\n",
+            ":4",
+            "unknown key 'max_upstream' (did you mean 'max_upstreams'?)",
+        ),
+        (
+            "[profile.a]\ndestination = \"h\"\nmax_upstreams = 65\n",
+            ":3",
+            "key 'max_upstreams' must be an integer 1-64, not 65",
+        ),
         ("[profile.a]\nport = 22\n", ":1", "destination"),
         (
             "[profile.a]\ndestination = \"h\"\nremote_forwards = [\"2222:localhost\"]\n",
@@ -159,6 +169,69 @@ fn up_runs_a_profile_with_flags_winning_then_down_stops_it() {
         .wait_exit(Duration::from_secs(5))
         .expect("down did not stop it");
     assert!(exit.success());
+}
+
+/// `max_upstreams` in a profile caps the upstream connections, and the flag
+/// overrides it: against an sshd allowing one session per connection, a
+/// second concurrent session needs a second connection.
+#[test]
+fn max_upstreams_is_a_profile_key_and_the_flag_wins() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start_with(&env, &["MaxSessions 1"]);
+    let file = env.path("config.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[profile.lab]\ndestination = \"{}\"\nport = {}\nidentity = [\"{}\"]\n\
+             known_hosts = \"{}\"\nauthorized_keys = \"{}\"\nhost_key = \"{}\"\n\
+             connect_timeout = 3\nmax_upstreams = 1\n",
+            env.dest(),
+            sshd.port(),
+            env.user_key().display(),
+            env.known_hosts().display(),
+            env.authorized_keys().display(),
+            env.shim_host_key().display(),
+        ),
+    )
+    .unwrap();
+    // A second session while the first holds the only slot of its
+    // connection: (first, second, the shim's log).
+    let two_sessions = |flags: &[&str]| {
+        let mut args = vec!["up", "-c", file.to_str().unwrap(), "lab"];
+        args.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+        args.extend_from_slice(flags);
+        let shim = env.shim_builder(0).no_default_args().args(&args).start();
+        let first = {
+            let mut c = shim.ssh(&["sleep 3; echo first"]);
+            thread::spawn(move || run_with_timeout(&mut c, b"", Duration::from_secs(30)))
+        };
+        eventually(
+            Duration::from_secs(10),
+            "first session open or over",
+            || {
+                first.is_finished()
+                    || status(&env, "lab").is_some_and(|s| s["channels"]["session"] == 1)
+            },
+        );
+        let second = run_with_timeout(
+            &mut shim.ssh(&["echo second"]),
+            b"",
+            Duration::from_secs(30),
+        );
+        (first.join().unwrap(), second, shim.stderr_text())
+    };
+    // One connection of one session: never two sessions at once.
+    let (first, second, log) = two_sessions(&[]);
+    assert!(
+        !(first.status.success() && second.status.success()),
+        "{first:?} {second:?}"
+    );
+    assert!(log.contains("all 1 allowed are open"), "{log}");
+    assert!(!log.contains("upstream connection 2 of"), "{log}");
+    let (first, second, log) = two_sessions(&["--max-upstreams", "2"]);
+    assert_eq!(stdout_text(&first), "first\n", "{log}");
+    assert_eq!(stdout_text(&second), "second\n", "{log}");
+    assert!(log.contains("upstream connection 2 of at most 2"), "{log}");
 }
 
 #[test]

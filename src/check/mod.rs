@@ -241,8 +241,6 @@ async fn resolve(
             name: &name,
             profile,
             ssh_config: ssh_config.as_deref(),
-            jump: None,
-            max_upstreams: 1,
             default_listen: None,
         })
     });

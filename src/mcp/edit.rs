@@ -7,7 +7,8 @@
 //! with mode 0600, so a bad edit never reaches the file.
 //!
 //! What MCP may touch is decided here. It writes only the keys of
-//! [`MCP_KEYS`] (where to connect, forwards, timing); the keys of
+//! [`MCP_KEYS`] (where to connect, forwards) and the profile's tuning keys
+//! (timing and limits); the keys of
 //! [`PERSON_KEYS`] (commands, authentication, host keys, listeners,
 //! exposure, the MCP opt-ins) are a person's alone. It changes and removes
 //! only profiles it created, which it marks `mcp_created = true` (a key, so
@@ -52,23 +53,24 @@ pub struct Written {
     pub settings: Json,
 }
 
-/// Profile keys `tunnel_setup` may write: where to connect and harmless
-/// tuning. Every key of [`profile::KEYS`] is in this list or in
-/// [`PERSON_KEYS`] (a test checks it).
+/// Profile keys `tunnel_setup` may write: where to connect, and (see
+/// [`mcp_may_write`]) the harmless tuning of [`profile::TUNING_KEYS`].
+/// Every key of [`profile::keys`] is MCP's or in [`PERSON_KEYS`] (a test
+/// checks it).
 pub const MCP_KEYS: &[&str] = &[
     "destination",
     "port",
     "user",
     "local_forwards",
     "remote_forwards",
-    "keepalive",
-    "keepalive_max",
-    "max_backoff",
-    "connect_timeout",
-    "stall_limit",
     "resume",
     "resume_timeout",
 ];
+
+/// Whether `tunnel_setup` may write profile key `key`.
+pub fn mcp_may_write(key: &str) -> bool {
+    MCP_KEYS.contains(&key) || profile::TUNING_KEYS.contains(&key)
+}
 
 /// Profile keys only a person sets, each with why.
 pub const PERSON_KEYS: &[(&str, &str)] = &[
@@ -85,6 +87,10 @@ pub const PERSON_KEYS: &[(&str, &str)] = &[
         "it chooses a program that runs on the server",
     ),
     ("accept_new", "it would trust unknown upstream host keys"),
+    (
+        "jump",
+        "it routes the connection through other hosts, as the user's ssh_config resolves them",
+    ),
     (
         "listen",
         "it opens a local SSH endpoint, through which commands run",
@@ -216,7 +222,7 @@ fn check_owned(table: &dyn toml_edit::TableLike, name: &str, path: &Path) -> Res
     let person: Vec<&str> = table
         .iter()
         .map(|(k, _)| k)
-        .filter(|k| *k != MARK && !MCP_KEYS.contains(k))
+        .filter(|k| *k != MARK && !mcp_may_write(k))
         .collect();
     if !person.is_empty() {
         return Err(format!(
@@ -621,16 +627,17 @@ mcp_exec = true
 
     #[test]
     fn every_profile_key_is_classified() {
-        for k in profile::KEYS {
-            let mcp = MCP_KEYS.contains(k);
+        for k in profile::keys() {
+            let mcp = mcp_may_write(k);
             let person = PERSON_KEYS.iter().any(|(p, _)| p == k);
             assert!(
                 mcp ^ person,
                 "profile key '{k}' must be in exactly one of MCP_KEYS and PERSON_KEYS"
             );
         }
-        for k in MCP_KEYS.iter().chain(PERSON_KEYS.iter().map(|(k, _)| k)) {
-            assert!(profile::KEYS.contains(k), "'{k}' is no profile key");
+        let listed = MCP_KEYS.iter().chain(profile::TUNING_KEYS);
+        for k in listed.chain(PERSON_KEYS.iter().map(|(k, _)| k)) {
+            assert!(profile::keys().contains(k), "'{k}' is no profile key");
         }
     }
 

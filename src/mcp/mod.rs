@@ -96,15 +96,25 @@ pub struct SetupParams {
     /// Replaces the profile's list; [] removes it; omitted keeps it.
     #[serde(default)]
     pub local_forwards: Option<Vec<String>>,
-    /// Other profile keys, as in the config file; only these: port, user,
-    /// keepalive, keepalive_max, max_backoff, connect_timeout, stall_limit. A
-    /// null value removes the key. Keys such as identity, known_hosts,
-    /// listen, on_event or mcp_exec are a person's to set, by editing the file.
+    /// Other profile keys, as in the config file; only port, user and the
+    /// tuning keys (the schema lists them, from [`profile::TUNING_KEYS`]).
     #[serde(default)]
+    #[schemars(description = options_description())]
     pub options: Option<serde_json::Map<String, Value>>,
     /// Also install and start a systemd user service running this profile.
     #[serde(default)]
     pub service: Option<bool>,
+}
+
+/// What an agent reads about `tunnel_setup`'s `options`: the keys it may
+/// set, from the lists that decide it.
+fn options_description() -> String {
+    format!(
+        "Other profile keys, as in the config file; only these: port, user, {}. A null value \
+         removes the key. Keys such as identity, known_hosts, listen, on_event or mcp_exec \
+         are a person's to set, by editing the file.",
+        profile::TUNING_KEYS.join(", ")
+    )
 }
 
 /// `tunnel_setup` result.

@@ -1,7 +1,9 @@
 //! Unit tests of the parent module (kept apart to keep the module short).
 
 use super::*;
-use std::ffi::OsString;
+use std::time::Duration;
+
+use crate::spec::{ForwardSpec, Kind};
 
 /// Writes `text` to a temp file and loads it explicitly.
 fn load_text(text: &str) -> (tempfile::TempDir, Result<ConfigFile, String>) {
@@ -31,6 +33,7 @@ const GOOD: &str = r#"
 # Two profiles.
 [profile.lab]
 destination = "alice@lab.example:2200"
+jump = "gw.example,bob@bastion:2201"
 listen = "127.0.0.1:2300"
 identity = ["~/.ssh/lab", "/etc/keys/lab"]
 accept_new = true
@@ -40,7 +43,7 @@ remote_forwards = [
 "0:/tmp/x.sock",
 ]
 keepalive = 10
-keepalive_max = 5
+max_upstreams = 5
 max_backoff = 2.5
 connect_timeout = 7
 on_event = "logger sshshim"
@@ -76,7 +79,8 @@ fn good_file() {
     assert_eq!(lab.remote_forwards.len(), 2);
     assert_eq!(lab.remote_forwards[0].kind, Kind::Remote);
     assert_eq!(lab.keepalive, Some(10));
-    assert_eq!(lab.keepalive_max, Some(5));
+    assert_eq!(lab.max_upstreams, Some(5));
+    assert_eq!(lab.jump.as_deref(), Some("gw.example,bob@bastion:2201"));
     assert_eq!(lab.max_backoff, Some(Duration::from_millis(2500)));
     assert_eq!(lab.connect_timeout, Some(7));
     assert_eq!(lab.on_event.as_deref(), Some("logger sshshim"));
@@ -194,6 +198,16 @@ fn wrong_types() {
         2,
         &["key 'destination'", "invalid destination"],
     );
+    expect_err(
+        "[profile.a]\ndestination = \"h\"\njump = \"gw,bob@\"\n",
+        3,
+        &["key 'jump': jump host 'bob@'"],
+    );
+    expect_err(
+        "[profile.a]\ndestination = \"h\"\nmax_upstreams = 0\n",
+        3,
+        &["key 'max_upstreams' must be an integer 1-64, not 0"],
+    );
     expect_err("profile = 3\n", 1, &["'profile' must hold"]);
     expect_err("[profile]\na = 3\n", 2, &["profile 'a' must be a table"]);
 }
@@ -283,6 +297,7 @@ fn env_lookup() {
         ("SSHSHIM_REMOTE_FORWARDS", "2222:localhost:22, 0:/tmp/s"),
         ("SSHSHIM_MAX_BACKOFF", "0.5"),
         ("SSHSHIM_USER", ""),
+        ("SSHSHIM_MAX_UPSTREAMS", "2"),
     ]
     .into();
     let get = |n: &str| vars.get(n).map(OsString::from);
@@ -294,6 +309,7 @@ fn env_lookup() {
     assert_eq!(p.remote_forwards.len(), 2);
     assert_eq!(p.max_backoff, Some(Duration::from_millis(500)));
     assert_eq!(p.user, None);
+    assert_eq!(p.max_upstreams, Some(2));
 
     let bad = |name: &'static str, val: &'static str| {
         from_vars(move |n: &str| (n == name).then(|| OsString::from(val))).unwrap_err()
@@ -459,7 +475,7 @@ mod fuzz {
     /// A key: one we know, a near miss, or anything.
     fn key() -> impl Strategy<Value = String> {
         prop_oneof![
-            4 => prop::sample::select(KEYS.to_vec()).prop_map(str::to_owned),
+            4 => prop::sample::select(keys().to_vec()).prop_map(str::to_owned),
             1 => prop::sample::select(vec![
                 "listne", "accept-new", "Port", "destination.x", "\"destination\"",
                 "'port'", "a.b.c", "\"\"",
@@ -522,7 +538,7 @@ mod fuzz {
         /// `SSHSHIM_*` variables with any values: errors name the variable.
         #[test]
         fn fuzz_profile_env(
-            vars in prop::collection::btree_map(prop::sample::select(KEYS.to_vec()), nasty_text(16), 0..8),
+            vars in prop::collection::btree_map(prop::sample::select(keys().to_vec()), nasty_text(16), 0..8),
         ) {
             let r = bounded("profile::from_vars", move || {
                 from_vars(|name| {

@@ -215,7 +215,7 @@ impl Pool {
         let hops: Vec<&crate::spec::HostSpec> =
             self.cfg.jumps.iter().chain([&self.cfg.target]).collect();
         let first = hops[0];
-        let deadline = self.cfg.connect_timeout;
+        let deadline = self.cfg.tuning.connect_timeout;
         let target = format!("{}:{}", first.host, first.port);
         let connect_started = Instant::now();
         let stream = tokio::time::timeout(
@@ -235,7 +235,7 @@ impl Pool {
         let _ = tokio::time::timeout(deadline, stream.peek(&mut probe)).await;
         let client_config = self.tuned_config(connect_started.elapsed());
         let _ = stream.set_nodelay(true);
-        set_tcp_keepalive(&stream, self.cfg.keepalive);
+        set_tcp_keepalive(&stream, self.cfg.tuning.keepalive);
         let socket = socket2::SockRef::from(&stream)
             .try_clone()
             .map(std::net::TcpStream::from)
@@ -334,7 +334,7 @@ impl Pool {
         let conn = Arc::new(conn);
         tokio::spawn(
             conn.clone()
-                .monitor(self.cfg.keepalive, self.cfg.keepalive_max),
+                .monitor(self.cfg.tuning.keepalive, self.cfg.tuning.keepalive_max),
         );
         self.state.send_replace(State::Up(conn.clone()));
         conn.replenish();
@@ -365,15 +365,15 @@ impl Pool {
     /// and then drops us.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Result<(), UpstreamError> {
         // A --max-backoff below the gap asks for quicker retries still.
-        let gap = crate::tuning::RECONNECT_GAP.min(self.cfg.max_backoff);
+        let gap = crate::tuning::RECONNECT_GAP.min(self.cfg.tuning.max_backoff);
         let mut generation = 1;
         let mut net = NetChanges(Some(crate::netwatch::spawn()));
         // connect_first has just made an attempt.
         let mut last_attempt = Instant::now();
         let new_backoff = || {
             backon::ExponentialBuilder::default()
-                .with_min_delay(crate::tuning::RETRY_MIN.min(self.cfg.max_backoff))
-                .with_max_delay(self.cfg.max_backoff)
+                .with_min_delay(crate::tuning::RETRY_MIN.min(self.cfg.tuning.max_backoff))
+                .with_max_delay(self.cfg.tuning.max_backoff)
                 .with_jitter()
                 .without_max_times()
                 .build()
@@ -421,14 +421,14 @@ impl Pool {
                 let planned = if attempt == 1 {
                     crate::tuning::FIRST_RETRY_JITTER
                         .mul_f64(rand::random_range(0.0..1.0))
-                        .min(self.cfg.max_backoff)
+                        .min(self.cfg.tuning.max_backoff)
                 } else {
                     // Jitter may add up to the whole delay again:
                     // --max-backoff is the longest wait, whatever the jitter.
                     backoff
                         .next()
-                        .unwrap_or(self.cfg.max_backoff)
-                        .min(self.cfg.max_backoff)
+                        .unwrap_or(self.cfg.tuning.max_backoff)
+                        .min(self.cfg.tuning.max_backoff)
                 };
                 let earliest = last_attempt + gap;
                 let waited = self.wait_for_attempt(
@@ -594,7 +594,7 @@ impl Pool {
             return Some(c);
         }
         let live = self.connection_count();
-        if live >= self.cfg.max_upstreams {
+        if live >= self.cfg.tuning.max_upstreams {
             tracing::warn!(
                 "no upstream connection can take a new {} and all {live} allowed are open \
                  (--max-upstreams)",
@@ -613,11 +613,11 @@ impl Pool {
         tracing::info!(
             "opened upstream connection {} of at most {} (the others are full or congested)",
             live + 1,
-            self.cfg.max_upstreams
+            self.cfg.tuning.max_upstreams
         );
         tokio::spawn(
             conn.clone()
-                .monitor(self.cfg.keepalive, self.cfg.keepalive_max),
+                .monitor(self.cfg.tuning.keepalive, self.cfg.tuning.keepalive_max),
         );
         tokio::spawn(close_when_idle(conn.clone()));
         self.extras.lock().unwrap().push(conn.clone());
@@ -675,7 +675,7 @@ impl Pool {
                 }
             }
         };
-        match tokio::time::timeout(self.cfg.connect_timeout, wait).await {
+        match tokio::time::timeout(self.cfg.tuning.connect_timeout, wait).await {
             Ok(r) => r,
             Err(_) => Err(match &*self.state.borrow() {
                 State::Reconnecting {
