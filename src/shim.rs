@@ -142,11 +142,7 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
             crate::resume::Settings {
                 timeout: *timeout,
                 remote_helper: helper.clone(),
-                instance: format!(
-                    "{}\0{}",
-                    cfg.config_file.as_deref().unwrap_or(""),
-                    cfg.name
-                ),
+                instance: format!("{}\0{}", cfg.config_file.as_deref().unwrap_or(""), cfg.name),
             },
         )
     });

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -55,10 +55,15 @@ fn spawn(mut cmd: Command, stdin: Stdio) -> (Client, Capture, Capture) {
     (Client(child), out, err)
 }
 
-/// Waits for a client's exit code.
-fn finish(c: &mut Client, timeout: Duration) -> i32 {
-    let st = wait_child(&mut c.0, timeout).expect("client did not finish in time");
-    exit_code(&st)
+/// Waits for a client's exit code (the shim's log if it does not end).
+fn finish(c: &mut Client, timeout: Duration, shim: &Shim) -> i32 {
+    match wait_child(&mut c.0, timeout) {
+        Some(st) => exit_code(&st),
+        None => panic!(
+            "client did not finish in time; shim log:\n{}",
+            truncate(&shim.stderr_text(), 20000)
+        ),
+    }
 }
 
 /// Waits until the shim logged `n` resumes.
@@ -95,7 +100,12 @@ fn command_survives_two_drops_byte_exact_with_its_exit_status() {
     assert!(out.wait_for(Duration::from_secs(10), |t| t.contains("line 35\n")));
     proxy.drop_all();
     wait_resumes(&shim, 2, Duration::from_secs(20));
-    assert_eq!(finish(&mut c, Duration::from_secs(30)), 7, "{}", err.text());
+    assert_eq!(
+        finish(&mut c, Duration::from_secs(30), &shim),
+        7,
+        "{}",
+        err.text()
+    );
     assert_eq!(out.text(), sixty_lines());
     assert_eq!(err.text(), "done\n");
     assert!(shim.stderr_text().contains("the server holds the session"));
@@ -108,7 +118,14 @@ fn command_survives_a_blackhole_the_keepalive_detects() {
     let (proxy, shim) = proxied(
         &env,
         &sshd,
-        &["--keepalive", "1", "--keepalive-max", "2", "--connect-timeout", "3"],
+        &[
+            "--keepalive",
+            "1",
+            "--keepalive-max",
+            "2",
+            "--connect-timeout",
+            "3",
+        ],
     );
     let (mut c, out, err) = spawn(env.ssh(shim.port(), &[SIXTY_LINES]), Stdio::null());
     assert!(out.wait_for(Duration::from_secs(30), |t| t.contains("line 5\n")));
@@ -116,7 +133,12 @@ fn command_survives_a_blackhole_the_keepalive_detects() {
     thread::sleep(Duration::from_secs(4));
     proxy.set_mode(Mode::Pass);
     wait_resumes(&shim, 1, Duration::from_secs(30));
-    assert_eq!(finish(&mut c, Duration::from_secs(30)), 7, "{}", err.text());
+    assert_eq!(
+        finish(&mut c, Duration::from_secs(30), &shim),
+        7,
+        "{}",
+        err.text()
+    );
     assert_eq!(out.text(), sixty_lines());
 }
 
@@ -124,7 +146,11 @@ fn command_survives_a_blackhole_the_keepalive_detects() {
 fn wait_len(c: &Capture, n: usize, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while c.bytes().len() < n {
-        assert!(Instant::now() < deadline, "only {} bytes arrived", c.bytes().len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} bytes arrived",
+            c.bytes().len()
+        );
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -138,47 +164,57 @@ fn big_file(env: &TestEnv, mib: usize) -> (PathBuf, String) {
 }
 
 #[test]
-fn bulk_down_and_up_survive_a_drop_mid_transfer() {
+fn bulk_down_survives_a_drop_mid_transfer() {
     let env = TestEnv::new();
     let sshd = Sshd::start(&env);
     let (proxy, shim) = proxied(&env, &sshd, &[]);
     let (file, digest) = big_file(&env, 64);
     // Paced by the proxy so the drop lands mid-transfer.
     proxy.set_delay(Duration::from_millis(1));
-
     let down = env.ssh(shim.port(), &[&format!("cat {}", file.display())]);
     let (mut c, out, err) = spawn(down, Stdio::null());
     wait_len(&out, 16 << 20, Duration::from_secs(60));
     proxy.drop_all();
-    assert_eq!(finish(&mut c, Duration::from_secs(120)), 0, "{}", err.text());
+    let code = finish(&mut c, Duration::from_secs(120), &shim);
+    assert_eq!(code, 0, "{}", err.text());
     assert_eq!(sha256_hex(&out.bytes()), digest, "download not byte-exact");
     wait_resumes(&shim, 1, Duration::from_secs(1));
+}
 
+#[test]
+fn bulk_up_survives_a_drop_mid_transfer() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let (proxy, shim) = proxied(&env, &sshd, &[]);
+    let (file, digest) = big_file(&env, 64);
+    proxy.set_delay(Duration::from_millis(1));
     let up = env.ssh(shim.port(), &["sha256sum"]);
     let (mut c, out, err) = spawn(up, Stdio::piped());
     let mut stdin = c.0.stdin.take().unwrap();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
     let feeder = thread::spawn(move || {
-        let mut f = std::fs::File::open(file).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
+        let data = std::fs::read(file).unwrap();
+        for chunk in data.chunks(256 << 10) {
+            if stdin.write_all(chunk).is_err() {
+                return;
             }
-            stdin.write_all(&buf[..n]).unwrap();
+            counter.fetch_add(chunk.len(), std::sync::atomic::Ordering::Relaxed);
         }
     });
-    // Let some of it go through first.
-    thread::sleep(Duration::from_millis(700));
+    eventually(Duration::from_secs(60), "16 MiB sent", || {
+        sent.load(std::sync::atomic::Ordering::Relaxed) >= 16 << 20
+    });
     proxy.drop_all();
+    let code = finish(&mut c, Duration::from_secs(60), &shim);
     feeder.join().unwrap();
-    assert_eq!(finish(&mut c, Duration::from_secs(120)), 0, "{}", err.text());
+    assert_eq!(code, 0, "{}", err.text());
     assert!(
         out.text().starts_with(&digest),
         "upload not byte-exact: {}",
         out.text()
     );
-    wait_resumes(&shim, 2, Duration::from_secs(1));
+    wait_resumes(&shim, 1, Duration::from_secs(1));
 }
 
 #[test]
@@ -193,11 +229,20 @@ fn sftp_get_survives_a_drop_half_way() {
     let (mut c, _out, err) = spawn(shim.sftp(&batch), Stdio::null());
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::fs::metadata(&local).map_or(0, |m| m.len()) < 8 << 20 {
-        assert!(Instant::now() < deadline, "sftp made no progress: {}", err.text());
+        assert!(
+            Instant::now() < deadline,
+            "sftp made no progress: {}",
+            err.text()
+        );
         thread::sleep(Duration::from_millis(10));
     }
     proxy.drop_all();
-    assert_eq!(finish(&mut c, Duration::from_secs(120)), 0, "{}", err.text());
+    assert_eq!(
+        finish(&mut c, Duration::from_secs(120), &shim),
+        0,
+        "{}",
+        err.text()
+    );
     assert_eq!(sha256_file(&local), digest);
     wait_resumes(&shim, 1, Duration::from_secs(1));
 }
@@ -276,7 +321,12 @@ fn the_same_through_the_mux_socket() {
     let (mut c, out, err) = spawn(mux_cmd(&sock, &[SIXTY_LINES]), Stdio::null());
     assert!(out.wait_for(Duration::from_secs(30), |t| t.contains("line 10\n")));
     proxy.drop_all();
-    assert_eq!(finish(&mut c, Duration::from_secs(30)), 7, "{}", err.text());
+    assert_eq!(
+        finish(&mut c, Duration::from_secs(30), &shim),
+        7,
+        "{}",
+        err.text()
+    );
     assert_eq!(out.text(), sixty_lines());
     wait_resumes(&shim, 1, Duration::from_secs(1));
     interactive_shell_across_a_drop(&env, &proxy, &shim, mux_cmd(&sock, &["-tt"]));
@@ -301,10 +351,17 @@ fn held_session_ends_after_the_resume_timeout() {
     eventually(Duration::from_secs(15), "the held session ends", || {
         remote(&sshd, "sleep 301").is_empty()
     });
-    assert_eq!(finish(&mut c, Duration::from_secs(15)), 255);
-    assert!(err.text().contains("could not be resumed"), "{}", err.text());
+    assert_eq!(finish(&mut c, Duration::from_secs(15), &shim), 255);
+    assert!(
+        err.text().contains("could not be resumed"),
+        "{}",
+        err.text()
+    );
     let st = shim.status_json().unwrap();
-    assert_eq!(st["resume"]["held_sessions"].as_array().map(Vec::len), Some(0));
+    assert_eq!(
+        st["resume"]["held_sessions"].as_array().map(Vec::len),
+        Some(0)
+    );
 }
 
 #[test]
@@ -328,9 +385,11 @@ fn a_client_gone_during_the_outage_ends_its_session_after_the_reconnect() {
         "held while sshshim is away"
     );
     proxy.set_mode(Mode::Pass);
-    eventually(Duration::from_secs(20), "the session ends after the reconnect", || {
-        remote(&sshd, "sleep 302").is_empty()
-    });
+    eventually(
+        Duration::from_secs(20),
+        "the session ends after the reconnect",
+        || remote(&sshd, "sleep 302").is_empty(),
+    );
 }
 
 #[test]
@@ -366,20 +425,22 @@ fn without_a_usable_helper_sessions_work_as_before_and_status_says_why() {
         sshd.port(),
         &["--resume", "--remote-helper", "/nonexistent/sshshim"],
     );
-    let out = run_with_timeout(
-        &mut shim.ssh(&["echo plain; exit 4"]),
-        b"",
-        DEFAULT_TIMEOUT,
-    );
+    let out = run_with_timeout(&mut shim.ssh(&["echo plain; exit 4"]), b"", DEFAULT_TIMEOUT);
     assert_eq!(exit_code(&out.status), 4);
     assert_eq!(stdout_text(&out), "plain\n");
     let st = shim.status_json().unwrap();
-    let helper = st["resume"]["helper"].as_str().unwrap_or_default().to_owned();
+    let helper = st["resume"]["helper"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     assert!(
         helper.starts_with("unavailable: the helper does not run on the server"),
         "{st}"
     );
-    assert!(shim.stderr_text().contains("resumable sessions are off for this server"));
+    assert!(
+        shim.stderr_text()
+            .contains("resumable sessions are off for this server")
+    );
 }
 
 /// Differential: with `--resume`, what a client sees is what sshd shows it.
@@ -388,9 +449,8 @@ fn clients_see_what_sshd_shows_them() {
     let env = TestEnv::new();
     let sshd = Sshd::start_with(&env, &["Subsystem sftp /usr/lib/openssh/sftp-server"]);
     let shim = Shim::start_with(&env, sshd.port(), &["--resume"]);
-    let cmp = |args: &[&str], stdin: &[u8]| {
-        compare_ports(&env, sshd.port(), shim.port(), args, stdin)
-    };
+    let cmp =
+        |args: &[&str], stdin: &[u8]| compare_ports(&env, sshd.port(), shim.port(), args, stdin);
     cmp(&["echo hello"], b"");
     cmp(&["exit 42"], b"");
     cmp(&["echo only-stderr >&2; exit 3"], b"");
@@ -398,7 +458,10 @@ fn clients_see_what_sshd_shows_them() {
     cmp(&["kill -TERM $$"], b"");
     cmp(&[], b"echo from-stdin\nexit 7\n");
     cmp(&["cat"], &pseudo_random_bytes(1 << 20, 3));
-    cmp(&["-o", "SetEnv=SSHSHIM_TEST_X=sent", "echo $SSHSHIM_TEST_X"], b"");
+    cmp(
+        &["-o", "SetEnv=SSHSHIM_TEST_X=sent", "echo $SSHSHIM_TEST_X"],
+        b"",
+    );
     cmp(&["-tt", "tty >/dev/null && echo tty; echo $TERM"], b"");
     cmp(&["echo $0; echo $HOME"], b"");
     // sftp through the helper's sftp-server.
@@ -413,7 +476,10 @@ fn clients_see_what_sshd_shows_them() {
     );
     let st = shim.status_json().unwrap();
     assert!(
-        st["resume"]["helper"].as_str().unwrap_or_default().starts_with("ready: "),
+        st["resume"]["helper"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("ready: "),
         "{st}"
     );
 }

@@ -151,7 +151,11 @@ impl UpWrite {
     }
 
     /// `subsystem`.
-    pub async fn request_subsystem(&self, want_reply: bool, name: String) -> Result<(), russh::Error> {
+    pub async fn request_subsystem(
+        &self,
+        want_reply: bool,
+        name: String,
+    ) -> Result<(), russh::Error> {
         match self {
             UpWrite::Ssh(w) => w.request_subsystem(want_reply, name).await,
             UpWrite::Resumable(w) => w.command(Command::Subsystem(name)).map_err(gone),
@@ -167,7 +171,12 @@ impl UpWrite {
     }
 
     /// `env` (sent without want-reply).
-    pub async fn set_env(&self, want_reply: bool, name: &str, value: &str) -> Result<(), russh::Error> {
+    pub async fn set_env(
+        &self,
+        want_reply: bool,
+        name: &str,
+        value: &str,
+    ) -> Result<(), russh::Error> {
         match self {
             UpWrite::Ssh(w) => w.set_env(want_reply, name, value).await,
             UpWrite::Resumable(w) => w.env(name, value).map_err(gone),
@@ -206,7 +215,11 @@ pub async fn prepare(
     opened: crate::upstream::Opened,
     session: bool,
     resume: Option<&std::sync::Arc<crate::resume::Resume>>,
-) -> (Upstream, Option<Box<dyn Send + Sync>>, Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>) {
+) -> (
+    Upstream,
+    Option<Box<dyn Send + Sync>>,
+    Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+) {
     if let (true, Some(r)) = (session, resume)
         && let Ok(helper) = r.helper().await
     {

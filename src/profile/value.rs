@@ -178,7 +178,9 @@ pub fn command<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
 
 /// A path on the server (not expanded here: `~` means the remote home).
 pub fn remote_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    checked(d, Hint::Str, |v| string(v, "a path on the server (string)").map(Some))
+    checked(d, Hint::Str, |v| {
+        string(v, "a path on the server (string)").map(Some)
+    })
 }
 
 /// A file path, `~` expanded.

@@ -106,7 +106,11 @@ fn local_platform() -> String {
         return String::new();
     }
     let field = |f: &[libc::c_char]| {
-        let bytes: Vec<u8> = f.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+        let bytes: Vec<u8> = f
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8)
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     };
     format!("{} {}", field(&u.sysname), field(&u.machine))
@@ -239,11 +243,7 @@ async fn run_cmd(pool: &Pool, command: &str) -> Result<Ran, NotHere> {
 /// Makes sure sshshim's own helper is in the server's cache: returns its path.
 async fn install(pool: &Pool) -> Result<String, NotHere> {
     let me = local().map_err(NotHere::verdict)?;
-    let file = format!(
-        "sshshim-{}-{}",
-        env!("CARGO_PKG_VERSION"),
-        &me.sha256[..16]
-    );
+    let file = format!("sshshim-{}-{}", env!("CARGO_PKG_VERSION"), &me.sha256[..16]);
     let probe = run_cmd(pool, &probe_script(&file, &me.sha256)).await?;
     let text = String::from_utf8_lossy(&probe.stdout).into_owned();
     let mut lines = text.lines();
@@ -334,9 +334,11 @@ async fn check(pool: &Pool, path: &str) -> Result<Helper, NotHere> {
     for line in lines {
         if let Some(cmd) = line.strip_prefix("subsystem sftp ") {
             sftp = if cmd.trim() == "internal" {
-                Err("sshd serves sftp in-process (internal-sftp): there is no sftp program \
+                Err(
+                    "sshd serves sftp in-process (internal-sftp): there is no sftp program \
                      the helper could keep running"
-                    .to_owned())
+                        .to_owned(),
+                )
             } else {
                 Ok(cmd.trim().to_owned())
             };
@@ -355,7 +357,10 @@ mod tests {
     #[test]
     fn the_local_platform_reads_like_uname() {
         let p = local_platform();
-        let out = std::process::Command::new("uname").arg("-sm").output().unwrap();
+        let out = std::process::Command::new("uname")
+            .arg("-sm")
+            .output()
+            .unwrap();
         assert_eq!(p, String::from_utf8_lossy(&out.stdout).trim());
     }
 
@@ -384,10 +389,16 @@ mod tests {
         assert_eq!(lines[1], local_platform());
         let want = format!("need {}/sshshim/h", cache.display());
         assert_eq!(lines[2], want);
-        assert_eq!(sh(&upload_script("h", &sha), b"wrong bytes").trim(), "bad upload");
+        assert_eq!(
+            sh(&upload_script("h", &sha), b"wrong bytes").trim(),
+            "bad upload"
+        );
         assert_eq!(sh(&upload_script("h", &sha), &data).trim(), "ok");
         let out = sh(&probe_script("h", &sha), b"");
-        assert!(out.ends_with(&format!("have {}/sshshim/h\n", cache.display())), "{out}");
+        assert!(
+            out.ends_with(&format!("have {}/sshshim/h\n", cache.display())),
+            "{out}"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(cache.join("sshshim/h"))
             .unwrap()

@@ -17,8 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Sig, client};
+use russh::{ChannelMsg, ChannelWriteHalf, Sig, client};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Command, Exit, Frame, Inbox, Outbox, PtySpec, Secret, Stream};
 use super::{HeldGuard, HeldStatus, Helper, Resume, hex, unix_now};
@@ -183,7 +184,11 @@ fn sig_of(name: &str) -> Sig {
 
 /// Starts a resumable session on a freshly opened session channel, with
 /// the helper found on the server. The task runs until the session ends.
-pub fn start(resume: Arc<Resume>, helper: Arc<Helper>, opened: Opened) -> (SessionRead, SessionWrite) {
+pub fn start(
+    resume: Arc<Resume>,
+    helper: Arc<Helper>,
+    opened: Opened,
+) -> (SessionRead, SessionWrite) {
     let (tx, cmds) = mpsc::unbounded_channel();
     let (out, rx) = mpsc::channel(8);
     let credits = Arc::new(Semaphore::new(super::BUFFER as usize));
@@ -228,20 +233,63 @@ enum Ended {
 
 /// One upstream channel running the helper.
 struct Attachment {
-    /// Reads its messages.
-    rd: ChannelReadHalf,
+    /// Its messages, read ahead by a task. Unbounded on purpose: russh
+    /// stalls the whole connection (window adjustments included) while a
+    /// channel's queue is full, so a write waiting for window must never
+    /// also be what drains it. What arrives is bounded by the helper, which
+    /// sends at most its buffer beyond what we acknowledged.
+    msgs: mpsc::UnboundedReceiver<ChannelMsg>,
     /// Writes to it.
     wr: ChannelWriteHalf<client::Msg>,
+    /// Set when the channel is gone. russh's writes wait for window
+    /// forever when the connection dies under them, so every write races it.
+    lost: CancellationToken,
+    /// The reading task.
+    reader: tokio::task::JoinHandle<()>,
     /// Counts it on its connection.
     _load: LoadGuard,
     /// Bytes received and not yet decoded.
     buf: BytesMut,
 }
 
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
 impl Attachment {
-    /// Sends one frame.
+    /// Takes over a freshly opened channel.
+    fn new(opened: Opened) -> Attachment {
+        let (mut rd, wr) = opened.channel.split();
+        let (tx, msgs) = mpsc::unbounded_channel();
+        let lost = CancellationToken::new();
+        let gone = lost.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(m) = rd.wait().await {
+                let close = matches!(m, ChannelMsg::Close);
+                if tx.send(m).is_err() || close {
+                    break;
+                }
+            }
+            gone.cancel();
+        });
+        Attachment {
+            msgs,
+            wr,
+            lost,
+            reader,
+            _load: opened.load,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Sends one frame; fails if the channel is lost meanwhile.
     async fn send(&self, f: &Frame) -> Result<(), russh::Error> {
-        self.wr.data_bytes(f.to_bytes()).await
+        tokio::select! {
+            r = self.wr.data_bytes(f.to_bytes()) => r,
+            () = self.lost.cancelled() => Err(russh::Error::Disconnect),
+        }
     }
 
     /// The next frame; `None` when the channel is gone. The helper's
@@ -251,7 +299,7 @@ impl Attachment {
             if let Some(f) = Frame::decode(&mut self.buf)? {
                 return Ok(Some(f));
             }
-            match self.rd.wait().await {
+            match self.msgs.recv().await {
                 Some(ChannelMsg::Data { data }) => self.buf.extend_from_slice(&data),
                 Some(ChannelMsg::ExtendedData { data, .. }) => tracing::debug!(
                     "remote helper: {}",
@@ -268,7 +316,7 @@ impl Attachment {
     async fn hello(&mut self) -> Result<(wire::SessionId, bool), HelloErr> {
         let broken = |s: String| Err(HelloErr::Broken(s));
         while self.buf.len() < wire::MAGIC.len() {
-            match self.rd.wait().await {
+            match self.msgs.recv().await {
                 Some(ChannelMsg::Data { data }) => self.buf.extend_from_slice(&data),
                 Some(ChannelMsg::ExtendedData { data, .. }) => {
                     return broken(crate::term::clean(String::from_utf8_lossy(&data).trim()));
@@ -387,18 +435,12 @@ impl Task {
         &mut self,
         opened: Opened,
     ) -> Option<(Attachment, Command, Option<PtySpec>)> {
-        let (rd, wr) = opened.channel.split();
-        let mut att = Attachment {
-            rd,
-            wr,
-            _load: opened.load,
-            buf: BytesMut::new(),
-        };
+        let mut att = Attachment::new(opened);
         let mut pty = None;
         loop {
             let cmd = tokio::select! {
                 c = self.cmds.recv() => c,
-                m = att.rd.wait() => match m {
+                m = att.msgs.recv() => match m {
                     Some(ChannelMsg::Close) | None => {
                         // The connection died before the command: as a plain
                         // session would.
@@ -418,7 +460,7 @@ impl Task {
                     let _ = att.wr.set_env(false, n, v).await;
                 }
                 Cmd::Agent => {
-                    let ok = att.wr.agent_forward(true).await.is_ok() && reply(&mut att.rd).await;
+                    let ok = att.wr.agent_forward(true).await.is_ok() && reply(&mut att.msgs).await;
                     self.emit(if ok {
                         ChannelMsg::Success
                     } else {
@@ -444,8 +486,8 @@ impl Task {
 
     /// Runs a command as a plain channel on the session's channel (the
     /// helper cannot run it): a pass-through until it ends.
-    async fn plain(mut self, att: Attachment, command: Command, pty: Option<PtySpec>) {
-        let Attachment { mut rd, wr, _load, .. } = att;
+    async fn plain(mut self, mut att: Attachment, command: Command, pty: Option<PtySpec>) {
+        let (rd, wr, lost) = (&mut att.msgs, &att.wr, att.lost.clone());
         if let Some(p) = pty {
             let modes: Vec<(russh::Pty, u32)> = p
                 .modes
@@ -456,7 +498,7 @@ impl Task {
                 .request_pty(true, &p.term, p.cols, p.rows, p.px, p.py, &modes)
                 .await;
             // The client had its answer; this one is the server's.
-            if sent.is_err() || !reply(&mut rd).await {
+            if sent.is_err() || !reply(rd).await {
                 tracing::debug!("the server refused the pty of a plain session");
             }
         }
@@ -485,7 +527,11 @@ impl Task {
                     }
                     Some(Cmd::Data(d)) => {
                         self.credits.add_permits(d.len());
-                        let _ = wr.data_bytes(d).await;
+                        // A write waits for window forever on a dead connection.
+                        tokio::select! {
+                            _ = wr.data_bytes(d) => {}
+                            () = lost.cancelled() => return,
+                        }
                     }
                     Some(Cmd::Eof) => {
                         let _ = wr.eof().await;
@@ -503,7 +549,7 @@ impl Task {
                         self.emit(ChannelMsg::Failure).await;
                     }
                 },
-                m = rd.wait() => match m {
+                m = rd.recv() => match m {
                     None => return,
                     Some(m) => {
                         let last = matches!(m, ChannelMsg::Close);
@@ -829,11 +875,7 @@ impl Task {
     /// closes, as a plain session does when its connection goes.
     async fn give_up(&mut self, why: &str) {
         if let Some(id) = &self.session {
-            tracing::warn!(
-                "session {} ended: {}",
-                short(id),
-                crate::term::clean(why)
-            );
+            tracing::warn!("session {} ended: {}", short(id), crate::term::clean(why));
         }
         let text = format!(
             "sshshim: the upstream connection was lost and this session could not be resumed: \
@@ -891,7 +933,8 @@ impl Task {
                     let before = self.input.buffered();
                     if let Err(e) = self.input.rewind(have_in) {
                         tracing::warn!("resumable session: protocol error: {e}");
-                        self.give_up("the remote helper lost acknowledged input").await;
+                        self.give_up("the remote helper lost acknowledged input")
+                            .await;
                         return None;
                     }
                     self.credits.add_permits(before - self.input.buffered());
@@ -973,13 +1016,7 @@ async fn attach(
         .open(Open::Session)
         .await
         .map_err(|e| AttachErr::Retry(e.to_string()))?;
-    let (rd, wr) = opened.channel.split();
-    let mut att = Attachment {
-        rd,
-        wr,
-        _load: opened.load,
-        buf: BytesMut::new(),
-    };
+    let mut att = Attachment::new(opened);
     let work = async {
         att.wr
             .exec(true, helper.command(&format!("attach {}", hex(&id))))
@@ -987,7 +1024,11 @@ async fn attach(
             .map_err(|e| AttachErr::Retry(e.to_string()))?;
         match att.hello().await {
             Ok((sid, false)) if sid == id => {}
-            Ok(_) => return Err(AttachErr::Gone("the server has another session there".into())),
+            Ok(_) => {
+                return Err(AttachErr::Gone(
+                    "the server has another session there".into(),
+                ));
+            }
             Err(HelloErr::Refused(why)) => return Err(AttachErr::Gone(why)),
             Err(HelloErr::Broken(why)) => return Err(AttachErr::Retry(why)),
         }
@@ -1019,9 +1060,9 @@ fn short(id: &wire::SessionId) -> String {
 
 /// Waits for the reply to a want-reply request on a channel not yet running
 /// anything.
-async fn reply(rd: &mut ChannelReadHalf) -> bool {
+async fn reply(rd: &mut mpsc::UnboundedReceiver<ChannelMsg>) -> bool {
     loop {
-        match rd.wait().await {
+        match rd.recv().await {
             Some(ChannelMsg::Success) => return true,
             Some(ChannelMsg::Failure) | Some(ChannelMsg::Close) | None => return false,
             Some(_) => {}
