@@ -28,6 +28,7 @@ use auth::Authenticator;
 use connection::{ClientHandler, Io, client_config, close_when_idle, refused, set_tcp_keepalive};
 pub use connection::{
     Connection, LoadGuard, Open, OpenError, Opened, ServerOpen, ServerOpenKind, ServerSlot,
+    Unavailable,
 };
 pub use error::UpstreamError;
 use known_hosts::HostKeyVerifier;
@@ -531,7 +532,7 @@ impl Pool {
     /// is opened with the credentials we hold (no prompt), up to
     /// `--max-upstreams`; extras close again when idle.
     pub async fn open(&self, what: Open) -> Result<Opened, OpenError> {
-        let primary = self.connection().await.map_err(OpenError::Unavailable)?;
+        let primary = self.connection().await?;
         let mut candidates = vec![primary];
         {
             let mut extras = self.extras.lock().unwrap();
@@ -657,21 +658,21 @@ impl Pool {
     /// Waiting is a reason to reconnect now: while anyone waits, attempts
     /// follow each other every [`crate::tuning::RECONNECT_GAP`] instead of
     /// the backoff, and every waiter gets the connection as soon as it is up.
-    pub async fn connection(&self) -> Result<Arc<Connection>, String> {
+    pub async fn connection(&self) -> Result<Arc<Connection>, Unavailable> {
         let mut rx = self.state.subscribe();
         let wait = async {
             let mut waiting = None;
             loop {
                 match &*rx.borrow_and_update() {
                     State::Up(c) if c.is_alive() => return Ok(c.clone()),
-                    State::Failed(why) => return Err(format!("upstream unavailable: {why}")),
+                    State::Failed(why) => return Err(Unavailable::Failed(why.clone())),
                     _ => {}
                 }
                 if waiting.is_none() {
                     waiting = Some(Waiting::new(self));
                 }
                 if rx.changed().await.is_err() {
-                    return Err("upstream unavailable: shutting down".to_string());
+                    return Err(Unavailable::ShuttingDown);
                 }
             }
         };
@@ -682,12 +683,12 @@ impl Pool {
                     attempt,
                     last_error,
                     ..
-                } => format!(
-                    "upstream unavailable: reconnecting (attempt {attempt}, last error: {last_error})"
-                ),
-                State::Failed(why) => format!("upstream unavailable: {why}"),
-                State::Up(_) => "upstream unavailable: connection just closed".to_string(),
+                } => Unavailable::Reconnecting {
+                    attempt: *attempt,
+                    last_error: last_error.clone(),
+                },
+                State::Failed(why) => Unavailable::Failed(why.clone()),
+                State::Up(_) => Unavailable::JustClosed,
             }),
         }
-    }
-}
+    }}
