@@ -739,10 +739,7 @@ fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
             None => match profile.and_then(|p| p.mux.clone()) {
                 Some(p) if p.as_os_str() == "none" => None,
                 Some(p) => Some(p),
-                None => Some(
-                    paths::runtime_dir()?
-                        .join(format!("{}.mux", paths::safe_name(name))),
-                ),
+                None => Some(paths::runtime_dir()?.join(format!("{}.mux", paths::safe_name(name)))),
             },
         };
         if a.same_name {

@@ -769,8 +769,11 @@ pub async fn supervise(opts: SuperviseOptions) -> Result<(), RunError> {
 mod tests {
     use super::*;
 
-    /// Profiles as name -> settings (a string stands for a profile's settings).
-    fn profiles(list: &[(&str, &str)]) -> BTreeMap<String, String> {
+    /// Profiles as (name, settings); a string stands for a profile's settings.
+    type Listed<'a> = &'a [(&'a str, &'a str)];
+
+    /// Profiles as name -> settings.
+    fn profiles(list: Listed) -> BTreeMap<String, String> {
         list.iter()
             .map(|(n, p)| (n.to_string(), p.to_string()))
             .collect()
@@ -781,17 +784,25 @@ mod tests {
     fn reload_plan() {
         use Change::{Restart, Start, Stop};
         let s = |n: &str| n.to_string();
-        let cases: &[(&[(&str, &str)], &[(&str, &str)], Vec<Change>)] = &[
+        let cases: &[(Listed, Listed, Vec<Change>)] = &[
             // Nothing to do.
             (&[], &[], vec![]),
             (&[("a", "x")], &[("a", "x")], vec![]),
             // First start.
-            (&[], &[("a", "x"), ("b", "y")], vec![Start(s("a")), Start(s("b"))]),
+            (
+                &[],
+                &[("a", "x"), ("b", "y")],
+                vec![Start(s("a")), Start(s("b"))],
+            ),
             // Removed: stopped; the others keep running.
             (&[("a", "x"), ("b", "y")], &[("b", "y")], vec![Stop(s("a"))]),
             (&[("a", "x")], &[], vec![Stop(s("a"))]),
             // Changed: restarted.
-            (&[("a", "x"), ("b", "y")], &[("a", "x"), ("b", "z")], vec![Restart(s("b"))]),
+            (
+                &[("a", "x"), ("b", "y")],
+                &[("a", "x"), ("b", "z")],
+                vec![Restart(s("b"))],
+            ),
             // All at once, in name order: stops and restarts, then starts.
             (
                 &[("a", "x"), ("b", "y"), ("d", "w")],

@@ -691,4 +691,5 @@ impl Pool {
                 State::Up(_) => Unavailable::JustClosed,
             }),
         }
-    }}
+    }
+}
