@@ -351,6 +351,42 @@ impl Pool {
         Ok(())
     }
 
+    /// Waits until the live connection `conn` closes, probing it at once
+    /// on a network change, and says why; `None` when `shutdown` came
+    /// first (the connection is then closed politely).
+    async fn until_closed(
+        &self,
+        conn: Arc<Connection>,
+        net: &mut NetChanges,
+        shutdown: &CancellationToken,
+    ) -> Option<String> {
+        net.seen();
+        let why = loop {
+            tokio::select! {
+                why = conn.closed() => break why,
+                change = net.changed() => {
+                    tracing::debug!("{change}: probing the upstream connection now");
+                    conn.probe_now();
+                }
+                _ = shutdown.cancelled() => {
+                    let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "sshshim shutting down", "en").await;
+                    return None;
+                }
+            }
+        };
+        let rtt = *conn.rtt.lock().unwrap();
+        drop(conn);
+        tracing::warn!(
+            "disconnected from {}: {why} (last keepalive RTT: {})",
+            self.target(),
+            rtt.map_or("none".into(), |d| format!(
+                "{:.1} ms",
+                d.as_secs_f64() * 1e3
+            ))
+        );
+        Some(why)
+    }
+
     /// Keeps the connection alive until `shutdown`: when it dies, reconnects.
     /// Returns an error only for failures retrying cannot fix.
     ///
@@ -388,30 +424,9 @@ impl Pool {
             let State::Up(conn) = self.state.borrow().clone() else {
                 unreachable!("run() starts after connect_first and loops back only when up")
             };
-            net.seen();
-            let why = loop {
-                tokio::select! {
-                    why = conn.closed() => break why,
-                    change = net.changed() => {
-                        tracing::debug!("{change}: probing the upstream connection now");
-                        conn.probe_now();
-                    }
-                    _ = shutdown.cancelled() => {
-                        let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "sshshim shutting down", "en").await;
-                        return shut_down(&self);
-                    }
-                }
+            let Some(why) = self.until_closed(conn, &mut net, &shutdown).await else {
+                return shut_down(&self);
             };
-            let rtt = *conn.rtt.lock().unwrap();
-            drop(conn);
-            tracing::warn!(
-                "disconnected from {}: {why} (last keepalive RTT: {})",
-                self.target(),
-                rtt.map_or("none".into(), |d| format!(
-                    "{:.1} ms",
-                    d.as_secs_f64() * 1e3
-                ))
-            );
             // The connection worked: the backoff starts over. A wake-up
             // left from before is stale (its waiter was served or gave up).
             let _ = tokio::time::timeout(Duration::ZERO, self.wake.notified()).await;
