@@ -370,24 +370,17 @@ pub async fn up(cfg: UpConfig) -> Result<(), RunError> {
         (cfg.config_file.clone(), cfg.profile_destination.clone()),
     );
     let shutdown = CancellationToken::new();
-    let control = {
-        let (live, name, shutdown) = (live.clone(), cfg.name.clone(), shutdown.clone());
-        let src: Arc<dyn StatusSource> = live;
-        tokio::spawn(async move { control::serve(name, src, shutdown).await })
-    };
     // Fail fast if this profile is already running.
-    tokio::task::yield_now().await;
-    if control.is_finished() {
-        match control.await {
-            Ok(Err(e @ control::ServeError::AlreadyRunning { .. })) => {
-                return Err(RunError::AlreadyRunning(e));
-            }
-            // Status is a convenience: without it the tunnel still runs.
-            Ok(Err(e)) => {
-                tracing::warn!("no control socket (sshshim status will not see this): {e}")
-            }
-            _ => {}
+    match control::bind(&cfg.name).await {
+        Ok(bound) => {
+            let (src, sd): (Arc<dyn StatusSource>, _) = (live.clone(), shutdown.clone());
+            tokio::spawn(bound.serve(src, sd));
         }
+        Err(e @ control::ServeError::AlreadyRunning { .. }) => {
+            return Err(RunError::AlreadyRunning(e));
+        }
+        // Status is a convenience: without it the tunnel still runs.
+        Err(e) => tracing::warn!("no control socket (sshshim status will not see this): {e}"),
     }
     if let Some(addr) = cfg.metrics {
         let l = live.clone();

@@ -163,17 +163,39 @@ pub async fn serve(
     source: Arc<dyn StatusSource>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let path = socket_path(&name)?;
-    serve_at(&path, &name, source, shutdown).await
+    bind(&name).await?.serve(source, shutdown).await;
+    Ok(())
+}
+
+/// A bound control socket, not yet answering (see [`bind`]).
+pub struct Bound {
+    /// The listening socket.
+    listener: UnixListener,
+    /// Removes the socket file when serving ends.
+    guard: SocketGuard,
+}
+
+/// The first half of [`serve`]: takes profile `name`'s socket (or fails
+/// with [`ServeError::AlreadyRunning`]), so a caller can stop before
+/// starting anything else.
+pub async fn bind(name: &str) -> Result<Bound, ServeError> {
+    bind_at(&socket_path(name)?, name).await
 }
 
 /// [`serve`] on an explicit socket path.
+#[cfg(test)]
 async fn serve_at(
     path: &Path,
     name: &str,
     source: Arc<dyn StatusSource>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    bind_at(path, name).await?.serve(source, shutdown).await;
+    Ok(())
+}
+
+/// [`bind`] on an explicit socket path.
+async fn bind_at(path: &Path, name: &str) -> Result<Bound, ServeError> {
     match probe_existing(path).await? {
         Existing::Absent => {}
         Existing::Stale => {
@@ -206,31 +228,38 @@ async fn serve_at(
     // The directory is already 0700, so the window before this chmod is not
     // reachable by others; the chmod is defence in depth.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Bound { listener, guard })
+}
 
-    let uid = our_uid();
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        // Transient (e.g. EMFILE): back off rather than spin or die.
-                        tracing::warn!("control socket accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                conns.spawn(handle_control(stream, uid, source.clone()));
+impl Bound {
+    /// The second half of [`serve`]: answers until `shutdown`, then
+    /// removes the socket file.
+    pub async fn serve(self, source: Arc<dyn StatusSource>, shutdown: CancellationToken) {
+        let Bound { listener, guard } = self;
+        let uid = our_uid();
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            // Transient (e.g. EMFILE): back off rather than spin or die.
+                            tracing::warn!("control socket accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    conns.spawn(handle_control(stream, uid, source.clone()));
+                }
             }
         }
+        // Dropping the JoinSet aborts in-flight handlers, then the guard unlinks.
+        drop(conns);
+        drop(guard);
     }
-    // Dropping the JoinSet aborts in-flight handlers, then the guard unlinks.
-    drop(conns);
-    drop(guard);
-    Ok(())
 }
 
 /// A command on the control socket.
