@@ -105,12 +105,12 @@ fn only_known(list: &str, known: &[String]) -> Option<String> {
 /// steered by [`local_steering`].
 /// Refuses a name or path that would break out of its line; see
 /// [`crate::spec::check_name`].
-pub fn host_block(e: &Endpoint) -> Result<String, String> {
+pub fn host_block(e: &Endpoint) -> Result<String, BlockError> {
     host_block_with(e, local_steering())
 }
 
 /// [`host_block`] with the given steering.
-fn host_block_with(e: &Endpoint, steering: &Steering) -> Result<String, String> {
+fn host_block_with(e: &Endpoint, steering: &Steering) -> Result<String, BlockError> {
     host_token(e.name)?;
     host_token(&e.host_key_alias)?;
     crate::spec::check_path_text("UserKnownHostsFile", e.known_hosts)?;
@@ -162,7 +162,7 @@ fn host_block_with(e: &Endpoint, steering: &Steering) -> Result<String, String> 
 /// connects directly, silently, as before. Refuses a name or path that
 /// would break out of its line (a profile name always passes: see
 /// [`crate::spec::check_name`]; an ad-hoc destination may hold `@`).
-pub fn same_name_block(name: &str, control_path: &Path) -> Result<String, String> {
+pub fn same_name_block(name: &str, control_path: &Path) -> Result<String, BlockError> {
     host_token(name)?;
     crate::spec::check_path_text("ControlPath", control_path)?;
     Ok(format!(
@@ -174,15 +174,26 @@ pub fn same_name_block(name: &str, control_path: &Path) -> Result<String, String
     ))
 }
 
+/// Why a Host block cannot be written; the text says what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BlockError {
+    /// A name that would not stay one ssh_config word.
+    #[error(
+        "{0:?} cannot be written as an ssh_config host name: use letters, digits, \
+         '.', '_' and '-'"
+    )]
+    HostName(String),
+    /// A path that would break out of its line.
+    #[error(transparent)]
+    Path(#[from] crate::spec::SpecError),
+}
+
 /// Checks a word for a `Host` pattern or `HostKeyAlias`: nothing that
 /// ssh_config would split on, quote, treat as a comment or as a wildcard.
-fn host_token(word: &str) -> Result<(), String> {
+fn host_token(word: &str) -> Result<(), BlockError> {
     let bad = |c: char| c.is_whitespace() || c.is_control() || "\"'#=,*?!".contains(c);
     if word.is_empty() || word.contains(bad) {
-        return Err(format!(
-            "{word:?} cannot be written as an ssh_config host name: use letters, digits, \
-             '.', '_' and '-'"
-        ));
+        return Err(BlockError::HostName(word.to_owned()));
     }
     Ok(())
 }

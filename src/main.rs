@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::{anyhow, bail};
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use clap_complete::engine::ArgValueCandidates;
 use sshshim::paths;
@@ -384,25 +385,26 @@ fn main() -> ExitCode {
         _ => cli,
     };
     init_logging(cli.verbose, cli.quiet, cli.log_format);
-    let runtime = || build_runtime().map_err(|e| format!("cannot start the runtime: {e}"));
-    let result: Result<(), String> = match cli.command {
+    let runtime = || build_runtime().map_err(|e| anyhow!("cannot start the runtime: {e}"));
+    let result: anyhow::Result<()> = match cli.command {
         Command::Up(args) => args
             .resolve()
-            .and_then(|cfg| runtime()?.block_on(sshshim::supervisor::up(cfg))),
+            .map_err(anyhow::Error::msg)
+            .and_then(|cfg| Ok(runtime()?.block_on(sshshim::supervisor::up(cfg))?)),
         Command::Supervise(a) => runtime().and_then(|rt| {
-            rt.block_on(sshshim::supervisor::supervise(
+            Ok(rt.block_on(sshshim::supervisor::supervise(
                 sshshim::supervisor::SuperviseOptions {
                     config: a.config.config,
                     names: a.names,
                     metrics: a.metrics,
                     on_event: a.on_event,
                 },
-            ))
+            ))?)
         }),
         Command::Status(a) => status(a),
-        Command::Down { name } => sshshim::control::down(&name).map(|()| {
-            println!("sshshim: asked profile '{name}' to stop");
-        }),
+        Command::Down { name } => sshshim::control::down(&name)
+            .map(|()| println!("sshshim: asked profile '{name}' to stop"))
+            .map_err(anyhow::Error::from),
         Command::Service(c) => service(c),
         Command::SshConfig(a) => ssh_config(a),
         Command::Mcp(a) => runtime().and_then(|rt| {
@@ -421,16 +423,18 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
+        Err(e) => {
             // Errors may carry a server's words (its version, its reasons).
-            eprintln!("sshshim: {}", sshshim::term::clean_lines(&msg));
+            // The message is the error's own text, without its causes: each
+            // error here already says what to fix.
+            eprintln!("sshshim: {}", sshshim::term::clean_lines(&e.to_string()));
             ExitCode::FAILURE
         }
     }
 }
 
 /// `sshshim status [NAME] [--json]`.
-fn status(a: StatusArgs) -> Result<(), String> {
+fn status(a: StatusArgs) -> anyhow::Result<()> {
     let names = match a.name {
         Some(n) => vec![n],
         None => sshshim::control::running(),
@@ -440,7 +444,7 @@ fn status(a: StatusArgs) -> Result<(), String> {
         all.push(sshshim::control::query(n)?);
     }
     if a.json {
-        let text = serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?;
+        let text = serde_json::to_string_pretty(&all)?;
         println!("{text}");
     } else if all.is_empty() {
         println!("no sshshim is running");
@@ -493,7 +497,7 @@ fn check(a: CheckArgs) -> ExitCode {
 }
 
 /// `sshshim service …`.
-fn service(c: ServiceCommand) -> Result<(), String> {
+fn service(c: ServiceCommand) -> anyhow::Result<()> {
     use sshshim::service;
     let out = match c {
         ServiceCommand::Install {
@@ -504,9 +508,9 @@ fn service(c: ServiceCommand) -> Result<(), String> {
         } => {
             // A file that `supervise` would refuse (a bad name, a typo) is
             // reported now rather than at the unit's first start.
-            config.load()?;
+            config.load().map_err(anyhow::Error::msg)?;
             let exe =
-                std::env::current_exe().map_err(|e| format!("cannot find my own path: {e}"))?;
+                std::env::current_exe().map_err(|e| anyhow!("cannot find my own path: {e}"))?;
             let spec = service::UnitSpec {
                 profiles: names,
                 system,
@@ -531,56 +535,59 @@ fn service(c: ServiceCommand) -> Result<(), String> {
 }
 
 /// `sshshim man [SUBCOMMAND…] [--dir DIR]`.
-fn man(a: ManArgs) -> Result<(), String> {
+fn man(a: ManArgs) -> anyhow::Result<()> {
     match a.dir {
         Some(dir) => {
-            for path in sshshim::manpages::write_all(Cli::command(), &dir)? {
+            let written =
+                sshshim::manpages::write_all(Cli::command(), &dir).map_err(anyhow::Error::msg)?;
+            for path in written {
                 println!("{}", path.display());
             }
             Ok(())
         }
-        None => write_stdout(&sshshim::manpages::render(Cli::command(), &a.subcommand)?),
+        None => write_stdout(
+            &sshshim::manpages::render(Cli::command(), &a.subcommand)
+                .map_err(anyhow::Error::msg)?,
+        ),
     }
 }
 
 /// Writes `bytes` to stdout; a closed pipe (`| head`) is not an error.
-fn write_stdout(bytes: &[u8]) -> Result<(), String> {
+fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match out.write_all(bytes).and_then(|()| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(format!("cannot write to stdout: {e}"))
+            Err(anyhow!("cannot write to stdout: {e}"))
         }
         _ => Ok(()),
     }
 }
 
 /// `sshshim ssh-config [NAME…] [--install]`.
-fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
-    let file = a.config.load()?;
+fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
+    let file = a.config.load().map_err(anyhow::Error::msg)?;
     let names: Vec<String> = if a.names.is_empty() {
         file.profiles.keys().cloned().collect()
     } else {
         a.names.clone()
     };
     if names.is_empty() {
-        return Err(
-            "no profiles in the config file; name the endpoints: sshshim ssh-config NAME".into(),
-        );
+        bail!("no profiles in the config file; name the endpoints: sshshim ssh-config NAME");
     }
-    let ssh_dir = || -> Result<PathBuf, String> {
+    let ssh_dir = || -> anyhow::Result<PathBuf> {
         Ok(paths::home_dir()
-            .ok_or("no home directory (HOME is not set)")?
+            .ok_or_else(|| anyhow!("no home directory (HOME is not set)"))?
             .join(".ssh"))
     };
     if a.uninstall {
         let summary = sshshim::client_config::uninstall(&ssh_dir()?, &names)
-            .map_err(|e| format!("cannot remove the Host blocks: {e}"))?;
+            .map_err(|e| anyhow!("cannot remove the Host blocks: {e}"))?;
         println!("{summary}");
         return Ok(());
     }
     let state =
-        paths::state_dir().map_err(|e| format!("cannot create the state directory: {e}"))?;
+        paths::state_dir().map_err(|e| anyhow!("cannot create the state directory: {e}"))?;
     let known_hosts = state.join("known_hosts");
     let mut blocks = String::new();
     for name in &names {
@@ -601,18 +608,14 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
             None => match profile.and_then(|p| p.mux.clone()) {
                 Some(p) if p.as_os_str() == "none" => None,
                 Some(p) => Some(p),
-                None => Some(
-                    paths::runtime_dir()
-                        .map_err(|e| e.to_string())?
-                        .join(format!("{}.mux", paths::safe_name(name))),
-                ),
+                None => Some(paths::runtime_dir()?.join(format!("{}.mux", paths::safe_name(name)))),
             },
         };
         if a.same_name {
             let Some(mux) = &mux else {
-                return Err(format!(
+                bail!(
                     "{name} serves no multiplexing socket (mux = \"none\"): --same-name needs one"
-                ));
+                );
             };
             warn_if_controlpath_taken(name, mux);
             blocks.push_str(&sshshim::client_config::same_name_block(name, mux)?);
@@ -635,7 +638,7 @@ fn ssh_config(a: SshConfigArgs) -> Result<(), String> {
     }
     if a.install {
         let summary = sshshim::client_config::install(&ssh_dir()?, &blocks)
-            .map_err(|e| format!("cannot install the Host blocks: {e}"))?;
+            .map_err(|e| anyhow!("cannot install the Host blocks: {e}"))?;
         println!("{summary}");
     } else {
         print!("{blocks}");

@@ -4,6 +4,7 @@
 //! The unit runs `sshshim supervise` as `Type=notify` with a watchdog, so
 //! systemd restarts it if it stops answering, not only if it exits.
 
+use anyhow::anyhow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -145,7 +146,7 @@ pub fn systemd_available(system: bool) -> bool {
 
 /// Installs and starts the unit; with `dry_run`, only says what it would
 /// do. Without systemd, installs nothing and says how to do it by hand.
-pub fn install(spec: &UnitSpec, dry_run: bool) -> Result<String, String> {
+pub fn install(spec: &UnitSpec, dry_run: bool) -> anyhow::Result<String> {
     check_spec(spec)?;
     let unit = render_unit(spec);
     let path = unit_path(spec);
@@ -200,7 +201,7 @@ pub fn install(spec: &UnitSpec, dry_run: bool) -> Result<String, String> {
 
 /// `systemctl [--user] status --no-pager` for the named unit (a unit name or
 /// a profile name), or for every installed sshshim unit.
-pub fn status(system: bool, name: Option<&str>) -> Result<String, String> {
+pub fn status(system: bool, name: Option<&str>) -> anyhow::Result<String> {
     let dir = unit_dir(system);
     let units = match name {
         Some(n) => vec![resolve_name(&dir, n)],
@@ -232,7 +233,7 @@ pub fn status(system: bool, name: Option<&str>) -> Result<String, String> {
     let out = Command::new(&argv[0])
         .args(&argv[1..])
         .output()
-        .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
+        .map_err(|e| anyhow!("cannot run {}: {e}", argv[0]))?;
     // Non-zero exit only means "not running", which is still a status.
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
@@ -243,7 +244,7 @@ pub fn status(system: bool, name: Option<&str>) -> Result<String, String> {
 /// name must pass [`crate::spec::check_name`] (a newline in `Description=`
 /// would start a directive of its own), and no path or user name may hold a
 /// control character.
-fn check_spec(spec: &UnitSpec) -> Result<(), String> {
+fn check_spec(spec: &UnitSpec) -> anyhow::Result<()> {
     for p in &spec.profiles {
         crate::spec::check_name(p)?;
     }
@@ -259,7 +260,7 @@ fn check_spec(spec: &UnitSpec) -> Result<(), String> {
 
 /// Stops and disables the unit, removes its file and reloads systemd. With
 /// no name, removes every `sshshim*.service` in the unit directory.
-pub fn remove(system: bool, name: Option<&str>, dry_run: bool) -> Result<String, String> {
+pub fn remove(system: bool, name: Option<&str>, dry_run: bool) -> anyhow::Result<String> {
     let dir = unit_dir(system);
     let units: Vec<String> = match name {
         Some(n) => vec![resolve_name(&dir, n)],
@@ -297,7 +298,7 @@ pub fn remove(system: bool, name: Option<&str>, dry_run: bool) -> Result<String,
         out.push_str(&format!("warning: {e}\n"));
     }
     for f in &files {
-        std::fs::remove_file(f).map_err(|e| format!("cannot remove {}: {e}", f.display()))?;
+        std::fs::remove_file(f).map_err(|e| anyhow!("cannot remove {}: {e}", f.display()))?;
         out.push_str(&format!("Removed {}\n", f.display()));
     }
     if systemd {
@@ -390,16 +391,16 @@ fn systemctl(system: bool, args: &[&str]) -> Vec<String> {
 }
 
 /// Runs `argv`, turning a failure into an error with its stderr.
-fn run(argv: &[String]) -> Result<(), String> {
+fn run(argv: &[String]) -> anyhow::Result<()> {
     let out = Command::new(&argv[0])
         .args(&argv[1..])
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
+        .map_err(|e| anyhow!("cannot run {}: {e}", argv[0]))?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
+        Err(anyhow!(
             "`{}` failed ({}): {}",
             argv.join(" "),
             out.status,
@@ -409,7 +410,7 @@ fn run(argv: &[String]) -> Result<(), String> {
 }
 
 /// Writes the unit file with mode 0644, creating its directory.
-fn write_unit(path: &Path, text: &str) -> Result<(), String> {
+fn write_unit(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let hint = |e: std::io::Error| {
         let sudo = if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -417,7 +418,7 @@ fn write_unit(path: &Path, text: &str) -> Result<(), String> {
         } else {
             ""
         };
-        format!("cannot write {}: {e}{sudo}", path.display())
+        anyhow!("cannot write {}: {e}{sudo}", path.display())
     };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(hint)?;
@@ -428,11 +429,11 @@ fn write_unit(path: &Path, text: &str) -> Result<(), String> {
 }
 
 /// Installed `sshshim*.service` unit names in `dir`, sorted.
-fn installed_units(dir: &Path) -> Result<Vec<String>, String> {
+fn installed_units(dir: &Path) -> anyhow::Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("cannot list {}: {e}", dir.display())),
+        Err(e) => return Err(anyhow!("cannot list {}: {e}", dir.display())),
     };
     let mut v: Vec<String> = entries
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -537,7 +538,7 @@ mod tests {
             profiles: vec!["lab\nExecStartPre=/bin/touch /tmp/pwned".into()],
             ..spec(false)
         };
-        let e = install(&bad_name, true).unwrap_err();
+        let e = install(&bad_name, true).unwrap_err().to_string();
         assert!(e.contains("may only use letters"), "{e}");
         assert!(
             install(
@@ -553,7 +554,7 @@ mod tests {
             config: Some("/x\nExecStartPre=/bin/true".into()),
             ..spec(false)
         };
-        let e = install(&bad_config, true).unwrap_err();
+        let e = install(&bad_config, true).unwrap_err().to_string();
         assert!(e.contains("control character"), "{e}");
         assert!(install(&spec(false), true).is_ok());
     }

@@ -65,7 +65,7 @@ impl std::str::FromStr for Destination {
         }
         let port = match port {
             None => None,
-            Some(p) => Some(parse_port(p).map_err(|e| bad(&e))?),
+            Some(p) => Some(parse_port(p).map_err(|e| bad(&e.to_string()))?),
         };
         Ok(Destination {
             user: user.map(str::to_owned),
@@ -92,10 +92,51 @@ impl fmt::Display for Destination {
     }
 }
 
+/// Why a port, name, path or forward was refused; the text says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Not a TCP port number.
+    #[error("'{0}' is not a port number (1-65535)")]
+    Port(String),
+    /// A profile name that breaks a rule of [`check_name`].
+    #[error("profile name {name:?} {rule}")]
+    Name {
+        /// The name as given.
+        name: String,
+        /// The rule, with what to do.
+        rule: &'static str,
+    },
+    /// A path with a control character (see [`check_path_text`]).
+    #[error(
+        "{what} {text:?} contains a control character (such as a newline); \
+         choose a path without one"
+    )]
+    PathText {
+        /// The setting it is for.
+        what: String,
+        /// The path as text.
+        text: String,
+    },
+    /// A `-L`/`-R` argument that does not parse.
+    #[error(
+        "invalid forward {flag} '{spec}': {why}\n  expected [bind_address:]port:host:hostport, \
+         port:/remote/socket, /local/socket:host:hostport or /local/socket:/remote/socket \
+         (IPv6 addresses in brackets)"
+    )]
+    Forward {
+        /// `-L` or `-R`.
+        flag: &'static str,
+        /// The argument as given.
+        spec: String,
+        /// What is wrong with it.
+        why: String,
+    },
+}
+
 /// Parses a TCP port number (1-65535).
-pub fn parse_port(p: &str) -> Result<u16, String> {
+pub fn parse_port(p: &str) -> Result<u16, SpecError> {
     match p.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!("'{p}' is not a port number (1-65535)")),
+        Ok(0) | Err(_) => Err(SpecError::Port(p.to_owned())),
         Ok(n) => Ok(n),
     }
 }
@@ -105,26 +146,26 @@ pub fn parse_port(p: &str) -> Result<u16, String> {
 /// lines, systemd units, TOML keys, socket names), where a space, newline
 /// or quote would start something else, so every name from any source
 /// must pass. The error quotes the name escaped and says what to fix.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), SpecError> {
+    let broken = |rule| {
+        Err(SpecError::Name {
+            name: name.to_owned(),
+            rule,
+        })
+    };
     if name.is_empty() || name.len() > 64 {
-        return Err(format!(
-            "profile name {name:?} must be 1 to 64 characters (letters, digits, '.', '_', '-')"
-        ));
+        return broken("must be 1 to 64 characters (letters, digits, '.', '_', '-')");
     }
     if !name
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
     {
-        return Err(format!(
-            "profile name {name:?} may only use letters, digits, '.', '_' and '-'; rename it"
-        ));
+        return broken("may only use letters, digits, '.', '_' and '-'; rename it");
     }
     // It goes on command lines (a unit's ExecStart, `sshshim up NAME`),
     // where a leading '-' reads as an option.
     if name.starts_with('-') {
-        return Err(format!(
-            "profile name {name:?} must not start with '-'; rename it"
-        ));
+        return broken("must not start with '-'; rename it");
     }
     Ok(())
 }
@@ -133,13 +174,13 @@ pub fn check_name(name: &str) -> Result<(), String> {
 /// (ssh_config `ControlPath`, a unit's `ExecStart`): no control
 /// characters, which could end the line and start a directive of their
 /// own. `what` names the setting for the error.
-pub fn check_path_text(what: &str, path: &std::path::Path) -> Result<(), String> {
+pub fn check_path_text(what: &str, path: &std::path::Path) -> Result<(), SpecError> {
     let text = path.to_string_lossy();
     if text.chars().any(char::is_control) {
-        return Err(format!(
-            "{what} {text:?} contains a control character (such as a newline); \
-             choose a path without one"
-        ));
+        return Err(SpecError::PathText {
+            what: what.to_owned(),
+            text: text.into_owned(),
+        });
     }
     Ok(())
 }
@@ -234,24 +275,22 @@ impl fmt::Display for ForwardSpec {
 
 impl ForwardSpec {
     /// Parses the argument of `-L` or `-R`.
-    pub fn parse(kind: Kind, s: &str) -> Result<Self, String> {
+    pub fn parse(kind: Kind, s: &str) -> Result<Self, SpecError> {
         let flag = if kind == Kind::Local { "-L" } else { "-R" };
-        let bad = |why: &str| {
-            format!(
-                "invalid forward {flag} '{s}': {why}\n  expected [bind_address:]port:host:hostport, \
-                 port:/remote/socket, /local/socket:host:hostport or /local/socket:/remote/socket \
-                 (IPv6 addresses in brackets)"
-            )
+        let bad = |why: &str| SpecError::Forward {
+            flag,
+            spec: s.to_owned(),
+            why: why.to_owned(),
         };
-        let fields = split_fields(s).map_err(|e| bad(&e))?;
-        let addr_of = |host: Option<&str>, port: &str| -> Result<Addr, String> {
+        let fields = split_fields(s).map_err(bad)?;
+        let addr_of = |host: Option<&str>, port: &str| -> Result<Addr, SpecError> {
             let p = parse_port(port).or_else(|e| {
                 // Port 0 is allowed on a listening side of -R (server picks).
                 if port == "0" { Ok(0) } else { Err(e) }
             });
             Ok(Addr::Tcp(
                 host.unwrap_or("").to_owned(),
-                p.map_err(|e| bad(&e))?,
+                p.map_err(|e| bad(&e.to_string()))?,
             ))
         };
         let is_path = |f: &str| f.starts_with('/') || f.starts_with("./") || f.starts_with('~');
@@ -290,7 +329,7 @@ impl ForwardSpec {
 }
 
 /// Splits on ':' outside brackets, removing the brackets.
-fn split_fields(s: &str) -> Result<Vec<String>, String> {
+fn split_fields(s: &str) -> Result<Vec<String>, &'static str> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut depth = false;
@@ -303,14 +342,14 @@ fn split_fields(s: &str) -> Result<Vec<String>, String> {
         }
     }
     if depth {
-        return Err("unclosed '['".into());
+        return Err("unclosed '['");
     }
     out.push(cur);
     if out.iter().any(|f| f.is_empty()) && out.len() > 1 {
         // "::" or a trailing ':' — but allow an explicit empty bind ("":port)
         // only as the first of four fields, as OpenSSH does.
         if !(out.len() == 4 && out[0].is_empty() && out[1..].iter().all(|f| !f.is_empty())) {
-            return Err("empty field".into());
+            return Err("empty field");
         }
     }
     Ok(out)
@@ -334,12 +373,14 @@ mod tests {
             "é",
             &"x".repeat(65),
         ] {
-            let e = check_name(bad).unwrap_err();
+            let e = check_name(bad).unwrap_err().to_string();
             assert!(!e.contains('\n'), "{e}");
         }
         let p = std::path::Path::new("/run/x.mux");
         assert!(check_path_text("ControlPath", p).is_ok());
-        let e = check_path_text("ControlPath", std::path::Path::new("/a\nb")).unwrap_err();
+        let e = check_path_text("ControlPath", std::path::Path::new("/a\nb"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ControlPath \"/a\\nb\""), "{e}");
     }
 
@@ -385,7 +426,7 @@ mod tests {
             "[::1:80:h:1",
             "0:localhost:80",
         ] {
-            let e = ForwardSpec::parse(Kind::Local, s).unwrap_err();
+            let e = ForwardSpec::parse(Kind::Local, s).unwrap_err().to_string();
             assert!(e.contains(s), "{e}");
             assert!(
                 e.contains("expected [bind_address:]port:host:hostport"),
@@ -412,12 +453,12 @@ mod tests {
         assert!("".parse::<Destination>().is_err());
         // Found by fuzzing: names OpenSSH refuses were accepted.
         for s in ["\0a", "a b", "h\n* ssh-ed25519 AAAA", "u\t@h", "u@h\r:22"] {
-            let e = s.parse::<Destination>().unwrap_err();
+            let e = s.parse::<Destination>().unwrap_err().to_string();
             assert!(e.contains("space or control character"), "{e}");
         }
         // Found by fuzzing: brackets inside a host, which no form can print.
         for s in ["0[::1]", "::]", "[[x]", "h]:22"] {
-            let e = s.parse::<Destination>().unwrap_err();
+            let e = s.parse::<Destination>().unwrap_err().to_string();
             assert!(e.contains("stray '[' or ']'"), "{e}");
         }
         assert_eq!(

@@ -71,7 +71,7 @@ fn forward_text() -> impl Strategy<Value = String> {
 fn parse_forward(kind: Kind, s: &str) -> Result<ForwardSpec, String> {
     let owned = s.to_owned();
     let r = bounded("ForwardSpec::parse", move || {
-        ForwardSpec::parse(kind, &owned)
+        ForwardSpec::parse(kind, &owned).map_err(|e| e.to_string())
     });
     if let Err(e) = &r {
         is_message("ForwardSpec::parse", e);

@@ -177,11 +177,18 @@ async fn check_one(t: Target, opts: &Options) -> ProfileReport {
     };
 
     let resolved = resolve(&t, opts, limits.deadline).await;
-    let running: Result<ProfileStatus, String> = running
-        .await
-        .unwrap_or_else(|e| Err(format!("querying the control socket failed: {e}")));
-    let running_line = running_check(&running);
-    report.running = running.ok();
+    let running_line = match running.await {
+        Ok(r) => {
+            let line = running_check(&r);
+            report.running = r.ok();
+            line
+        }
+        Err(e) => Check::skip(
+            "running",
+            None,
+            format!("querying the control socket failed: {e}"),
+        ),
+    };
 
     match resolved {
         Err(check) => {
@@ -296,13 +303,13 @@ async fn resolve(
 }
 
 /// The "running" line: whether an sshshim runs the profile, and how it is.
-fn running_check(running: &Result<ProfileStatus, String>) -> Check {
+fn running_check(running: &Result<ProfileStatus, control::ClientError>) -> Check {
     let st = match running {
         Ok(st) => st,
-        Err(e) if e.starts_with("no running sshshim") => {
+        Err(control::ClientError::NotRunning { .. }) => {
             return Check::skip("running", None, "no sshshim is running this profile");
         }
-        Err(e) => return Check::skip("running", None, e.clone()),
+        Err(e) => return Check::skip("running", None, e.to_string()),
     };
     let up = &st.upstream;
     let mut problems = Vec::new();
@@ -411,7 +418,9 @@ mod tests {
             "{}",
             c.detail
         );
-        let c = running_check(&Err("no running sshshim for profile lab".into()));
+        let c = running_check(&Err(control::ClientError::NotRunning {
+            name: "lab".into(),
+        }));
         assert_eq!(c.status, Status::Skip);
     }
 }

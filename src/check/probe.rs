@@ -106,47 +106,10 @@ pub(super) async fn run(
                     break;
                 }
                 // Through this hop to the next.
-                let next = hops[i + 1];
-                let started = Instant::now();
-                let open = handles[i].channel_open_direct_tcpip(
-                    next.host.clone(),
-                    next.port as u32,
-                    "127.0.0.1",
-                    0,
-                );
-                let subject = Some(format!("{next} via {hop}"));
-                match timeout_at(limits.deadline, open).await {
-                    Ok(Ok(ch)) => {
-                        found.session.push(
-                            Check::ok(
-                                "connect",
-                                subject,
-                                format!("{}:{} reachable from {}", next.host, next.port, hop.host),
-                            )
-                            .timed(started.elapsed()),
-                        );
-                        stream = Box::new(ch.into_stream());
-                    }
-                    Ok(Err(e)) => {
-                        found.session.push(Check::fail(
-                            "connect",
-                            subject,
-                            format!(
-                                "jump host {} cannot reach {}:{}: {}",
-                                hop.host,
-                                next.host,
-                                next.port,
-                                open_error(&e)
-                            ),
-                        ));
-                        why_not = Some(format!("{} not reached", next.host));
-                        break;
-                    }
-                    Err(_) => {
-                        found
-                            .session
-                            .push(Check::fail("connect", subject, timed_out(limits)));
-                        why_not = Some("timed out".into());
+                match through(&handles[i], hop, hops[i + 1], limits, &mut found).await {
+                    Ok(next) => stream = next,
+                    Err(why) => {
+                        why_not = Some(why);
                         break;
                     }
                 }
@@ -171,28 +134,10 @@ pub(super) async fn run(
     }
 
     let target = match (&why_not, handles.len() == hops.len()) {
-        (None, true) => handles.last(),
-        _ => None,
+        (None, true) => handles.last().ok_or("no SSH connection"),
+        _ => Err(why_not.as_deref().unwrap_or("no SSH connection")),
     };
-    for spec in &cfg.forwards {
-        let subject = Some(spec.to_string());
-        let (list, check) = match spec.kind {
-            Kind::Local => (&mut found.local_targets, "local_target"),
-            Kind::Remote => (&mut found.remote_ports, "remote_port"),
-        };
-        let Some(handle) = target else {
-            let why = why_not.as_deref().unwrap_or("no SSH connection");
-            list.push(Check::skip(check, subject, format!("not probed: {why}")));
-            continue;
-        };
-        list.push(match spec.kind {
-            Kind::Local => local_target(handle, spec, limits).await,
-            Kind::Remote => match held(spec) {
-                Some(by) => Check::skip("remote_port", subject, by),
-                None => remote_port(handle, spec, limits).await,
-            },
-        });
-    }
+    probe_forwards(&cfg.forwards, target, held, limits, &mut found).await;
 
     // Nothing stays behind: the target first, then the hops it runs through.
     for h in handles.iter().rev() {
@@ -207,6 +152,87 @@ pub(super) async fn run(
     };
     let _ = timeout(Duration::from_millis(500), closing).await;
     found
+}
+
+/// Opens a channel from `hop` (reached with `handle`) to the `next` hop
+/// and returns it as the next hop's stream, with a "connect" line either
+/// way; the error says why the chain stops there.
+async fn through(
+    handle: &client::Handle<ProbeHandler>,
+    hop: &HostSpec,
+    next: &HostSpec,
+    limits: &Limits,
+    found: &mut Found,
+) -> Result<Box<dyn Io>, String> {
+    let started = Instant::now();
+    let open =
+        handle.channel_open_direct_tcpip(next.host.clone(), next.port as u32, "127.0.0.1", 0);
+    let subject = Some(format!("{next} via {hop}"));
+    match timeout_at(limits.deadline, open).await {
+        Ok(Ok(ch)) => {
+            found.session.push(
+                Check::ok(
+                    "connect",
+                    subject,
+                    format!("{}:{} reachable from {}", next.host, next.port, hop.host),
+                )
+                .timed(started.elapsed()),
+            );
+            Ok(Box::new(ch.into_stream()))
+        }
+        Ok(Err(e)) => {
+            found.session.push(Check::fail(
+                "connect",
+                subject,
+                format!(
+                    "jump host {} cannot reach {}:{}: {}",
+                    hop.host,
+                    next.host,
+                    next.port,
+                    open_error(&e)
+                ),
+            ));
+            Err(format!("{} not reached", next.host))
+        }
+        Err(_) => {
+            found
+                .session
+                .push(Check::fail("connect", subject, timed_out(limits)));
+            Err("timed out".into())
+        }
+    }
+}
+
+/// One line per forward: probed through the `target` connection, or
+/// skipped with why there is none.
+async fn probe_forwards(
+    forwards: &[ForwardSpec],
+    target: Result<&client::Handle<ProbeHandler>, &str>,
+    held: &(dyn Fn(&ForwardSpec) -> Option<String> + Sync),
+    limits: &mut Limits,
+    found: &mut Found,
+) {
+    for spec in forwards {
+        let subject = Some(spec.to_string());
+        let (list, check) = match spec.kind {
+            Kind::Local => (&mut found.local_targets, "local_target"),
+            Kind::Remote => (&mut found.remote_ports, "remote_port"),
+        };
+        let handle = match target {
+            Ok(h) => h,
+            Err(why) => {
+                list.push(Check::skip(check, subject, format!("not probed: {why}")));
+                continue;
+            }
+        };
+        list.push(match spec.kind {
+            Kind::Local => local_target(handle, spec, limits).await,
+            Kind::Remote => match held(spec) {
+                Some(by) => Check::skip("remote_port", subject, by),
+                None => remote_port(handle, spec, limits).await,
+            },
+        });
+    }
 }
 
 /// "timed out (--timeout 10 s)".
@@ -381,14 +407,7 @@ fn host_key_line(
     record: &str,
     handshake_error: &Option<String>,
 ) -> (Check, Option<HostKeyReport>, bool) {
-    let report = |state: &str, key: Option<&PublicKey>| HostKeyReport {
-        state: state.into(),
-        algorithm: key.map(|k| k.algorithm().as_str().to_owned()),
-        fingerprint: key.map(fingerprint),
-        recorded_fingerprint: None,
-        recorded_at: None,
-        known_hosts: known_hosts.to_owned(),
-    };
+    let report = |state: &str, key: Option<&PublicKey>| key_report(state, key, known_hosts);
     let Some(verdict) = verdict else {
         let why = handshake_error.clone().unwrap_or_default();
         return (
@@ -432,7 +451,36 @@ fn host_key_line(
             let go_on = handshake_error.is_none();
             (check, Some(report("known", Some(&key))), go_on)
         }
-        Err(HostKeyError::Unknown { host, file, .. }) => {
+        Err(e) => refused_key(e, &key, hop, record, known_hosts),
+    }
+}
+
+/// The host-key part of the report, in `state`.
+fn key_report(state: &str, key: Option<&PublicKey>, known_hosts: &str) -> HostKeyReport {
+    HostKeyReport {
+        state: state.into(),
+        algorithm: key.map(|k| k.algorithm().as_str().to_owned()),
+        fingerprint: key.map(fingerprint),
+        recorded_fingerprint: None,
+        recorded_at: None,
+        known_hosts: known_hosts.to_owned(),
+    }
+}
+
+/// The "host_key" line for an offered `key` that is not known: unknown
+/// (fine with accept_new), changed, revoked; whether to go on.
+fn refused_key(
+    e: HostKeyError,
+    key: &PublicKey,
+    hop: &HostSpec,
+    record: &str,
+    known_hosts: &str,
+) -> (Check, Option<HostKeyReport>, bool) {
+    let report = |state: &str, key: Option<&PublicKey>| key_report(state, key, known_hosts);
+    let alg = key.algorithm().as_str().to_owned();
+    let offered = fingerprint(key);
+    match e {
+        HostKeyError::Unknown { host, file, .. } => {
             if hop.accept_new {
                 let check = Check::ok(
                     "host_key",
@@ -443,7 +491,7 @@ fn host_key_line(
                         file.display()
                     ),
                 );
-                (check, Some(report("unknown", Some(&key))), true)
+                (check, Some(report("unknown", Some(key))), true)
             } else {
                 let check = Check::fail(
                     "host_key",
@@ -455,16 +503,16 @@ fn host_key_line(
                         file.display()
                     ),
                 );
-                (check, Some(report("unknown", Some(&key))), false)
+                (check, Some(report("unknown", Some(key))), false)
             }
         }
-        Err(HostKeyError::Changed {
+        HostKeyError::Changed {
             host,
             file,
             line,
             expected,
             offered,
-        }) => {
+        } => {
             let at = format!("{}:{line}", file.display());
             let check = Check::fail(
                 "host_key",
@@ -476,30 +524,30 @@ fn host_key_line(
                     file.display()
                 ),
             );
-            let mut r = report("changed", Some(&key));
+            let mut r = report("changed", Some(key));
             r.recorded_fingerprint = Some(expected);
             r.recorded_at = Some(at);
             (check, Some(r), false)
         }
-        Err(HostKeyError::Revoked {
+        HostKeyError::Revoked {
             file,
             line,
             fingerprint,
-        }) => {
+        } => {
             let at = format!("{}:{line}", file.display());
             let check = Check::fail(
                 "host_key",
                 None,
                 format!("REVOKED: {alg} {fingerprint} is marked @revoked in {at}"),
             );
-            let mut r = report("revoked", Some(&key));
+            let mut r = report("revoked", Some(key));
             r.recorded_at = Some(at);
             (check, Some(r), false)
         }
-        Err(e @ HostKeyError::Record(..)) => (
+        e @ HostKeyError::Record(..) => (
             // Cannot happen (check never records); said plainly if it does.
             Check::fail("host_key", None, e.to_string()),
-            Some(report("unknown", Some(&key))),
+            Some(report("unknown", Some(key))),
             false,
         ),
     }

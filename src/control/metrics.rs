@@ -339,14 +339,28 @@ async fn serve_metrics_on(
     Ok(())
 }
 
+/// Why a metrics client is not taken for our own user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum NotOurs {
+    /// The accepted socket has no local address.
+    #[error("cannot tell the local address")]
+    NoLocalAddr,
+    /// Another user's socket.
+    #[error("its socket belongs to uid {0}, not ours")]
+    OtherUid(u32),
+    /// The kernel did not say whose it is.
+    #[error("cannot find the owner of its socket")]
+    UnknownOwner,
+}
+
 /// Whether the client at `peer` (connected to our `local`) runs as our
 /// own uid, asked of the kernel as the SSH endpoint does. Fails closed.
-fn same_user(peer: SocketAddr, local: Option<SocketAddr>) -> Result<(), String> {
-    let local = local.ok_or("cannot tell the local address")?;
+fn same_user(peer: SocketAddr, local: Option<SocketAddr>) -> Result<(), NotOurs> {
+    let local = local.ok_or(NotOurs::NoLocalAddr)?;
     match crate::endpoint::auth::peer_uid(peer, local) {
         Some(uid) if uid == crate::paths::my_uid() => Ok(()),
-        Some(uid) => Err(format!("its socket belongs to uid {uid}, not ours")),
-        None => Err("cannot find the owner of its socket".into()),
+        Some(uid) => Err(NotOurs::OtherUid(uid)),
+        None => Err(NotOurs::UnknownOwner),
     }
 }
 

@@ -28,5 +28,7 @@ mod status;
 
 pub use metrics::{prometheus, serve_metrics};
 pub use render::render;
-pub use socket::{ServeError, down, query, running, serve, socket_dir, socket_path};
+pub use socket::{
+    Bound, ClientError, ServeError, bind, down, query, running, serve, socket_dir, socket_path,
+};
 pub use status::{ForwardStatus, ProfileStatus, ResumeStatus, StatusSource, UpstreamStatus};

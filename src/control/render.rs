@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::status::ProfileStatus;
+use super::status::{ForwardStatus, ProfileStatus};
 
 use crate::stats::unix_now;
 // Server versions and errors come from the network.
@@ -78,6 +78,12 @@ fn render_one(out: &mut String, st: &ProfileStatus, now: u64) {
     }
     let _ = writeln!(out, "{header}");
 
+    render_fields(out, st, now);
+}
+
+/// Appends the indented `label value` lines of one profile.
+fn render_fields(out: &mut String, st: &ProfileStatus, now: u64) {
+    let up = &st.upstream;
     // Fixed-width labels keep the values aligned in one column.
     let mut field = |label: &str, value: String| {
         let line = format!("  {label:<11} {value}");
@@ -152,8 +158,12 @@ fn render_one(out: &mut String, st: &ProfileStatus, now: u64) {
         return;
     }
     field("forwards", String::new());
-    let rows: Vec<[String; 5]> = st
-        .forwards
+    render_forwards(out, &st.forwards);
+}
+
+/// Appends the table of forwards, one row each under a header.
+fn render_forwards(out: &mut String, forwards: &[ForwardStatus]) {
+    let rows: Vec<[String; 5]> = forwards
         .iter()
         .map(|f| {
             [

@@ -163,17 +163,39 @@ pub async fn serve(
     source: Arc<dyn StatusSource>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let path = socket_path(&name)?;
-    serve_at(&path, &name, source, shutdown).await
+    bind(&name).await?.serve(source, shutdown).await;
+    Ok(())
+}
+
+/// A bound control socket, not yet answering (see [`bind`]).
+pub struct Bound {
+    /// The listening socket.
+    listener: UnixListener,
+    /// Removes the socket file when serving ends.
+    guard: SocketGuard,
+}
+
+/// The first half of [`serve`]: takes profile `name`'s socket (or fails
+/// with [`ServeError::AlreadyRunning`]), so a caller can stop before
+/// starting anything else.
+pub async fn bind(name: &str) -> Result<Bound, ServeError> {
+    bind_at(&socket_path(name)?, name).await
 }
 
 /// [`serve`] on an explicit socket path.
+#[cfg(test)]
 async fn serve_at(
     path: &Path,
     name: &str,
     source: Arc<dyn StatusSource>,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
+    bind_at(path, name).await?.serve(source, shutdown).await;
+    Ok(())
+}
+
+/// [`bind`] on an explicit socket path.
+async fn bind_at(path: &Path, name: &str) -> Result<Bound, ServeError> {
     match probe_existing(path).await? {
         Existing::Absent => {}
         Existing::Stale => {
@@ -206,31 +228,38 @@ async fn serve_at(
     // The directory is already 0700, so the window before this chmod is not
     // reachable by others; the chmod is defence in depth.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(Bound { listener, guard })
+}
 
-    let uid = our_uid();
-    let mut conns = JoinSet::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        // Transient (e.g. EMFILE): back off rather than spin or die.
-                        tracing::warn!("control socket accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                conns.spawn(handle_control(stream, uid, source.clone()));
+impl Bound {
+    /// The second half of [`serve`]: answers until `shutdown`, then
+    /// removes the socket file.
+    pub async fn serve(self, source: Arc<dyn StatusSource>, shutdown: CancellationToken) {
+        let Bound { listener, guard } = self;
+        let uid = our_uid();
+        let mut conns = JoinSet::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((s, _)) => s,
+                        Err(e) => {
+                            // Transient (e.g. EMFILE): back off rather than spin or die.
+                            tracing::warn!("control socket accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            continue;
+                        }
+                    };
+                    conns.spawn(handle_control(stream, uid, source.clone()));
+                }
             }
         }
+        // Dropping the JoinSet aborts in-flight handlers, then the guard unlinks.
+        drop(conns);
+        drop(guard);
     }
-    // Dropping the JoinSet aborts in-flight handlers, then the guard unlinks.
-    drop(conns);
-    drop(guard);
-    Ok(())
 }
 
 /// A command on the control socket.
@@ -242,14 +271,20 @@ enum Request {
     Down,
 }
 
+/// A request line that is not a command; its text follows `error: ` in
+/// the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unknown command")]
+struct UnknownCommand;
+
 /// Parses one command line as read from a client (newline included or not,
 /// surrounding whitespace ignored). Anything else, including bytes that are
-/// not UTF-8, is an error whose text follows `error: ` in the reply.
-fn parse_request(line: &[u8]) -> Result<Request, String> {
+/// not UTF-8, is [`UnknownCommand`].
+fn parse_request(line: &[u8]) -> Result<Request, UnknownCommand> {
     match std::str::from_utf8(line).map(str::trim) {
         Ok("status") => Ok(Request::Status),
         Ok("down") => Ok(Request::Down),
-        _ => Err("unknown command".to_string()),
+        _ => Err(UnknownCommand),
     }
 }
 
@@ -299,9 +334,83 @@ async fn handle_control(mut stream: UnixStream, uid: u32, source: Arc<dyn Status
     let _ = tokio::time::timeout(SERVER_READ_TIMEOUT, write).await;
 }
 
+/// Why the client side could not get an answer from a profile; the text
+/// is what `sshshim status` and `sshshim down` print.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No socket, or nobody listens on it: the profile is not running.
+    #[error("no running sshshim for profile {name}")]
+    NotRunning {
+        /// Profile name.
+        name: String,
+    },
+    /// The runtime directory cannot be found.
+    #[error(transparent)]
+    Dir(io::Error),
+    /// Connecting failed for another reason than "not running".
+    #[error("cannot connect to profile {name}: {source}")]
+    Connect {
+        /// Profile name.
+        name: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// No complete answer in time.
+    #[error("profile {name} did not answer within {secs}s")]
+    Timeout {
+        /// Profile name.
+        name: String,
+        /// The time allowed.
+        secs: u64,
+    },
+    /// Reading or writing the socket failed.
+    #[error("talking to profile {name}: {source}")]
+    Io {
+        /// Profile name.
+        name: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The connection closed without a reply.
+    #[error("profile {name} closed the control connection without answering")]
+    NoAnswer {
+        /// Profile name.
+        name: String,
+    },
+    /// The profile answered `error: ...`.
+    #[error("profile {name}: {message}")]
+    Refused {
+        /// Profile name.
+        name: String,
+        /// Its message.
+        message: String,
+    },
+    /// A `status` reply that is not a status.
+    #[error("profile {name} sent an invalid status: {source}")]
+    InvalidStatus {
+        /// Profile name.
+        name: String,
+        /// Why it does not parse.
+        source: serde_json::Error,
+    },
+    /// `down` was answered with something else than `ok`.
+    #[error("profile {name} did not acknowledge down: {reply}")]
+    NotAcknowledged {
+        /// Profile name.
+        name: String,
+        /// What it answered.
+        reply: String,
+    },
+}
+
 /// Sends one command to the socket at `path` and returns the reply line,
-/// all within `timeout`. Error text is user-facing.
-fn request_at(path: &Path, name: &str, cmd: &str, timeout: Duration) -> Result<String, String> {
+/// all within `timeout`.
+fn request_at(
+    path: &Path,
+    name: &str,
+    cmd: &str,
+    timeout: Duration,
+) -> Result<String, ClientError> {
     let deadline = Instant::now() + timeout;
     let mut stream = match std::os::unix::net::UnixStream::connect(path) {
         Ok(s) => s,
@@ -311,24 +420,30 @@ fn request_at(path: &Path, name: &str, cmd: &str, timeout: Duration) -> Result<S
                 io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
             ) =>
         {
-            return Err(format!("no running sshshim for profile {name}"));
+            return Err(ClientError::NotRunning { name: name.into() });
         }
-        Err(e) => return Err(format!("cannot connect to profile {name}: {e}")),
+        Err(source) => {
+            return Err(ClientError::Connect {
+                name: name.into(),
+                source,
+            });
+        }
     };
-    let timed_out = || {
-        format!(
-            "profile {name} did not answer within {}s",
-            timeout.as_secs()
-        )
+    let timed_out = || ClientError::Timeout {
+        name: name.into(),
+        secs: timeout.as_secs(),
     };
-    let io_err = |e: io::Error| {
+    let io_err = |source: io::Error| {
         if matches!(
-            e.kind(),
+            source.kind(),
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
         ) {
             timed_out()
         } else {
-            format!("talking to profile {name}: {e}")
+            ClientError::Io {
+                name: name.into(),
+                source,
+            }
         }
     };
     stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
@@ -359,12 +474,10 @@ fn request_at(path: &Path, name: &str, cmd: &str, timeout: Duration) -> Result<S
 
 /// Reads a reply line from profile `name`: its text, or an error for an
 /// empty reply or one that says `error: ...`.
-fn parse_reply(name: &str, reply: &[u8]) -> Result<String, String> {
+fn parse_reply(name: &str, reply: &[u8]) -> Result<String, ClientError> {
     let reply = String::from_utf8_lossy(reply).trim().to_string();
     if reply.is_empty() {
-        return Err(format!(
-            "profile {name} closed the control connection without answering"
-        ));
+        return Err(ClientError::NoAnswer { name: name.into() });
     }
     if let Some(msg) = reply.strip_prefix("error:") {
         let msg = msg.trim();
@@ -373,54 +486,60 @@ fn parse_reply(name: &str, reply: &[u8]) -> Result<String, String> {
         } else {
             msg
         };
-        return Err(format!("profile {name}: {msg}"));
+        return Err(ClientError::Refused {
+            name: name.into(),
+            message: msg.into(),
+        });
     }
     Ok(reply)
 }
 
 /// Reads a `status` reply from profile `name`.
-fn parse_status(name: &str, reply: &str) -> Result<ProfileStatus, String> {
-    serde_json::from_str(reply).map_err(|e| format!("profile {name} sent an invalid status: {e}"))
+fn parse_status(name: &str, reply: &str) -> Result<ProfileStatus, ClientError> {
+    serde_json::from_str(reply).map_err(|source| ClientError::InvalidStatus {
+        name: name.into(),
+        source,
+    })
 }
 
 /// [`query`] against an explicit socket path.
-fn query_at(path: &Path, name: &str) -> Result<ProfileStatus, String> {
+fn query_at(path: &Path, name: &str) -> Result<ProfileStatus, ClientError> {
     let reply = request_at(path, name, "status", CLIENT_TIMEOUT)?;
     parse_status(name, &reply)
 }
 
 /// [`down`] against an explicit socket path.
-fn down_at(path: &Path, name: &str) -> Result<(), String> {
-    match request_at(path, name, "down", CLIENT_TIMEOUT)?.as_str() {
-        "ok" => Ok(()),
-        other => Err(format!("profile {name} did not acknowledge down: {other}")),
+fn down_at(path: &Path, name: &str) -> Result<(), ClientError> {
+    match request_at(path, name, "down", CLIENT_TIMEOUT)? {
+        ok if ok == "ok" => Ok(()),
+        reply => Err(ClientError::NotAcknowledged {
+            name: name.into(),
+            reply,
+        }),
     }
 }
 
 /// The socket of profile `name`, for a client. A control directory that
 /// cannot exist (say $XDG_RUNTIME_DIR points nowhere) means nothing runs.
-fn client_socket_path(name: &str) -> Result<PathBuf, String> {
+fn client_socket_path(name: &str) -> Result<PathBuf, ClientError> {
     // A client creates nothing: no directory means nothing runs.
-    let dir = crate::paths::runtime_dir().map_err(|e| e.to_string())?;
-    if !is_ours(&dir) {
-        return Err(format!("no running sshshim for profile {name}"));
-    }
+    let dir = crate::paths::runtime_dir().map_err(ClientError::Dir)?;
     let path = socket_path_in(&dir, name);
-    if !path.exists() {
-        return Err(format!("no running sshshim for profile {name}"));
+    if !is_ours(&dir) || !path.exists() {
+        return Err(ClientError::NotRunning { name: name.into() });
     }
     Ok(path)
 }
 
 /// Client side: queries one profile (bounded by a 3 s timeout). Fails with
 /// "no running sshshim for profile NAME" when the socket is absent or refused.
-pub fn query(name: &str) -> Result<ProfileStatus, String> {
+pub fn query(name: &str) -> Result<ProfileStatus, ClientError> {
     let path = client_socket_path(name)?;
     query_at(&path, name)
 }
 
 /// Sends "down" to one profile; Ok when acknowledged.
-pub fn down(name: &str) -> Result<(), String> {
+pub fn down(name: &str) -> Result<(), ClientError> {
     let path = client_socket_path(name)?;
     down_at(&path, name)
 }
@@ -539,7 +658,7 @@ mod tests {
 
         let p = path.clone();
         let err = blocking(move || request_at(&p, "work", "bogus", CLIENT_TIMEOUT)).await;
-        assert!(err.unwrap_err().contains("unknown command"));
+        assert!(err.unwrap_err().to_string().contains("unknown command"));
 
         let p = path.clone();
         blocking(move || down_at(&p, "work")).await.unwrap();
@@ -551,7 +670,8 @@ mod tests {
 
         let p = path.clone();
         let err = blocking(move || query_at(&p, "work")).await.unwrap_err();
-        assert_eq!(err, "no running sshshim for profile work");
+        assert!(matches!(err, ClientError::NotRunning { .. }), "{err:?}");
+        assert_eq!(err.to_string(), "no running sshshim for profile work");
     }
 
     /// A live socket is never stolen; the error names the running pid.
@@ -709,7 +829,7 @@ mod tests {
                 match r {
                     Ok(Request::Status) => prop_assert_eq!(text.trim(), "status"),
                     Ok(Request::Down) => prop_assert_eq!(text.trim(), "down"),
-                    Err(e) => is_message("parse_request", &e),
+                    Err(e) => is_message("parse_request", &e.to_string()),
                 }
             }
 
@@ -720,6 +840,7 @@ mod tests {
                     parse_reply("p", &reply).and_then(|t| parse_status("p", &t).map(|_| t))
                 });
                 if let Err(e) = r {
+                    let e = e.to_string();
                     is_message("parse_reply", &e);
                     prop_assert!(e.contains("profile p"), "{}", e);
                 }
@@ -742,18 +863,19 @@ mod tests {
             ] {
                 let _ = parse_request(line);
                 if let Err(e) = parse_reply("p", line) {
-                    is_message("parse_reply", &e);
+                    is_message("parse_reply", &e.to_string());
                 }
             }
             assert_eq!(parse_request(b" status \r\n"), Ok(Request::Status));
-            assert_eq!(parse_request(b"status\0"), Err("unknown command".into()));
+            assert_eq!(parse_request(b"status\0"), Err(UnknownCommand));
             assert_eq!(
-                parse_reply("p", b"error:  "),
-                Err("profile p: unspecified error".into())
+                parse_reply("p", b"error:  ").unwrap_err().to_string(),
+                "profile p: unspecified error"
             );
             let deep = "[".repeat(100_000);
             let e = parse_status("p", &deep).unwrap_err();
-            assert!(e.contains("invalid status"), "{e}");
+            assert!(matches!(e, ClientError::InvalidStatus { .. }), "{e}");
+            assert!(e.to_string().contains("invalid status"), "{e}");
         }
     }
 }

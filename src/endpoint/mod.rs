@@ -394,7 +394,7 @@ impl LocalHandler {
                         tracing::warn!("refusing a session: {why}");
                         // A session can say why on stderr, which every
                         // client shows.
-                        return explain_and_close(channel, reply, &why).await;
+                        return explain_and_close(channel, reply, &why.to_string()).await;
                     }
                     Err(e) => {
                         tracing::info!("upstream refused a {kind} channel: {e}");

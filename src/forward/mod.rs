@@ -285,7 +285,7 @@ impl Registry {
                             tracing::warn!("remote forward {} failed: {why}; retrying", e.listen);
                             logged_failure = true;
                         }
-                        e.state = FwdState::Retrying(why);
+                        e.state = FwdState::Retrying(why.to_string());
                     }
                 }
             }
@@ -363,31 +363,39 @@ impl Registry {
     }
 }
 
+/// Why the server is not listening for a remote forward.
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    /// The server said no (sshd's `AllowTcpForwarding`, a port in use, ...).
+    #[error("the server refused to listen on {0}")]
+    Refused(String),
+    /// The request failed (the connection, most likely).
+    #[error(transparent)]
+    Failed(russh::Error),
+}
+
 /// Asks upstream to listen; returns the bound port (0 for sockets).
 async fn request_remote(
     conn: &Connection,
     listen: &Addr,
     bound: Option<u16>,
-) -> Result<u16, String> {
+) -> Result<u16, ListenError> {
+    let failed = |e, asked: String| match e {
+        russh::Error::RequestDenied => ListenError::Refused(asked),
+        e => ListenError::Failed(e),
+    };
     match listen {
         Addr::Tcp(host, port) => {
             let want = bound.unwrap_or(*port);
             match conn.handle.tcpip_forward(host.clone(), want as u32).await {
                 // russh reports 0 for a fixed port: the port is the one asked.
                 Ok(got) => Ok(if want != 0 { want } else { got as u16 }),
-                Err(russh::Error::RequestDenied) => Err(format!(
-                    "the server refused to listen on {}",
-                    Addr::Tcp(host.clone(), want)
-                )),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(failed(e, Addr::Tcp(host.clone(), want).to_string())),
             }
         }
         Addr::Unix(path) => match conn.handle.streamlocal_forward(path.clone()).await {
             Ok(()) => Ok(0),
-            Err(russh::Error::RequestDenied) => {
-                Err(format!("the server refused to listen on {path}"))
-            }
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(failed(e, path.clone())),
         },
     }
 }

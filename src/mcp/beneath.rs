@@ -9,6 +9,7 @@
 //! symlink. sftp then gets the open descriptor (`/dev/fd/N`), not the path,
 //! so nothing can be swapped in between.
 
+use anyhow::{anyhow, bail};
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io;
@@ -62,12 +63,12 @@ impl Local {
 
 /// The components of `rel`, refused unless it is a relative path without
 /// `..` (`.` components are dropped).
-fn components(rel: &str) -> Result<Vec<&OsStr>, String> {
+fn components(rel: &str) -> anyhow::Result<Vec<&OsStr>> {
     if rel.is_empty() {
-        return Err("local path is empty".into());
+        bail!("local path is empty");
     }
     if rel.chars().any(char::is_control) {
-        return Err(format!("local path {rel:?} has a control character"));
+        return Err(anyhow!("local path {rel:?} has a control character"));
     }
     let mut out = Vec::new();
     for c in Path::new(rel).components() {
@@ -75,12 +76,12 @@ fn components(rel: &str) -> Result<Vec<&OsStr>, String> {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
             Component::RootDir | Component::Prefix(_) => {
-                return Err(format!(
+                return Err(anyhow!(
                     "local path '{rel}' is absolute; copy takes a path relative to its directory"
                 ));
             }
             Component::ParentDir => {
-                return Err(format!(
+                return Err(anyhow!(
                     "local path '{rel}' has '..'; copy stays beneath its directory"
                 ));
             }
@@ -90,8 +91,8 @@ fn components(rel: &str) -> Result<Vec<&OsStr>, String> {
 }
 
 /// `name` as a C string (components never hold NUL: checked above).
-fn c_name(name: &OsStr) -> Result<CString, String> {
-    CString::new(name.as_bytes()).map_err(|_| "a path has a NUL byte".to_owned())
+fn c_name(name: &OsStr) -> anyhow::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| anyhow!("a path has a NUL byte"))
 }
 
 /// `openat(dir, name, flags, mode)` as an owned descriptor.
@@ -171,9 +172,9 @@ fn open_dir(root: &OwnedFd, dirs: &[&OsStr]) -> io::Result<OwnedFd> {
 }
 
 /// The root directory as a descriptor.
-fn open_root(root: &Path) -> Result<OwnedFd, String> {
+fn open_root(root: &Path) -> anyhow::Result<OwnedFd> {
     let c = CString::new(root.as_os_str().as_bytes())
-        .map_err(|_| format!("{} has a NUL byte", root.display()))?;
+        .map_err(|_| anyhow!("{} has a NUL byte", root.display()))?;
     // SAFETY: NUL-terminated path.
     let fd = unsafe {
         libc::open(
@@ -182,7 +183,7 @@ fn open_root(root: &Path) -> Result<OwnedFd, String> {
         )
     };
     if fd < 0 {
-        return Err(format!(
+        return Err(anyhow!(
             "cannot open the copy directory {}: {}",
             root.display(),
             io::Error::last_os_error()
@@ -193,7 +194,7 @@ fn open_root(root: &Path) -> Result<OwnedFd, String> {
 }
 
 /// An error opening `rel` beneath `root`, said plainly.
-fn explain(root: &Path, rel: &str, e: io::Error) -> String {
+fn explain(root: &Path, rel: &str, e: io::Error) -> anyhow::Error {
     let why = match e.raw_os_error() {
         Some(libc::EXDEV) => {
             "it leads out of the copy directory through a symbolic link".to_owned()
@@ -203,17 +204,17 @@ fn explain(root: &Path, rel: &str, e: io::Error) -> String {
             .to_owned(),
         _ => e.to_string(),
     };
-    format!(
+    anyhow!(
         "local path '{rel}' (beneath {}) refused: {why}",
         root.display()
     )
 }
 
 /// Opens `rel` beneath `root` for reading (a put).
-pub fn open_for_put(root: &Path, rel: &str) -> Result<Local, String> {
+pub fn open_for_put(root: &Path, rel: &str) -> anyhow::Result<Local> {
     let comps = components(rel)?;
     let Some((leaf, dirs)) = comps.split_last() else {
-        return Err(format!("local path '{rel}' names no file"));
+        return Err(anyhow!("local path '{rel}' names no file"));
     };
     let rootfd = open_root(root)?;
     let parent = open_dir(&rootfd, dirs).map_err(|e| explain(root, rel, e))?;
@@ -229,7 +230,7 @@ pub fn open_for_put(root: &Path, rel: &str) -> Result<Local, String> {
     let meta = file.metadata().map_err(|e| explain(root, rel, e))?;
     let shown = root.join(comps.iter().collect::<PathBuf>());
     if !meta.is_file() {
-        return Err(format!("{} is not a regular file", shown.display()));
+        return Err(anyhow!("{} is not a regular file", shown.display()));
     }
     Ok(Local {
         file,
@@ -243,16 +244,16 @@ pub fn open_for_put(root: &Path, rel: &str) -> Result<Local, String> {
 /// Opens `rel` beneath `root` for writing (a get): a new file is created
 /// (`O_EXCL`), an existing one must be a regular file with one link; an
 /// existing directory receives the file as `remote_base`.
-pub fn open_for_get<'a>(root: &Path, rel: &'a str, remote_base: &'a str) -> Result<Local, String> {
+pub fn open_for_get<'a>(root: &Path, rel: &'a str, remote_base: &'a str) -> anyhow::Result<Local> {
     let mut comps = components(rel)?;
     let rootfd = open_root(root)?;
-    let into_dir = |comps: &mut Vec<&'a OsStr>| -> Result<(), String> {
+    let into_dir = |comps: &mut Vec<&'a OsStr>| -> anyhow::Result<()> {
         if remote_base.is_empty()
             || remote_base == "."
             || remote_base == ".."
             || remote_base.contains('/')
         {
-            return Err(format!("the remote path names no file ('{remote_base}')"));
+            return Err(anyhow!("the remote path names no file ('{remote_base}')"));
         }
         comps.push(OsStr::new(remote_base));
         Ok(())
@@ -292,13 +293,13 @@ pub fn open_for_get<'a>(root: &Path, rel: &'a str, remote_base: &'a str) -> Resu
     let file = File::from(fd);
     let meta = file.metadata().map_err(|e| explain(root, rel, e))?;
     if !meta.is_file() {
-        return Err(format!(
+        return Err(anyhow!(
             "{} exists and is not a regular file",
             shown.display()
         ));
     }
     if meta.nlink() > 1 {
-        return Err(format!(
+        return Err(anyhow!(
             "{} has other hard links; copy does not write through them",
             shown.display()
         ));
@@ -322,11 +323,13 @@ mod tests {
         std::fs::write(d.path().join("f"), b"x").unwrap();
         assert!(open_for_put(d.path(), "f").is_ok());
         assert!(open_for_put(d.path(), "./f").is_ok());
-        let e = open_for_put(d.path(), "/etc/passwd").unwrap_err();
+        let e = open_for_put(d.path(), "/etc/passwd")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("absolute"), "{e}");
-        let e = open_for_put(d.path(), "a/../../f").unwrap_err();
+        let e = open_for_put(d.path(), "a/../../f").unwrap_err().to_string();
         assert!(e.contains("'..'"), "{e}");
-        let e = open_for_get(d.path(), "../g", "g").unwrap_err();
+        let e = open_for_get(d.path(), "../g", "g").unwrap_err().to_string();
         assert!(e.contains("'..'"), "{e}");
         assert!(open_for_put(d.path(), "").is_err());
     }
@@ -339,12 +342,14 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), d.path().join("out")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("secret"), d.path().join("leaf")).unwrap();
         for rel in ["out/secret", "leaf"] {
-            let e = open_for_put(d.path(), rel).unwrap_err();
+            let e = open_for_put(d.path(), rel).unwrap_err().to_string();
             assert!(e.contains("symbolic link"), "{rel}: {e}");
-            let e = open_for_get(d.path(), rel, "x").unwrap_err();
+            let e = open_for_get(d.path(), rel, "x").unwrap_err().to_string();
             assert!(e.contains("symbolic link"), "{rel}: {e}");
         }
-        let e = open_for_get(d.path(), "out/new", "x").unwrap_err();
+        let e = open_for_get(d.path(), "out/new", "x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("symbolic link"), "{e}");
         assert_eq!(std::fs::read(outside.path().join("secret")).unwrap(), b"s");
         assert!(!outside.path().join("new").exists());
@@ -378,7 +383,7 @@ mod tests {
         assert_eq!(l.shown, d.path().join("r2"));
         assert!(open_for_get(d.path(), ".", "..").is_err());
         std::fs::hard_link(d.path().join("old"), d.path().join("twin")).unwrap();
-        let e = open_for_get(d.path(), "twin", "r").unwrap_err();
+        let e = open_for_get(d.path(), "twin", "r").unwrap_err().to_string();
         assert!(e.contains("hard links"), "{e}");
     }
 }

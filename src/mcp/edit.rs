@@ -17,6 +17,7 @@
 //! `mcp_exec`) takes the profile over. It creates only names beginning with
 //! [`profile::MCP_PREFIX`], which a person's profiles are warned off.
 
+use anyhow::anyhow;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
@@ -124,7 +125,7 @@ const MARK: &str = "mcp_created";
 /// Refuses an edit that touches a person's key, or a forward whose local
 /// side is not a loopback port (a `-L` listening beyond loopback, or a Unix
 /// socket path on this machine).
-fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
+fn check_edit(edit: &ProfileEdit, path: &Path) -> anyhow::Result<()> {
     // `ssh -G` resolves the destination through the user's ssh_config,
     // whose `Match exec` commands expand %h and %r: shell syntax there
     // would run (OpenSSH before 9.6 does not refuse it itself).
@@ -135,7 +136,7 @@ fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
     ] {
         let Some(s) = s else { continue };
         if s.starts_with('-') || s.contains(|c: char| "'`\"$\\;&<>|(){}".contains(c)) {
-            return Err(format!(
+            return Err(anyhow!(
                 "{what} '{s}': a host or user name starts with no '-' and holds none of \
                  ' ` \" $ \\ ; & < > | ( ) {{ }} through MCP"
             ));
@@ -143,7 +144,7 @@ fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
     }
     for key in edit.options.keys() {
         if let Some((_, why)) = PERSON_KEYS.iter().find(|(k, _)| k == key) {
-            return Err(format!(
+            return Err(anyhow!(
                 "options.{key}: only a person sets this key ({why}); ask the user to edit                  [profile.{}] in {} by hand",
                 edit.name,
                 path.display()
@@ -192,7 +193,7 @@ fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
                 (_, Addr::Unix(_)) => false,
             };
             if !ok {
-                return Err(format!(
+                return Err(anyhow!(
                     "forward '{s}': through MCP a forward's local side must be a TCP port on \
                      loopback (no bind address beyond loopback, no Unix socket path); ask the \
                      user to add it by hand"
@@ -205,14 +206,14 @@ fn check_edit(edit: &ProfileEdit, path: &Path) -> Result<(), String> {
 
 /// Refuses to change or remove profile `name` unless MCP created it and no
 /// person's key was added to it since.
-fn check_owned(table: &dyn toml_edit::TableLike, name: &str, path: &Path) -> Result<(), String> {
+fn check_owned(table: &dyn toml_edit::TableLike, name: &str, path: &Path) -> anyhow::Result<()> {
     let marked = table
         .get(MARK)
         .and_then(Item::as_value)
         .and_then(Value::as_bool)
         == Some(true);
     if !marked {
-        return Err(format!(
+        return Err(anyhow!(
             "profile '{name}' in {} was not created through MCP (it has no `mcp_created = \
              true`): MCP changes and removes only the profiles it created. Ask the user to edit \
              it, or use another name",
@@ -225,7 +226,7 @@ fn check_owned(table: &dyn toml_edit::TableLike, name: &str, path: &Path) -> Res
         .filter(|k| *k != MARK && !mcp_may_write(k))
         .collect();
     if !person.is_empty() {
-        return Err(format!(
+        return Err(anyhow!(
             "profile '{name}' in {} has keys only a person sets ({}): a person has taken it \
              over, so MCP no longer changes or removes it",
             path.display(),
@@ -238,7 +239,7 @@ fn check_owned(table: &dyn toml_edit::TableLike, name: &str, path: &Path) -> Res
 /// Whether profile `name` exists and MCP may change or remove it: `Ok(true)`
 /// when it may, `Ok(false)` when there is no such profile, an error saying
 /// why not otherwise.
-pub fn owned(path: &Path, name: &str) -> Result<bool, String> {
+pub fn owned(path: &Path, name: &str) -> anyhow::Result<bool> {
     let path = real_path(path);
     let (_, doc) = read_doc(&path)?;
     let Some(t) = doc
@@ -249,7 +250,7 @@ pub fn owned(path: &Path, name: &str) -> Result<bool, String> {
         return Ok(false);
     };
     let t = t.as_table_like().ok_or_else(|| {
-        format!(
+        anyhow!(
             "{}: profile '{name}' is not a table; fix it by hand",
             path.display()
         )
@@ -262,14 +263,14 @@ pub fn owned(path: &Path, name: &str) -> Result<bool, String> {
 const ADDED_COMMENT: &str = "# Added by `sshshim mcp` (tunnel_setup).\n";
 
 /// Reads the file (a missing one is empty) and parses it for editing.
-fn read_doc(path: &Path) -> Result<(String, DocumentMut), String> {
+fn read_doc(path: &Path) -> anyhow::Result<(String, DocumentMut)> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(format!("{}: cannot read config file: {e}", path.display())),
+        Err(e) => return Err(anyhow!("{}: cannot read config file: {e}", path.display())),
     };
     let doc = text.parse::<DocumentMut>().map_err(|e| {
-        format!(
+        anyhow!(
             "{}: TOML syntax error, fix it by hand first: {}",
             path.display(),
             e.message()
@@ -280,7 +281,7 @@ fn read_doc(path: &Path) -> Result<(String, DocumentMut), String> {
 
 /// Edits the file so profile `edit.name` holds the given settings (creating
 /// it, and the file, if needed). Keys not mentioned are kept.
-pub fn set_profile(path: &Path, edit: &ProfileEdit) -> Result<Written, String> {
+pub fn set_profile(path: &Path, edit: &ProfileEdit) -> anyhow::Result<Written> {
     crate::spec::check_name(&edit.name)?;
     let path = real_path(path);
     check_edit(edit, &path)?;
@@ -290,7 +291,7 @@ pub fn set_profile(path: &Path, edit: &ProfileEdit) -> Result<Written, String> {
     // Sockets and aliases go by name alone: a new profile under a person's
     // name would take their ControlPath while theirs is down.
     if created && !edit.name.starts_with(profile::MCP_PREFIX) {
-        return Err(format!(
+        return Err(anyhow!(
             "profiles created through MCP are named {p}… (a prefix reserved for them, so \
              none takes the socket of a person's profile of the same name); try {p}{}",
             edit.name,
@@ -299,7 +300,7 @@ pub fn set_profile(path: &Path, edit: &ProfileEdit) -> Result<Written, String> {
     }
     if let Some(t) = profiles.get(&edit.name) {
         let t = t.as_table_like().ok_or_else(|| {
-            format!(
+            anyhow!(
                 "{}: profile '{}' is not a table; fix it by hand",
                 path.display(),
                 edit.name
@@ -321,7 +322,7 @@ pub fn set_profile(path: &Path, edit: &ProfileEdit) -> Result<Written, String> {
         .get_mut(&edit.name)
         .and_then(Item::as_table_like_mut)
         .ok_or_else(|| {
-            format!(
+            anyhow!(
                 "{}: profile '{}' is not a table; fix it by hand",
                 path.display(),
                 edit.name
@@ -359,7 +360,7 @@ pub fn set_profile(path: &Path, edit: &ProfileEdit) -> Result<Written, String> {
 /// Removes profile `name` from the file. Comments directly above its header
 /// go with it; anything separated from the header by a blank line (a
 /// file-level comment, say) stays. Returns false if there was no such profile.
-pub fn remove_profile(path: &Path, name: &str) -> Result<bool, String> {
+pub fn remove_profile(path: &Path, name: &str) -> anyhow::Result<bool> {
     let path = real_path(path);
     let (_, mut doc) = read_doc(&path)?;
     let Some(profiles) = doc.get_mut("profile").and_then(Item::as_table_like_mut) else {
@@ -368,7 +369,7 @@ pub fn remove_profile(path: &Path, name: &str) -> Result<bool, String> {
     match profiles.get(name).map(Item::as_table_like) {
         None => return Ok(false),
         Some(None) => {
-            return Err(format!(
+            return Err(anyhow!(
                 "{}: profile '{name}' is not a table; fix it by hand",
                 path.display()
             ));
@@ -399,10 +400,10 @@ pub fn settings_of(text: &str, name: &str) -> Option<Json> {
 }
 
 /// Every profile's keys, as JSON, in file order of names (sorted).
-pub fn all_settings(path: &Path) -> Result<serde_json::Map<String, Json>, String> {
+pub fn all_settings(path: &Path) -> anyhow::Result<serde_json::Map<String, Json>> {
     let (text, _) = read_doc(path)?;
     let table: toml::Table = toml::from_str(&text)
-        .map_err(|e| format!("{}: TOML syntax error: {}", path.display(), e.message()))?;
+        .map_err(|e| anyhow!("{}: TOML syntax error: {}", path.display(), e.message()))?;
     let mut out = serde_json::Map::new();
     if let Some(toml::Value::Table(profiles)) = table.get("profile") {
         for (name, v) in profiles {
@@ -422,7 +423,7 @@ fn real_path(path: &Path) -> PathBuf {
 fn profiles_table<'d>(
     doc: &'d mut DocumentMut,
     path: &Path,
-) -> Result<&'d mut dyn toml_edit::TableLike, String> {
+) -> anyhow::Result<&'d mut dyn toml_edit::TableLike> {
     if !doc.contains_key("profile") {
         let mut t = Table::new();
         t.set_implicit(true);
@@ -431,7 +432,7 @@ fn profiles_table<'d>(
     doc.get_mut("profile")
         .and_then(Item::as_table_like_mut)
         .ok_or_else(|| {
-            format!(
+            anyhow!(
                 "{}: 'profile' must hold [profile.NAME] tables; fix it by hand",
                 path.display()
             )
@@ -513,7 +514,7 @@ fn put(table: &mut dyn toml_edit::TableLike, key: &str, mut value: Value) {
 }
 
 /// A JSON option value as TOML; objects are refused (no key takes one).
-fn to_toml(key: &str, v: &Json) -> Result<Value, String> {
+fn to_toml(key: &str, v: &Json) -> anyhow::Result<Value> {
     Ok(match v {
         Json::String(s) => Value::from(s.as_str()),
         Json::Bool(b) => Value::from(*b),
@@ -521,7 +522,7 @@ fn to_toml(key: &str, v: &Json) -> Result<Value, String> {
             Some(i) => Value::from(i),
             None => Value::from(
                 n.as_f64()
-                    .ok_or_else(|| format!("options.{key}: {n} is not a usable number"))?,
+                    .ok_or_else(|| anyhow!("options.{key}: {n} is not a usable number"))?,
             ),
         },
         Json::Array(items) => Value::Array(
@@ -530,9 +531,9 @@ fn to_toml(key: &str, v: &Json) -> Result<Value, String> {
                 .map(|i| to_toml(key, i))
                 .collect::<Result<_, _>>()?,
         ),
-        Json::Null => return Err(format!("options.{key}: null is only allowed at the top")),
+        Json::Null => return Err(anyhow!("options.{key}: null is only allowed at the top")),
         Json::Object(_) => {
-            return Err(format!(
+            return Err(anyhow!(
                 "options.{key}: an object is not a valid value for any profile key"
             ));
         }
@@ -541,7 +542,7 @@ fn to_toml(key: &str, v: &Json) -> Result<Value, String> {
 
 /// Validates `text` with the profile loader, then replaces `path` with it
 /// atomically (a temp file in the same directory, 0600, synced, renamed).
-fn write_validated(path: &Path, text: &str) -> Result<(), String> {
+fn write_validated(path: &Path, text: &str) -> anyhow::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -552,7 +553,7 @@ fn write_validated(path: &Path, text: &str) -> Result<(), String> {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            .map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
     }
     let file_name = path
         .file_name()
@@ -563,10 +564,10 @@ fn write_validated(path: &Path, text: &str) -> Result<(), String> {
         .suffix(".tmp")
         .permissions(std::fs::Permissions::from_mode(0o600))
         .tempfile_in(&dir)
-        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))?;
+        .map_err(|e| anyhow!("cannot write in {}: {e}", dir.display()))?;
     tmp.write_all(text.as_bytes())
         .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| format!("cannot write {}: {e}", tmp.path().display()))?;
+        .map_err(|e| anyhow!("cannot write {}: {e}", tmp.path().display()))?;
     if let Err(e) = profile::load(tmp.path(), true) {
         // The loader names the temp file; name the real one instead.
         let tmp_name = tmp
@@ -575,10 +576,10 @@ fn write_validated(path: &Path, text: &str) -> Result<(), String> {
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
         let e = e.replace(&tmp_name, &file_name);
-        return Err(format!("not written, the profile would not load: {e}"));
+        return Err(anyhow!("not written, the profile would not load: {e}"));
     }
     tmp.persist(path)
-        .map_err(|e| format!("cannot replace {}: {}", path.display(), e.error))?;
+        .map_err(|e| anyhow!("cannot replace {}: {}", path.display(), e.error))?;
     Ok(())
 }
 
@@ -657,17 +658,19 @@ mcp_exec = true
         ] {
             let mut e = edit("mcp-new", "h.example");
             e.options.insert(key.into(), val);
-            let err = set_profile(&path, &e).unwrap_err();
+            let err = set_profile(&path, &e).unwrap_err().to_string();
             assert!(err.contains("only a person sets"), "{key}: {err}");
         }
         assert!(!path.exists(), "nothing written");
         for dest in ["a$(touch /tmp/x).corp", "-oFoo", "h;id", "u`id`@h"] {
-            let err = set_profile(&path, &edit("mcp-new", dest)).unwrap_err();
+            let err = set_profile(&path, &edit("mcp-new", dest))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("holds none of"), "{dest}: {err}");
         }
         let mut e = edit("mcp-new", "h.example");
         e.options.insert("user".into(), Json::from("x$(id)"));
-        let err = set_profile(&path, &e).unwrap_err();
+        let err = set_profile(&path, &e).unwrap_err().to_string();
         assert!(err.contains("options.user"), "{err}");
         assert!(!path.exists(), "nothing written");
         for (kind, spec) in [
@@ -682,7 +685,7 @@ mcp_exec = true
             } else {
                 e.remote_forwards = l;
             }
-            let err = set_profile(&path, &e).unwrap_err();
+            let err = set_profile(&path, &e).unwrap_err().to_string();
             assert!(err.contains("loopback"), "{spec}: {err}");
         }
         let mut e = edit("mcp-new", "h.example");
@@ -697,9 +700,11 @@ mcp_exec = true
         let path = dir.path().join("config.toml");
         std::fs::write(&path, PERSON).unwrap();
         for name in ["mine", "taken"] {
-            let err = set_profile(&path, &edit(name, "x.example")).unwrap_err();
+            let err = set_profile(&path, &edit(name, "x.example"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("MCP"), "{err}");
-            let err = remove_profile(&path, name).unwrap_err();
+            let err = remove_profile(&path, name).unwrap_err().to_string();
             assert!(err.contains("MCP"), "{err}");
             assert!(owned(&path, name).is_err());
         }
@@ -712,7 +717,9 @@ mcp_exec = true
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, FILE).unwrap();
-        let err = set_profile(&path, &edit("staging", "h.example")).unwrap_err();
+        let err = set_profile(&path, &edit("staging", "h.example"))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("named mcp-") && err.contains("try mcp-staging"),
             "{err}"
@@ -788,17 +795,21 @@ mcp_exec = true
         std::fs::write(&path, FILE).unwrap();
         let mut e = edit("lab", "h");
         e.options.insert("listne".into(), "127.0.0.1:1".into());
-        let err = set_profile(&path, &e).unwrap_err();
+        let err = set_profile(&path, &e).unwrap_err().to_string();
         assert!(err.contains("config.toml:"), "{err}");
         assert!(err.contains("did you mean 'listen'"), "{err}");
         assert!(!err.contains(".config.toml."), "{err}");
         let mut e = edit("lab", "h");
         e.remote_forwards = Some(vec!["2222:localhost".into()]);
-        let err = set_profile(&path, &e).unwrap_err();
+        let err = set_profile(&path, &e).unwrap_err().to_string();
         assert!(err.contains("remote_forwards"), "{err}");
-        let err = set_profile(&path, &edit("a b", "h")).unwrap_err();
+        let err = set_profile(&path, &edit("a b", "h"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("may only use"), "{err}");
-        let err = set_profile(&path, &edit("-c.evil", "h")).unwrap_err();
+        let err = set_profile(&path, &edit("-c.evil", "h"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("must not start with '-'"), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), FILE);
         let leftovers = std::fs::read_dir(dir.path()).unwrap().count();

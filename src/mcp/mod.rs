@@ -22,6 +22,7 @@ mod beneath;
 mod edit;
 mod remote;
 
+use anyhow::{anyhow, bail};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,17 +52,17 @@ pub struct Options {
 }
 
 /// Serves the tools on stdin/stdout until the client closes stdin.
-pub async fn serve(opts: Options) -> Result<(), String> {
+pub async fn serve(opts: Options) -> anyhow::Result<()> {
     let server = Server::new(opts);
     tracing::info!(config = %server.config.display(), "MCP server ready on stdio");
     let running = server
         .serve(rmcp::transport::stdio())
         .await
-        .map_err(|e| format!("MCP session failed to start: {e}"))?;
+        .map_err(|e| anyhow!("MCP session failed to start: {e}"))?;
     let reason = running
         .waiting()
         .await
-        .map_err(|e| format!("MCP session ended abnormally: {e}"))?;
+        .map_err(|e| anyhow!("MCP session ended abnormally: {e}"))?;
     tracing::info!(?reason, "MCP session closed");
     Ok(())
 }
@@ -350,7 +351,7 @@ impl Server {
                 stderr_bytes = o.stderr_bytes,
                 ms = started.elapsed().as_millis() as u64,
             );
-            return r.map(Json);
+            return r.map(Json).map_err(|e| e.to_string());
         }
         logged("exec", &p.profile, started, r).map(Json)
     }
@@ -395,7 +396,7 @@ impl Server {
                 bytes = o.bytes,
                 ms = started.elapsed().as_millis() as u64,
             );
-            return r.map(Json);
+            return r.map(Json).map_err(|e| e.to_string());
         }
         logged("copy", &p.profile, started, r).map(Json)
     }
@@ -423,7 +424,7 @@ impl Server {
     }
 
     /// `tunnel_setup`.
-    async fn setup(&self, p: SetupParams) -> Result<SetupOutput, String> {
+    async fn setup(&self, p: SetupParams) -> anyhow::Result<SetupOutput> {
         let path = self.config.clone();
         let edit = edit::ProfileEdit {
             name: p.name.clone(),
@@ -469,7 +470,7 @@ impl Server {
                 // Always explicit: the service may not see the same XDG_CONFIG_HOME.
                 config: Some(written.path.clone()),
                 exe: std::env::current_exe()
-                    .map_err(|e| format!("cannot find my own path: {e}"))?,
+                    .map_err(|e| anyhow!("cannot find my own path: {e}"))?,
             };
             let outcome = blocking(move || {
                 if !service::systemd_available(false) {
@@ -487,7 +488,7 @@ impl Server {
             })
             .await
             .map_err(|e| {
-                format!(
+                anyhow!(
                     "profile '{name}' was written to {}, but the service could not be \
                      installed: {e}",
                     written.path.display()
@@ -521,10 +522,10 @@ impl Server {
     }
 
     /// `tunnel_status`.
-    async fn status(&self, only: Option<String>) -> Result<StatusOutput, String> {
+    async fn status(&self, only: Option<String>) -> anyhow::Result<StatusOutput> {
         let path = self.config.clone();
         blocking(move || {
-            let file = profile::load(&path, false)?;
+            let file = profile::load(&path, false).map_err(anyhow::Error::msg)?;
             let settings = edit::all_settings(&path)?;
             let running = match &only {
                 Some(n) => control::query(n).ok().into_iter().collect::<Vec<_>>(),
@@ -540,11 +541,8 @@ impl Server {
             if let Some(n) = &only {
                 if !names.contains(n) {
                     // The CLI's message: it lists the profiles there are.
-                    return Err(file
-                        .get(n)
-                        .err()
-                        .map(|e| format!("{e}; and none by that name is running"))
-                        .unwrap_or_default());
+                    let why = file.get(n).err().unwrap_or_default();
+                    bail!("{why}; and none by that name is running");
                 }
                 names.retain(|x| x == n);
             }
@@ -574,22 +572,22 @@ impl Server {
     }
 
     /// `tunnel_remove`.
-    async fn remove(&self, name: String) -> Result<RemoveOutput, String> {
+    async fn remove(&self, name: String) -> anyhow::Result<RemoveOutput> {
         let path = self.config.clone();
         let _guard = self.edits.lock().await;
         blocking(move || {
-            let file = profile::load(&path, false)?;
+            let file = profile::load(&path, false).map_err(anyhow::Error::msg)?;
             // Only a profile of this file that MCP created and still owns;
             // never a person's, never a process that is not that profile.
-            let p = file.get(&name)?;
+            let p = file.get(&name).map_err(anyhow::Error::msg)?;
             if !edit::owned(&path, &name)? {
-                return Err(file.get(&name).err().unwrap_or_default());
+                return Err(anyhow!(file.get(&name).err().unwrap_or_default()));
             }
             let configured = true;
             let was_running = match control::query(&name) {
                 Ok(st) => {
                     check_identity(&st, &name, p, &path)
-                        .map_err(|e| format!("{e}; nothing was stopped or removed"))?;
+                        .map_err(|e| anyhow!("{e}; nothing was stopped or removed"))?;
                     true
                 }
                 Err(_) => false,
@@ -610,7 +608,7 @@ impl Server {
             // Checked again: whatever answers now must still be this profile.
             if let Ok(st) = control::query(&name) {
                 check_identity(&st, &name, p, &path)
-                    .map_err(|e| format!("{e}; it was not stopped"))?;
+                    .map_err(|e| anyhow!("{e}; it was not stopped"))?;
                 control::down(&name)?;
             }
             wait_stopped(&name)?;
@@ -627,40 +625,40 @@ impl Server {
     }
 
     /// The running shim of `name`, if the profile allows exec and copy.
-    async fn target(&self, name: &str) -> Result<remote::Target, String> {
+    async fn target(&self, name: &str) -> anyhow::Result<remote::Target> {
         let path = self.config.clone();
         let flag = self.config_flag();
         let name = name.to_owned();
         blocking(move || {
-            let file = profile::load(&path, false)?;
+            let file = profile::load(&path, false).map_err(anyhow::Error::msg)?;
             let p = file.get(&name).map_err(|e| {
-                format!(
+                anyhow!(
                     "{e}; exec and copy work only for profiles in that file with mcp_exec = true"
                 )
             })?;
             if p.mcp_exec != Some(true) {
-                return Err(format!(
+                return Err(anyhow!(
                     "profile '{name}' does not allow exec and copy from MCP: set \
                      `mcp_exec = true` in its [profile.{name}] table in {}",
                     path.display()
                 ));
             }
             let status = control::query(&name)
-                .map_err(|e| format!("{e}: start it first with `sshshim up {name}{flag}`"))?;
+                .map_err(|e| anyhow!("{e}: start it first with `sshshim up {name}{flag}`"))?;
             check_identity(&status, &name, p, &path)?;
             let endpoint = status.endpoint.ok_or_else(|| {
-                format!(
+                anyhow!(
                     "profile '{name}' serves no local endpoint: set listen = \"127.0.0.1:PORT\" \
                      in [profile.{name}] and restart it"
                 )
             })?;
             let state = crate::paths::state_dir()
-                .map_err(|e| format!("cannot open sshshim's state directory: {e}"))?;
+                .map_err(|e| anyhow!("cannot open sshshim's state directory: {e}"))?;
             let copy_dir = match &p.copy_dir {
                 Some(d) => d.clone(),
                 None => {
                     let cwd = std::env::current_dir()
-                        .map_err(|e| format!("no current directory for copy: {e}"))?;
+                        .map_err(|e| anyhow!("no current directory for copy: {e}"))?;
                     default_copy_dir(cwd, crate::paths::home_dir().as_deref(), &name, &path)?
                 }
             };
@@ -686,7 +684,7 @@ fn check_identity(
     name: &str,
     p: &profile::Profile,
     path: &Path,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let file = profile::file_identity(path);
     let who = format!(
         "the sshshim answering as '{name}' (pid {}) runs '{}' to {} from {}",
@@ -698,13 +696,13 @@ fn check_identity(
             .unwrap_or("no profiles file (started ad hoc)")
     );
     if st.profile != name || st.config_file.as_deref() != Some(file.as_str()) {
-        return Err(format!(
+        return Err(anyhow!(
             "{who}, not profile '{name}' of {file}; MCP acts only on that profile's own process"
         ));
     }
     let want = p.target_label();
     if st.profile_destination.is_none() || st.profile_destination != want {
-        return Err(format!(
+        return Err(anyhow!(
             "{who}, but [profile.{name}] now says {}; restart it (`sshshim down {name}`, then \
              start it again) so the two agree",
             want.as_deref().unwrap_or("no destination")
@@ -722,11 +720,11 @@ fn default_copy_dir(
     home: Option<&Path>,
     name: &str,
     path: &Path,
-) -> Result<PathBuf, String> {
+) -> anyhow::Result<PathBuf> {
     let canon = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
     let real = canon(&cwd);
     if real == Path::new("/") || home.is_some_and(|h| canon(h).starts_with(&real)) {
-        return Err(format!(
+        return Err(anyhow!(
             "copy refused: the MCP server runs in {}, which holds your home directory, so \
              copy would reach ~/.ssh and your shell's start-up files. Start `sshshim mcp` in a \
              project directory, or have the user set `copy_dir = \"DIR\"` in [profile.{name}] \
@@ -775,9 +773,9 @@ fn installed_unit(name: &str, path: &Path) -> Option<PathBuf> {
 /// profile of that name, the profiles `a` and `b` of `sshshim-a-b.service`,
 /// a name folded to the same unit name): installing would overwrite a
 /// person's unit and change what their tunnels run.
-fn foreign_unit(name: &str, path: &Path) -> Result<(), String> {
+fn foreign_unit(name: &str, path: &Path) -> anyhow::Result<()> {
     match own_unit(name) {
-        Some(unit) if installed_unit(name, path).is_none() => Err(format!(
+        Some(unit) if installed_unit(name, path).is_none() => Err(anyhow!(
             "{} exists and does not run profile '{name}' of {} alone: it is not tunnel_setup's \
              to replace. Nothing was written; use another name, or ask the user",
             unit.display(),
@@ -788,11 +786,11 @@ fn foreign_unit(name: &str, path: &Path) -> Result<(), String> {
 }
 
 /// Waits until profile `name` no longer answers on its control socket.
-fn wait_stopped(name: &str) -> Result<(), String> {
+fn wait_stopped(name: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + STOP_WAIT;
     while control::query(name).is_ok() {
         if Instant::now() >= deadline {
-            return Err(format!(
+            return Err(anyhow!(
                 "profile '{name}' was asked to stop but still runs after {} s; \
                  nothing was removed from the config file",
                 STOP_WAIT.as_secs()
@@ -805,26 +803,28 @@ fn wait_stopped(name: &str) -> Result<(), String> {
 
 /// Runs blocking work (file and socket I/O, systemctl) off the async threads.
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| format!("internal error: {e}"))?
+        .map_err(|e| anyhow!("internal error: {e}"))?
 }
 
-/// Logs one tool call's outcome (never arguments beyond the profile name).
+/// Logs one tool call's outcome (never arguments beyond the profile name)
+/// and turns its error into the tool error's text.
 fn logged<T>(
     tool: &str,
     profile: &str,
     started: Instant,
-    r: Result<T, String>,
+    r: anyhow::Result<T>,
 ) -> Result<T, String> {
     let ms = started.elapsed().as_millis() as u64;
     match &r {
         Ok(_) => tracing::info!(tool, profile, outcome = "ok", ms),
         Err(e) => tracing::warn!(tool, profile, outcome = "error", error = %e, ms),
     }
-    r
+    // The tool's error is its message, as the CLI would print it.
+    r.map_err(|e| e.to_string())
 }
 
 /// `s` as one word for a POSIX shell (quoted only when needed).
@@ -853,7 +853,9 @@ mod tests {
         std::fs::create_dir_all(&project).unwrap();
         let cfg = Path::new("/c.toml");
         for cwd in [PathBuf::from("/"), d.path().join("home"), home.clone()] {
-            let e = default_copy_dir(cwd.clone(), Some(&home), "p", cfg).unwrap_err();
+            let e = default_copy_dir(cwd.clone(), Some(&home), "p", cfg)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("copy_dir"), "{}: {e}", cwd.display());
         }
         // A symlink to home is home.

@@ -7,6 +7,7 @@
 //! by every `sshshim up`), and `BatchMode=yes` makes any prompt a failure
 //! instead of a hang.
 
+use anyhow::{anyhow, bail};
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,10 +44,10 @@ pub struct Target {
 impl Target {
     /// Parses the `endpoint` of a status report; a wildcard listen address
     /// (0.0.0.0, ::) is reached on loopback.
-    pub fn endpoint_of(endpoint: &str) -> Result<SocketAddr, String> {
+    pub fn endpoint_of(endpoint: &str) -> anyhow::Result<SocketAddr> {
         let mut addr: SocketAddr = endpoint
             .parse()
-            .map_err(|_| format!("unexpected endpoint address '{endpoint}' in the status"))?;
+            .map_err(|_| anyhow!("unexpected endpoint address '{endpoint}' in the status"))?;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr {
                 SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
@@ -162,9 +163,9 @@ pub struct ExecOutput {
 
 /// Runs `command` (a shell command line for the remote login shell) through
 /// the shim, stdin closed, no terminal, bounded by `timeout`.
-pub async fn exec(t: &Target, command: &str, timeout: Duration) -> Result<ExecOutput, String> {
+pub async fn exec(t: &Target, command: &str, timeout: Duration) -> anyhow::Result<ExecOutput> {
     if command.trim().is_empty() {
-        return Err("command is empty".into());
+        bail!("command is empty");
     }
     let started = Instant::now();
     let mut cmd = Command::new("ssh");
@@ -177,11 +178,11 @@ pub async fn exec(t: &Target, command: &str, timeout: Duration) -> Result<ExecOu
         .kill_on_drop(true);
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot run ssh (the OpenSSH client): {e}"))?;
+        .map_err(|e| anyhow!("cannot run ssh (the OpenSSH client): {e}"))?;
     let out = tokio::spawn(read_capped(child.stdout.take(), OUTPUT_CAP));
     let err = tokio::spawn(read_capped(child.stderr.take(), OUTPUT_CAP));
     let (status, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(r) => (Some(r.map_err(|e| format!("waiting for ssh: {e}"))?), false),
+        Ok(r) => (Some(r.map_err(|e| anyhow!("waiting for ssh: {e}"))?), false),
         Err(_) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
@@ -194,7 +195,7 @@ pub async fn exec(t: &Target, command: &str, timeout: Duration) -> Result<ExecOu
     if exit_status == Some(255)
         && let Some(why) = t.ssh_failure(&String::from_utf8_lossy(&stderr))
     {
-        return Err(why);
+        return Err(anyhow!(why));
     }
     let (stdout, stdout_truncated) = text_of(stdout, stdout_bytes);
     let (stderr, stderr_truncated) = text_of(stderr, stderr_bytes);
@@ -283,7 +284,7 @@ pub async fn copy(
     local: &str,
     remote: &str,
     timeout: Duration,
-) -> Result<CopyOutput, String> {
+) -> anyhow::Result<CopyOutput> {
     let started = Instant::now();
     let opened = match direction {
         Direction::Put => super::beneath::open_for_put(root, local)?,
@@ -322,17 +323,17 @@ pub async fn copy(
 /// Refuses a get into one of `t.keep` (compared by device and inode, so
 /// no other spelling or hard link gets through); a file this call created
 /// is removed again.
-fn refuse_kept(t: &Target, opened: &super::beneath::Local) -> Result<(), String> {
+fn refuse_kept(t: &Target, opened: &super::beneath::Local) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = opened
         .file
         .metadata()
-        .map_err(|e| format!("{}: {e}", opened.shown.display()))?;
+        .map_err(|e| anyhow!("{}: {e}", opened.shown.display()))?;
     let hit = t.keep.iter().find(|k| {
         std::fs::metadata(k).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
     });
     match hit {
-        Some(k) => Err(format!(
+        Some(k) => Err(anyhow!(
             "copy does not write {}: it is sshshim's profiles file, which only a person edits",
             k.display()
         )),
@@ -348,7 +349,7 @@ async fn transfer(
     file: &std::fs::File,
     remote: &str,
     timeout: Duration,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     use std::os::fd::AsRawFd as _;
     let fd = file.as_raw_fd();
     let local_arg = format!("/dev/fd/{fd}");
@@ -376,7 +377,7 @@ async fn transfer(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot run sftp (the OpenSSH client): {e}"))?;
+        .map_err(|e| anyhow!("cannot run sftp (the OpenSSH client): {e}"))?;
     let err = tokio::spawn(read_capped(child.stderr.take(), SFTP_MESSAGES_CAP));
     if let Some(mut stdin) = child.stdin.take() {
         // sftp reads the whole batch before it is done; a write error
@@ -385,11 +386,11 @@ async fn transfer(
         drop(stdin);
     }
     let status = match tokio::time::timeout(timeout, child.wait()).await {
-        Ok(r) => r.map_err(|e| format!("waiting for sftp: {e}"))?,
+        Ok(r) => r.map_err(|e| anyhow!("waiting for sftp: {e}"))?,
         Err(_) => {
             let _ = child.start_kill();
             let _ = child.wait().await;
-            return Err(format!(
+            return Err(anyhow!(
                 "copy did not finish within {} s and was stopped; raise timeout_s for large files",
                 timeout.as_secs()
             ));
@@ -399,17 +400,16 @@ async fn transfer(
     if !status.success() {
         let messages = String::from_utf8_lossy(&messages);
         if let Some(why) = t.ssh_failure(&messages) {
-            return Err(why);
+            return Err(anyhow!(why));
         }
         let messages = messages.trim();
         let code = status
             .code()
             .map_or_else(|| "a signal".to_owned(), |c| c.to_string());
-        return Err(if messages.is_empty() {
-            format!("sftp failed (exit {code})")
-        } else {
-            format!("sftp failed (exit {code}): {messages}")
-        });
+        if messages.is_empty() {
+            bail!("sftp failed (exit {code})");
+        }
+        bail!("sftp failed (exit {code}): {messages}");
     }
     Ok(())
 }
@@ -417,12 +417,12 @@ async fn transfer(
 /// One path as an argument of an sftp batch command. Inside double quotes
 /// sftp takes `?`, `[` and `*` literally (it escapes them for its glob), and
 /// a backslash escapes `"` and itself. A leading `-` would read as a flag.
-fn sftp_arg(path: &str) -> Result<String, String> {
+fn sftp_arg(path: &str) -> anyhow::Result<String> {
     if path.is_empty() {
-        return Err("a path is empty".into());
+        bail!("a path is empty");
     }
     if path.chars().any(char::is_control) {
-        return Err(format!(
+        return Err(anyhow!(
             "path {path:?} has a control character (newline, tab, ...); sftp cannot take it"
         ));
     }
@@ -439,16 +439,16 @@ fn sftp_arg(path: &str) -> Result<String, String> {
 
 /// Size and SHA-256 (lowercase hex) of an open file, read from its start
 /// (`path` only names it in errors).
-async fn file_digest(file: &std::fs::File, path: &Path) -> Result<(u64, String), String> {
+async fn file_digest(file: &std::fs::File, path: &Path) -> anyhow::Result<(u64, String)> {
     use sha2::Digest as _;
     use tokio::io::AsyncSeekExt as _;
     let f = file
         .try_clone()
-        .map_err(|e| format!("cannot read {} after the transfer: {e}", path.display()))?;
+        .map_err(|e| anyhow!("cannot read {} after the transfer: {e}", path.display()))?;
     let mut f = tokio::fs::File::from_std(f);
     f.seek(std::io::SeekFrom::Start(0))
         .await
-        .map_err(|e| format!("cannot read {} after the transfer: {e}", path.display()))?;
+        .map_err(|e| anyhow!("cannot read {} after the transfer: {e}", path.display()))?;
     let mut h = sha2::Sha256::new();
     let mut buf = vec![0u8; 256 << 10];
     let mut n_total = 0u64;
@@ -456,7 +456,7 @@ async fn file_digest(file: &std::fs::File, path: &Path) -> Result<(u64, String),
         let n = f
             .read(&mut buf)
             .await
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
         if n == 0 {
             break;
         }

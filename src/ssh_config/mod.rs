@@ -89,12 +89,12 @@ pub struct HostConfig {
 ///
 /// Without an `ssh` binary: OpenSSH's defaults when no ssh_config exists
 /// (`file`, `~/.ssh/config`, /etc/ssh/ssh_config), else an error.
-pub fn resolve(host: &str, file: Option<&Path>) -> Result<HostConfig, String> {
+pub fn resolve(host: &str, file: Option<&Path>) -> Result<HostConfig, ReadError> {
     resolve_with("ssh", host, file)
 }
 
 /// [`resolve`] with an explicit `ssh` program, so tests can take it away.
-fn resolve_with(program: &str, host: &str, file: Option<&Path>) -> Result<HostConfig, String> {
+fn resolve_with(program: &str, host: &str, file: Option<&Path>) -> Result<HostConfig, ReadError> {
     match run_ssh_g(program, host, file) {
         Ok(out) => {
             let cfg = parse_ssh_g(&out);
@@ -124,20 +124,42 @@ fn resolve_with(program: &str, host: &str, file: Option<&Path>) -> Result<HostCo
                 .collect(),
             };
             if let Some(f) = files.iter().find(|f| f.exists() || file.is_some()) {
-                return Err(format!(
-                    "cannot read {} for '{host}': the OpenSSH client (`{program}`) is not \
-                     installed, and sshshim reads ssh_config only through `ssh -G`; install it \
-                     (e.g. apt-get install openssh-client)",
-                    f.display()
-                ));
+                return Err(ReadError::NoClient {
+                    file: f.clone(),
+                    host: host.to_owned(),
+                    program: program.to_owned(),
+                });
             }
             tracing::info!("`{program}` not found and no ssh_config exists: OpenSSH defaults");
             let mut cfg = HostConfig::default();
             fill_defaults(&mut cfg, host);
             Ok(cfg)
         }
-        Err(SshGError::Failed(msg)) => Err(msg),
+        Err(SshGError::Failed(msg)) => Err(ReadError::Failed(msg)),
     }
+}
+
+/// Why ssh_config could not be read for a host; the text says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// No OpenSSH client to read an ssh_config that exists.
+    #[error(
+        "cannot read {} for '{host}': the OpenSSH client (`{program}`) is not \
+         installed, and sshshim reads ssh_config only through `ssh -G`; install it \
+         (e.g. apt-get install openssh-client)",
+        file.display()
+    )]
+    NoClient {
+        /// The ssh_config file.
+        file: PathBuf,
+        /// The host asked for.
+        host: String,
+        /// The program not found.
+        program: String,
+    },
+    /// `ssh -G` failed: its message (a bad option and its line, a timeout).
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Why `ssh -G` produced no output.
@@ -402,6 +424,8 @@ mod tests {
         let cfg = dir.path().join("config");
         std::fs::write(&cfg, "Host x\n  User u\n").unwrap();
         let e = resolve_with("/nonexistent/ssh-binary", "x", Some(&cfg)).unwrap_err();
+        assert!(matches!(e, ReadError::NoClient { .. }), "{e}");
+        let e = e.to_string();
         assert!(e.contains("openssh-client"), "{e}");
         assert!(e.contains(&cfg.display().to_string()), "{e}");
         if home_dir().is_some_and(|h| h.join(".ssh/config").exists())
@@ -424,7 +448,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("config");
         std::fs::write(&cfg, "Host x\n  NoSuchOption 1\n").unwrap();
-        let err = resolve("x", Some(&cfg)).unwrap_err();
+        let err = resolve("x", Some(&cfg)).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(!err.contains("Pseudo-terminal"), "{err}");
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use russh::client::{self, AuthResult};
 use russh::keys::agent::client::AgentClient;
-use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use russh::{MethodKind, MethodSet};
 use zeroize::Zeroizing;
 
@@ -44,6 +44,17 @@ impl fmt::Debug for Proven {
             Proven::Password(_) => f.write_str("Password(<redacted>)"),
         }
     }
+}
+
+/// What one authentication has tried so far, for the error if all fail.
+#[derive(Default)]
+struct Attempts {
+    /// Credentials offered, in order ("ssh-agent (2 keys)", key paths, "password").
+    tried: Vec<String>,
+    /// Encrypted keys we could not unlock (no prompting allowed or possible).
+    skipped: Vec<String>,
+    /// The methods the server said may continue, after the last failure.
+    offered: Option<MethodSet>,
 }
 
 /// Authenticates upstream connections for one destination.
@@ -135,29 +146,26 @@ impl Authenticator {
         handle: &mut client::Handle<H>,
         interactive: bool,
     ) -> Result<(), UpstreamError> {
-        let mut tried = Vec::new();
-        // Encrypted keys we could not unlock (no prompting allowed or possible).
-        let mut skipped = Vec::new();
-        let mut offered: Option<MethodSet> = None;
+        let mut seen = Attempts::default();
         let proven = self.proven.lock().unwrap().clone();
         if let Some(p) = proven {
             match self.try_proven(handle, &p).await? {
                 AuthResult::Success => return Ok(()),
                 AuthResult::Failure {
                     remaining_methods, ..
-                } => offered = Some(remaining_methods),
+                } => seen.offered = Some(remaining_methods),
             }
             if !interactive {
                 // A connection that died during authentication (a reset,
                 // or a failure naming no methods) rejected nothing: retry.
-                if handle.is_closed() || offered.as_ref().is_none_or(|m| m.is_empty()) {
+                if handle.is_closed() || seen.offered.as_ref().is_none_or(|m| m.is_empty()) {
                     return Err(UpstreamError::Other(
                         "the connection was lost during authentication".into(),
                     ));
                 }
                 return Err(UpstreamError::AuthRejected {
                     user: self.user.clone(),
-                    offered: methods_text(offered.as_ref()),
+                    offered: methods_text(seen.offered.as_ref()),
                     tried: "the credential that worked before".into(),
                 });
             }
@@ -169,38 +177,81 @@ impl Authenticator {
             .ok()
             .flatten()
             .flatten();
+        // The agent, then identity files, then a password.
+        if self.try_agent(handle, rsa_hash, &mut seen).await
+            || self
+                .try_identities(handle, rsa_hash, interactive, &mut seen)
+                .await?
+            || self.try_password(handle, interactive, &mut seen).await?
+        {
+            return Ok(());
+        }
+        let Attempts {
+            mut tried,
+            skipped,
+            offered,
+        } = seen;
+        tried.extend(skipped);
+        Err(UpstreamError::AuthRejected {
+            user: self.user.clone(),
+            offered: methods_text(offered.as_ref()),
+            tried: if tried.is_empty() {
+                "nothing (no agent keys, no identity files)".into()
+            } else {
+                tried.join(", ")
+            },
+        })
+    }
 
-        // 1. The agent, if there is one.
-        if let Some(mut agent) = connect_agent_at(self.agent.as_deref()).await {
-            let mut ids = agent.request_identities().await.unwrap_or_default();
-            ids.retain(|id| self.agent_key_allowed(&id.public_key()));
-            if !ids.is_empty() {
-                tried.push(format!("ssh-agent ({} keys)", ids.len()));
-            }
-            for id in ids {
-                let key = id.public_key().into_owned();
-                let hash = if key.algorithm().is_rsa() {
-                    rsa_hash
-                } else {
-                    None
-                };
-                match handle
-                    .authenticate_publickey_with(&self.user, key.clone(), hash, &mut agent)
-                    .await
-                {
-                    Ok(AuthResult::Success) => {
-                        *self.proven.lock().unwrap() = Some(Proven::Agent(key));
-                        return Ok(());
-                    }
-                    Ok(AuthResult::Failure {
-                        remaining_methods, ..
-                    }) => offered = Some(remaining_methods),
-                    Err(e) => tracing::debug!("agent signing failed: {e}"),
+    /// Tries the agent's keys (those allowed by IdentitiesOnly); true when
+    /// one was accepted.
+    async fn try_agent<H: client::Handler>(
+        &self,
+        handle: &mut client::Handle<H>,
+        rsa_hash: Option<HashAlg>,
+        seen: &mut Attempts,
+    ) -> bool {
+        let Some(mut agent) = connect_agent_at(self.agent.as_deref()).await else {
+            return false;
+        };
+        let mut ids = agent.request_identities().await.unwrap_or_default();
+        ids.retain(|id| self.agent_key_allowed(&id.public_key()));
+        if !ids.is_empty() {
+            seen.tried.push(format!("ssh-agent ({} keys)", ids.len()));
+        }
+        for id in ids {
+            let key = id.public_key().into_owned();
+            let hash = if key.algorithm().is_rsa() {
+                rsa_hash
+            } else {
+                None
+            };
+            match handle
+                .authenticate_publickey_with(&self.user, key.clone(), hash, &mut agent)
+                .await
+            {
+                Ok(AuthResult::Success) => {
+                    *self.proven.lock().unwrap() = Some(Proven::Agent(key));
+                    return true;
                 }
+                Ok(AuthResult::Failure {
+                    remaining_methods, ..
+                }) => seen.offered = Some(remaining_methods),
+                Err(e) => tracing::debug!("agent signing failed: {e}"),
             }
         }
+        false
+    }
 
-        // 2. Identity files.
+    /// Tries the identity files in order; true when one was accepted. A
+    /// missing file is an error only when the user named it.
+    async fn try_identities<H: client::Handler>(
+        &self,
+        handle: &mut client::Handle<H>,
+        rsa_hash: Option<HashAlg>,
+        interactive: bool,
+        seen: &mut Attempts,
+    ) -> Result<bool, UpstreamError> {
         for path in &self.identities {
             if !path.exists() {
                 if self.identities_explicit {
@@ -212,14 +263,14 @@ impl Authenticator {
                 Some(k) => Arc::new(k),
                 None => {
                     // Named in the error, so a rejection explains itself.
-                    skipped.push(format!(
+                    seen.skipped.push(format!(
                         "{} (passphrase-protected, not unlocked)",
                         path.display()
                     ));
                     continue;
                 }
             };
-            tried.push(path.display().to_string());
+            seen.tried.push(path.display().to_string());
             let hash = if key.algorithm().is_rsa() {
                 rsa_hash
             } else {
@@ -231,52 +282,57 @@ impl Authenticator {
             match res {
                 AuthResult::Success => {
                     *self.proven.lock().unwrap() = Some(Proven::Key(key, path.clone()));
-                    return Ok(());
+                    return Ok(true);
                 }
                 AuthResult::Failure {
                     remaining_methods, ..
-                } => offered = Some(remaining_methods),
+                } => seen.offered = Some(remaining_methods),
             }
         }
+        Ok(false)
+    }
 
-        // 3. Password, when the server offers it and we can ask.
-        let password_offered = offered
+    /// Asks for a password and tries it, when the server offers password
+    /// authentication and we may prompt; true when it was accepted.
+    async fn try_password<H: client::Handler>(
+        &self,
+        handle: &mut client::Handle<H>,
+        interactive: bool,
+        seen: &mut Attempts,
+    ) -> Result<bool, UpstreamError> {
+        let password_offered = seen
+            .offered
             .as_ref()
             .is_none_or(|m| m.contains(&MethodKind::Password));
-        if password_offered && interactive {
-            if let Some(pw) = prompt(&format!("{}'s password: ", self.user))? {
-                tried.push("password".into());
-                // Shared with `proven` below without a copy of the text.
-                let pw = Arc::new(pw);
-                match handle
-                    .authenticate_password(&self.user, pw.as_str())
-                    .await?
-                {
-                    AuthResult::Success => {
-                        *self.proven.lock().unwrap() = Some(Proven::Password(pw));
-                        return Ok(());
-                    }
-                    AuthResult::Failure {
-                        remaining_methods, ..
-                    } => offered = Some(remaining_methods),
-                }
-            } else if tried.is_empty() {
+        if !(password_offered && interactive) {
+            return Ok(false);
+        }
+        let Some(pw) = prompt(&format!("{}'s password: ", self.user))? else {
+            if seen.tried.is_empty() {
                 return Err(UpstreamError::NoTerminal(
                     "the server wants a password".into(),
                 ));
             }
+            return Ok(false);
+        };
+        seen.tried.push("password".into());
+        // Shared with `proven` below without a copy of the text.
+        let pw = Arc::new(pw);
+        match handle
+            .authenticate_password(&self.user, pw.as_str())
+            .await?
+        {
+            AuthResult::Success => {
+                *self.proven.lock().unwrap() = Some(Proven::Password(pw));
+                Ok(true)
+            }
+            AuthResult::Failure {
+                remaining_methods, ..
+            } => {
+                seen.offered = Some(remaining_methods);
+                Ok(false)
+            }
         }
-
-        tried.extend(skipped);
-        Err(UpstreamError::AuthRejected {
-            user: self.user.clone(),
-            offered: methods_text(offered.as_ref()),
-            tried: if tried.is_empty() {
-                "nothing (no agent keys, no identity files)".into()
-            } else {
-                tried.join(", ")
-            },
-        })
     }
 
     /// Replays a credential that worked before.

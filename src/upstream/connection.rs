@@ -433,13 +433,37 @@ pub struct Opened {
     pub generation: u64,
 }
 
+/// Why there is no live upstream connection to use (see
+/// [`super::Pool::connection`]); the text is what a client is told.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    /// Still reconnecting when the connect timeout ran out.
+    #[error("upstream unavailable: reconnecting (attempt {attempt}, last error: {last_error})")]
+    Reconnecting {
+        /// The attempt under way or next.
+        attempt: u32,
+        /// Why the last attempt or connection failed.
+        last_error: String,
+    },
+    /// Given up for good (host key changed, credentials rejected, shut
+    /// down): the reason.
+    #[error("upstream unavailable: {0}")]
+    Failed(String),
+    /// The pool is being dropped.
+    #[error("upstream unavailable: shutting down")]
+    ShuttingDown,
+    /// The connection closed as the timeout ran out, before a new one.
+    #[error("upstream unavailable: connection just closed")]
+    JustClosed,
+}
+
 /// Why a channel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// No live upstream connection within the connect timeout; the text
     /// says why ("upstream unavailable: reconnecting (attempt N, ...)").
-    #[error("{0}")]
-    Unavailable(String),
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
     /// The server refused (or the connection failed during the open).
     #[error("{0}")]
     Refused(russh::Error),
@@ -451,7 +475,7 @@ impl OpenError {
     /// no upstream ("upstream unavailable: reconnecting ...").
     pub fn reason(&self) -> russh::ChannelOpenFailure {
         let (code, text) = match self {
-            OpenError::Unavailable(why) => (2, why.clone()),
+            OpenError::Unavailable(why) => (2, why.to_string()),
             OpenError::Refused(russh::Error::ChannelOpenFailure(f)) => {
                 (f.code(), open_failure_text(f).to_owned())
             }

@@ -28,6 +28,7 @@ use auth::Authenticator;
 use connection::{ClientHandler, Io, client_config, close_when_idle, refused, set_tcp_keepalive};
 pub use connection::{
     Connection, LoadGuard, Open, OpenError, Opened, ServerOpen, ServerOpenKind, ServerSlot,
+    Unavailable,
 };
 pub use error::UpstreamError;
 use known_hosts::HostKeyVerifier;
@@ -350,6 +351,42 @@ impl Pool {
         Ok(())
     }
 
+    /// Waits until the live connection `conn` closes, probing it at once
+    /// on a network change, and says why; `None` when `shutdown` came
+    /// first (the connection is then closed politely).
+    async fn until_closed(
+        &self,
+        conn: Arc<Connection>,
+        net: &mut NetChanges,
+        shutdown: &CancellationToken,
+    ) -> Option<String> {
+        net.seen();
+        let why = loop {
+            tokio::select! {
+                why = conn.closed() => break why,
+                change = net.changed() => {
+                    tracing::debug!("{change}: probing the upstream connection now");
+                    conn.probe_now();
+                }
+                _ = shutdown.cancelled() => {
+                    let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "sshshim shutting down", "en").await;
+                    return None;
+                }
+            }
+        };
+        let rtt = *conn.rtt.lock().unwrap();
+        drop(conn);
+        tracing::warn!(
+            "disconnected from {}: {why} (last keepalive RTT: {})",
+            self.target(),
+            rtt.map_or("none".into(), |d| format!(
+                "{:.1} ms",
+                d.as_secs_f64() * 1e3
+            ))
+        );
+        Some(why)
+    }
+
     /// Keeps the connection alive until `shutdown`: when it dies, reconnects.
     /// Returns an error only for failures retrying cannot fix.
     ///
@@ -387,30 +424,9 @@ impl Pool {
             let State::Up(conn) = self.state.borrow().clone() else {
                 unreachable!("run() starts after connect_first and loops back only when up")
             };
-            net.seen();
-            let why = loop {
-                tokio::select! {
-                    why = conn.closed() => break why,
-                    change = net.changed() => {
-                        tracing::debug!("{change}: probing the upstream connection now");
-                        conn.probe_now();
-                    }
-                    _ = shutdown.cancelled() => {
-                        let _ = conn.handle.disconnect(russh::Disconnect::ByApplication, "sshshim shutting down", "en").await;
-                        return shut_down(&self);
-                    }
-                }
+            let Some(why) = self.until_closed(conn, &mut net, &shutdown).await else {
+                return shut_down(&self);
             };
-            let rtt = *conn.rtt.lock().unwrap();
-            drop(conn);
-            tracing::warn!(
-                "disconnected from {}: {why} (last keepalive RTT: {})",
-                self.target(),
-                rtt.map_or("none".into(), |d| format!(
-                    "{:.1} ms",
-                    d.as_secs_f64() * 1e3
-                ))
-            );
             // The connection worked: the backoff starts over. A wake-up
             // left from before is stale (its waiter was served or gave up).
             let _ = tokio::time::timeout(Duration::ZERO, self.wake.notified()).await;
@@ -531,7 +547,7 @@ impl Pool {
     /// is opened with the credentials we hold (no prompt), up to
     /// `--max-upstreams`; extras close again when idle.
     pub async fn open(&self, what: Open) -> Result<Opened, OpenError> {
-        let primary = self.connection().await.map_err(OpenError::Unavailable)?;
+        let primary = self.connection().await?;
         let mut candidates = vec![primary];
         {
             let mut extras = self.extras.lock().unwrap();
@@ -657,21 +673,21 @@ impl Pool {
     /// Waiting is a reason to reconnect now: while anyone waits, attempts
     /// follow each other every [`crate::tuning::RECONNECT_GAP`] instead of
     /// the backoff, and every waiter gets the connection as soon as it is up.
-    pub async fn connection(&self) -> Result<Arc<Connection>, String> {
+    pub async fn connection(&self) -> Result<Arc<Connection>, Unavailable> {
         let mut rx = self.state.subscribe();
         let wait = async {
             let mut waiting = None;
             loop {
                 match &*rx.borrow_and_update() {
                     State::Up(c) if c.is_alive() => return Ok(c.clone()),
-                    State::Failed(why) => return Err(format!("upstream unavailable: {why}")),
+                    State::Failed(why) => return Err(Unavailable::Failed(why.clone())),
                     _ => {}
                 }
                 if waiting.is_none() {
                     waiting = Some(Waiting::new(self));
                 }
                 if rx.changed().await.is_err() {
-                    return Err("upstream unavailable: shutting down".to_string());
+                    return Err(Unavailable::ShuttingDown);
                 }
             }
         };
@@ -682,11 +698,12 @@ impl Pool {
                     attempt,
                     last_error,
                     ..
-                } => format!(
-                    "upstream unavailable: reconnecting (attempt {attempt}, last error: {last_error})"
-                ),
-                State::Failed(why) => format!("upstream unavailable: {why}"),
-                State::Up(_) => "upstream unavailable: connection just closed".to_string(),
+                } => Unavailable::Reconnecting {
+                    attempt: *attempt,
+                    last_error: last_error.clone(),
+                },
+                State::Failed(why) => Unavailable::Failed(why.clone()),
+                State::Up(_) => Unavailable::JustClosed,
             }),
         }
     }
