@@ -17,15 +17,14 @@ use russh::server::{self, Auth, Msg, Session};
 use russh::{Channel, ChannelId, MethodKind, MethodSet, Pty, Sig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::bridge::{self, Bridge, Request};
+use crate::bridge::ends::channel;
+use crate::bridge::{Bridge, Opener, Refused, Request};
 use crate::forward::client::LocalSession;
 use crate::forward::{AgentGuard, AgentTarget, Registry};
-use crate::local_channel;
 use crate::stats::{Gauge, GaugeGuard};
-use crate::upstream::{Open, OpenError, Pool};
+use crate::upstream::Open;
 use auth::AuthorizedKeys;
 
 /// Loads the endpoint host key, or generates one under the state directory
@@ -155,8 +154,9 @@ pub type Channels = Mutex<HashMap<ChannelId, LocalChannel>>;
 pub struct Endpoint {
     /// russh server settings.
     pub config: Arc<server::Config>,
-    /// The upstream side.
-    pub pool: Arc<Pool>,
+    /// Opens upstream channels and bridges them; connections run on its
+    /// tasks too (waited for on shutdown).
+    pub opener: Opener,
     /// Keys allowed in.
     pub authorized: Arc<AuthorizedKeys>,
     /// Forward registry (client-requested and sshshim-owned forwards).
@@ -165,15 +165,12 @@ pub struct Endpoint {
     pub allow_non_loopback: bool,
     /// Local clients connected right now (for status).
     pub clients: Gauge,
-    /// Where connections and their bridges run (waited for on shutdown).
-    pub tasks: TaskTracker,
-    /// See `bridge::Options::stall_limit`.
-    pub stall_limit: Duration,
 }
 
 impl Endpoint {
     /// Accepts local clients until `shutdown`.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) {
+        eow::install();
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -195,58 +192,9 @@ impl Endpoint {
                 continue;
             }
             let _ = stream.set_nodelay(true);
-            let handler = LocalHandler {
-                ep: self.clone(),
-                peer,
-                handle: None,
-                channels: Arc::new(Mutex::new(HashMap::new())),
-                session: None,
-                authenticated: CancellationToken::new(),
-                _counted: self.clients.enter(),
-            };
-            let config = self.config.clone();
-            let shutdown = shutdown.clone();
-            let authenticated = handler.authenticated.clone();
+            let conn = Connection::new(self.clone(), stream, peer, shutdown.clone());
             let span = tracing::info_span!("client", %peer);
-            self.tasks.spawn(async move {
-                // The grace time counts from accept: a client that sends
-                // nothing at all is dropped too.
-                let deadline = tokio::time::Instant::now() + LOGIN_GRACE;
-                let started = tokio::time::timeout_at(deadline, start(config, stream, handler)).await;
-                let running = match started {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => {
-                        tracing::debug!("local handshake with {peer} failed: {e:?}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!("local client {peer} sent no SSH banner within {}s: dropped", LOGIN_GRACE.as_secs());
-                        return;
-                    }
-                };
-                let handle = running.handle();
-                // A client that does not log in within the grace time is
-                // dropped (as sshd's LoginGraceTime does), so idle or
-                // garbage connections cannot pile up.
-                let grace = async {
-                    tokio::time::sleep_until(deadline).await;
-                    if authenticated.is_cancelled() {
-                        std::future::pending::<()>().await;
-                    }
-                };
-                tokio::select! {
-                    r = running => if let Err(e) = r {
-                        tracing::debug!("local session {peer} ended: {e:?}");
-                    },
-                    _ = grace => {
-                        tracing::info!("local client {peer} did not log in within {}s: dropped", LOGIN_GRACE.as_secs());
-                        let _ = handle.disconnect(russh::Disconnect::ByApplication, "login grace time over".into(), "en".into()).await;
-                    }
-                    _ = shutdown.cancelled() => {
-                        let _ = handle.disconnect(russh::Disconnect::ByApplication, "sshshim is shutting down".into(), "en".into()).await;
-                    }
-                }
-            }.instrument(span));
+            self.opener.tasks().spawn(conn.run().instrument(span));
         }
     }
 
@@ -286,6 +234,101 @@ fn admission(from_here: bool, owner: Option<u32>, me: u32) -> Result<(), String>
         None if from_here => Err("cannot find the owner of its socket".into()),
         // Another machine: only the key check applies.
         None => Ok(()),
+    }
+}
+
+/// One accepted local connection, from its first byte to its end.
+struct Connection {
+    /// The socket.
+    stream: tokio::net::TcpStream,
+    /// The client's address, for logs.
+    peer: SocketAddr,
+    /// Its russh callbacks.
+    handler: LocalHandler,
+    /// The endpoint's russh settings.
+    config: Arc<server::Config>,
+    /// Set once the client has logged in (ends the login grace time).
+    authenticated: CancellationToken,
+    /// The profile's shutdown.
+    shutdown: CancellationToken,
+}
+
+impl Connection {
+    /// A connection accepted by `ep` from `peer`.
+    fn new(
+        ep: Endpoint,
+        stream: tokio::net::TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let authenticated = CancellationToken::new();
+        Connection {
+            stream,
+            peer,
+            config: ep.config.clone(),
+            handler: LocalHandler {
+                _counted: ep.clients.enter(),
+                ep,
+                peer,
+                handle: None,
+                channels: Arc::new(Mutex::new(HashMap::new())),
+                session: None,
+                authenticated: authenticated.clone(),
+            },
+            authenticated,
+            shutdown,
+        }
+    }
+
+    /// Runs the handshake and the session until the client leaves, fails
+    /// to log in within the grace time (as sshd's LoginGraceTime, so idle
+    /// or garbage connections cannot pile up), or sshshim shuts down.
+    async fn run(self) {
+        let Connection {
+            stream,
+            peer,
+            handler,
+            config,
+            authenticated,
+            shutdown,
+        } = self;
+        // The grace time counts from accept: a client that sends nothing at
+        // all is dropped too.
+        let deadline = tokio::time::Instant::now() + LOGIN_GRACE;
+        let grace = LOGIN_GRACE.as_secs();
+        let running = match tokio::time::timeout_at(deadline, start(config, stream, handler)).await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return tracing::debug!("local handshake with {peer} failed: {e:?}"),
+            Err(_) => {
+                return tracing::info!(
+                    "local client {peer} sent no SSH banner within {grace}s: dropped"
+                );
+            }
+        };
+        let handle = running.handle();
+        let grace_over = async {
+            tokio::time::sleep_until(deadline).await;
+            if authenticated.is_cancelled() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let why = tokio::select! {
+            r = running => {
+                if let Err(e) = r {
+                    tracing::debug!("local session {peer} ended: {e:?}");
+                }
+                return;
+            }
+            _ = grace_over => {
+                tracing::info!("local client {peer} did not log in within {grace}s: dropped");
+                "login grace time over"
+            }
+            _ = shutdown.cancelled() => "sshshim is shutting down",
+        };
+        let _ = handle
+            .disconnect(russh::Disconnect::ByApplication, why.into(), "en".into())
+            .await;
     }
 }
 
@@ -370,8 +413,8 @@ impl LocalHandler {
 
     /// Opens the upstream twin of a local channel in the background (the
     /// open takes a round trip we must not spend inside the session loop),
-    /// then bridges them. A refusal carries the server's code, or why there
-    /// is no upstream right now.
+    /// then bridges them. A refusal carries the server's code, or for a
+    /// session why there is no upstream right now.
     fn open_and_bridge(
         &self,
         channel: Channel<Msg>,
@@ -379,62 +422,58 @@ impl LocalHandler {
         session: &mut Session,
         what: Open,
     ) {
-        let ep = self.ep.clone();
+        let opener = self.ep.opener.clone();
         let channels = self.channels.clone();
         let handle = session.handle();
-        let is_session = what.is_session();
         let kind = what.kind();
-        self.ep.tasks.spawn(
+        self.ep.opener.tasks().spawn(
             async move {
-                let opened = match ep.pool.open(what).await {
+                let opened = match opener.open(what, kind).await {
                     Ok(o) => o,
-                    Err(OpenError::Unavailable(why)) if is_session => {
-                        tracing::warn!("refusing a session: {why}");
-                        // A session can say why on stderr, which every
-                        // client shows.
-                        return explain_and_close(channel, reply, &why).await;
-                    }
-                    Err(e) => {
-                        tracing::info!("upstream refused a {kind} channel: {e}");
-                        return reply.reject(e.reason()).await;
-                    }
+                    Err(refused) => return refuse(channel, reply, refused).await,
                 };
                 let id = channel.id();
-                let (i, o) = local_channel::ends(channel, handle);
-                let opts = bridge::Options {
-                    session: is_session,
-                    what: kind.to_owned(),
-                    meter: ep.pool.stats().open(kind),
-                    hold: Some(Box::new(opened.load)),
-                    stall_limit: ep.stall_limit,
-                    congestion: Some(opened.congestion),
-                };
-                let b = bridge::spawn(i, o, opened.channel, opts, &ep.tasks);
+                let generation = opened.generation();
+                let (i, o) = channel::ends(channel, handle);
+                let b = opened.bridge(i, o, kind);
                 channels.lock().unwrap().insert(
                     id,
                     LocalChannel {
                         bridge: b.clone(),
-                        generation: opened.generation,
+                        generation,
                         agent: None,
                     },
                 );
-                // russh reports no close for a channel we closed first, so
-                // the entry goes when the bridge is done with it; unless the
-                // id already names a newer channel.
-                let weak = Arc::downgrade(&channels);
-                ep.tasks.spawn(async move {
-                    b.finished().await;
-                    if let Some(channels) = weak.upgrade() {
-                        let mut g = channels.lock().unwrap();
-                        if g.get(&id).is_some_and(|c| Arc::ptr_eq(&c.bridge, &b)) {
-                            g.remove(&id);
-                        }
-                    }
-                });
+                forget_when_finished(&opener, &channels, id, b);
                 reply.accept().await;
             }
             .in_current_span(),
         );
+    }
+}
+
+/// Removes a channel's entry once its bridge is done with it: russh reports
+/// no close for a channel we closed first. Unless the id already names a
+/// newer channel.
+fn forget_when_finished(opener: &Opener, channels: &Arc<Channels>, id: ChannelId, b: Arc<Bridge>) {
+    let weak = Arc::downgrade(channels);
+    opener.tasks().spawn(async move {
+        b.finished().await;
+        if let Some(channels) = weak.upgrade() {
+            let mut g = channels.lock().unwrap();
+            if g.get(&id).is_some_and(|c| Arc::ptr_eq(&c.bridge, &b)) {
+                g.remove(&id);
+            }
+        }
+    });
+}
+
+/// Tells a local client its channel cannot be opened: a session why, on
+/// its stderr (which every client shows); anything else, the refusal code.
+async fn refuse(channel: Channel<Msg>, reply: server::ChannelOpenHandle, refused: Refused) {
+    match refused.explanation() {
+        Some(why) => explain_and_close(channel, reply, &why).await,
+        None => reply.reject(refused.reason()).await,
     }
 }
 
