@@ -1,7 +1,7 @@
 //! The local endpoint: an SSH server on loopback that admits only our own
 //! user and hands every channel to the bridge. Here: its keys and russh
 //! settings, and [`Endpoint::serve`], which admits each connection and runs
-//! it ([`connection`]: handshake, login grace time, russh callbacks);
+//! it (`connection`: handshake, login grace time, russh callbacks);
 //! [`auth`] checks peers and keys, [`kexinit`] and [`quickack`] tune the
 //! handshake, [`eow`] notices `eow@openssh.com`.
 
