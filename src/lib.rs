@@ -8,23 +8,22 @@
 //!     |
 //!   supervisor ------------------------------ service, control/, hooks
 //!     |
-//!   shim (one running profile)
+//!   shim (one running profile: bind, connect, start, drain)
 //!     |                    \
-//!   endpoint (local SSH     master (serves OpenSSH's ControlMaster protocol)
-//!   server)  \               |          \
-//!     |       local_channel  |           mux (the protocol: codec, fd passing,
-//!     |         |            |                socket; imports nothing)
-//!   forward (registry, routing, replay, sshshim's -L/-D)
-//!     |         \
-//!   upstream     bridge (spill queue; LocalIn/LocalOut seam)      resolve
-//!   (pool, auth,                                                    |
-//!    known_hosts) ----------------------------------------------- config (resolved settings)
-//!     |                                                              |
-//!     |                                        client_config      profile (settings, declared once)
-//!     |                                              |               |
-//!     |                                              |           ssh_config
-//!     |                                              |               |
-//!   stats, tuning, netwatch ------------------------------ spec, paths, term (ground: import nothing)
+//!   endpoint (local SSH     master/ (serves OpenSSH's ControlMaster protocol:
+//!   server, eow)  |          |      session, forwards)
+//!     |           |          |          \
+//!   forward (registry,       |           mux (the protocol: codec, fd passing,
+//!   routing, replay, -L/-D)  |                socket; imports nothing)
+//!     |         \            |
+//!     |          bridge/ (open: opens upstream channels and bridges them;
+//!     |                   ends/: the local ends side by side: channel,
+//!     |                   stream, fds (a mux client's), escape; spill)
+//!   upstream (pool, auth, known_hosts)                         resolve
+//!     |                                                       /      \
+//!     |                                                profile   ssh_config   client_config
+//!     |                                                   |          |             |
+//!   config ----------- stats, tuning, netwatch ----------- spec, paths, term (ground: import nothing)
 //! ```
 //!
 //! [`check`] (`sshshim check`) makes its own short-lived connection with
@@ -32,7 +31,9 @@
 //! mcp`) edits profiles and drives running shims through their endpoints;
 //! only `main` uses either. [`master`] turns [`mux`] requests into upstream
 //! channels and bridges, beside [`endpoint`], which does the same for SSH
-//! clients.
+//! clients; both, and [`forward`], start every bridge through one
+//! [`bridge::Opener`] (open the upstream channel, then bridge it to a
+//! local end from [`bridge::ends`]).
 //!
 //! Data flows one way: local clients -> [`endpoint`] -> [`bridge`] ->
 //! [`upstream`]. Channels the server opens leave [`upstream`] as events
@@ -52,7 +53,6 @@ pub mod forward;
 #[cfg(test)]
 mod fuzzing;
 pub mod hooks;
-pub mod local_channel;
 pub mod manpages;
 pub mod master;
 pub mod mcp;

@@ -699,10 +699,13 @@ fn init_logging(verbose: u8, quiet: u8, format: LogFormat) {
     } else {
         fmt.with_filter(filter).boxed()
     };
-    tracing_subscriber::registry()
-        .with(fmt)
-        .with(sshshim::endpoint::eow::layer())
-        .init();
+    let subscriber = tracing_subscriber::registry().with(fmt);
+    tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
+    // russh logs through the `log` crate: its records go to tracing through
+    // the library's logger (which also notices eow@openssh.com; the
+    // endpoint would install it anyway), set after the subscriber so it
+    // takes the subscriber's level.
+    sshshim::endpoint::eow::install();
     if not_understood {
         tracing::warn!(
             "RUST_LOG is not a list of target=level directives (e.g. sshshim=debug,russh=info); using -v/-q's level"

@@ -6,12 +6,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use russh::keys::PrivateKey;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::bridge::Opener;
 use crate::config::UpConfig;
 use crate::endpoint::{self, Endpoint, auth::AuthorizedKeys};
 use crate::forward::{self, Registry};
@@ -61,18 +63,97 @@ pub struct Started {
 /// Runs one profile until `stop` is cancelled. `on_start` is called once
 /// the upstream is connected and the endpoint is listening.
 pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&Started)) -> Exit {
-    let fail = |message: String| Exit::Failed {
+    let cfg = Arc::new(cfg);
+    // Bound before connecting, so a taken port or socket fails before any
+    // prompt.
+    let bound = match Bound::bind(&cfg).await {
+        Ok(b) => b,
+        Err(message) => return failed(message),
+    };
+    let profile = Profile::new(cfg);
+    if let Err(exit) = profile.connect(&stop).await {
+        return exit;
+    }
+    let mux = bound.mux.map(|l| profile.start_master(l, &stop));
+    let local_forwards = profile.start_local_forwards();
+    let local_clients = Gauge::default();
+    let endpoint = bound
+        .endpoint
+        .as_ref()
+        .and_then(|l| l.listener.local_addr().ok());
+    let host_key = match bound.endpoint {
+        Some(e) => profile.start_endpoint(e, local_clients.clone()),
+        None => (String::new(), std::path::PathBuf::new()),
+    };
+    on_start(&Started {
+        pool: profile.opener.pool().clone(),
+        forwards: profile.registry.clone(),
+        endpoint,
+        host_key,
+        local_clients,
+        mux,
+        resume: profile.opener.resume().cloned(),
+    });
+    profile.run(stop, local_forwards).await
+}
+
+/// A failure that retrying cannot help.
+fn failed(message: String) -> Exit {
+    Exit::Failed {
         message,
         permanent: true,
-    };
-    let cfg = Arc::new(cfg);
-    let mut listener = None;
-    let mut key = None;
-    let mut authorized = None;
-    if let Some(listen) = cfg.listen {
+    }
+}
+
+/// What a profile binds before it connects.
+struct Bound {
+    /// The endpoint, unless `--listen none`.
+    endpoint: Option<BoundEndpoint>,
+    /// The multiplexing socket, unless `--mux none`.
+    mux: Option<MuxListener>,
+}
+
+/// The endpoint's listener and keys.
+struct BoundEndpoint {
+    /// The listening socket.
+    listener: TcpListener,
+    /// Its host key and the file it is in.
+    key: (PrivateKey, std::path::PathBuf),
+    /// The keys it admits.
+    authorized: AuthorizedKeys,
+}
+
+impl Bound {
+    /// Binds the endpoint and the multiplexing socket; the message says
+    /// what to change when one cannot be.
+    async fn bind(cfg: &UpConfig) -> Result<Bound, String> {
+        let endpoint = match cfg.listen {
+            Some(listen) => Some(BoundEndpoint::bind(cfg, listen).await?),
+            None => None,
+        };
+        // A live socket of another sshshim is an error now, not after a
+        // prompt.
+        let mux = match &cfg.mux {
+            Some(path) => Some(MuxListener::bind(path).map_err(|e| {
+                format!(
+                    "cannot serve the multiplexing socket {}: {e} (choose another with --mux \
+                     PATH, or --mux none)",
+                    path.display()
+                )
+            })?),
+            None => None,
+        };
+        Ok(Bound { endpoint, mux })
+    }
+}
+
+impl BoundEndpoint {
+    /// Loads the keys and binds `listen` (refused beyond loopback unless
+    /// allowed).
+    async fn bind(cfg: &UpConfig, listen: SocketAddr) -> Result<Self, String> {
         if !listen.ip().is_loopback() {
             if !cfg.allow_non_loopback {
-                return fail(format!(
+                return Err(format!(
                     "--listen {listen} is not a loopback address; anyone who can reach it could \
                      try to log in. Pass --allow-non-loopback if you really mean it."
                 ));
@@ -81,123 +162,132 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
                 "the endpoint listens on {listen}, which is reachable from other machines"
             );
         }
-        match endpoint::load_or_create_host_key(cfg.host_key.as_deref()) {
-            Ok(k) => key = Some(k),
-            Err(e) => return fail(e),
-        }
-        let keys = match &cfg.authorized_keys {
-            Some(p) => match AuthorizedKeys::from_file(p) {
-                Ok(k) => k,
-                Err(e) => return fail(e),
-            },
+        let key = endpoint::load_or_create_host_key(cfg.host_key.as_deref())?;
+        let authorized = match &cfg.authorized_keys {
+            Some(p) => AuthorizedKeys::from_file(p)?,
             None => AuthorizedKeys::users_own().await,
         };
-        if keys.is_empty() {
-            return fail(
+        if authorized.is_empty() {
+            return Err(
                 "no public key to admit local clients with: create a key (ssh-keygen -t \
                  ed25519), load one into ssh-agent, or pass --authorized-keys FILE"
                     .into(),
             );
         }
-        authorized = Some(keys);
-        // Bind before connecting, so a taken port fails before any prompt.
-        match TcpListener::bind(listen).await {
-            Ok(l) => listener = Some(l),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                return fail(format!(
+        let listener = TcpListener::bind(listen).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!(
                     "port {} is already in use (another sshshim?); choose another with \
                      --listen 127.0.0.1:PORT",
                     listen.port()
-                ));
+                )
+            } else {
+                format!("cannot listen on {listen}: {e}")
             }
-            Err(e) => return fail(format!("cannot listen on {listen}: {e}")),
-        }
+        })?;
+        Ok(BoundEndpoint {
+            listener,
+            key,
+            authorized,
+        })
     }
-    let endpoint_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
-    // The multiplexing socket too is bound before connecting: a live one
-    // of another sshshim is an error now, not after a prompt.
-    let mux_listener = match &cfg.mux {
-        Some(path) => match MuxListener::bind(path) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                return fail(format!(
-                    "cannot serve the multiplexing socket {}: {e} (choose another with --mux \
-                     PATH, or --mux none)",
-                    path.display()
-                ));
-            }
-        },
-        None => None,
-    };
+}
 
-    // Everything this profile starts runs on `tasks`, so the exit can wait
-    // for it; `shutdown` tells it all to stop.
-    let tasks = TaskTracker::new();
-    let shutdown = CancellationToken::new();
-    let (pool, server_opens) = Pool::new(cfg.clone());
-    let registry = Registry::new(pool.clone(), tasks.clone(), cfg.tuning.stall_limit);
-    let resume = cfg.resume.as_ref().map(|(timeout, helper)| {
-        crate::resume::Resume::new(
-            pool.clone(),
-            crate::resume::Settings {
-                timeout: *timeout,
-                remote_helper: helper.clone(),
-                instance: format!("{}\0{}", cfg.config_file.as_deref().unwrap_or(""), cfg.name),
-            },
-        )
-    });
-    for spec in cfg.forwards.iter().filter(|f| f.kind == Kind::Remote) {
-        registry.add_owned_remote(spec);
-    }
-    tasks.spawn(
-        registry
-            .clone()
-            .serve(server_opens, shutdown.clone())
-            .in_current_span(),
-    );
-    let first = tokio::select! {
-        r = pool.connect_first() => r,
-        _ = stop.cancelled() => {
-            shutdown.cancel();
-            return Exit::Stopped;
-        }
-    };
-    if let Err(e) = first {
-        shutdown.cancel();
-        let permanent = e.is_permanent();
-        return Exit::Failed {
-            message: e.to_string(),
-            permanent,
-        };
-    }
+/// A profile's running parts. Everything it starts runs on its opener's
+/// tasks, so the exit can wait for it; `shutdown` tells it all to stop.
+struct Profile {
+    /// The resolved settings.
+    cfg: Arc<UpConfig>,
+    /// The upstream pool, with what every bridge shares.
+    opener: Opener,
+    /// The forward registry.
+    registry: Arc<Registry>,
+    /// Stops everything the profile started.
+    shutdown: CancellationToken,
+}
 
-    if let Some(r) = resume.clone() {
-        // Find (or upload) the helper now, so the first session does not
-        // wait for it, and end what a previous run of ours left held.
+impl Profile {
+    /// The pool and the registry (serving the upstream's events already),
+    /// not yet connected.
+    fn new(cfg: Arc<UpConfig>) -> Self {
+        let tasks = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let (pool, server_opens) = Pool::new(cfg.clone());
+        let resume = cfg.resume.as_ref().map(|(timeout, helper)| {
+            crate::resume::Resume::new(
+                pool.clone(),
+                crate::resume::Settings {
+                    timeout: *timeout,
+                    remote_helper: helper.clone(),
+                    instance: format!("{}\0{}", cfg.config_file.as_deref().unwrap_or(""), cfg.name),
+                },
+            )
+        });
+        let opener = Opener::new(pool, tasks.clone(), cfg.tuning.stall_limit).with_resume(resume);
+        let registry = Registry::new(opener.clone());
+        for spec in cfg.forwards.iter().filter(|f| f.kind == Kind::Remote) {
+            registry.add_owned_remote(spec);
+        }
         tasks.spawn(
-            async move {
-                let _ = r.helper().await;
-            }
-            .in_current_span(),
+            registry
+                .clone()
+                .serve(server_opens, shutdown.clone())
+                .in_current_span(),
         );
+        Profile {
+            cfg,
+            opener,
+            registry,
+            shutdown,
+        }
     }
-    let mux_path = mux_listener.as_ref().map(|l| l.path().to_path_buf());
-    if let Some(l) = mux_listener {
+
+    /// Makes the first upstream connection; `Err` is how the profile ends.
+    async fn connect(&self, stop: &CancellationToken) -> Result<(), Exit> {
+        let first = tokio::select! {
+            r = self.opener.pool().connect_first() => r,
+            _ = stop.cancelled() => {
+                self.shutdown.cancel();
+                return Err(Exit::Stopped);
+            }
+        };
+        first.map_err(|e| {
+            self.shutdown.cancel();
+            Exit::Failed {
+                permanent: e.is_permanent(),
+                message: e.to_string(),
+            }
+        })?;
+        if let Some(r) = self.opener.resume().cloned() {
+            // Find (or upload) the helper now, so the first session does
+            // not wait for it, and end what a previous run of ours held.
+            self.opener.tasks().spawn(
+                async move {
+                    let _ = r.helper().await;
+                }
+                .in_current_span(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Serves OpenSSH's multiplexing protocol on `listener`; returns its
+    /// path.
+    fn start_master(&self, listener: MuxListener, stop: &CancellationToken) -> std::path::PathBuf {
+        let path = listener.path().to_path_buf();
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let server = MuxServer::new(l, tx);
+        let server = MuxServer::new(listener, tx);
         let master = Master::new(MasterOptions {
-            pool: pool.clone(),
-            registry: registry.clone(),
-            tasks: tasks.clone(),
-            stall_limit: cfg.tuning.stall_limit,
-            connect_timeout: cfg.tuning.connect_timeout,
+            opener: self.opener.clone(),
+            registry: self.registry.clone(),
+            connect_timeout: self.cfg.tuning.connect_timeout,
             stop_profile: stop.clone(),
             stop_listening: server.stop_token(),
-            shutdown: shutdown.clone(),
-            resume: resume.clone(),
+            shutdown: self.shutdown.clone(),
         });
         let stop_serving = server.stop_token();
-        let sd = shutdown.clone();
+        let sd = self.shutdown.clone();
+        let tasks = self.opener.tasks();
         tasks.spawn(
             async move {
                 tokio::select! {
@@ -208,67 +298,76 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
             .in_current_span(),
         );
         tasks.spawn(master.serve(rx).in_current_span());
+        path
     }
 
-    let mut local_forwards = tokio::task::JoinSet::new();
-    for spec in cfg.forwards.iter().filter(|f| f.kind == Kind::Local) {
-        let fut = forward::local::run(spec.clone(), registry.clone(), shutdown.clone());
-        local_forwards.spawn(fut.in_current_span());
-    }
-
-    let local_clients = Gauge::default();
-    let mut host_key = (String::new(), std::path::PathBuf::new());
-    if let (Some(listener), Some((k, path)), Some(authorized)) = (listener, key, authorized) {
-        host_key = (fingerprint(k.public_key()), path);
-        record_alias(&cfg.name, &k);
-        let ep = Endpoint {
-            config: Arc::new(endpoint::server_config(k)),
-            pool: pool.clone(),
-            authorized: Arc::new(authorized),
-            forwards: registry.clone(),
-            allow_non_loopback: cfg.allow_non_loopback,
-            clients: local_clients.clone(),
-            tasks: tasks.clone(),
-            stall_limit: cfg.tuning.stall_limit,
-            resume: resume.clone(),
-        };
-        tasks.spawn(ep.serve(listener, shutdown.clone()).in_current_span());
-    }
-    on_start(&Started {
-        pool: pool.clone(),
-        forwards: registry.clone(),
-        endpoint: endpoint_addr,
-        host_key,
-        local_clients,
-        mux: mux_path,
-        resume,
-    });
-
-    let mut running = tokio::spawn(pool.clone().run(shutdown.clone()).in_current_span());
-    let (exit, upstream_done) = tokio::select! {
-        _ = stop.cancelled() => (Exit::Stopped, false),
-        r = &mut running => match r {
-            Ok(Err(e)) => (gave_up(e), true),
-            _ => (Exit::Stopped, true),
-        },
-        r = wait_first_error(&mut local_forwards) => (fail(r), false),
-    };
-    shutdown.cancel();
-    // Closing upstream closes every bridged channel; wait for local sessions
-    // and bridges to pass that on to their clients, but never hang the exit.
-    tasks.close();
-    let waited = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        if !upstream_done {
-            let _ = running.await;
+    /// Starts sshshim's own `-L` forwards; each ends with an error if it
+    /// cannot listen.
+    fn start_local_forwards(&self) -> JoinSet<Result<(), String>> {
+        let mut set = JoinSet::new();
+        for spec in self.cfg.forwards.iter().filter(|f| f.kind == Kind::Local) {
+            let fut = forward::local::run(spec.clone(), self.opener.clone(), self.shutdown.clone());
+            set.spawn(fut.in_current_span());
         }
-        local_forwards.shutdown().await;
-        tasks.wait().await;
-    })
-    .await;
-    if waited.is_err() {
-        tracing::debug!("{} tasks still running at exit", tasks.len());
+        set
     }
-    exit
+
+    /// Serves the local endpoint; returns its host key's fingerprint and
+    /// file.
+    fn start_endpoint(&self, bound: BoundEndpoint, clients: Gauge) -> (String, std::path::PathBuf) {
+        let (key, path) = bound.key;
+        let fingerprint = fingerprint(key.public_key());
+        record_alias(&self.cfg.name, &key);
+        let ep = Endpoint {
+            config: Arc::new(endpoint::server_config(key)),
+            opener: self.opener.clone(),
+            authorized: Arc::new(bound.authorized),
+            forwards: self.registry.clone(),
+            allow_non_loopback: self.cfg.allow_non_loopback,
+            clients,
+        };
+        let serving = ep.serve(bound.listener, self.shutdown.clone());
+        self.opener.tasks().spawn(serving.in_current_span());
+        (fingerprint, path)
+    }
+
+    /// Keeps the upstream up until `stop`, the upstream gives up, or a
+    /// local forward cannot listen; then stops everything and waits a
+    /// little for it.
+    async fn run(
+        self,
+        stop: CancellationToken,
+        mut local_forwards: JoinSet<Result<(), String>>,
+    ) -> Exit {
+        let pool = self.opener.pool().clone();
+        let mut running = tokio::spawn(pool.run(self.shutdown.clone()).in_current_span());
+        let (exit, upstream_done) = tokio::select! {
+            _ = stop.cancelled() => (Exit::Stopped, false),
+            r = &mut running => match r {
+                Ok(Err(e)) => (gave_up(e), true),
+                _ => (Exit::Stopped, true),
+            },
+            r = wait_first_error(&mut local_forwards) => (failed(r), false),
+        };
+        self.shutdown.cancel();
+        // Closing upstream closes every bridged channel; wait for local
+        // sessions and bridges to pass that on to their clients, but never
+        // hang the exit.
+        let tasks = self.opener.tasks();
+        tasks.close();
+        let waited = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            if !upstream_done {
+                let _ = running.await;
+            }
+            local_forwards.shutdown().await;
+            tasks.wait().await;
+        })
+        .await;
+        if waited.is_err() {
+            tracing::debug!("{} tasks still running at exit", tasks.len());
+        }
+        exit
+    }
 }
 
 /// The exit for an upstream that gave up.
@@ -298,7 +397,7 @@ fn record_alias(name: &str, key: &russh::keys::PrivateKey) {
 }
 
 /// Waits until one of the local forwards fails to start (a bind error).
-async fn wait_first_error(tasks: &mut tokio::task::JoinSet<Result<(), String>>) -> String {
+async fn wait_first_error(tasks: &mut JoinSet<Result<(), String>>) -> String {
     while let Some(r) = tasks.join_next().await {
         if let Ok(Err(e)) = r {
             return e;

@@ -1,11 +1,13 @@
 //! Channel bridging: carries one local channel's traffic to its upstream
 //! channel and back, byte for byte, with EOF, exit status and close in order.
 //!
-//! The local end is anything that implements [`LocalIn`] and [`LocalOut`]:
-//! a channel of the local SSH endpoint, a socket of an sshshim-owned
-//! forward ([`stream`]), or descriptors passed over the multiplexing socket.
-//! No local protocol's types appear here, so the spill and backpressure
-//! logic exists once, below that seam.
+//! The local end is anything that implements [`LocalIn`] and [`LocalOut`]
+//! (the implementations are side by side in [`ends`]): a channel of the
+//! local SSH endpoint, a socket, or descriptors passed over the
+//! multiplexing socket. No local protocol's types appear in this file, so
+//! the spill and backpressure logic exists once, below that seam. Every
+//! bridge is started through [`Opener`] ([`open`]), which opens the
+//! upstream channel and holds the settings bridges share.
 //!
 //! Three tasks per bridged channel:
 //! - the *pump* drains the upstream channel at once into a [`SpillQueue`]
@@ -16,8 +18,9 @@
 //! - the *uplink* moves local input upstream, at the upstream's pace; it
 //!   blocks only its own local end, which is what backpressure should do.
 
+pub mod ends;
+pub mod open;
 pub mod spill;
-pub mod stream;
 pub mod upstream;
 
 use std::collections::VecDeque;
@@ -36,6 +39,7 @@ use crate::stats::ChannelMeter;
 use spill::{Event, PushError, SpillQueue};
 pub use upstream::{UpRead, UpWrite, Upstream};
 
+pub use open::{OpenChannel, Opener, Refused};
 pub use spill::Event as Output;
 
 /// What the local end sends towards the server.
@@ -92,23 +96,23 @@ pub enum Request {
     AgentForward,
 }
 
-/// Settings of one bridged channel.
-pub struct Options {
+/// Settings of one bridged channel (built by [`OpenChannel::bridge`]).
+struct Options {
     /// A session channel: if the upstream connection is lost, its client is
     /// told so on stderr before the channel closes.
-    pub session: bool,
+    session: bool,
     /// Names the channel in logs.
-    pub what: String,
+    what: String,
     /// Counts its traffic.
-    pub meter: ChannelMeter,
+    meter: ChannelMeter,
     /// Held until the upstream channel is gone (e.g. its connection's load count).
-    pub hold: Option<Box<dyn Send + Sync>>,
+    hold: Option<Box<dyn Send + Sync>>,
     /// How long a local reader whose buffer is full may take nothing
     /// before the channel is closed.
-    pub stall_limit: Duration,
+    stall_limit: Duration,
     /// Counts, for the upstream connection, channels whose pump waits for
     /// a stalled reader (the connection takes no new channels meanwhile).
-    pub congestion: Option<Arc<AtomicUsize>>,
+    congestion: Option<Arc<AtomicUsize>>,
 }
 
 /// The upstream write side of a bridged channel, shared by the local end's
@@ -244,7 +248,8 @@ impl Bridge {
 
 /// Bridges a local end to an upstream channel until both are closed.
 /// Returns the [`Bridge`] so the local end's handler can forward requests.
-pub fn spawn(
+/// Called only by [`OpenChannel::bridge`].
+fn spawn(
     local_in: impl LocalIn,
     local_out: impl LocalOut,
     upstream: impl Into<Upstream>,

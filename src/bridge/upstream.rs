@@ -205,30 +205,3 @@ impl UpWrite {
         }
     }
 }
-
-/// The upstream end for a freshly opened channel, with what the bridge
-/// holds while it lasts (its connection's load count) and the
-/// connection's congestion counter: for a session of a profile with
-/// resumable sessions and a helper on the server, a resumable session
-/// (which counts its own channels); otherwise the channel itself.
-pub async fn prepare(
-    opened: crate::upstream::Opened,
-    session: bool,
-    resume: Option<&std::sync::Arc<crate::resume::Resume>>,
-) -> (
-    Upstream,
-    Option<Box<dyn Send + Sync>>,
-    Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
-) {
-    if let (true, Some(r)) = (session, resume)
-        && let Ok(helper) = r.helper().await
-    {
-        let ends = crate::resume::session::start(r.clone(), helper, opened);
-        return (ends.into(), None, None);
-    }
-    (
-        opened.channel.into(),
-        Some(Box::new(opened.load)),
-        Some(opened.congestion),
-    )
-}

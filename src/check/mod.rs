@@ -396,6 +396,7 @@ mod tests {
             bytes_out: 0,
             config_file: None,
             profile_destination: None,
+            resume: None,
         }
     }
 

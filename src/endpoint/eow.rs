@@ -8,29 +8,33 @@
 //! command exits.
 //!
 //! russh 0.65's server drops unknown channel requests without a callback,
-//! only logging "unknown channel request eow@openssh.com" from the
-//! connection's session task, without the channel. So this tracing layer
-//! (whose own filter admits that event whatever `RUST_LOG` or `-q` say)
-//! finds the connection by the Tokio task the event came from, and the
-//! channel as the connection's one open session channel (OpenSSH sends eow
-//! on session channels only, once each); with several open it cannot tell,
-//! and leaves them alone. It then calls [`Bridge::output_closed`], which
-//! does what russh's client allows (it cannot send the request upstream
-//! either): stdout is dropped, the first stdout the command writes
-//! afterwards closes the upstream channel (where sshd would fail that
-//! write), stderr and the exit status still reach the client, and when the
-//! client goes away the upstream channel gets EOF and stays open until the
-//! command exits. Replace this once russh passes unknown requests to the
-//! handler.
+//! only logging "unknown channel request eow@openssh.com" (through the
+//! `log` crate) from the connection's session task, without the channel.
+//! So the endpoint installs, when it starts, the process's `log` logger
+//! ([`install`]): it passes every record on to `tracing` (as tracing-log's
+//! `LogTracer` does, so russh's logs show as before) and, whatever the
+//! tracing filters say, finds the connection of that one record by the
+//! Tokio task it came from, and the channel as the connection's one open
+//! session channel (OpenSSH sends eow on session channels only, once
+//! each); with several open it cannot tell, and leaves them alone. It then
+//! calls [`Bridge::output_closed`], which does what russh's client allows
+//! (it cannot send the request upstream either): stdout is dropped, the
+//! first stdout the command writes afterwards closes the upstream channel
+//! (where sshd would fail that write), stderr and the exit status still
+//! reach the client, and when the client goes away the upstream channel
+//! gets EOF and stays open until the command exits. Replace this once
+//! russh passes unknown requests to the handler.
+//!
+//! The `log` logger can be set once per process: a program embedding
+//! sshshim that sets its own (tracing-subscriber's `init` does, with
+//! `LogTracer`) before the endpoint starts is warned that eow is not
+//! noticed; it can call [`install`] instead, before or after setting its
+//! tracing subscriber.
 //!
 //! [`Bridge::output_closed`]: crate::bridge::Bridge::output_closed
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-
-use tracing::field::{Field, Visit};
-use tracing::{Event, Metadata, Subscriber};
-use tracing_subscriber::layer::{Context, Layer};
 
 use super::Channels;
 
@@ -55,81 +59,92 @@ pub fn register(channels: &Arc<Channels>) {
     }
 }
 
-/// A tracing layer that turns russh's log line into the close described
-/// above. Its filter admits that one kind of event only, so it costs nothing
-/// on the data path.
-pub fn layer<S>() -> impl Layer<S>
-where
-    S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
-{
-    let only_ours = tracing_subscriber::filter::FilterFn::new(|meta: &Metadata<'_>| {
-        *meta.level() == tracing::Level::WARN && meta.target() == TARGET
+/// Makes the process's `log` logger the one described above, once; the
+/// level of `log` records let through is the tracing subscriber's, and at
+/// least warnings (the one russh logs). Returns whether eow is noticed:
+/// `false` (with a warning) when another logger was set first.
+pub fn install() -> bool {
+    static INSTALLED: OnceLock<bool> = OnceLock::new();
+    *INSTALLED.get_or_init(|| {
+        let tracer = tracing_log::LogTracer::new();
+        if log::set_boxed_logger(Box::new(EowLog(tracer))).is_err() {
+            tracing::warn!(
+                "another `log` logger is installed, so sshshim cannot notice eow@openssh.com: \
+                 `ssh HOST cmd | head` through the endpoint ends only when cmd does (call \
+                 sshshim::endpoint::eow::install() instead of installing tracing-log's LogTracer)"
+            );
+            return false;
+        }
+        let traced = tracing::level_filters::LevelFilter::current();
+        let level = match tracing_log::AsLog::as_log(&traced) {
+            l if l < log::LevelFilter::Warn => log::LevelFilter::Warn,
+            l => l,
+        };
+        log::set_max_level(level);
+        true
     })
-    .with_max_level_hint(tracing::level_filters::LevelFilter::WARN);
-    EowLayer.with_filter(only_ours)
 }
 
-/// The layer behind [`layer`].
-struct EowLayer;
+/// The `log` logger: passes records on to `tracing`, and acts on russh's
+/// ignored eow.
+struct EowLog(tracing_log::LogTracer);
 
-impl<S: Subscriber> Layer<S> for EowLayer {
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        let mut msg = MessageText(String::new());
-        event.record(&mut msg);
-        if msg.0 != MESSAGE {
-            return;
-        }
-        let Some(task) = tokio::task::try_id() else {
-            tracing::debug!("eow: not on a task");
-            return;
-        };
-        let Some(channels) = connections()
-            .lock()
-            .unwrap()
-            .get(&task)
-            .and_then(Weak::upgrade)
-        else {
-            return;
-        };
-        // OpenSSH sends eow on session channels only, once each. A plain
-        // ssh client runs one session; through a ControlMaster there may be
-        // several, and then we cannot tell which one the request named, so
-        // we leave them alone.
-        let candidates: Vec<_> = channels
-            .lock()
-            .unwrap()
-            .values()
-            .map(|c| &c.bridge)
-            .filter(|b| b.is_session() && !b.is_finished() && !b.is_output_closed())
-            .cloned()
-            .collect();
-        match candidates.as_slice() {
-            [b] => {
-                tracing::debug!("eow@openssh.com from a local client");
-                b.output_closed();
-            }
-            [] => tracing::debug!("eow@openssh.com on no open session: ignored"),
-            _ => tracing::info!(
-                "eow@openssh.com with {} sessions open on one connection: cannot tell which, ignored",
-                candidates.len()
-            ),
-        }
+impl log::Log for EowLog {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        is_candidate(metadata) || self.0.enabled(metadata)
     }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if is_candidate(record.metadata()) && record.args().to_string() == MESSAGE {
+            output_closed();
+        }
+        self.0.log(record);
+    }
+
+    fn flush(&self) {}
 }
 
-/// Collects an event's `message` field.
-struct MessageText(String);
+/// Whether a record may be russh's ignored request (cheap: no formatting).
+fn is_candidate(m: &log::Metadata<'_>) -> bool {
+    m.level() == log::Level::Warn && m.target() == TARGET
+}
 
-impl Visit for MessageText {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            self.0 = format!("{value:?}");
+/// The connection of the running task got eow: closes its one open
+/// session's output.
+fn output_closed() {
+    let Some(task) = tokio::task::try_id() else {
+        tracing::debug!("eow: not on a task");
+        return;
+    };
+    let Some(channels) = connections()
+        .lock()
+        .unwrap()
+        .get(&task)
+        .and_then(Weak::upgrade)
+    else {
+        return;
+    };
+    // OpenSSH sends eow on session channels only, once each. A plain ssh
+    // client runs one session; through a ControlMaster there may be
+    // several, and then we cannot tell which one the request named, so we
+    // leave them alone.
+    let candidates: Vec<_> = channels
+        .lock()
+        .unwrap()
+        .values()
+        .map(|c| &c.bridge)
+        .filter(|b| b.is_session() && !b.is_finished() && !b.is_output_closed())
+        .cloned()
+        .collect();
+    match candidates.as_slice() {
+        [b] => {
+            tracing::debug!("eow@openssh.com from a local client");
+            b.output_closed();
         }
-    }
-
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.0 = value.to_owned();
-        }
+        [] => tracing::debug!("eow@openssh.com on no open session: ignored"),
+        _ => tracing::info!(
+            "eow@openssh.com with {} sessions open on one connection: cannot tell which, ignored",
+            candidates.len()
+        ),
     }
 }

@@ -145,7 +145,7 @@ impl LocalSession {
             return;
         }
         let pool = self.registry.pool.clone();
-        self.registry.tasks.spawn(async move {
+        self.registry.opener.tasks().spawn(async move {
             let Ok(conn) = pool.connection().await else {
                 return;
             };

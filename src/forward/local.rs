@@ -9,9 +9,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::Registry;
 use super::route::Stream;
-use crate::bridge::{self, stream, stream::StreamIn, stream::StreamOut};
+use crate::bridge::Opener;
+use crate::bridge::ends::stream::{self, StreamIn, StreamOut};
 use crate::spec::{Addr, ForwardSpec};
 use crate::upstream::Open;
 
@@ -35,7 +35,7 @@ pub enum Listener {
 /// Runs an sshshim-owned `-L` forward until `shutdown`.
 pub async fn run(
     spec: ForwardSpec,
-    registry: Arc<Registry>,
+    opener: Opener,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
     let listener = bind(&spec.listen)
@@ -45,7 +45,7 @@ pub async fn run(
         listener,
         spec.to_string(),
         Target::Fixed(spec.target.clone()),
-        registry,
+        opener,
         shutdown,
     )
     .await;
@@ -81,90 +81,105 @@ pub async fn serve(
     listener: Listener,
     what: String,
     target: Target,
-    registry: Arc<Registry>,
+    opener: Opener,
     shutdown: CancellationToken,
 ) {
     tracing::info!("local forward {what} listening");
+    let what = Arc::new(what);
     loop {
-        type Accepted = (Box<dyn Stream>, Option<socket2::Socket>, String, u32);
-        let accepted: std::io::Result<Accepted> = tokio::select! {
+        let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = async {
-                match &listener {
-                    Listener::Tcp(l) => l.accept().await.map(|(s, a)| {
-                        let _ = s.set_nodelay(true);
-                        let dup = stream::dup_tcp(&s);
-                        (Box::new(s) as Box<dyn Stream>, dup, a.ip().to_string(), a.port() as u32)
-                    }),
-                    Listener::Unix(l, _) => l.accept().await.map(|(s, _)| (Box::new(s) as Box<dyn Stream>, None, "127.0.0.1".to_owned(), 0)),
-                }
-            } => r,
+            r = accept(&listener) => r,
         };
-        let (stream, dup, orig, orig_port) = match accepted {
-            Ok(x) => x,
+        let conn = match accepted {
+            Ok(c) => c,
             Err(e) => {
                 tracing::warn!("{what}: accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let (reg, what2, target) = (registry.clone(), what.clone(), target.clone());
-        registry.tasks.spawn(async move {
-            let (mut stream, addr, socks) = match target {
-                Target::Fixed(a) => (stream, a, None),
-                Target::Socks => match socks_handshake(stream).await {
-                    Ok((s, a, v)) => (s, a, Some(v)),
-                    Err(e) => {
-                        tracing::debug!("{what2}: SOCKS request refused: {e}");
-                        return;
-                    }
-                },
-            };
-            let open = match &addr {
-                Addr::Tcp(h, p) => Open::DirectTcpip {
-                    host: h.clone(),
-                    port: *p as u32,
-                    originator: orig,
-                    originator_port: orig_port,
-                },
-                Addr::Unix(p) => Open::DirectStreamlocal(p.clone()),
-            };
-            let kind = open.kind();
-            match reg.pool.open(open).await {
-                Ok(opened) => {
-                    if let Some(v) = socks
-                        && socks_reply(&mut stream, v, true).await.is_err()
-                    {
-                        return;
-                    }
-                    let (rd, wr) = tokio::io::split(stream);
-                    let opts = bridge::Options {
-                        session: false,
-                        what: what2,
-                        meter: reg.pool.stats().open(kind),
-                        hold: Some(Box::new(opened.load)),
-                        stall_limit: reg.stall_limit,
-                        congestion: Some(opened.congestion),
-                    };
-                    bridge::spawn(
-                        StreamIn::new(rd),
-                        StreamOut::new(wr).reset_on_abort(dup),
-                        opened.channel,
-                        opts,
-                        &reg.tasks,
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!("{what2}: {addr}: {e}");
-                    if let Some(v) = socks {
-                        let _ = socks_reply(&mut stream, v, false).await;
-                    }
-                }
-            }
-        });
+        let (o, what, target) = (opener.clone(), what.clone(), target.clone());
+        opener
+            .tasks()
+            .spawn(async move { conn.forward(&o, &what, target).await });
     }
     if let Listener::Unix(_, path) = listener {
         let _ = std::fs::remove_file(path);
+    }
+}
+
+/// One accepted connection of a local forward.
+struct Accepted {
+    /// The socket.
+    stream: Box<dyn Stream>,
+    /// The socket again, to reset it (TCP only).
+    dup: Option<socket2::Socket>,
+    /// The client's address, for the server's logs.
+    originator: String,
+    /// Its port.
+    originator_port: u32,
+}
+
+/// Waits for the next connection.
+async fn accept(listener: &Listener) -> std::io::Result<Accepted> {
+    Ok(match listener {
+        Listener::Tcp(l) => {
+            let (s, a) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Accepted {
+                dup: stream::dup_tcp(&s),
+                stream: Box::new(s),
+                originator: a.ip().to_string(),
+                originator_port: a.port() as u32,
+            }
+        }
+        Listener::Unix(l, _) => Accepted {
+            stream: Box::new(l.accept().await?.0),
+            dup: None,
+            originator: "127.0.0.1".to_owned(),
+            originator_port: 0,
+        },
+    })
+}
+
+impl Accepted {
+    /// Sends the connection through the upstream to `target` (for `-D`,
+    /// where its SOCKS request asks), and bridges it.
+    async fn forward(self, opener: &Opener, what: &str, target: Target) {
+        let (mut stream, addr, socks) = match target {
+            Target::Fixed(a) => (self.stream, a, None),
+            Target::Socks => match socks_handshake(self.stream).await {
+                Ok((s, a, v)) => (s, a, Some(v)),
+                Err(e) => return tracing::debug!("{what}: SOCKS request refused: {e}"),
+            },
+        };
+        let open = match &addr {
+            Addr::Tcp(h, p) => Open::DirectTcpip {
+                host: h.clone(),
+                port: *p as u32,
+                originator: self.originator,
+                originator_port: self.originator_port,
+            },
+            Addr::Unix(p) => Open::DirectStreamlocal(p.clone()),
+        };
+        let opened = match opener.open(open, &format!("{what}: {addr}")).await {
+            Ok(o) => o,
+            Err(_) => {
+                if let Some(v) = socks {
+                    let _ = socks_reply(&mut stream, v, false).await;
+                }
+                return;
+            }
+        };
+        if let Some(v) = socks
+            && socks_reply(&mut stream, v, true).await.is_err()
+        {
+            return;
+        }
+        let (rd, wr) = tokio::io::split(stream);
+        let local_out = StreamOut::new(wr).reset_on_abort(self.dup);
+        opened.bridge(StreamIn::new(rd), local_out, what);
     }
 }
 

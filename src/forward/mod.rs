@@ -18,8 +18,8 @@ use backon::BackoffBuilder;
 use russh::server;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
+use crate::bridge::Opener;
 use crate::spec::{Addr, ForwardSpec};
 use crate::upstream::{Connection, Pool, ServerOpen, State};
 pub use route::{AgentGuard, AgentTarget};
@@ -84,10 +84,8 @@ pub struct Registry {
     next_id: AtomicU64,
     /// The upstream side.
     pool: Arc<Pool>,
-    /// Where the bridges of routed channels run (waited for on shutdown).
-    tasks: TaskTracker,
-    /// See `bridge::Options::stall_limit`.
-    stall_limit: Duration,
+    /// Bridges routed channels (on the tasks waited for on shutdown).
+    opener: Opener,
     /// Local sessions that asked for agent forwarding (see [`AgentTarget`]).
     agents: Mutex<Vec<route::AgentRoute>>,
     /// Upstream connections (by generation) on which the server granted
@@ -98,14 +96,13 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// An empty registry for `pool`'s forwards.
-    pub fn new(pool: Arc<Pool>, tasks: TaskTracker, stall_limit: Duration) -> Arc<Self> {
+    /// An empty registry for the forwards of `opener`'s pool.
+    pub fn new(opener: Opener) -> Arc<Self> {
         Arc::new(Registry {
             entries: Mutex::default(),
             next_id: AtomicU64::new(0),
-            pool,
-            tasks,
-            stall_limit,
+            pool: opener.pool().clone(),
+            opener,
             agents: Mutex::default(),
             agent_granted: Mutex::default(),
         })
@@ -238,7 +235,8 @@ impl Registry {
         for (id, listen, bound) in todo {
             let reg = self.clone();
             let conn = conn.clone();
-            self.tasks
+            self.opener
+                .tasks()
                 .spawn(async move { reg.establish(id, listen, bound, conn).await });
         }
     }
@@ -329,7 +327,7 @@ impl Registry {
             return false;
         };
         let pool = self.pool.clone();
-        self.tasks.spawn(async move {
+        self.opener.tasks().spawn(async move {
             if let Ok(conn) = pool.connection().await {
                 cancel_remote(&conn, &listen, bound).await;
             }
@@ -356,7 +354,8 @@ impl Registry {
             && conn.is_alive()
         {
             let (reg, listen) = (self.clone(), spec.listen.clone());
-            self.tasks
+            self.opener
+                .tasks()
                 .spawn(async move { reg.establish(id, listen, None, conn).await });
         }
         id

@@ -10,8 +10,8 @@ use std::sync::{Arc, Weak};
 use russh::{ChannelOpenFailure, client, server};
 
 use super::{Owner, Registry};
-use crate::bridge::{self, stream};
-use crate::local_channel;
+use crate::bridge::OpenChannel;
+use crate::bridge::ends::{channel, stream};
 use crate::spec::Addr;
 use crate::upstream::{ServerOpen, ServerOpenKind, ServerSlot};
 
@@ -64,6 +64,8 @@ struct Routed {
     /// Its place under the cap on server-opened channels, held while the
     /// bridge lives.
     slot: ServerSlot,
+    /// Which upstream connection it came on.
+    generation: u64,
 }
 
 impl Registry {
@@ -111,7 +113,7 @@ impl Registry {
             slot,
         } = ev;
         let reg = self.clone();
-        self.tasks.spawn(async move {
+        self.opener.tasks().spawn(async move {
             match kind {
                 ServerOpenKind::ForwardedTcpip {
                     connected_address,
@@ -125,6 +127,7 @@ impl Registry {
                         kind: "forwarded-tcpip",
                         congestion,
                         slot,
+                        generation,
                     };
                     let Ok(port) = u16::try_from(connected_port) else {
                         return routed.reply.reject(ChannelOpenFailure::ConnectFailed).await;
@@ -159,6 +162,7 @@ impl Registry {
                         kind: "forwarded-streamlocal",
                         congestion,
                         slot,
+                        generation,
                     };
                     match reg.owner_of(&Addr::Unix(socket_path.clone())) {
                         None => {
@@ -181,6 +185,7 @@ impl Registry {
                         kind: "agent",
                         congestion,
                         slot,
+                        generation,
                     };
                     reg.to_agent(generation, routed).await
                 }
@@ -231,15 +236,11 @@ impl Registry {
     ) {
         match local {
             Ok(local) => {
-                routed.reply.accept().await;
-                let (i, o) = local_channel::ends(local, h);
-                bridge::spawn(
-                    i,
-                    o,
-                    routed.channel,
-                    self.options(routed.kind, routed.congestion, routed.slot),
-                    &self.tasks,
-                );
+                let kind = routed.kind;
+                let (upstream, reply) = self.adopt(routed);
+                reply.accept().await;
+                let (i, o) = channel::ends(local, h);
+                upstream.bridge(i, o, kind);
             }
             Err(e) => {
                 tracing::debug!("local client refused a {}: {e}", routed.kind);
@@ -280,32 +281,22 @@ impl Registry {
         dup: Option<socket2::Socket>,
         routed: Routed,
     ) {
-        routed.reply.accept().await;
+        let kind = routed.kind;
+        let (upstream, reply) = self.adopt(routed);
+        reply.accept().await;
         let (rd, wr) = tokio::io::split(s);
-        bridge::spawn(
+        upstream.bridge(
             stream::StreamIn::new(rd),
             stream::StreamOut::new(wr).reset_on_abort(dup),
-            routed.channel,
-            self.options(routed.kind, routed.congestion, routed.slot),
-            &self.tasks,
+            kind,
         );
     }
 
-    /// Bridge settings for a routed channel.
-    fn options(
-        &self,
-        kind: &'static str,
-        congestion: Arc<AtomicUsize>,
-        slot: ServerSlot,
-    ) -> bridge::Options {
-        bridge::Options {
-            session: false,
-            what: kind.to_owned(),
-            meter: self.pool.stats().open(kind),
-            hold: Some(Box::new(slot)),
-            stall_limit: self.stall_limit,
-            congestion: Some(congestion),
-        }
+    /// A routed channel as one ready to bridge, and its answer.
+    fn adopt(&self, r: Routed) -> (OpenChannel, client::ChannelOpenHandle) {
+        let hold = Box::new(r.slot);
+        let upstream = (self.opener).adopt(r.channel, r.kind, hold, r.congestion, r.generation);
+        (upstream, r.reply)
     }
 }
 

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, Command, Exit, Frame, Inbox, Outbox, PtySpec, Secret, Stream};
 use super::{HeldGuard, HeldStatus, Helper, Resume, hex, unix_now};
-use crate::upstream::{LoadGuard, Open, Opened};
+use crate::upstream::Open;
 
 /// How long received output may wait for its acknowledgement when no more
 /// arrives (acknowledgements free the helper's buffer).
@@ -187,7 +187,8 @@ fn sig_of(name: &str) -> Sig {
 pub fn start(
     resume: Arc<Resume>,
     helper: Arc<Helper>,
-    opened: Opened,
+    channel: russh::Channel<client::Msg>,
+    hold: Box<dyn Send + Sync>,
 ) -> (SessionRead, SessionWrite) {
     let (tx, cmds) = mpsc::unbounded_channel();
     let (out, rx) = mpsc::channel(8);
@@ -213,7 +214,7 @@ pub fn start(
         held: None,
         resumes: 0,
     };
-    tokio::spawn(task.run(opened));
+    tokio::spawn(task.run(channel, hold));
     (
         SessionRead { rx },
         SessionWrite {
@@ -247,7 +248,7 @@ struct Attachment {
     /// The reading task.
     reader: tokio::task::JoinHandle<()>,
     /// Counts it on its connection.
-    _load: LoadGuard,
+    _load: Box<dyn Send + Sync>,
     /// Bytes received and not yet decoded.
     buf: BytesMut,
 }
@@ -260,8 +261,8 @@ impl Drop for Attachment {
 
 impl Attachment {
     /// Takes over a freshly opened channel.
-    fn new(opened: Opened) -> Attachment {
-        let (mut rd, wr) = opened.channel.split();
+    fn new(channel: russh::Channel<client::Msg>, load: Box<dyn Send + Sync>) -> Attachment {
+        let (mut rd, wr) = channel.split();
         let (tx, msgs) = mpsc::unbounded_channel();
         let lost = CancellationToken::new();
         let gone = lost.clone();
@@ -279,7 +280,7 @@ impl Attachment {
             wr,
             lost,
             reader,
-            _load: opened.load,
+            _load: load,
             buf: BytesMut::new(),
         }
     }
@@ -393,8 +394,8 @@ struct Task {
 
 impl Task {
     /// Runs the session to its end.
-    async fn run(mut self, opened: Opened) {
-        let Some((att, command, pty)) = self.before_command(opened).await else {
+    async fn run(mut self, channel: russh::Channel<client::Msg>, hold: Box<dyn Send + Sync>) {
+        let Some((att, command, pty)) = self.before_command(channel, hold).await else {
             return;
         };
         if let Command::Subsystem(name) = &command {
@@ -433,9 +434,10 @@ impl Task {
     /// kept for the command.
     async fn before_command(
         &mut self,
-        opened: Opened,
+        channel: russh::Channel<client::Msg>,
+        hold: Box<dyn Send + Sync>,
     ) -> Option<(Attachment, Command, Option<PtySpec>)> {
-        let mut att = Attachment::new(opened);
+        let mut att = Attachment::new(channel, hold);
         let mut pty = None;
         loop {
             let cmd = tokio::select! {
@@ -1016,7 +1018,7 @@ async fn attach(
         .open(Open::Session)
         .await
         .map_err(|e| AttachErr::Retry(e.to_string()))?;
-    let mut att = Attachment::new(opened);
+    let mut att = Attachment::new(opened.channel, Box::new(opened.load));
     let work = async {
         att.wr
             .exec(true, helper.command(&format!("attach {}", hex(&id))))

@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::{Input, LocalIn, LocalOut, Output};
+use crate::bridge::{Input, LocalIn, LocalOut, Output};
 
 /// Reads from a stream into one buffer whose spare capacity is reused, so
 /// a chunk costs no allocation of its own until the buffer is used up.
