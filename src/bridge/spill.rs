@@ -26,8 +26,12 @@ use bytes::Bytes;
 use russh::Sig;
 use tokio::sync::Notify;
 
-/// In-memory payload one channel may hold before it spills to disk.
-pub const CHANNEL_MEMORY: usize = 1024 * 1024;
+/// In-memory payload one channel may hold before it spills to disk: all of
+/// [`GLOBAL_MEMORY`] when it is alone. An sftp download keeps 64 requests
+/// of 32 KiB in flight, so when the local leg is the slower one (through
+/// the endpoint sshshim encrypts again) up to 2 MiB wait here; with 1 MiB,
+/// part of every such download went through the spill file.
+pub const CHANNEL_MEMORY: usize = 2 * 1024 * 1024;
 /// In-memory payload all channels together may hold before spilling. Kept
 /// small: past it the backlog goes to the spill file, whose pages are the
 /// kernel's cache, not our resident memory. 50 concurrent 16 MiB downloads
@@ -155,8 +159,8 @@ impl SpillQueue {
             }
         };
         let len = data.len();
-        let spilling = g.mem + len > CHANNEL_MEMORY
-            || IN_MEMORY.load(Ordering::Relaxed) + len > GLOBAL_MEMORY;
+        let spilling =
+            g.mem + len > CHANNEL_MEMORY || IN_MEMORY.load(Ordering::Relaxed) + len > GLOBAL_MEMORY;
         if spilling {
             if g.write_off - g.read_off + len as u64 > channel_disk() {
                 drop(g);
@@ -303,7 +307,7 @@ mod tests {
             };
             q.push(ev).unwrap();
         }
-        assert!(q.spilled() > 0, "20 x 300 KiB must spill past 1 MiB");
+        assert!(q.spilled() > 0, "20 x 300 KiB must spill past 2 MiB");
         q.push(Event::ExitStatus(3)).unwrap();
         q.push(Event::Close).unwrap();
         let mut got = Vec::new();
@@ -329,21 +333,26 @@ mod tests {
     async fn memory_is_used_again_while_the_file_has_unread_bytes() {
         let _turn = BUDGET.lock().await;
         let q = SpillQueue::new();
-        let chunk = |i: u8| Bytes::from(vec![i; 256 * 1024]);
-        // 4 x 256 KiB fill the channel's memory; the 5th and 6th spill.
+        const N: usize = CHANNEL_MEMORY / 4;
+        let chunk = |i: u8| Bytes::from(vec![i; N]);
+        // 4 chunks fill the channel's memory; the 5th and 6th spill.
         for i in 0..6 {
             q.push(Event::Data(chunk(i))).unwrap();
         }
         let on_disk = q.spilled();
-        assert_eq!(on_disk, 2 * 256 * 1024);
+        assert_eq!(on_disk, 2 * N as u64);
         // The reader takes one chunk: the next push fits in memory again,
         // behind the spilled ones, and the file does not grow.
         assert!(matches!(q.pop().await.unwrap(), Event::Data(d) if d[0] == 0));
         q.push(Event::Data(chunk(6))).unwrap();
-        assert_eq!(q.spilled(), on_disk, "went to disk although memory had room");
+        assert_eq!(
+            q.spilled(),
+            on_disk,
+            "went to disk although memory had room"
+        );
         for i in 1..7u8 {
             match q.pop().await.unwrap() {
-                Event::Data(d) => assert!(d.len() == 256 * 1024 && d.iter().all(|&b| b == i)),
+                Event::Data(d) => assert!(d.len() == N && d.iter().all(|&b| b == i)),
                 other => panic!("unexpected {other:?}"),
             }
         }
