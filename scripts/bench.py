@@ -516,9 +516,14 @@ class Bench:
             return base + [pflag, str(self.shim_rtt_port if rtt else self.shim_port), "127.0.0.1"]
         if contender == "mux":
             # any host name works through the socket; an unresolvable one
-            # makes a failed socket an error instead of a silent direct connect
+            # makes a failed socket an error instead of a silent direct connect.
+            # The port is passed as for ControlMaster (the socket ignores it):
+            # without one, ssh looks up the "ssh" service through NSS
+            # (getservbyname: about 140 more syscalls, /etc/services), work
+            # the ControlMaster row's client never did (a few tenths of a ms).
             sock = self.shim_rtt_mux if rtt else self.shim_mux
-            return base + ["-o", "ControlPath=" + sock, "-o", "ControlMaster=no", "sshshim-mux.invalid"]
+            return base + ["-o", "ControlPath=" + sock, "-o", "ControlMaster=no",
+                           pflag, str(self.proxy_port if rtt else self.sshd_port), "sshshim-mux.invalid"]
         if contender == "sshshim-cfg":
             if rtt or prog != "ssh":
                 raise ValueError("the ssh-config block is measured for exec only")
@@ -1501,8 +1506,9 @@ SetEnv HOME=%s/home
                   "Ciphers and KexAlgorithms, fastest first) with the ControlPath/ControlMaster lines removed, "
                   "so it reaches the TCP endpoint; interleaved with ControlMaster in its own row.")
         md.append("- **sshshim mux socket**: the same sshshim's OpenSSH multiplexing socket, clients with "
-                  "`-o ControlPath=SOCK -o ControlMaster=no` and a host name that does not resolve (a failing "
-                  "socket is an error, never a silent direct connection).")
+                  "`-o ControlPath=SOCK -o ControlMaster=no`, the same `-p PORT` as the ControlMaster clients "
+                  "(so neither client looks up the ssh service's port) and a host name that does not resolve "
+                  "(a failing socket is an error, never a silent direct connection).")
         md.append("- -L tests: a Python sink/source behind the forward (recv_into 4 MiB buffers / os.sendfile); "
                   "time from request to last byte (upload: until the sink acknowledges all bytes).")
         md.append("- exec cat: `head -c N /dev/zero | ssh … 'cat > /dev/null'` and `ssh … 'head -c N /dev/zero'` "

@@ -26,8 +26,12 @@ use bytes::Bytes;
 use russh::Sig;
 use tokio::sync::Notify;
 
-/// In-memory payload one channel may hold before it spills to disk.
-pub const CHANNEL_MEMORY: usize = 1024 * 1024;
+/// In-memory payload one channel may hold before it spills to disk: all of
+/// [`GLOBAL_MEMORY`] when it is alone. An sftp download keeps 64 requests
+/// of 32 KiB in flight, so when the local leg is the slower one (through
+/// the endpoint sshshim encrypts again) up to 2 MiB wait here; with 1 MiB,
+/// part of every such download went through the spill file.
+pub const CHANNEL_MEMORY: usize = 2 * 1024 * 1024;
 /// In-memory payload all channels together may hold before spilling. Kept
 /// small: past it the backlog goes to the spill file, whose pages are the
 /// kernel's cache, not our resident memory. 50 concurrent 16 MiB downloads
@@ -131,9 +135,14 @@ impl SpillQueue {
         Self::default()
     }
 
-    /// Appends an event; never waits. Data goes to disk once the memory
-    /// budgets are used (and stays there while the file has unread bytes,
-    /// to keep order).
+    /// Appends an event; never waits. Data goes to disk only while the
+    /// memory budgets are used: once the reader has made room, new data
+    /// is held in memory again even if the file still has unread bytes
+    /// (the deque keeps the order; spilled items are read back in turn).
+    /// Staying on disk until the file drained sent nearly every byte of a
+    /// download whose reader runs a little slower than the upstream (sftp
+    /// get through the endpoint: 64 requests of 32 KiB in flight) through
+    /// a write and a read of the spill file.
     pub fn push(&self, ev: Event) -> Result<(), PushError> {
         let mut g = self.inner.lock().unwrap();
         if g.reader_gone {
@@ -150,9 +159,8 @@ impl SpillQueue {
             }
         };
         let len = data.len();
-        let spilling = g.read_off < g.write_off
-            || g.mem + len > CHANNEL_MEMORY
-            || IN_MEMORY.load(Ordering::Relaxed) + len > GLOBAL_MEMORY;
+        let spilling =
+            g.mem + len > CHANNEL_MEMORY || IN_MEMORY.load(Ordering::Relaxed) + len > GLOBAL_MEMORY;
         if spilling {
             if g.write_off - g.read_off + len as u64 > channel_disk() {
                 drop(g);
@@ -279,8 +287,12 @@ impl Drop for SpillQueue {
 mod tests {
     use super::*;
 
+    /// The memory budget is global: tests that fill it take turns.
+    static BUDGET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
     #[tokio::test]
     async fn order_is_kept_across_memory_and_disk() {
+        let _turn = BUDGET.lock().await;
         let q = SpillQueue::new();
         let chunk = Bytes::from(vec![7u8; 300 * 1024]);
         let mut expected = Vec::new();
@@ -295,7 +307,7 @@ mod tests {
             };
             q.push(ev).unwrap();
         }
-        assert!(q.spilled() > 0, "20 x 300 KiB must spill past 1 MiB");
+        assert!(q.spilled() > 0, "20 x 300 KiB must spill past 2 MiB");
         q.push(Event::ExitStatus(3)).unwrap();
         q.push(Event::Close).unwrap();
         let mut got = Vec::new();
@@ -315,6 +327,37 @@ mod tests {
         assert_eq!(got, expected);
         assert_eq!(stderr_chunks, 7);
         assert_eq!(q.spilled(), 0);
+    }
+
+    #[tokio::test]
+    async fn memory_is_used_again_while_the_file_has_unread_bytes() {
+        let _turn = BUDGET.lock().await;
+        let q = SpillQueue::new();
+        const N: usize = CHANNEL_MEMORY / 4;
+        let chunk = |i: u8| Bytes::from(vec![i; N]);
+        // 4 chunks fill the channel's memory; the 5th and 6th spill.
+        for i in 0..6 {
+            q.push(Event::Data(chunk(i))).unwrap();
+        }
+        let on_disk = q.spilled();
+        assert_eq!(on_disk, 2 * N as u64);
+        // The reader takes one chunk: the next push fits in memory again,
+        // behind the spilled ones, and the file does not grow.
+        assert!(matches!(q.pop().await.unwrap(), Event::Data(d) if d[0] == 0));
+        q.push(Event::Data(chunk(6))).unwrap();
+        assert_eq!(
+            q.spilled(),
+            on_disk,
+            "went to disk although memory had room"
+        );
+        for i in 1..7u8 {
+            match q.pop().await.unwrap() {
+                Event::Data(d) => assert!(d.len() == N && d.iter().all(|&b| b == i)),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(q.spilled(), 0);
+        assert_eq!(q.inner.lock().unwrap().mem, 0);
     }
 
     #[tokio::test]

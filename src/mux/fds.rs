@@ -14,7 +14,8 @@
 //! | pipe, FIFO | reopened through `/proc/self/fd/N` as a new description of the same pipe, non-blocking; without /proc, the blocking pool |
 //! | tty, read | epoll readiness, then `poll(0)` and a read bounded by `FIONREAD`, which cannot block |
 //! | tty, write | tokio's blocking pool (a stopped terminal, Ctrl-S, blocks only that thread) |
-//! | regular file, `/dev/null`, other | tokio's blocking pool (epoll refuses regular files) |
+//! | `/dev/null` | nothing at all: reads end at once, writes are discarded |
+//! | regular file, other | tokio's blocking pool (epoll refuses regular files) |
 //!
 //! Reads never run on the blocking pool for a tty, nor for a pipe unless
 //! /proc is missing: a read left waiting there after the session ended
@@ -45,7 +46,10 @@ pub enum FdKind {
     Socket,
     /// An anonymous pipe or a FIFO.
     Pipe,
-    /// A regular file, `/dev/null` or another device.
+    /// `/dev/null`: nothing to read, nothing kept. (Scripts, `ssh -n` and
+    /// IDEs pass it as stdin: served without a trip to the blocking pool.)
+    Null,
+    /// A regular file or another device.
     File,
 }
 
@@ -56,6 +60,9 @@ impl FdKind {
         Ok(match st.st_mode & libc::S_IFMT {
             libc::S_IFSOCK => FdKind::Socket,
             libc::S_IFIFO => FdKind::Pipe,
+            libc::S_IFCHR if (libc::major(st.st_rdev), libc::minor(st.st_rdev)) == (1, 3) => {
+                FdKind::Null
+            }
             libc::S_IFCHR if is_tty(fd) => FdKind::Tty,
             _ => FdKind::File,
         })
@@ -282,6 +289,8 @@ enum ReadInner {
     Async(AsyncFd<OwnedFd>, Mode),
     /// Blocking reads on tokio's blocking pool.
     Blocking(tokio::fs::File),
+    /// `/dev/null`, kept only to be closed: always at end of file.
+    Null(OwnedFd),
 }
 
 impl FdReader {
@@ -307,6 +316,7 @@ impl FdReader {
                     blocking(fd)
                 }
             },
+            FdKind::Null => ReadInner::Null(fd),
             FdKind::File => blocking(fd),
         };
         Ok(FdReader { inner, kind })
@@ -329,6 +339,7 @@ impl AsFd for FdReader {
         match &self.inner {
             ReadInner::Async(a, _) => a.get_ref().as_fd(),
             ReadInner::Blocking(f) => f.as_fd(),
+            ReadInner::Null(fd) => fd.as_fd(),
         }
     }
 }
@@ -386,6 +397,7 @@ impl AsyncRead for FdReader {
         let this = self.get_mut();
         match &mut this.inner {
             ReadInner::Blocking(f) => Pin::new(f).poll_read(cx, buf),
+            ReadInner::Null(_) => Poll::Ready(Ok(())),
             ReadInner::Async(a, mode) => loop {
                 let mut guard = ready!(a.poll_read_ready(cx))?;
                 let unfilled = buf.initialize_unfilled();
@@ -420,6 +432,8 @@ enum WriteInner {
     Async(AsyncFd<OwnedFd>, Mode),
     /// Write-behind on tokio's blocking pool.
     Blocking(tokio::fs::File),
+    /// `/dev/null`, kept only to be closed: every write succeeds at once.
+    Null(OwnedFd),
 }
 
 impl FdWriter {
@@ -440,6 +454,7 @@ impl FdWriter {
                 // ENXIO: no reader left; a plain write reports EPIPE.
                 Err(_) => file(fd),
             },
+            FdKind::Null => WriteInner::Null(fd),
             FdKind::Tty | FdKind::File => file(fd),
         };
         Ok(FdWriter { inner, kind })
@@ -457,6 +472,7 @@ impl AsFd for FdWriter {
         match &self.inner {
             WriteInner::Async(a, _) => a.get_ref().as_fd(),
             WriteInner::Blocking(f) => f.as_fd(),
+            WriteInner::Null(fd) => fd.as_fd(),
         }
     }
 }
@@ -489,6 +505,7 @@ impl AsyncWrite for FdWriter {
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().inner {
             WriteInner::Blocking(f) => Pin::new(f).poll_write(cx, buf),
+            WriteInner::Null(_) => Poll::Ready(Ok(buf.len())),
             WriteInner::Async(a, mode) => loop {
                 let mut guard = ready!(a.poll_write_ready(cx))?;
                 match guard.try_io(|fd| write_now(fd.as_raw_fd(), *mode, buf)) {
@@ -502,7 +519,7 @@ impl AsyncWrite for FdWriter {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().inner {
             WriteInner::Blocking(f) => Pin::new(f).poll_flush(cx),
-            WriteInner::Async(..) => Poll::Ready(Ok(())),
+            WriteInner::Async(..) | WriteInner::Null(_) => Poll::Ready(Ok(())),
         }
     }
 
@@ -653,10 +670,11 @@ mod tests {
                 )
             };
             let mut r = FdReader::new(null()).unwrap();
-            assert_eq!(r.kind(), FdKind::File);
+            assert_eq!(r.kind(), FdKind::Null);
             let mut v = Vec::new();
             assert_eq!(r.read_to_end(&mut v).await.unwrap(), 0);
             let mut w = FdWriter::new(null()).unwrap();
+            assert_eq!(w.kind(), FdKind::Null);
             w.write_all(b"gone").await.unwrap();
             w.flush().await.unwrap();
         })
