@@ -424,9 +424,10 @@ def stop_all(procs):
 
 class Bench:
     # every contender; each test names the ones it runs (see tests())
-    CONTENDERS = ("direct", "ControlMaster", "sshshim", "sshshim-cfg", "mux")
+    CONTENDERS = ("direct", "ControlMaster", "sshshim", "sshshim-cfg", "mux", "resume")
     NAMES = {"direct": "direct", "ControlMaster": "ControlMaster", "sshshim": "sshshim endpoint",
-             "sshshim-cfg": "sshshim endpoint, ssh-config block", "mux": "sshshim mux socket"}
+             "sshshim-cfg": "sshshim endpoint, ssh-config block", "mux": "sshshim mux socket",
+             "resume": "sshshim endpoint, --resume"}
 
     def __init__(self, a):
         self.a = a
@@ -514,6 +515,9 @@ class Bench:
                            pflag, str(self.proxy_port if rtt else self.sshd_port), "127.0.0.1"]
         if contender == "sshshim":
             return base + [pflag, str(self.shim_rtt_port if rtt else self.shim_port), "127.0.0.1"]
+        if contender == "resume":
+            # a second shim with --resume: every session under the remote helper
+            return base + [pflag, str(self.shim_res_rtt_port if rtt else self.shim_res_port), "127.0.0.1"]
         if contender == "mux":
             # any host name works through the socket; an unresolvable one
             # makes a failed socket an error instead of a silent direct connect.
@@ -615,6 +619,13 @@ SetEnv HOME=%s/home
         self.shim_rtt_mux = os.path.join(d, "shim_rtt.mux")
         self.shim_rtt = self.start_shim("shim_rtt", self.shim_rtt_port, self.proxy_port,
                                         ["--mux", self.shim_rtt_mux], self.shim_name)
+        # and the same two with --resume (issue 20: the cost of a resumable session)
+        self.shim_res_port = free_port()
+        self.shim_res = self.start_shim("shim_res", self.shim_res_port, self.sshd_port,
+                                        ["--resume", "--mux", "none"], self.shim_name)
+        self.shim_res_rtt_port = free_port()
+        self.shim_res_rtt = self.start_shim("shim_res_rtt", self.shim_res_rtt_port, self.proxy_port,
+                                            ["--resume", "--mux", "none"], self.shim_name)
         self.write_cfg_block()
 
         # Clients verify host keys as a real user's would (keys known in
@@ -625,7 +636,7 @@ SetEnv HOME=%s/home
         with open(self.client_kh, "w") as f:
             for port in (self.sshd_port, self.proxy_port):
                 f.write("[127.0.0.1]:%d %s\n" % (port, hostkey))
-            for port in (self.shim_port, self.shim_rtt_port):
+            for port in (self.shim_port, self.shim_rtt_port, self.shim_res_port, self.shim_res_rtt_port):
                 f.write("[127.0.0.1]:%d %s\n" % (port, shimkey))
 
         # ControlMasters
@@ -846,13 +857,14 @@ SetEnv HOME=%s/home
                  "rtt_fwd_down": "RTT: -L download", "rtt_cat_down": "RTT: cat download"}
         three = ("direct", "ControlMaster", "sshshim")
         four = three + ("mux",)
+        five = four + ("resume",)
 
         # cs: the contenders of the test, interleaved in each round
         def add(key, label, kind, n, fn, cs, runs=1):
             T.append(dict(key=key, label=label, kind=kind, n=n, fn=fn, runs=runs, short=short[key], cs=cs,
                           shim="sshshim-cfg" if "sshshim-cfg" in cs else "sshshim"))
 
-        add("exec", "exec `ssh … true` (ms)", "latency", 0, lambda c: self.m_exec(c), four, a.exec_runs)
+        add("exec", "exec `ssh … true` (ms)", "latency", 0, lambda c: self.m_exec(c), five, a.exec_runs)
         add("exec_cfg", "exec `ssh … true`, endpoint through the `sshshim ssh-config` Host block (ms)",
             "latency", 0, lambda c: self.m_exec(c), ("ControlMaster", "sshshim-cfg"), a.exec_runs)
         add("fwd_up", "-L upload %s (MiB/s)" % sz(a.fwd_mib), "tput", a.fwd_mib * MiB,
@@ -860,16 +872,16 @@ SetEnv HOME=%s/home
         add("fwd_down", "-L download %s (MiB/s)" % sz(a.fwd_mib), "tput", a.fwd_mib * MiB,
             lambda c: self.m_fwd(c, "down", a.fwd_mib * MiB), three)
         add("cat_up", "exec cat upload %s (MiB/s)" % sz(a.cat_mib), "tput", a.cat_mib * MiB,
-            lambda c: self.m_cat(c, "up", a.cat_mib * MiB), four)
+            lambda c: self.m_cat(c, "up", a.cat_mib * MiB), five)
         add("cat_down", "exec cat download %s (MiB/s)" % sz(a.cat_mib), "tput", a.cat_mib * MiB,
-            lambda c: self.m_cat(c, "down", a.cat_mib * MiB), four)
+            lambda c: self.m_cat(c, "down", a.cat_mib * MiB), five)
         add("sftp_put", "sftp put %s (MiB/s)" % sz(a.sftp_mib), "tput", a.sftp_mib * MiB,
             lambda c: self.m_sftp(c, "up", a.sftp_mib * MiB), four)
         add("sftp_get", "sftp get %s (MiB/s)" % sz(a.sftp_mib), "tput", a.sftp_mib * MiB,
             lambda c: self.m_sftp(c, "down", a.sftp_mib * MiB), four)
         rtt = "%g ms RTT" % (2 * a.delay_ms)
         add("rtt_exec", "%s: exec `ssh … true` (ms)" % rtt, "latency", 0,
-            lambda c: self.m_exec(c, rtt=True), four, a.rtt_exec_runs)
+            lambda c: self.m_exec(c, rtt=True), five, a.rtt_exec_runs)
         add("rtt_fwd_down", "%s: -L download %s (MiB/s)" % (rtt, sz(a.rtt_fwd_mib)), "tput",
             a.rtt_fwd_mib * MiB, lambda c: self.m_fwd(c, "down", a.rtt_fwd_mib * MiB, rtt=True), three)
         add("rtt_cat_down", "%s: exec cat download %s (MiB/s)" % (rtt, sz(a.rtt_cat_mib)), "tput",
@@ -1241,7 +1253,8 @@ SetEnv HOME=%s/home
             errs = {c: any(v is None for v in self.results[t["key"]][c]) for c in t["cs"]}
             s, d, m, x = (vals.get(t["shim"]), vals.get("direct"), vals.get("ControlMaster"), vals.get("mux"))
             out.append(dict(t=t, vals=vals, errs=errs, r_direct=ratio(s, d), r_cm=ratio(s, m),
-                            r_mux_cm=ratio(x, m), r_direct_cm=ratio(d, m)))
+                            r_mux_cm=ratio(x, m), r_direct_cm=ratio(d, m),
+                            r_res=ratio(vals.get("resume"), s)))
         return out
 
     def fmt(self, v, errs=False, prec=1):
@@ -1357,6 +1370,12 @@ SetEnv HOME=%s/home
             ratio(i22, "%s via endpoint, default options ≥ 0.9× ControlMaster" % lab(k), k, "r_cm", "sshshim",
                   "ControlMaster", False, 0.9)
         ratio(i22, "exec via mux ≤ 1.0× ControlMaster", "exec", "r_mux_cm", "mux", "ControlMaster", True, 1.0)
+        i20 = "#20 resumable sessions"
+        ratio(i20, "exec via endpoint with --resume ≤ 1.3× without", "exec", "r_res", "resume", "sshshim", True, 1.3)
+        ratio(i20, "%s exec via endpoint with --resume ≤ 1.3× without" % rtt, "rtt_exec", "r_res", "resume",
+              "sshshim", True, 1.3)
+        for k in ("cat_down", "cat_up"):
+            ratio(i20, "%s with --resume ≥ 0.8× without" % lab(k), k, "r_res", "resume", "sshshim", False, 0.8)
         if a.tunnels:
             t = self.tun
             desc = "%d sshshim-owned -R tunnels in one supervise: " % a.tunnels

@@ -570,3 +570,42 @@ fn a_destination_through_a_jump_host_is_checked_hop_by_hop() {
     );
     expect(r, "auth", Some(&inner), "skip", &[]);
 }
+
+/// Issue 20: with `resume = true`, check says whether the server can run
+/// the helper, without uploading it; and why not, when it cannot.
+#[test]
+fn resume_line_says_whether_the_helper_can_run() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    let kh = env.known_hosts();
+    let text = profile(&env, "res", sshd.port(), &kh, "resume = true")
+        + &profile(
+            &env,
+            "nohelper",
+            sshd.port(),
+            &kh,
+            "resume = true\nremote_helper = \"/nonexistent/sshshim\"",
+        );
+    let file = config(&env, &text);
+    let (code, list) = check_json(&env, &["-c", &file, "res", "nohelper"]);
+    expect(
+        report(&list, "res"),
+        "resume",
+        None,
+        "ok",
+        &["not on the server yet", "uploads it"],
+    );
+    expect(
+        report(&list, "nohelper"),
+        "resume",
+        None,
+        "fail",
+        &["will not be resumable", "does not run on the server"],
+    );
+    assert_eq!(code, 1);
+    // Nothing was uploaded.
+    assert!(!env.path("remote-cache/sshshim").read_dir().is_ok_and(|d| {
+        d.filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().starts_with("sshshim-"))
+    }));
+}

@@ -213,6 +213,7 @@ async fn check_one(t: Target, opts: &Options) -> ProfileReport {
             report.checks.extend(found.local_targets);
             report.checks.extend(found.remote_ports);
             report.checks.extend(remote_targets);
+            report.checks.extend(found.resume);
             report.connect_ms = found.connect_ms;
             report.server_version = found.server_version;
             report.host_key = found.host_key;

@@ -44,6 +44,8 @@ pub(super) struct Found {
     pub local_targets: Vec<Check>,
     /// `-R` port lines.
     pub remote_ports: Vec<Check>,
+    /// The `resume` line, for a profile with `--resume`.
+    pub resume: Option<Check>,
     /// TCP connect time to the first hop.
     pub connect_ms: Option<f64>,
     /// The target's version string.
@@ -138,6 +140,9 @@ pub(super) async fn run(
         _ => Err(why_not.as_deref().unwrap_or("no SSH connection")),
     };
     probe_forwards(&cfg.forwards, target, held, limits, &mut found).await;
+    if let Some((timeout, helper)) = &cfg.resume {
+        found.resume = Some(resume_line(target, timeout, helper, limits).await);
+    }
 
     // Nothing stays behind: the target first, then the hops it runs through.
     for h in handles.iter().rev() {
@@ -232,6 +237,38 @@ async fn probe_forwards(
                 None => remote_port(handle, spec, limits).await,
             },
         });
+    }
+}
+
+/// Whether the server can run sshshim's helper for resumable sessions
+/// (nothing is uploaded: `sshshim up` does that).
+async fn resume_line(
+    target: Result<&client::Handle<ProbeHandler>, &str>,
+    timeout: &Duration,
+    helper: &Option<String>,
+    limits: &Limits,
+) -> Check {
+    let handle = match target {
+        Ok(h) => h,
+        Err(why) => return Check::skip("resume", None, format!("not probed: {why}")),
+    };
+    let settings = crate::resume::Settings {
+        timeout: *timeout,
+        remote_helper: helper.clone(),
+        instance: String::new(),
+    };
+    let left = limits.deadline.saturating_duration_since(Instant::now());
+    match tokio::time::timeout(left, crate::resume::install::diagnose(handle, &settings)).await {
+        Ok(Ok(state)) => Check::ok("resume", None, crate::term::clean(&state)),
+        Ok(Err(e)) => Check::fail(
+            "resume",
+            None,
+            format!(
+                "sessions will not be resumable (they work as without --resume): {}",
+                crate::term::clean(&e.why)
+            ),
+        ),
+        Err(_) => Check::fail("resume", None, timed_out(limits)),
     }
 }
 

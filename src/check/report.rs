@@ -22,7 +22,7 @@ pub enum Status {
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Check {
-    /// Which check: "resolve", "connect", "version", "host_key", "auth",
+    /// Which check: "resolve", "connect", "version", "host_key", "auth", "resume",
     /// "local_target", "remote_port", "remote_target" or "running" (more
     /// may be added).
     pub check: String,

@@ -135,6 +135,8 @@ struct Families {
     upstream_connections: Family,
     /// `sshshim_upstream_congested_connections`.
     upstream_congested: Family,
+    /// `sshshim_resumable_sessions`.
+    resumable: Family,
 }
 
 impl Families {
@@ -174,6 +176,11 @@ impl Families {
                 "sshshim_upstream_congested_connections",
                 "Upstream SSH connections held back by a local reader that stopped \
                  reading; they take no new channels meanwhile.",
+            ),
+            resumable: Family::gauge(
+                "sshshim_resumable_sessions",
+                "Sessions running under the remote helper (--resume), attached or \
+                 waiting for the upstream (held by the server).",
             ),
         }
     }
@@ -221,6 +228,13 @@ impl Families {
             .add(&[("profile", p)], up.connections.to_string());
         self.upstream_congested
             .add(&[("profile", p)], up.congested_connections.to_string());
+        if let Some(r) = &st.resume {
+            for state in ["attached", "waiting"] {
+                let n = r.held_sessions.iter().filter(|h| h.state == state).count();
+                self.resumable
+                    .add(&[("profile", p), ("state", state)], n.to_string());
+            }
+        }
     }
 
     /// The exposition text: every family in a fixed order.
@@ -236,6 +250,7 @@ impl Families {
             bytes,
             upstream_connections,
             upstream_congested,
+            resumable,
         } = self;
         let mut out = String::new();
         for fam in [
@@ -248,6 +263,7 @@ impl Families {
             bytes,
             upstream_connections,
             upstream_congested,
+            resumable,
         ] {
             fam.write(&mut out);
         }
@@ -675,6 +691,13 @@ mod tests {
             ),
             Some(1.0)
         );
+        assert_eq!(
+            find(
+                "sshshim_resumable_sessions",
+                &[("profile", "work"), ("state", "waiting")]
+            ),
+            Some(1.0)
+        );
         assert!(out.contains("# TYPE sshshim_bytes_total counter"));
         // Each family's TYPE appears exactly once.
         assert_eq!(out.matches("# TYPE sshshim_up ").count(), 1);
@@ -701,6 +724,7 @@ mod tests {
                 "sshshim_bytes_total counter",
                 "sshshim_upstream_connections gauge",
                 "sshshim_upstream_congested_connections gauge",
+                "sshshim_resumable_sessions gauge",
             ]
         );
         // Every sample sits right under its own family's header.

@@ -160,6 +160,17 @@ pub(super) fn sample(name: &str) -> ProfileStatus {
         bytes_out: 512,
         config_file: Some("/home/alice/.config/sshshim/config.toml".into()),
         profile_destination: Some("alice@example.com".into()),
-        resume: None,
+        resume: Some(ResumeStatus {
+            helper: Some("ready: /home/alice/.cache/sshshim/sshshim-0.1.0-0123".into()),
+            held_sessions: vec![crate::resume::HeldStatus {
+                session: "0a1b2c3d".into(),
+                kind: "shell".into(),
+                state: "waiting".into(),
+                since: 1_200,
+                unacked_input_bytes: 12,
+                output_bytes: 34_567,
+                resumes: 1,
+            }],
+        }),
     }
 }

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
-use russh::ChannelMsg;
+use russh::{ChannelMsg, client};
 use sha2::Digest;
 
 use super::{Settings, hex, shell_quote, wire};
@@ -126,15 +126,36 @@ pub struct Ran {
     pub stderr: Vec<u8>,
 }
 
+/// Where the probe's commands run: the profile's pool, or the connection
+/// `sshshim check` made.
+pub trait Sessions: Sync {
+    /// Opens a session channel.
+    fn session(&self) -> impl Future<Output = Result<russh::Channel<client::Msg>, NotHere>> + Send;
+}
+
+impl Sessions for Pool {
+    async fn session(&self) -> Result<russh::Channel<client::Msg>, NotHere> {
+        match self.open(Open::Session).await {
+            // The load guard goes with it: these channels are short.
+            Ok(o) => Ok(o.channel),
+            Err(e @ OpenError::Unavailable(_)) => Err(NotHere::transient(e.to_string())),
+            Err(e) => Err(NotHere::transient(format!("cannot open a session: {e}"))),
+        }
+    }
+}
+
+impl<H: client::Handler> Sessions for client::Handle<H> {
+    async fn session(&self) -> Result<russh::Channel<client::Msg>, NotHere> {
+        self.channel_open_session()
+            .await
+            .map_err(|e| NotHere::transient(format!("cannot open a session: {e}")))
+    }
+}
+
 /// Runs `command` on the server through the login shell (as `ssh host
 /// command` does), with `stdin` then EOF.
-pub async fn run(pool: &Pool, command: &str, stdin: &[u8]) -> Result<Ran, NotHere> {
-    let opened = match pool.open(Open::Session).await {
-        Ok(o) => o,
-        Err(e @ OpenError::Unavailable(_)) => return Err(NotHere::transient(e.to_string())),
-        Err(e) => return Err(NotHere::transient(format!("cannot open a session: {e}"))),
-    };
-    let ch = opened.channel;
+pub async fn run(on: &impl Sessions, command: &str, stdin: &[u8]) -> Result<Ran, NotHere> {
+    let ch = on.session().await?;
     let work = async {
         ch.exec(true, command.as_bytes())
             .await
@@ -207,7 +228,7 @@ if cat > "$t" && test "$(sha256sum < "$t" | cut -c1-64)" = "{sha256}" && chmod 7
 /// Finds (or uploads) the helper and checks that it runs; then ends the
 /// sessions a previous run of this sshshim left held.
 pub async fn find(
-    pool: &Pool,
+    pool: &impl Sessions,
     settings: &Settings,
     owner: wire::Owner,
     run: wire::Run,
@@ -236,15 +257,23 @@ pub async fn find(
 }
 
 /// [`run`] without stdin.
-async fn run_cmd(pool: &Pool, command: &str) -> Result<Ran, NotHere> {
+async fn run_cmd(pool: &impl Sessions, command: &str) -> Result<Ran, NotHere> {
     run(pool, command, &[]).await
 }
 
-/// Makes sure sshshim's own helper is in the server's cache: returns its path.
-async fn install(pool: &Pool) -> Result<String, NotHere> {
+/// Where sshshim's own helper is (or goes) on the server.
+enum Located {
+    /// There, with the right checksum.
+    Have(String),
+    /// Not there yet (or not this version): it goes here.
+    Need(String),
+}
+
+/// Looks for sshshim's own helper on the server (writes nothing but its
+/// private directory).
+async fn locate(pool: &impl Sessions) -> Result<Located, NotHere> {
     let me = local().map_err(NotHere::verdict)?;
-    let file = format!("sshshim-{}-{}", env!("CARGO_PKG_VERSION"), &me.sha256[..16]);
-    let probe = run_cmd(pool, &probe_script(&file, &me.sha256)).await?;
+    let probe = run_cmd(pool, &probe_script(&helper_file(me), &me.sha256)).await?;
     let text = String::from_utf8_lossy(&probe.stdout).into_owned();
     let mut lines = text.lines();
     if lines.next() != Some(PROBE_MARK) {
@@ -272,14 +301,31 @@ async fn install(pool: &Pool) -> Result<String, NotHere> {
         return Err(NotHere::verdict(why.to_owned()));
     }
     if let Some(path) = verdict.strip_prefix("have ") {
-        return Ok(path.to_owned());
+        return Ok(Located::Have(path.to_owned()));
     }
-    let Some(path) = verdict.strip_prefix("need ") else {
-        return Err(NotHere::verdict(format!(
+    match verdict.strip_prefix("need ") {
+        Some(path) => Ok(Located::Need(path.to_owned())),
+        None => Err(NotHere::verdict(format!(
             "the probe's answer was not understood: {:?}",
             crate::term::clean(&text)
-        )));
+        ))),
+    }
+}
+
+/// The helper's file name on the server: by version and checksum.
+fn helper_file(me: &Local) -> String {
+    format!("sshshim-{}-{}", env!("CARGO_PKG_VERSION"), &me.sha256[..16])
+}
+
+/// Makes sure sshshim's own helper is in the server's cache: returns its path.
+async fn install(pool: &impl Sessions) -> Result<String, NotHere> {
+    let me = local().map_err(NotHere::verdict)?;
+    let path = match locate(pool).await? {
+        Located::Have(path) => return Ok(path),
+        Located::Need(path) => path,
     };
+    let path = path.as_str();
+    let file = helper_file(me);
     tracing::info!(
         "uploading the remote helper ({} KiB) to {}",
         me.bytes.len() >> 10,
@@ -300,8 +346,36 @@ async fn install(pool: &Pool) -> Result<String, NotHere> {
     Ok(path.to_owned())
 }
 
+/// What `sshshim check` says about resumable sessions on this server,
+/// without uploading anything: `Ok` with the state in words, or why no
+/// helper can run there.
+pub async fn diagnose(on: &impl Sessions, settings: &Settings) -> Result<String, NotHere> {
+    let path = match &settings.remote_helper {
+        Some(p) => p.clone(),
+        None => match locate(on).await? {
+            Located::Have(path) => path,
+            Located::Need(path) => {
+                let size = local().map_or(0, |l| l.bytes.len() >> 20);
+                return Ok(format!(
+                    "the helper is not on the server yet: `sshshim up` uploads it ({size} MiB) \
+                     to {path} on its first connection"
+                ));
+            }
+        },
+    };
+    let h = check(on, &path).await?;
+    Ok(format!(
+        "the helper at {} runs there{}",
+        h.path,
+        match &h.sftp {
+            Ok(_) => "; sftp sessions are resumable".to_owned(),
+            Err(why) => format!("; sftp sessions are not resumable: {why}"),
+        }
+    ))
+}
+
 /// Runs the helper's `version` there: it must answer with our protocol.
-async fn check(pool: &Pool, path: &str) -> Result<Helper, NotHere> {
+async fn check(pool: &impl Sessions, path: &str) -> Result<Helper, NotHere> {
     let probe = Helper {
         path: path.to_owned(),
         sftp: Err(String::new()),

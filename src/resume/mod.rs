@@ -114,7 +114,7 @@ impl Resume {
         if let Some(r) = &*g {
             return r.clone();
         }
-        let found = install::find(&self.pool, &self.settings, self.owner, self.run).await;
+        let found = install::find(&*self.pool, &self.settings, self.owner, self.run).await;
         // A transient failure (the connection dropped during the probe)
         // should not switch resume off for good: only a verdict is kept.
         let keep = found.as_ref().map_or_else(|e| !e.transient, |_| true);
