@@ -109,6 +109,10 @@ fn command_survives_two_drops_byte_exact_with_its_exit_status() {
     assert_eq!(out.text(), sixty_lines());
     assert_eq!(err.text(), "done\n");
     assert!(shim.stderr_text().contains("the server holds the session"));
+    // The helper ends with its session: nothing is left on the server.
+    eventually(Duration::from_secs(10), "no helper left", || {
+        remote(&sshd, "remote-helper").is_empty()
+    });
 }
 
 #[test]

@@ -133,9 +133,19 @@ fn bad_input_gets_clear_errors() {
     let sshd = Sshd::start(&env);
     // No multiplexing socket: the shims started below for the same
     // destination take the default one in turn.
+    // Its own runtime directory too: a second `up` of the same name would
+    // (rightly) be told the profile already runs, before any port is tried.
+    let other_run = env.path("other-run");
+    std::fs::create_dir_all(&other_run).unwrap();
+    std::fs::set_permissions(
+        &other_run,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let shim = env
         .shim_builder(sshd.port())
         .args(&["--mux", "none"])
+        .env("XDG_RUNTIME_DIR", other_run.display().to_string())
         .start();
 
     // The port is taken: say so and suggest --listen.

@@ -29,6 +29,9 @@ use crate::upstream::Open;
 /// arrives (acknowledgements free the helper's buffer).
 const ACK_DELAY: Duration = Duration::from_millis(20);
 
+/// How long the helper may take to end the channel after the last frame.
+const FINISH_WAIT: Duration = Duration::from_secs(5);
+
 /// Output received unacknowledged that triggers an acknowledgement at once.
 const ACK_EVERY: u64 = 256 * 1024;
 
@@ -283,6 +286,16 @@ impl Attachment {
             _load: load,
             buf: BytesMut::new(),
         }
+    }
+
+    /// Sends the last frame (`Done`, `Hangup`) and lets the helper end the
+    /// channel: closing it at once could lose the frame (sshd tears the
+    /// relay down while the frame is still on its way to the helper).
+    async fn finish(&self, f: &Frame) {
+        if self.send(f).await.is_ok() {
+            let _ = tokio::time::timeout(FINISH_WAIT, self.lost.cancelled()).await;
+        }
+        let _ = self.wr.close().await;
     }
 
     /// Sends one frame; fails if the channel is lost meanwhile.
@@ -690,7 +703,7 @@ impl Task {
     async fn attached(&mut self, att: &mut Attachment) -> Ended {
         self.status(Some("attached"));
         if self.hangup {
-            let _ = att.send(&Frame::Hangup).await;
+            att.finish(&Frame::Hangup).await;
             return Ended::Over;
         }
         let mut setup = Vec::new();
@@ -720,8 +733,8 @@ impl Task {
                 c = self.cmds.recv() => match c {
                     None => {
                         // The local client is gone: end the command as sshd would.
-                        let _ = att.send(&Frame::Hangup).await;
-                        let _ = att.wr.close().await;
+                        tracing::debug!("resumable session: the local client is gone: hanging up");
+                        att.finish(&Frame::Hangup).await;
                         return Ended::Over;
                     }
                     Some(c) => self.on_command(c, att).await,
@@ -811,7 +824,10 @@ impl Task {
                     };
                     if !self.emit(m).await {
                         // The local side stopped taking output: it is gone.
-                        let _ = att.send(&Frame::Hangup).await;
+                        tracing::debug!(
+                            "resumable session: the local side took no output: hanging up"
+                        );
+                        att.finish(&Frame::Hangup).await;
                         return Some(Ended::Over);
                     }
                 }
@@ -847,9 +863,9 @@ impl Task {
                 };
                 self.emit(m).await;
                 let _ = self.send_acks(att).await;
-                let _ = att.send(&Frame::Done).await;
-                let _ = att.wr.close().await;
+                // The client has it all: the close need not wait for the helper.
                 self.emit(ChannelMsg::Close).await;
+                att.finish(&Frame::Done).await;
                 return Some(Ended::Over);
             }
             Frame::Refused(why) => {
