@@ -487,3 +487,22 @@ fn clients_see_what_sshd_shows_them() {
         "{st}"
     );
 }
+
+/// A server that runs something else for every command (ForceCommand, a
+/// restricted shell) cannot run the helper: sessions behave as without
+/// `--resume`, and status says why.
+#[test]
+fn a_forced_command_is_detected_and_sessions_run_as_before() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start_with(&env, &["ForceCommand echo forced"]);
+    let shim = Shim::start_with(&env, sshd.port(), &["--resume"]);
+    let out = run_with_timeout(&mut shim.ssh(&["echo mine"]), b"", DEFAULT_TIMEOUT);
+    let direct = run_with_timeout(&mut sshd.ssh(&["echo mine"]), b"", DEFAULT_TIMEOUT);
+    assert_same_output(&direct, &out, "ForceCommand with --resume");
+    let st = shim.status_json().unwrap();
+    let helper = st["resume"]["helper"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(helper.contains("ForceCommand"), "{st}");
+}
