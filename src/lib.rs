@@ -44,7 +44,6 @@
 
 pub mod bridge;
 pub mod check;
-pub mod client_config;
 pub mod completion;
 pub mod config;
 pub mod control;
@@ -59,13 +58,9 @@ pub mod mcp;
 pub mod mux;
 pub mod netwatch;
 pub mod paths;
-pub mod profile;
-pub mod resolve;
 pub mod resume;
 pub mod service;
 pub mod shim;
-pub mod spec;
-pub mod ssh_config;
 pub mod stats;
 pub mod supervisor;
 pub mod term;

@@ -10,8 +10,8 @@ use anyhow::{anyhow, bail};
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use clap_complete::engine::ArgValueCandidates;
 use sshshim::paths;
-use sshshim::profile::Profile;
-use sshshim::resolve;
+use sshshim::config::profile::Profile;
+
 
 /// One verified SSH connection, shared by every ssh, scp, sftp and rsync you run.
 ///
@@ -201,12 +201,12 @@ impl ConfigArg {
     fn path(&self) -> PathBuf {
         self.config
             .clone()
-            .unwrap_or_else(sshshim::profile::default_path)
+            .unwrap_or_else(sshshim::config::profile::default_path)
     }
 
     /// Loads the file; only a file given with `-c` must exist.
-    fn load(&self) -> Result<sshshim::profile::ConfigFile, String> {
-        sshshim::profile::load(&self.path(), self.config.is_some())
+    fn load(&self) -> Result<sshshim::config::profile::ConfigFile, String> {
+        sshshim::config::profile::load(&self.path(), self.config.is_some())
     }
 }
 
@@ -237,24 +237,24 @@ impl UpArgs {
         let from_file = file.profiles.get(&self.destination).cloned();
         let is_profile = from_file.is_some();
         let created = from_file.as_ref().and_then(|p| p.mcp_created) == Some(true);
-        if let Some(w) = sshshim::profile::reserved_name_warning(&self.destination, created) {
+        if let Some(w) = sshshim::config::profile::reserved_name_warning(&self.destination, created) {
             tracing::warn!("{w}");
         }
         let layered = self
             .settings
             .clone()
-            .or(sshshim::profile::from_env()?)
+            .or(sshshim::config::profile::from_env()?)
             .or(from_file.unwrap_or_default());
-        let mut cfg = resolve::resolve_up(resolve::UpRequest {
+        let mut cfg = sshshim::config::resolve_up(sshshim::config::UpRequest {
             name: &self.destination,
             profile: layered,
             ssh_config: self.ssh_config.as_deref(),
             // A profile may serve no endpoint; an ad-hoc `up` always does.
-            default_listen: (!is_profile).then_some(sshshim::profile::DEFAULT_LISTEN),
+            default_listen: (!is_profile).then_some(sshshim::config::profile::DEFAULT_LISTEN),
         })?;
         // Status says which file's profile runs (`sshshim mcp` checks it).
         if is_profile {
-            cfg.config_file = Some(sshshim::profile::file_identity(&self.config.path()));
+            cfg.config_file = Some(sshshim::config::profile::file_identity(&self.config.path()));
         } else {
             cfg.profile_destination = None;
         }
@@ -581,7 +581,7 @@ fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
             .join(".ssh"))
     };
     if a.uninstall {
-        let summary = sshshim::client_config::uninstall(&ssh_dir()?, &names)
+        let summary = sshshim::config::host_blocks::uninstall(&ssh_dir()?, &names)
             .map_err(|e| anyhow!("cannot remove the Host blocks: {e}"))?;
         println!("{summary}");
         return Ok(());
@@ -602,7 +602,7 @@ fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
             .map(|e| e.port())
             .or(profile.and_then(|p| p.listen).map(|l| l.port()))
             .or(a.port)
-            .unwrap_or(sshshim::profile::DEFAULT_LISTEN.port());
+            .unwrap_or(sshshim::config::profile::DEFAULT_LISTEN.port());
         let mux: Option<PathBuf> = match &running {
             Some(st) => st.mux_socket.as_ref().map(PathBuf::from),
             None => match profile.and_then(|p| p.mux.clone()) {
@@ -618,17 +618,17 @@ fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
                 );
             };
             warn_if_controlpath_taken(name, mux);
-            blocks.push_str(&sshshim::client_config::same_name_block(name, mux)?);
+            blocks.push_str(&sshshim::config::host_blocks::same_name_block(name, mux)?);
             blocks.push('\n');
             continue;
         }
         let identity = a.identity.as_ref().map(|p| paths::expand_tilde(p));
         let clean = sshshim::paths::safe_name(name);
-        blocks.push_str(&sshshim::client_config::host_block(
-            &sshshim::client_config::Endpoint {
+        blocks.push_str(&sshshim::config::host_blocks::host_block(
+            &sshshim::config::host_blocks::Endpoint {
                 name: &clean,
                 port,
-                host_key_alias: sshshim::client_config::alias(name),
+                host_key_alias: sshshim::config::host_blocks::alias(name),
                 known_hosts: &known_hosts,
                 identity_file: identity.as_deref(),
                 control_path: mux.as_deref(),
@@ -637,7 +637,7 @@ fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
         blocks.push('\n');
     }
     if a.install {
-        let summary = sshshim::client_config::install(&ssh_dir()?, &blocks)
+        let summary = sshshim::config::host_blocks::install(&ssh_dir()?, &blocks)
             .map_err(|e| anyhow!("cannot install the Host blocks: {e}"))?;
         println!("{summary}");
     } else {

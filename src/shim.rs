@@ -19,7 +19,7 @@ use crate::endpoint::{self, Endpoint, auth::AuthorizedKeys};
 use crate::forward::{self, Registry};
 use crate::master::{Master, MasterOptions};
 use crate::mux::{MuxListener, MuxServer};
-use crate::spec::Kind;
+use crate::config::spec::Kind;
 use crate::stats::Gauge;
 use crate::upstream::{Pool, UpstreamError, known_hosts::fingerprint};
 
@@ -388,9 +388,9 @@ fn record_alias(name: &str, key: &russh::keys::PrivateKey) {
     let Ok(line) = key.public_key().to_openssh() else {
         return;
     };
-    let alias = crate::client_config::alias(name);
+    let alias = crate::config::host_blocks::alias(name);
     if let Err(e) =
-        crate::client_config::record_endpoint_key(&dir.join("known_hosts"), &alias, &line)
+        crate::config::host_blocks::record_endpoint_key(&dir.join("known_hosts"), &alias, &line)
     {
         tracing::debug!("cannot record the endpoint key for {alias}: {e}");
     }
@@ -450,7 +450,7 @@ pub fn print_banner(name: &str, s: &Started) {
     let alias = format!("{}-shim", crate::paths::safe_name(name));
     // The Host block is the way in we recommend: it pins the endpoint's host
     // key under a stable name and steers ssh to the fastest algorithms here.
-    let port_flag = if port == crate::profile::DEFAULT_LISTEN.port() {
+    let port_flag = if port == crate::config::profile::DEFAULT_LISTEN.port() {
         String::new()
     } else {
         format!(" --port {port}")

@@ -16,7 +16,7 @@ use crate::config::UpConfig;
 use crate::control::{self, ForwardStatus, ProfileStatus, StatusSource, UpstreamStatus};
 use crate::forward::{FwdState, Registry};
 use crate::hooks::EventHook;
-use crate::profile::{self, Profile};
+use crate::config::profile::{self, Profile};
 use crate::service;
 use crate::shim::{self, Exit, Started};
 use crate::stats::Gauge;
@@ -492,7 +492,7 @@ async fn restart_loop(
         // Resolving may run `ssh -G`: keep that off the async workers.
         let (name, profile) = (n.clone(), prof.clone());
         let cfg = tokio::task::spawn_blocking(move || {
-            crate::resolve::resolve_up(crate::resolve::UpRequest {
+            crate::config::resolve_up(crate::config::UpRequest {
                 name: &name,
                 profile,
                 ssh_config: None,

@@ -12,7 +12,7 @@ use super::handler::ProbeHandler;
 use super::probe::{Limits, timed_out};
 use super::report::Check;
 use crate::control::ProfileStatus;
-use crate::spec::{Addr, ForwardSpec, Kind};
+use crate::config::spec::{Addr, ForwardSpec, Kind};
 
 /// Whether the running sshshim of this profile holds a `-R` port itself,
 /// and then the skip reason: probing it would steal it for an instant.

@@ -49,8 +49,8 @@ pub use report::{AuthReport, Check, HostKeyReport, ProfileReport, Status, render
 
 use crate::config::UpConfig;
 use crate::control::{self, ProfileStatus};
-use crate::profile::{self, Profile};
-use crate::spec::ForwardSpec;
+use crate::config::profile::{self, Profile};
+use crate::config::spec::ForwardSpec;
 
 /// Profiles checked at once (each holds at most one connection).
 const PARALLEL: usize = 8;
@@ -244,7 +244,7 @@ async fn resolve(
     let (name, profile, ssh_config) = (t.name.clone(), t.profile.clone(), opts.ssh_config.clone());
     // `ssh -G` is a child process: off the async workers.
     let job = tokio::task::spawn_blocking(move || {
-        crate::resolve::resolve_up(crate::resolve::UpRequest {
+        crate::config::resolve_up(crate::config::UpRequest {
             name: &name,
             profile,
             ssh_config: ssh_config.as_deref(),

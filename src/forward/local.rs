@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::route::Stream;
 use crate::bridge::Opener;
 use crate::bridge::ends::stream::{self, StreamIn, StreamOut};
-use crate::spec::{Addr, ForwardSpec};
+use crate::config::spec::{Addr, ForwardSpec};
 use crate::upstream::Open;
 
 /// Where a local forward's connections go.

@@ -10,7 +10,7 @@ use super::Master;
 use crate::forward::FwdState;
 use crate::forward::local::{self, Target};
 use crate::mux::{Forward, ForwardKind, ForwardReply, MuxAddr};
-use crate::spec::{Addr, ForwardSpec, Kind};
+use crate::config::spec::{Addr, ForwardSpec, Kind};
 
 impl Master {
     /// OPEN_FWD: a forward owned by sshshim from now on (it outlives the

@@ -33,7 +33,8 @@ use rmcp::{Json, ServiceExt as _, tool, tool_handler, tool_router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{control, profile, service};
+use crate::config::profile;
+use crate::{control, service};
 
 pub use remote::{CopyOutput, Direction, ExecOutput};
 

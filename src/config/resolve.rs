@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 
 use crate::config::UpConfig;
 use crate::paths::{current_user, default_identities, expand_tilde};
-use crate::profile::Profile;
-use crate::spec::{Destination, ForwardSpec, HostSpec, Kind};
-use crate::ssh_config::{self, HostConfig, StrictHostKeyChecking};
+use crate::config::profile::Profile;
+use crate::config::spec::{Destination, ForwardSpec, HostSpec, Kind};
+use crate::config::ssh_config::{self, HostConfig, StrictHostKeyChecking};
 
 /// What to resolve for `sshshim up` (and each supervised profile).
 pub struct UpRequest<'a> {

@@ -3,7 +3,7 @@
 use super::*;
 use std::time::Duration;
 
-use crate::spec::{ForwardSpec, Kind};
+use crate::config::spec::{ForwardSpec, Kind};
 
 /// Writes `text` to a temp file and loads it explicitly.
 fn load_text(text: &str) -> (tempfile::TempDir, Result<ConfigFile, String>) {

@@ -218,7 +218,7 @@ fn parse(shown: &str, text: &str) -> Result<BTreeMap<String, Profile>, String> {
             let name = name.get_ref();
             // Names end up in ssh_config Host lines, unit files and socket
             // names: one that could break out of them is refused here.
-            if let Err(e) = crate::spec::check_name(name) {
+            if let Err(e) = crate::config::spec::check_name(name) {
                 return Err(format!("{shown}:{name_line}: {e}"));
             }
             let DeValue::Table(pt) = pv.get_ref() else {
