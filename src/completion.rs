@@ -119,7 +119,8 @@ pub fn running() -> Vec<CompletionCandidate> {
 fn profiles_in(config: Option<PathBuf>) -> Vec<CompletionCandidate> {
     let explicit = config.is_some();
     let path = config.unwrap_or_else(crate::config::profile::default_path);
-    let Ok(file) = crate::config::profile::load(&crate::paths::expand_tilde(&path), explicit) else {
+    let Ok(file) = crate::config::profile::load(&crate::paths::expand_tilde(&path), explicit)
+    else {
         return Vec::new();
     };
     file.profiles

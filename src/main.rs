@@ -9,9 +9,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use clap_complete::engine::ArgValueCandidates;
-use sshshim::paths;
 use sshshim::config::profile::Profile;
-
+use sshshim::paths;
 
 /// One verified SSH connection, shared by every ssh, scp, sftp and rsync you run.
 ///
@@ -237,7 +236,8 @@ impl UpArgs {
         let from_file = file.profiles.get(&self.destination).cloned();
         let is_profile = from_file.is_some();
         let created = from_file.as_ref().and_then(|p| p.mcp_created) == Some(true);
-        if let Some(w) = sshshim::config::profile::reserved_name_warning(&self.destination, created) {
+        if let Some(w) = sshshim::config::profile::reserved_name_warning(&self.destination, created)
+        {
             tracing::warn!("{w}");
         }
         let layered = self

@@ -13,10 +13,10 @@ use tracing::Instrument;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UpConfig;
+use crate::config::profile::{self, Profile};
 use crate::control::{self, ForwardStatus, ProfileStatus, StatusSource, UpstreamStatus};
 use crate::forward::{FwdState, Registry};
 use crate::hooks::EventHook;
-use crate::config::profile::{self, Profile};
 use crate::service;
 use crate::shim::{self, Exit, Started};
 use crate::stats::Gauge;

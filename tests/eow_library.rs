@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sshshim::config::UpConfig;
-use sshshim::shim::{self, Exit};
 use sshshim::config::spec::HostSpec;
+use sshshim::shim::{self, Exit};
 use support::*;
 use tokio_util::sync::CancellationToken;
 

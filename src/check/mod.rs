@@ -48,9 +48,9 @@ use tokio::time::{Instant, timeout_at};
 pub use report::{AuthReport, Check, HostKeyReport, ProfileReport, Status, render};
 
 use crate::config::UpConfig;
-use crate::control::{self, ProfileStatus};
 use crate::config::profile::{self, Profile};
 use crate::config::spec::ForwardSpec;
+use crate::control::{self, ProfileStatus};
 
 /// Profiles checked at once (each holds at most one connection).
 const PARALLEL: usize = 8;

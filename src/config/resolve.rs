@@ -6,10 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::config::UpConfig;
-use crate::paths::{current_user, default_identities, expand_tilde};
 use crate::config::profile::Profile;
 use crate::config::spec::{Destination, ForwardSpec, HostSpec, Kind};
 use crate::config::ssh_config::{self, HostConfig, StrictHostKeyChecking};
+use crate::paths::{current_user, default_identities, expand_tilde};
 
 /// What to resolve for `sshshim up` (and each supervised profile).
 pub struct UpRequest<'a> {

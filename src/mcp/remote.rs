@@ -66,7 +66,11 @@ impl Target {
         for o in [
             "BatchMode=yes".into(),
             "StrictHostKeyChecking=yes".into(),
-            format!("HostKeyAlias={}", crate::config::host_blocks::alias(&self.name)).into(),
+            format!(
+                "HostKeyAlias={}",
+                crate::config::host_blocks::alias(&self.name)
+            )
+            .into(),
             kh_opt,
             "GlobalKnownHostsFile=/dev/null".into(),
             "UpdateHostKeys=no".into(),

@@ -136,7 +136,8 @@ impl Pool {
     pub fn new(cfg: Arc<UpConfig>) -> (Arc<Self>, mpsc::Receiver<ServerOpen>) {
         // One verifier and one authenticator per hop: jump hosts first,
         // the target last.
-        let hops: Vec<&crate::config::spec::HostSpec> = cfg.jumps.iter().chain([&cfg.target]).collect();
+        let hops: Vec<&crate::config::spec::HostSpec> =
+            cfg.jumps.iter().chain([&cfg.target]).collect();
         let verifier = hops
             .iter()
             .map(|h| HostKeyVerifier {
