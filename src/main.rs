@@ -204,7 +204,7 @@ impl ConfigArg {
     }
 
     /// Loads the file; only a file given with `-c` must exist.
-    fn load(&self) -> Result<sshshim::config::profile::ConfigFile, String> {
+    fn load(&self) -> Result<sshshim::config::profile::ConfigFile, sshshim::config::ProfileError> {
         sshshim::config::profile::load(&self.path(), self.config.is_some())
     }
 }
@@ -231,7 +231,7 @@ struct UpArgs {
 
 impl UpArgs {
     /// Resolves flags over environment over profile (if NAME is one) over ssh_config.
-    fn resolve(&self) -> Result<sshshim::config::UpConfig, String> {
+    fn resolve(&self) -> anyhow::Result<sshshim::config::UpConfig> {
         let file = self.config.load()?;
         let from_file = file.profiles.get(&self.destination).cloned();
         let is_profile = from_file.is_some();
@@ -389,7 +389,6 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = match cli.command {
         Command::Up(args) => args
             .resolve()
-            .map_err(anyhow::Error::msg)
             .and_then(|cfg| Ok(runtime()?.block_on(sshshim::supervisor::up(cfg))?)),
         Command::Supervise(a) => runtime().and_then(|rt| {
             Ok(rt.block_on(sshshim::supervisor::supervise(
@@ -466,7 +465,7 @@ fn check(a: CheckArgs) -> ExitCode {
         interactive: a.interactive,
     };
     let result = build_runtime()
-        .map_err(|e| check::Error::Config(format!("cannot start the runtime: {e}")))
+        .map_err(check::Error::Runtime)
         .and_then(|rt| rt.block_on(check::run(opts)));
     let reports = match result {
         Ok(r) => r,
@@ -474,7 +473,7 @@ fn check(a: CheckArgs) -> ExitCode {
             eprintln!("sshshim: {}", sshshim::term::clean_lines(&e.to_string()));
             return match e {
                 check::Error::Usage(_) => ExitCode::from(2),
-                check::Error::Config(_) => ExitCode::FAILURE,
+                check::Error::Config(_) | check::Error::Runtime(_) => ExitCode::FAILURE,
             };
         }
     };
@@ -508,7 +507,7 @@ fn service(c: ServiceCommand) -> anyhow::Result<()> {
         } => {
             // A file that `supervise` would refuse (a bad name, a typo) is
             // reported now rather than at the unit's first start.
-            config.load().map_err(anyhow::Error::msg)?;
+            config.load()?;
             let exe =
                 std::env::current_exe().map_err(|e| anyhow!("cannot find my own path: {e}"))?;
             let spec = service::UnitSpec {
@@ -566,7 +565,7 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
 
 /// `sshshim ssh-config [NAME…] [--install]`.
 fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
-    let file = a.config.load().map_err(anyhow::Error::msg)?;
+    let file = a.config.load()?;
     let names: Vec<String> = if a.names.is_empty() {
         file.profiles.keys().cloned().collect()
     } else {

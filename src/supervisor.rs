@@ -362,9 +362,12 @@ pub enum RunError {
     /// The profile stopped for good; the text says why.
     #[error("{0}")]
     Failed(String),
-    /// The profiles could not be read, or none is selected.
-    #[error("{0}")]
-    Profiles(String),
+    /// The profiles could not be read.
+    #[error(transparent)]
+    Profiles(crate::config::ProfileError),
+    /// The file has no profile to run.
+    #[error("no profiles in {} (add a [profile.NAME] table with a destination)", .0.display())]
+    NoProfiles(std::path::PathBuf),
     /// The reload signal could not be watched.
     #[error(transparent)]
     Signal(#[from] std::io::Error),
@@ -469,10 +472,7 @@ fn read_profiles(opts: &SuperviseOptions) -> Result<BTreeMap<String, Profile>, R
         }
     }
     if out.is_empty() {
-        return Err(RunError::Profiles(format!(
-            "no profiles in {} (add a [profile.NAME] table with a destination)",
-            path.display()
-        )));
+        return Err(RunError::NoProfiles(path.to_path_buf()));
     }
     Ok(out)
 }
@@ -500,7 +500,8 @@ async fn restart_loop(
             })
         })
         .await
-        .unwrap_or_else(|e| Err(format!("resolving profile {n} failed: {e}")));
+        .map_err(|e| format!("resolving profile {n} failed: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
         let exit = match cfg {
             Ok(cfg) => {
                 *l.stop.lock().unwrap() = st.child_token();

@@ -78,8 +78,11 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     /// The config file or environment is invalid (exit status 1).
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(crate::config::ProfileError),
+    /// The async runtime could not start (exit status 1).
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// One thing to check: a profile (or destination) and its layered settings.
@@ -253,7 +256,7 @@ async fn resolve(
     });
     let cfg = match timeout_at(deadline, job).await {
         Ok(Ok(Ok(cfg))) => cfg,
-        Ok(Ok(Err(e))) => return Err(Check::fail("resolve", None, e)),
+        Ok(Ok(Err(e))) => return Err(Check::fail("resolve", None, e.to_string())),
         Ok(Err(e)) => {
             return Err(Check::fail(
                 "resolve",

@@ -25,7 +25,8 @@ mod resolve;
 pub mod spec;
 pub mod ssh_config;
 
-pub use resolve::{UpRequest, resolve_up};
+pub use profile::ProfileError;
+pub use resolve::{ResolveError, UpRequest, resolve_up};
 
 /// Everything `sshshim up` needs, resolved from flags, profiles, the
 /// environment and ssh_config into concrete values.

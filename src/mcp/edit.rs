@@ -575,7 +575,7 @@ fn write_validated(path: &Path, text: &str) -> anyhow::Result<()> {
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let e = e.replace(&tmp_name, &file_name);
+        let e = e.to_string().replace(&tmp_name, &file_name);
         return Err(anyhow!("not written, the profile would not load: {e}"));
     }
     tmp.persist(path)

@@ -542,7 +542,7 @@ impl Server {
             if let Some(n) = &only {
                 if !names.contains(n) {
                     // The CLI's message: it lists the profiles there are.
-                    let why = file.get(n).err().unwrap_or_default();
+                    let why = file.get(n).err().map(|e| e.to_string()).unwrap_or_default();
                     bail!("{why}; and none by that name is running");
                 }
                 names.retain(|x| x == n);
@@ -582,7 +582,12 @@ impl Server {
             // never a person's, never a process that is not that profile.
             let p = file.get(&name).map_err(anyhow::Error::msg)?;
             if !edit::owned(&path, &name)? {
-                return Err(anyhow!(file.get(&name).err().unwrap_or_default()));
+                return Err(anyhow!(
+                    file.get(&name)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default()
+                ));
             }
             let configured = true;
             let was_running = match control::query(&name) {
