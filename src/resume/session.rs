@@ -401,7 +401,7 @@ impl Task {
         if let Command::Subsystem(name) = &command {
             let why = match (&self.helper.sftp, name.as_str()) {
                 (Ok(_), "sftp") => None,
-                (Err(why), "sftp") => Some(why.clone()),
+                (Err(why), "sftp") => Some(why.to_string()),
                 _ => Some("the helper runs only the sftp subsystem".to_owned()),
             };
             if let Some(why) = why {
