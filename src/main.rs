@@ -537,17 +537,13 @@ fn service(c: ServiceCommand) -> anyhow::Result<()> {
 fn man(a: ManArgs) -> anyhow::Result<()> {
     match a.dir {
         Some(dir) => {
-            let written =
-                sshshim::manpages::write_all(Cli::command(), &dir).map_err(anyhow::Error::msg)?;
+            let written = sshshim::manpages::write_all(Cli::command(), &dir)?;
             for path in written {
                 println!("{}", path.display());
             }
             Ok(())
         }
-        None => write_stdout(
-            &sshshim::manpages::render(Cli::command(), &a.subcommand)
-                .map_err(anyhow::Error::msg)?,
-        ),
+        None => write_stdout(&sshshim::manpages::render(Cli::command(), &a.subcommand)?),
     }
 }
 

@@ -65,7 +65,8 @@ impl Helper {
 }
 
 /// Why no helper can run on the server.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{why}")]
 pub struct NotHere {
     /// In words, for status, the log and `check`.
     pub why: String,
