@@ -676,8 +676,9 @@ SetEnv HOME=%s/home
                 raise RuntimeError("%s exited (rc %s): %s" % (name, p.returncode, self.tail(name)))
             with open(out) as f:
                 text = f.read()
-            if "sshshim: listening on" in text and ("--mux" not in extra or "\n  mux:" in text):
-                mux = extra[extra.index("--mux") + 1] if "--mux" in extra else None
+            mux = extra[extra.index("--mux") + 1] if "--mux" in extra else None
+            mux = None if mux == "none" else mux
+            if "sshshim: listening on" in text and (mux is None or "\n  mux:" in text):
                 if mux and not os.path.exists(mux):
                     raise RuntimeError("%s: banner printed, but no mux socket at %s" % (name, mux))
                 return p

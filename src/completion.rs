@@ -90,7 +90,7 @@ pub fn completer_for(argv0: &std::ffi::OsStr) -> String {
 pub fn destinations() -> Vec<CompletionCandidate> {
     let (config, ssh_config) = files_on_line(std::env::args_os().collect());
     let mut out = profiles_in(config);
-    let hosts = crate::ssh_config::hosts::host_aliases(ssh_config.as_deref());
+    let hosts = crate::config::ssh_config::hosts::host_aliases(ssh_config.as_deref());
     for h in hosts {
         if !out.iter().any(|c| c.get_value() == h.as_str()) {
             out.push(CompletionCandidate::new(h).help(Some("Host in ssh_config".into())));
@@ -118,8 +118,9 @@ pub fn running() -> Vec<CompletionCandidate> {
 /// is no place for its error, which `up` reports in full.
 fn profiles_in(config: Option<PathBuf>) -> Vec<CompletionCandidate> {
     let explicit = config.is_some();
-    let path = config.unwrap_or_else(crate::profile::default_path);
-    let Ok(file) = crate::profile::load(&crate::paths::expand_tilde(&path), explicit) else {
+    let path = config.unwrap_or_else(crate::config::profile::default_path);
+    let Ok(file) = crate::config::profile::load(&crate::paths::expand_tilde(&path), explicit)
+    else {
         return Vec::new();
     };
     file.profiles

@@ -17,56 +17,66 @@
 //!   routing, replay, -L/-D)  |                socket; imports nothing)
 //!     |         \            |
 //!     |          bridge/ (open: opens upstream channels and bridges them;
-//!     |                   ends/: the local ends side by side: channel,
-//!     |                   stream, fds (a mux client's), escape; spill)
-//!   upstream (pool, auth, known_hosts)                         resolve
-//!     |                                                       /      \
-//!     |                                                profile   ssh_config   client_config
-//!     |                                                   |          |             |
-//!   config ----------- stats, tuning, netwatch ----------- spec, paths, term (ground: import nothing)
+//!     |            |      ends/: the local ends side by side: channel,
+//!     |            |      stream, fds (a mux client's), escape; spill;
+//!     |            |      upstream: a russh channel or a resumable session)
+//!     |            |
+//!     |          resume/ (resumable sessions: wire: the protocol (ground);
+//!     |            |      install: finds and uploads the helper; session:
+//!     |            |      sshshim's side, a bridge's upstream; remote/: the
+//!     |            |      helper that runs on the server)
+//!     |            |
+//!   upstream (pool, auth, known_hosts, error)
+//!     |
+//!   config/ (resolve: flags + profile + ssh_config -> UpConfig; profile;
+//!     |      ssh_config; host_blocks: writes Host blocks; spec (ground))
+//!     |
+//!   stats, tuning, netwatch, paths, term (ground: import nothing)
 //! ```
 //!
 //! [`check`] (`sshshim check`) makes its own short-lived connection with
 //! the upstream's host key verifier and authenticator; [`mcp`] (`sshshim
 //! mcp`) edits profiles and drives running shims through their endpoints;
-//! only `main` uses either. [`master`] turns [`mux`] requests into upstream
+//! only `main` uses either. `master` turns [`mux`] requests into upstream
 //! channels and bridges, beside [`endpoint`], which does the same for SSH
-//! clients; both, and [`forward`], start every bridge through one
-//! [`bridge::Opener`] (open the upstream channel, then bridge it to a
-//! local end from [`bridge::ends`]).
+//! clients; both, and `forward`, start every bridge through one
+//! `bridge::Opener` (open the upstream channel, then bridge it to a local
+//! end from `bridge::ends`). A bridge's upstream is a russh channel or a
+//! [`resume`] session, which outlives the connection it started on.
 //!
-//! Data flows one way: local clients -> [`endpoint`] -> [`bridge`] ->
+//! Data flows one way: local clients -> [`endpoint`] -> `bridge` ->
 //! [`upstream`]. Channels the server opens leave [`upstream`] as events
-//! that [`forward`] consumes; nothing calls back up.
+//! that `forward` consumes; nothing calls back up.
+//!
+//! [`config`] gathers everything about settings: [`config::spec`] (ground),
+//! [`config::ssh_config`], [`config::profile`], the merge into
+//! [`config::UpConfig`] ([`config::resolve_up`]) and [`config::host_blocks`]
+//! (the ssh_config Host blocks `sshshim ssh-config` writes).
 //!
 //! [`completion`] (shell completion and its candidates) and [`manpages`]
-//! serve only `main` too.
+//! serve only `main` too. Modules that neither `main` nor the tests use
+//! (`bridge`, `forward`, `master`, `hooks`, `netwatch`, `stats`) are private.
 
-pub mod bridge;
+mod bridge;
 pub mod check;
-pub mod client_config;
 pub mod completion;
 pub mod config;
 pub mod control;
 pub mod endpoint;
-pub mod forward;
+mod forward;
 #[cfg(test)]
 mod fuzzing;
-pub mod hooks;
+mod hooks;
 pub mod manpages;
-pub mod master;
+mod master;
 pub mod mcp;
 pub mod mux;
-pub mod netwatch;
+mod netwatch;
 pub mod paths;
-pub mod profile;
-pub mod resolve;
 pub mod resume;
 pub mod service;
 pub mod shim;
-pub mod spec;
-pub mod ssh_config;
-pub mod stats;
+mod stats;
 pub mod supervisor;
 pub mod term;
 pub mod tuning;

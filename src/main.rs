@@ -9,9 +9,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail};
 use clap::{ArgAction, Args, CommandFactory, Parser, Subcommand, ValueEnum};
 use clap_complete::engine::ArgValueCandidates;
+use sshshim::config::profile::Profile;
 use sshshim::paths;
-use sshshim::profile::Profile;
-use sshshim::resolve;
 
 /// One verified SSH connection, shared by every ssh, scp, sftp and rsync you run.
 ///
@@ -201,12 +200,12 @@ impl ConfigArg {
     fn path(&self) -> PathBuf {
         self.config
             .clone()
-            .unwrap_or_else(sshshim::profile::default_path)
+            .unwrap_or_else(sshshim::config::profile::default_path)
     }
 
     /// Loads the file; only a file given with `-c` must exist.
-    fn load(&self) -> Result<sshshim::profile::ConfigFile, String> {
-        sshshim::profile::load(&self.path(), self.config.is_some())
+    fn load(&self) -> Result<sshshim::config::profile::ConfigFile, sshshim::config::ProfileError> {
+        sshshim::config::profile::load(&self.path(), self.config.is_some())
     }
 }
 
@@ -232,29 +231,30 @@ struct UpArgs {
 
 impl UpArgs {
     /// Resolves flags over environment over profile (if NAME is one) over ssh_config.
-    fn resolve(&self) -> Result<sshshim::config::UpConfig, String> {
+    fn resolve(&self) -> anyhow::Result<sshshim::config::UpConfig> {
         let file = self.config.load()?;
         let from_file = file.profiles.get(&self.destination).cloned();
         let is_profile = from_file.is_some();
         let created = from_file.as_ref().and_then(|p| p.mcp_created) == Some(true);
-        if let Some(w) = sshshim::profile::reserved_name_warning(&self.destination, created) {
+        if let Some(w) = sshshim::config::profile::reserved_name_warning(&self.destination, created)
+        {
             tracing::warn!("{w}");
         }
         let layered = self
             .settings
             .clone()
-            .or(sshshim::profile::from_env()?)
+            .or(sshshim::config::profile::from_env()?)
             .or(from_file.unwrap_or_default());
-        let mut cfg = resolve::resolve_up(resolve::UpRequest {
+        let mut cfg = sshshim::config::resolve_up(sshshim::config::UpRequest {
             name: &self.destination,
             profile: layered,
             ssh_config: self.ssh_config.as_deref(),
             // A profile may serve no endpoint; an ad-hoc `up` always does.
-            default_listen: (!is_profile).then_some(sshshim::profile::DEFAULT_LISTEN),
+            default_listen: (!is_profile).then_some(sshshim::config::profile::DEFAULT_LISTEN),
         })?;
         // Status says which file's profile runs (`sshshim mcp` checks it).
         if is_profile {
-            cfg.config_file = Some(sshshim::profile::file_identity(&self.config.path()));
+            cfg.config_file = Some(sshshim::config::profile::file_identity(&self.config.path()));
         } else {
             cfg.profile_destination = None;
         }
@@ -389,7 +389,6 @@ fn main() -> ExitCode {
     let result: anyhow::Result<()> = match cli.command {
         Command::Up(args) => args
             .resolve()
-            .map_err(anyhow::Error::msg)
             .and_then(|cfg| Ok(runtime()?.block_on(sshshim::supervisor::up(cfg))?)),
         Command::Supervise(a) => runtime().and_then(|rt| {
             Ok(rt.block_on(sshshim::supervisor::supervise(
@@ -466,7 +465,7 @@ fn check(a: CheckArgs) -> ExitCode {
         interactive: a.interactive,
     };
     let result = build_runtime()
-        .map_err(|e| check::Error::Config(format!("cannot start the runtime: {e}")))
+        .map_err(check::Error::Runtime)
         .and_then(|rt| rt.block_on(check::run(opts)));
     let reports = match result {
         Ok(r) => r,
@@ -474,7 +473,7 @@ fn check(a: CheckArgs) -> ExitCode {
             eprintln!("sshshim: {}", sshshim::term::clean_lines(&e.to_string()));
             return match e {
                 check::Error::Usage(_) => ExitCode::from(2),
-                check::Error::Config(_) => ExitCode::FAILURE,
+                check::Error::Config(_) | check::Error::Runtime(_) => ExitCode::FAILURE,
             };
         }
     };
@@ -508,7 +507,7 @@ fn service(c: ServiceCommand) -> anyhow::Result<()> {
         } => {
             // A file that `supervise` would refuse (a bad name, a typo) is
             // reported now rather than at the unit's first start.
-            config.load().map_err(anyhow::Error::msg)?;
+            config.load()?;
             let exe =
                 std::env::current_exe().map_err(|e| anyhow!("cannot find my own path: {e}"))?;
             let spec = service::UnitSpec {
@@ -538,17 +537,13 @@ fn service(c: ServiceCommand) -> anyhow::Result<()> {
 fn man(a: ManArgs) -> anyhow::Result<()> {
     match a.dir {
         Some(dir) => {
-            let written =
-                sshshim::manpages::write_all(Cli::command(), &dir).map_err(anyhow::Error::msg)?;
+            let written = sshshim::manpages::write_all(Cli::command(), &dir)?;
             for path in written {
                 println!("{}", path.display());
             }
             Ok(())
         }
-        None => write_stdout(
-            &sshshim::manpages::render(Cli::command(), &a.subcommand)
-                .map_err(anyhow::Error::msg)?,
-        ),
+        None => write_stdout(&sshshim::manpages::render(Cli::command(), &a.subcommand)?),
     }
 }
 
@@ -566,7 +561,7 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
 
 /// `sshshim ssh-config [NAME…] [--install]`.
 fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
-    let file = a.config.load().map_err(anyhow::Error::msg)?;
+    let file = a.config.load()?;
     let names: Vec<String> = if a.names.is_empty() {
         file.profiles.keys().cloned().collect()
     } else {
@@ -581,7 +576,7 @@ fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
             .join(".ssh"))
     };
     if a.uninstall {
-        let summary = sshshim::client_config::uninstall(&ssh_dir()?, &names)
+        let summary = sshshim::config::host_blocks::uninstall(&ssh_dir()?, &names)
             .map_err(|e| anyhow!("cannot remove the Host blocks: {e}"))?;
         println!("{summary}");
         return Ok(());
@@ -602,7 +597,7 @@ fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
             .map(|e| e.port())
             .or(profile.and_then(|p| p.listen).map(|l| l.port()))
             .or(a.port)
-            .unwrap_or(sshshim::profile::DEFAULT_LISTEN.port());
+            .unwrap_or(sshshim::config::profile::DEFAULT_LISTEN.port());
         let mux: Option<PathBuf> = match &running {
             Some(st) => st.mux_socket.as_ref().map(PathBuf::from),
             None => match profile.and_then(|p| p.mux.clone()) {
@@ -618,17 +613,17 @@ fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
                 );
             };
             warn_if_controlpath_taken(name, mux);
-            blocks.push_str(&sshshim::client_config::same_name_block(name, mux)?);
+            blocks.push_str(&sshshim::config::host_blocks::same_name_block(name, mux)?);
             blocks.push('\n');
             continue;
         }
         let identity = a.identity.as_ref().map(|p| paths::expand_tilde(p));
         let clean = sshshim::paths::safe_name(name);
-        blocks.push_str(&sshshim::client_config::host_block(
-            &sshshim::client_config::Endpoint {
+        blocks.push_str(&sshshim::config::host_blocks::host_block(
+            &sshshim::config::host_blocks::Endpoint {
                 name: &clean,
                 port,
-                host_key_alias: sshshim::client_config::alias(name),
+                host_key_alias: sshshim::config::host_blocks::alias(name),
                 known_hosts: &known_hosts,
                 identity_file: identity.as_deref(),
                 control_path: mux.as_deref(),
@@ -637,7 +632,7 @@ fn ssh_config(a: SshConfigArgs) -> anyhow::Result<()> {
         blocks.push('\n');
     }
     if a.install {
-        let summary = sshshim::client_config::install(&ssh_dir()?, &blocks)
+        let summary = sshshim::config::host_blocks::install(&ssh_dir()?, &blocks)
             .map_err(|e| anyhow!("cannot install the Host blocks: {e}"))?;
         println!("{summary}");
     } else {

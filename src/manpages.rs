@@ -4,12 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::anyhow;
+
 /// Section 1: user commands.
 const SECTION: &str = "1";
 
 /// The page of the command reached by `path` from `cli` (`[]`: sshshim
 /// itself, `["service", "install"]`: sshshim-service-install(1)).
-pub fn render(cli: clap::Command, path: &[String]) -> Result<Vec<u8>, String> {
+pub fn render(cli: clap::Command, path: &[String]) -> anyhow::Result<Vec<u8>> {
     let root = prepare(cli);
     let mut cmd = &root;
     for (i, name) in path.iter().enumerate() {
@@ -22,7 +24,7 @@ pub fn render(cli: clap::Command, path: &[String]) -> Result<Vec<u8>, String> {
                     .filter(|c| !c.is_hide_set())
                     .map(clap::Command::get_name)
                     .collect();
-                format!(
+                anyhow!(
                     "no page for '{}': '{name}' is not a subcommand of '{}' (known: {})",
                     path[..=i].join(" "),
                     display_name(cmd),
@@ -35,14 +37,14 @@ pub fn render(cli: clap::Command, path: &[String]) -> Result<Vec<u8>, String> {
 
 /// Writes every page into `dir` (created if missing) as `NAME.1`; returns
 /// the paths written.
-pub fn write_all(cli: clap::Command, dir: &Path) -> Result<Vec<PathBuf>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+pub fn write_all(cli: clap::Command, dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow!("cannot create {}: {e}", dir.display()))?;
     let root = prepare(cli);
     let mut written = Vec::new();
     for cmd in all_commands(&root) {
         let path = dir.join(format!("{}.{SECTION}", display_name(cmd)));
         std::fs::write(&path, page(cmd, &root))
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            .map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
         written.push(path);
     }
     Ok(written)

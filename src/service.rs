@@ -241,19 +241,19 @@ pub fn status(system: bool, name: Option<&str>) -> anyhow::Result<String> {
 }
 
 /// Refuses what could break out of the unit file's syntax: every profile
-/// name must pass [`crate::spec::check_name`] (a newline in `Description=`
+/// name must pass [`crate::config::spec::check_name`] (a newline in `Description=`
 /// would start a directive of its own), and no path or user name may hold a
 /// control character.
 fn check_spec(spec: &UnitSpec) -> anyhow::Result<()> {
     for p in &spec.profiles {
-        crate::spec::check_name(p)?;
+        crate::config::spec::check_name(p)?;
     }
-    crate::spec::check_path_text("the sshshim executable", &spec.exe)?;
+    crate::config::spec::check_path_text("the sshshim executable", &spec.exe)?;
     if let Some(c) = &spec.config {
-        crate::spec::check_path_text("the config file", c)?;
+        crate::config::spec::check_path_text("the config file", c)?;
     }
     if spec.system {
-        crate::spec::check_path_text("the user name", Path::new(&invoking_user()))?;
+        crate::config::spec::check_path_text("the user name", Path::new(&invoking_user()))?;
     }
     Ok(())
 }

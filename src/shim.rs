@@ -15,11 +15,13 @@ use tracing::Instrument;
 
 use crate::bridge::Opener;
 use crate::config::UpConfig;
-use crate::endpoint::{self, Endpoint, auth::AuthorizedKeys};
+use crate::config::spec::Kind;
+use crate::endpoint::auth::{AuthorizedKeys, AuthorizedKeysError};
+use crate::endpoint::{self, Endpoint, HostKeyError};
+use crate::forward::local::ForwardError;
 use crate::forward::{self, Registry};
 use crate::master::{Master, MasterOptions};
 use crate::mux::{MuxListener, MuxServer};
-use crate::spec::Kind;
 use crate::stats::Gauge;
 use crate::upstream::{Pool, UpstreamError, known_hosts::fingerprint};
 
@@ -68,7 +70,7 @@ pub async fn run(cfg: UpConfig, stop: CancellationToken, on_start: impl FnOnce(&
     // prompt.
     let bound = match Bound::bind(&cfg).await {
         Ok(b) => b,
-        Err(message) => return failed(message),
+        Err(e) => return failed(e.to_string()),
     };
     let profile = Profile::new(cfg);
     if let Err(exit) = profile.connect(&stop).await {
@@ -105,6 +107,56 @@ fn failed(message: String) -> Exit {
     }
 }
 
+/// Why a profile cannot bind what it serves; each message says what to
+/// change.
+#[derive(Debug, thiserror::Error)]
+enum BindError {
+    /// `--listen` beyond loopback without `--allow-non-loopback`.
+    #[error(
+        "--listen {0} is not a loopback address; anyone who can reach it could try to log in. \
+         Pass --allow-non-loopback if you really mean it."
+    )]
+    NotLoopback(SocketAddr),
+    /// The endpoint's host key.
+    #[error(transparent)]
+    HostKey(#[from] HostKeyError),
+    /// The `--authorized-keys` file.
+    #[error(transparent)]
+    AuthorizedKeys(#[from] AuthorizedKeysError),
+    /// No key to admit anyone with.
+    #[error(
+        "no public key to admit local clients with: create a key (ssh-keygen -t ed25519), load \
+         one into ssh-agent, or pass --authorized-keys FILE"
+    )]
+    NoKeys,
+    /// The endpoint's port is taken.
+    #[error(
+        "port {0} is already in use (another sshshim?); choose another with --listen \
+         127.0.0.1:PORT"
+    )]
+    PortInUse(u16),
+    /// The endpoint cannot listen for another reason.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The `--listen` address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The multiplexing socket cannot be served.
+    #[error(
+        "cannot serve the multiplexing socket {}: {source} (choose another with --mux PATH, or \
+         --mux none)",
+        path.display()
+    )]
+    Mux {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// What a profile binds before it connects.
 struct Bound {
     /// The endpoint, unless `--listen none`.
@@ -126,7 +178,7 @@ struct BoundEndpoint {
 impl Bound {
     /// Binds the endpoint and the multiplexing socket; the message says
     /// what to change when one cannot be.
-    async fn bind(cfg: &UpConfig) -> Result<Bound, String> {
+    async fn bind(cfg: &UpConfig) -> Result<Bound, BindError> {
         let endpoint = match cfg.listen {
             Some(listen) => Some(BoundEndpoint::bind(cfg, listen).await?),
             None => None,
@@ -134,12 +186,9 @@ impl Bound {
         // A live socket of another sshshim is an error now, not after a
         // prompt.
         let mux = match &cfg.mux {
-            Some(path) => Some(MuxListener::bind(path).map_err(|e| {
-                format!(
-                    "cannot serve the multiplexing socket {}: {e} (choose another with --mux \
-                     PATH, or --mux none)",
-                    path.display()
-                )
+            Some(path) => Some(MuxListener::bind(path).map_err(|source| BindError::Mux {
+                path: path.clone(),
+                source,
             })?),
             None => None,
         };
@@ -150,13 +199,10 @@ impl Bound {
 impl BoundEndpoint {
     /// Loads the keys and binds `listen` (refused beyond loopback unless
     /// allowed).
-    async fn bind(cfg: &UpConfig, listen: SocketAddr) -> Result<Self, String> {
+    async fn bind(cfg: &UpConfig, listen: SocketAddr) -> Result<Self, BindError> {
         if !listen.ip().is_loopback() {
             if !cfg.allow_non_loopback {
-                return Err(format!(
-                    "--listen {listen} is not a loopback address; anyone who can reach it could \
-                     try to log in. Pass --allow-non-loopback if you really mean it."
-                ));
+                return Err(BindError::NotLoopback(listen));
             }
             tracing::warn!(
                 "the endpoint listens on {listen}, which is reachable from other machines"
@@ -168,21 +214,16 @@ impl BoundEndpoint {
             None => AuthorizedKeys::users_own().await,
         };
         if authorized.is_empty() {
-            return Err(
-                "no public key to admit local clients with: create a key (ssh-keygen -t \
-                 ed25519), load one into ssh-agent, or pass --authorized-keys FILE"
-                    .into(),
-            );
+            return Err(BindError::NoKeys);
         }
-        let listener = TcpListener::bind(listen).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AddrInUse {
-                format!(
-                    "port {} is already in use (another sshshim?); choose another with \
-                     --listen 127.0.0.1:PORT",
-                    listen.port()
-                )
+        let listener = TcpListener::bind(listen).await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                BindError::PortInUse(listen.port())
             } else {
-                format!("cannot listen on {listen}: {e}")
+                BindError::Listen {
+                    addr: listen,
+                    source,
+                }
             }
         })?;
         Ok(BoundEndpoint {
@@ -303,7 +344,7 @@ impl Profile {
 
     /// Starts sshshim's own `-L` forwards; each ends with an error if it
     /// cannot listen.
-    fn start_local_forwards(&self) -> JoinSet<Result<(), String>> {
+    fn start_local_forwards(&self) -> JoinSet<Result<(), ForwardError>> {
         let mut set = JoinSet::new();
         for spec in self.cfg.forwards.iter().filter(|f| f.kind == Kind::Local) {
             let fut = forward::local::run(spec.clone(), self.opener.clone(), self.shutdown.clone());
@@ -337,7 +378,7 @@ impl Profile {
     async fn run(
         self,
         stop: CancellationToken,
-        mut local_forwards: JoinSet<Result<(), String>>,
+        mut local_forwards: JoinSet<Result<(), ForwardError>>,
     ) -> Exit {
         let pool = self.opener.pool().clone();
         let mut running = tokio::spawn(pool.run(self.shutdown.clone()).in_current_span());
@@ -347,7 +388,7 @@ impl Profile {
                 Ok(Err(e)) => (gave_up(e), true),
                 _ => (Exit::Stopped, true),
             },
-            r = wait_first_error(&mut local_forwards) => (failed(r), false),
+            r = wait_first_error(&mut local_forwards) => (failed(r.to_string()), false),
         };
         self.shutdown.cancel();
         // Closing upstream closes every bridged channel; wait for local
@@ -388,16 +429,16 @@ fn record_alias(name: &str, key: &russh::keys::PrivateKey) {
     let Ok(line) = key.public_key().to_openssh() else {
         return;
     };
-    let alias = crate::client_config::alias(name);
+    let alias = crate::config::host_blocks::alias(name);
     if let Err(e) =
-        crate::client_config::record_endpoint_key(&dir.join("known_hosts"), &alias, &line)
+        crate::config::host_blocks::record_endpoint_key(&dir.join("known_hosts"), &alias, &line)
     {
         tracing::debug!("cannot record the endpoint key for {alias}: {e}");
     }
 }
 
 /// Waits until one of the local forwards fails to start (a bind error).
-async fn wait_first_error(tasks: &mut JoinSet<Result<(), String>>) -> String {
+async fn wait_first_error(tasks: &mut JoinSet<Result<(), ForwardError>>) -> ForwardError {
     while let Some(r) = tasks.join_next().await {
         if let Ok(Err(e)) = r {
             return e;
@@ -450,7 +491,7 @@ pub fn print_banner(name: &str, s: &Started) {
     let alias = format!("{}-shim", crate::paths::safe_name(name));
     // The Host block is the way in we recommend: it pins the endpoint's host
     // key under a stable name and steers ssh to the fastest algorithms here.
-    let port_flag = if port == crate::profile::DEFAULT_LISTEN.port() {
+    let port_flag = if port == crate::config::profile::DEFAULT_LISTEN.port() {
         String::new()
     } else {
         format!(" --port {port}")

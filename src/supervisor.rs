@@ -13,10 +13,10 @@ use tracing::Instrument;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::UpConfig;
+use crate::config::profile::{self, Profile};
 use crate::control::{self, ForwardStatus, ProfileStatus, StatusSource, UpstreamStatus};
 use crate::forward::{FwdState, Registry};
 use crate::hooks::EventHook;
-use crate::profile::{self, Profile};
 use crate::service;
 use crate::shim::{self, Exit, Started};
 use crate::stats::Gauge;
@@ -362,9 +362,12 @@ pub enum RunError {
     /// The profile stopped for good; the text says why.
     #[error("{0}")]
     Failed(String),
-    /// The profiles could not be read, or none is selected.
-    #[error("{0}")]
-    Profiles(String),
+    /// The profiles could not be read.
+    #[error(transparent)]
+    Profiles(crate::config::ProfileError),
+    /// The file has no profile to run.
+    #[error("no profiles in {} (add a [profile.NAME] table with a destination)", .0.display())]
+    NoProfiles(std::path::PathBuf),
     /// The reload signal could not be watched.
     #[error(transparent)]
     Signal(#[from] std::io::Error),
@@ -469,10 +472,7 @@ fn read_profiles(opts: &SuperviseOptions) -> Result<BTreeMap<String, Profile>, R
         }
     }
     if out.is_empty() {
-        return Err(RunError::Profiles(format!(
-            "no profiles in {} (add a [profile.NAME] table with a destination)",
-            path.display()
-        )));
+        return Err(RunError::NoProfiles(path.to_path_buf()));
     }
     Ok(out)
 }
@@ -492,7 +492,7 @@ async fn restart_loop(
         // Resolving may run `ssh -G`: keep that off the async workers.
         let (name, profile) = (n.clone(), prof.clone());
         let cfg = tokio::task::spawn_blocking(move || {
-            crate::resolve::resolve_up(crate::resolve::UpRequest {
+            crate::config::resolve_up(crate::config::UpRequest {
                 name: &name,
                 profile,
                 ssh_config: None,
@@ -500,7 +500,8 @@ async fn restart_loop(
             })
         })
         .await
-        .unwrap_or_else(|e| Err(format!("resolving profile {n} failed: {e}")));
+        .map_err(|e| format!("resolving profile {n} failed: {e}"))
+        .and_then(|r| r.map_err(|e| e.to_string()));
         let exit = match cfg {
             Ok(cfg) => {
                 *l.stop.lock().unwrap() = st.child_token();

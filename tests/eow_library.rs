@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sshshim::config::UpConfig;
+use sshshim::config::spec::HostSpec;
 use sshshim::shim::{self, Exit};
-use sshshim::spec::HostSpec;
 use support::*;
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +38,7 @@ fn config(env: &TestEnv, sshd_port: u16) -> UpConfig {
         authorized_keys: Some(env.authorized_keys()),
         host_key: Some(env.shim_host_key()),
         forwards: Vec::new(),
-        tuning: sshshim::profile::Tuning {
+        tuning: sshshim::config::profile::Tuning {
             connect_timeout: Duration::from_secs(10),
             keepalive: Duration::from_secs(15),
             keepalive_max: 3,

@@ -12,8 +12,8 @@ mod fuzzing;
 
 use fuzzing::{bounded, config, is_message, nasty_text};
 use proptest::prelude::*;
-use sshshim::spec::{Destination, ForwardSpec, Kind};
-use sshshim::ssh_config::parse_ssh_g;
+use sshshim::config::spec::{Destination, ForwardSpec, Kind};
+use sshshim::config::ssh_config::parse_ssh_g;
 use sshshim::upstream::known_hosts::glob;
 
 /// Either direction.

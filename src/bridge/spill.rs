@@ -261,6 +261,7 @@ impl SpillQueue {
     }
 
     /// Bytes waiting in the spill file.
+    #[cfg(test)]
     pub fn spilled(&self) -> u64 {
         let g = self.inner.lock().unwrap();
         g.write_off - g.read_off

@@ -11,8 +11,8 @@ use tokio::time::{Instant, timeout_at};
 use super::handler::ProbeHandler;
 use super::probe::{Limits, timed_out};
 use super::report::Check;
+use crate::config::spec::{Addr, ForwardSpec, Kind};
 use crate::control::ProfileStatus;
-use crate::spec::{Addr, ForwardSpec, Kind};
 
 /// Whether the running sshshim of this profile holds a `-R` port itself,
 /// and then the skip reason: probing it would steal it for an instant.

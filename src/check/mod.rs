@@ -48,9 +48,9 @@ use tokio::time::{Instant, timeout_at};
 pub use report::{AuthReport, Check, HostKeyReport, ProfileReport, Status, render};
 
 use crate::config::UpConfig;
+use crate::config::profile::{self, Profile};
+use crate::config::spec::ForwardSpec;
 use crate::control::{self, ProfileStatus};
-use crate::profile::{self, Profile};
-use crate::spec::ForwardSpec;
 
 /// Profiles checked at once (each holds at most one connection).
 const PARALLEL: usize = 8;
@@ -78,8 +78,11 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
     /// The config file or environment is invalid (exit status 1).
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(crate::config::ProfileError),
+    /// The async runtime could not start (exit status 1).
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 /// One thing to check: a profile (or destination) and its layered settings.
@@ -245,7 +248,7 @@ async fn resolve(
     let (name, profile, ssh_config) = (t.name.clone(), t.profile.clone(), opts.ssh_config.clone());
     // `ssh -G` is a child process: off the async workers.
     let job = tokio::task::spawn_blocking(move || {
-        crate::resolve::resolve_up(crate::resolve::UpRequest {
+        crate::config::resolve_up(crate::config::UpRequest {
             name: &name,
             profile,
             ssh_config: ssh_config.as_deref(),
@@ -254,7 +257,7 @@ async fn resolve(
     });
     let cfg = match timeout_at(deadline, job).await {
         Ok(Ok(Ok(cfg))) => cfg,
-        Ok(Ok(Err(e))) => return Err(Check::fail("resolve", None, e)),
+        Ok(Ok(Err(e))) => return Err(Check::fail("resolve", None, e.to_string())),
         Ok(Err(e)) => {
             return Err(Check::fail(
                 "resolve",

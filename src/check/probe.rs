@@ -17,7 +17,7 @@ use super::forwards::{local_target, open_error, remote_port};
 use super::handler::{Io, ProbeHandler, Recording, Verdict, version_line};
 use super::report::{AuthReport, Check, HostKeyReport, ms};
 use crate::config::UpConfig;
-use crate::spec::{ForwardSpec, HostSpec, Kind};
+use crate::config::spec::{ForwardSpec, HostSpec, Kind};
 use crate::upstream::UpstreamError;
 use crate::upstream::auth::Authenticator;
 use crate::upstream::known_hosts::{HostKeyError, HostKeyVerifier, fingerprint};

@@ -14,17 +14,35 @@ pub struct AuthorizedKeys {
     keys: Vec<PublicKey>,
 }
 
+/// Why an `--authorized-keys` file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthorizedKeysError {
+    /// The file cannot be read.
+    #[error("cannot read authorized keys {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
+    /// The file holds no key sshshim can use.
+    #[error(
+        "{} holds no usable public key (expected lines like 'ssh-ed25519 AAAA... comment')",
+        .0.display()
+    )]
+    Empty(std::path::PathBuf),
+}
+
 impl AuthorizedKeys {
     /// Reads an authorized_keys file (options before the key are allowed).
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read authorized keys {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, AuthorizedKeysError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthorizedKeysError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let keys = parse_keys(&text);
         if keys.is_empty() {
-            return Err(format!(
-                "{} holds no usable public key (expected lines like 'ssh-ed25519 AAAA... comment')",
-                path.display()
-            ));
+            return Err(AuthorizedKeysError::Empty(path.to_path_buf()));
         }
         Ok(AuthorizedKeys { keys })
     }

@@ -30,29 +30,68 @@ use auth::AuthorizedKeys;
 use connection::Connection;
 pub use connection::{Channels, LocalChannel, LocalHandler};
 
+/// Why the endpoint's host key could not be loaded or created; the cause
+/// survives as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum HostKeyError {
+    /// The key file exists but does not load.
+    #[error("cannot load host key {}: {source}", path.display())]
+    Load {
+        /// The key file.
+        path: PathBuf,
+        /// Why it does not load.
+        source: russh::keys::Error,
+    },
+    /// The state directory, where the generated key lives, cannot be made.
+    #[error("cannot create the state directory: {0}")]
+    StateDir(#[source] std::io::Error),
+    /// No key could be generated.
+    #[error("cannot generate a host key: {0}")]
+    Generate(#[source] russh::keys::ssh_key::Error),
+    /// The generated key could not be encoded.
+    #[error("cannot encode the host key: {0}")]
+    Encode(#[source] russh::keys::ssh_key::Error),
+    /// The generated key could not be written.
+    #[error("cannot write host key {}: {source}", path.display())]
+    Write {
+        /// The key file.
+        path: PathBuf,
+        /// Why it could not be written.
+        source: std::io::Error,
+    },
+}
+
 /// Loads the endpoint host key, or generates one under the state directory
 /// the first time so clients always see the same key.
-pub fn load_or_create_host_key(explicit: Option<&Path>) -> Result<(PrivateKey, PathBuf), String> {
+pub fn load_or_create_host_key(
+    explicit: Option<&Path>,
+) -> Result<(PrivateKey, PathBuf), HostKeyError> {
     if let Some(p) = explicit {
-        let key = russh::keys::load_secret_key(p, None)
-            .map_err(|e| format!("cannot load host key {}: {e}", p.display()))?;
+        let key = russh::keys::load_secret_key(p, None).map_err(|source| HostKeyError::Load {
+            path: p.to_path_buf(),
+            source,
+        })?;
         return Ok((key, p.to_path_buf()));
     }
-    let dir =
-        crate::paths::state_dir().map_err(|e| format!("cannot create the state directory: {e}"))?;
+    let dir = crate::paths::state_dir().map_err(HostKeyError::StateDir)?;
     let path = dir.join("host_key_ed25519");
     if path.exists() {
-        let key = russh::keys::load_secret_key(&path, None)
-            .map_err(|e| format!("cannot load host key {}: {e}", path.display()))?;
+        let key =
+            russh::keys::load_secret_key(&path, None).map_err(|source| HostKeyError::Load {
+                path: path.clone(),
+                source,
+            })?;
         return Ok((key, path));
     }
     let key = PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
-        .map_err(|e| format!("cannot generate a host key: {e}"))?;
+        .map_err(HostKeyError::Generate)?;
     let text = key
         .to_openssh(LineEnding::LF)
-        .map_err(|e| format!("cannot encode the host key: {e}"))?;
-    write_private(&path, text.as_bytes())
-        .map_err(|e| format!("cannot write host key {}: {e}", path.display()))?;
+        .map_err(HostKeyError::Encode)?;
+    write_private(&path, text.as_bytes()).map_err(|source| HostKeyError::Write {
+        path: path.clone(),
+        source,
+    })?;
     tracing::info!("generated endpoint host key {}", path.display());
     Ok((key, path))
 }
@@ -189,16 +228,16 @@ impl Endpoint {
     /// the endpoint listens beyond loopback) must run as our uid; one from
     /// elsewhere is let through to the key check only with
     /// `allow_non_loopback`.
-    fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Result<(), String> {
+    fn admit(&self, peer: SocketAddr, local: Option<SocketAddr>) -> Result<(), Refusal> {
         // An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d,
         // which is not "loopback" until unmapped.
         let ip = peer.ip().to_canonical();
         let from_here = ip.is_loopback() || auth::is_host_address(ip);
         if !from_here && !self.allow_non_loopback {
-            return Err("not a loopback address".into());
+            return Err(Refusal::NotLoopback);
         }
         let Some(local) = local else {
-            return Err("cannot tell the local address".into());
+            return Err(Refusal::NoLocalAddress);
         };
         if !cfg!(target_os = "linux") {
             // No way to ask the kernel who owns a TCP peer: the key
@@ -209,15 +248,32 @@ impl Endpoint {
     }
 }
 
+/// Why a local client was refused before any SSH byte (logged).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+enum Refusal {
+    /// From another machine, and the endpoint admits only this one.
+    #[error("not a loopback address")]
+    NotLoopback,
+    /// The accepted socket's own address is unknown.
+    #[error("cannot tell the local address")]
+    NoLocalAddress,
+    /// Another user's socket.
+    #[error("its socket belongs to uid {0}, not ours")]
+    OtherUser(u32),
+    /// From this machine, but the kernel does not say whose socket it is.
+    #[error("cannot find the owner of its socket")]
+    NoOwner,
+}
+
 /// The verdict on a client: `from_here` when its address is this
 /// machine's, `owner` the uid of its socket if the kernel knows the socket.
 /// Fails closed: a client from here whose owner cannot be found is refused;
 /// a socket the kernel knows is checked wherever its address points.
-fn admission(from_here: bool, owner: Option<u32>, me: u32) -> Result<(), String> {
+fn admission(from_here: bool, owner: Option<u32>, me: u32) -> Result<(), Refusal> {
     match owner {
         Some(uid) if uid == me => Ok(()),
-        Some(uid) => Err(format!("its socket belongs to uid {uid}, not ours")),
-        None if from_here => Err("cannot find the owner of its socket".into()),
+        Some(uid) => Err(Refusal::OtherUser(uid)),
+        None if from_here => Err(Refusal::NoOwner),
         // Another machine: only the key check applies.
         None => Ok(()),
     }
@@ -253,7 +309,8 @@ mod tests {
         assert!(admission(true, Some(7), 7).is_ok());
         assert!(admission(false, Some(7), 7).is_ok());
         let e = admission(true, Some(65534), 7).unwrap_err();
-        assert!(e.contains("uid 65534"), "{e}");
+        assert_eq!(e, Refusal::OtherUser(65534));
+        assert!(e.to_string().contains("uid 65534"), "{e}");
         assert!(admission(false, Some(65534), 7).is_err());
         assert!(admission(true, None, 7).is_err());
         assert!(admission(false, None, 7).is_ok());

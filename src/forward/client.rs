@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use russh::server;
 
 use super::{Owner, Registry, cancel_remote, request_remote};
-use crate::spec::Addr;
+use crate::config::spec::Addr;
 use crate::upstream::Connection;
 
 /// The forwards one local client connection asked for. They are cancelled

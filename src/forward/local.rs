@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::route::Stream;
 use crate::bridge::Opener;
 use crate::bridge::ends::stream::{self, StreamIn, StreamOut};
-use crate::spec::{Addr, ForwardSpec};
+use crate::config::spec::{Addr, ForwardSpec};
 use crate::upstream::Open;
 
 /// Where a local forward's connections go.
@@ -32,15 +32,36 @@ pub enum Listener {
     Unix(tokio::net::UnixListener, std::path::PathBuf),
 }
 
+/// A local forward's listening side could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    /// The address as shown to the user.
+    addr: String,
+    /// Why the bind failed.
+    source: std::io::Error,
+}
+
+/// An sshshim-owned `-L` forward could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("{spec}: {source}")]
+pub struct ForwardError {
+    /// The forward, as the user wrote it.
+    spec: String,
+    /// Why it could not listen.
+    source: BindError,
+}
+
 /// Runs an sshshim-owned `-L` forward until `shutdown`.
 pub async fn run(
     spec: ForwardSpec,
     opener: Opener,
     shutdown: CancellationToken,
-) -> Result<(), String> {
-    let listener = bind(&spec.listen)
-        .await
-        .map_err(|e| format!("{spec}: {e}"))?;
+) -> Result<(), ForwardError> {
+    let listener = bind(&spec.listen).await.map_err(|source| ForwardError {
+        spec: spec.to_string(),
+        source,
+    })?;
     serve(
         listener,
         spec.to_string(),
@@ -54,7 +75,7 @@ pub async fn run(
 
 /// Binds a local forward's listening side (loopback when no address is
 /// given, as OpenSSH does with GatewayPorts off).
-pub async fn bind(listen: &Addr) -> Result<Listener, String> {
+pub async fn bind(listen: &Addr) -> Result<Listener, BindError> {
     match listen {
         Addr::Tcp(h, p) => {
             let host = if h.is_empty() || h == "localhost" {
@@ -64,12 +85,18 @@ pub async fn bind(listen: &Addr) -> Result<Listener, String> {
             };
             let l = tokio::net::TcpListener::bind((host, *p))
                 .await
-                .map_err(|e| format!("cannot listen on {host}:{p}: {e}"))?;
+                .map_err(|source| BindError {
+                    addr: format!("{host}:{p}"),
+                    source,
+                })?;
             Ok(Listener::Tcp(l))
         }
         Addr::Unix(p) => {
             let path = crate::paths::expand_tilde(p.as_ref());
-            let l = bind_unix_private(&path).map_err(|e| format!("cannot listen on {p}: {e}"))?;
+            let l = bind_unix_private(&path).map_err(|source| BindError {
+                addr: p.to_string(),
+                source,
+            })?;
             Ok(Listener::Unix(l, path))
         }
     }

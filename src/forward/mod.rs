@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::Opener;
-use crate::spec::{Addr, ForwardSpec};
+use crate::config::spec::{Addr, ForwardSpec};
 use crate::upstream::{Connection, Pool, ServerOpen, State};
 pub use route::{AgentGuard, AgentTarget};
 

@@ -12,7 +12,7 @@ use russh::{ChannelOpenFailure, client, server};
 use super::{Owner, Registry};
 use crate::bridge::OpenChannel;
 use crate::bridge::ends::{channel, stream};
-use crate::spec::Addr;
+use crate::config::spec::Addr;
 use crate::upstream::{ServerOpen, ServerOpenKind, ServerSlot};
 
 /// Where the server's agent requests for one local session go.

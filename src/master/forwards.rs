@@ -7,10 +7,10 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::Master;
+use crate::config::spec::{Addr, ForwardSpec, Kind};
 use crate::forward::FwdState;
 use crate::forward::local::{self, Target};
 use crate::mux::{Forward, ForwardKind, ForwardReply, MuxAddr};
-use crate::spec::{Addr, ForwardSpec, Kind};
 
 impl Master {
     /// OPEN_FWD: a forward owned by sshshim from now on (it outlives the
@@ -31,7 +31,7 @@ impl Master {
                 };
                 let listener = match local::bind(&listen).await {
                     Ok(l) => l,
-                    Err(e) => return reply.failure(&e),
+                    Err(e) => return reply.failure(&e.to_string()),
                 };
                 let token = self.shutdown.child_token();
                 self.forwards.lock().unwrap().insert(key, token.clone());

@@ -3,7 +3,7 @@
 //! comments included.
 //!
 //! The new text is validated by the same loader `sshshim up` uses
-//! ([`crate::profile::load`]) before it replaces the file, atomically and
+//! ([`crate::config::profile::load`]) before it replaces the file, atomically and
 //! with mode 0600, so a bad edit never reaches the file.
 //!
 //! What MCP may touch is decided here. It writes only the keys of
@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use serde_json::Value as Json;
 use toml_edit::{DocumentMut, Item, Table, Value};
 
-use crate::profile;
-use crate::spec::{Addr, ForwardSpec, Kind};
+use crate::config::profile;
+use crate::config::spec::{Addr, ForwardSpec, Kind};
 
 /// What to write into one profile. Fields left `None` keep what the file has.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -282,7 +282,7 @@ fn read_doc(path: &Path) -> anyhow::Result<(String, DocumentMut)> {
 /// Edits the file so profile `edit.name` holds the given settings (creating
 /// it, and the file, if needed). Keys not mentioned are kept.
 pub fn set_profile(path: &Path, edit: &ProfileEdit) -> anyhow::Result<Written> {
-    crate::spec::check_name(&edit.name)?;
+    crate::config::spec::check_name(&edit.name)?;
     let path = real_path(path);
     check_edit(edit, &path)?;
     let (_, mut doc) = read_doc(&path)?;
@@ -575,7 +575,7 @@ fn write_validated(path: &Path, text: &str) -> anyhow::Result<()> {
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let e = e.replace(&tmp_name, &file_name);
+        let e = e.to_string().replace(&tmp_name, &file_name);
         return Err(anyhow!("not written, the profile would not load: {e}"));
     }
     tmp.persist(path)

@@ -33,7 +33,8 @@ use rmcp::{Json, ServiceExt as _, tool, tool_handler, tool_router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::{control, profile, service};
+use crate::config::profile;
+use crate::{control, service};
 
 pub use remote::{CopyOutput, Direction, ExecOutput};
 
@@ -541,7 +542,7 @@ impl Server {
             if let Some(n) = &only {
                 if !names.contains(n) {
                     // The CLI's message: it lists the profiles there are.
-                    let why = file.get(n).err().unwrap_or_default();
+                    let why = file.get(n).err().map(|e| e.to_string()).unwrap_or_default();
                     bail!("{why}; and none by that name is running");
                 }
                 names.retain(|x| x == n);
@@ -581,7 +582,12 @@ impl Server {
             // never a person's, never a process that is not that profile.
             let p = file.get(&name).map_err(anyhow::Error::msg)?;
             if !edit::owned(&path, &name)? {
-                return Err(anyhow!(file.get(&name).err().unwrap_or_default()));
+                return Err(anyhow!(
+                    file.get(&name)
+                        .err()
+                        .map(|e| e.to_string())
+                        .unwrap_or_default()
+                ));
             }
             let configured = true;
             let was_running = match control::query(&name) {

@@ -66,7 +66,11 @@ impl Target {
         for o in [
             "BatchMode=yes".into(),
             "StrictHostKeyChecking=yes".into(),
-            format!("HostKeyAlias={}", crate::client_config::alias(&self.name)).into(),
+            format!(
+                "HostKeyAlias={}",
+                crate::config::host_blocks::alias(&self.name)
+            )
+            .into(),
             kh_opt,
             "GlobalKnownHostsFile=/dev/null".into(),
             "UpdateHostKeys=no".into(),
@@ -93,7 +97,7 @@ impl Target {
     /// (as opposed to a remote command failing), from its stderr.
     fn ssh_failure(&self, stderr: &str) -> Option<String> {
         let said = stderr.trim();
-        let alias = crate::client_config::alias(&self.name);
+        let alias = crate::config::host_blocks::alias(&self.name);
         if said.contains("Host key verification failed") {
             return Some(format!(
                 "ssh refused the endpoint {}: its host key is not the one recorded as {alias} \

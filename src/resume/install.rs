@@ -35,8 +35,27 @@ pub struct Helper {
     pub path: String,
     /// The sftp subsystem: the program sshd's config names for it, or why
     /// sftp sessions cannot run under the helper.
-    pub sftp: Result<String, String>,
+    pub sftp: Result<String, NoSftp>,
 }
+
+/// Why sftp sessions cannot run under the helper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NoSftp {
+    /// sshd's configuration has no sftp subsystem.
+    #[error("sshd's configuration names no sftp subsystem")]
+    NotNamed,
+    /// sshd serves sftp itself.
+    #[error(
+        "sshd serves sftp in-process (internal-sftp): there is no sftp program the helper could \
+         keep running"
+    )]
+    Internal,
+}
+
+/// sshshim's own executable could not be read (kept for every later try).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read sshshim's own executable: {0}")]
+struct OwnExeError(#[source] std::io::Error);
 
 impl Helper {
     /// The command line that runs the helper with `args`.
@@ -46,7 +65,8 @@ impl Helper {
 }
 
 /// Why no helper can run on the server.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{why}")]
 pub struct NotHere {
     /// In words, for status, the log and `check`.
     pub why: String,
@@ -81,12 +101,11 @@ struct Local {
 }
 
 /// Reads this executable once.
-fn local() -> Result<&'static Local, String> {
-    static LOCAL: OnceLock<Result<Local, String>> = OnceLock::new();
+fn local() -> Result<&'static Local, &'static OwnExeError> {
+    static LOCAL: OnceLock<Result<Local, OwnExeError>> = OnceLock::new();
     LOCAL
         .get_or_init(|| {
-            let bytes = std::fs::read("/proc/self/exe")
-                .map_err(|e| format!("cannot read sshshim's own executable: {e}"))?;
+            let bytes = std::fs::read("/proc/self/exe").map_err(OwnExeError)?;
             let sha256 = hex(&sha2::Sha256::digest(&bytes));
             Ok(Local {
                 bytes: bytes.into(),
@@ -94,7 +113,6 @@ fn local() -> Result<&'static Local, String> {
             })
         })
         .as_ref()
-        .map_err(Clone::clone)
 }
 
 /// `uname -sm` of this machine, as the remote's `uname -sm` prints it.
@@ -272,7 +290,7 @@ enum Located {
 /// Looks for sshshim's own helper on the server (writes nothing but its
 /// private directory).
 async fn locate(pool: &impl Sessions) -> Result<Located, NotHere> {
-    let me = local().map_err(NotHere::verdict)?;
+    let me = local().map_err(|e| NotHere::verdict(e.to_string()))?;
     let probe = run_cmd(pool, &probe_script(&helper_file(me), &me.sha256)).await?;
     let text = String::from_utf8_lossy(&probe.stdout).into_owned();
     let mut lines = text.lines();
@@ -319,7 +337,7 @@ fn helper_file(me: &Local) -> String {
 
 /// Makes sure sshshim's own helper is in the server's cache: returns its path.
 async fn install(pool: &impl Sessions) -> Result<String, NotHere> {
-    let me = local().map_err(NotHere::verdict)?;
+    let me = local().map_err(|e| NotHere::verdict(e.to_string()))?;
     let path = match locate(pool).await? {
         Located::Have(path) => return Ok(path),
         Located::Need(path) => path,
@@ -378,7 +396,7 @@ pub async fn diagnose(on: &impl Sessions, settings: &Settings) -> Result<String,
 async fn check(pool: &impl Sessions, path: &str) -> Result<Helper, NotHere> {
     let probe = Helper {
         path: path.to_owned(),
-        sftp: Err(String::new()),
+        sftp: Err(NoSftp::NotNamed),
     };
     let ran = run_cmd(pool, &probe.command("version")).await?;
     let out = String::from_utf8_lossy(&ran.stdout).into_owned();
@@ -404,15 +422,11 @@ async fn check(pool: &impl Sessions, path: &str) -> Result<Helper, NotHere> {
             wire::VERSION
         )));
     }
-    let mut sftp = Err("sshd's configuration names no sftp subsystem".to_owned());
+    let mut sftp = Err(NoSftp::NotNamed);
     for line in lines {
         if let Some(cmd) = line.strip_prefix("subsystem sftp ") {
             sftp = if cmd.trim() == "internal" {
-                Err(
-                    "sshd serves sftp in-process (internal-sftp): there is no sftp program \
-                     the helper could keep running"
-                        .to_owned(),
-                )
+                Err(NoSftp::Internal)
             } else {
                 Ok(cmd.trim().to_owned())
             };

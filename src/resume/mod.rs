@@ -78,7 +78,7 @@ pub struct Resume {
     /// This process's run.
     run: wire::Run,
     /// The helper, once found on the server (or why there is none).
-    helper: tokio::sync::Mutex<Option<Result<Arc<Helper>, String>>>,
+    helper: tokio::sync::Mutex<Option<Result<Arc<Helper>, install::NotHere>>>,
     /// Sessions, for status, by a local number.
     held: Mutex<BTreeMap<u64, HeldStatus>>,
     /// Numbers for `held`.
@@ -109,7 +109,7 @@ impl Resume {
 
     /// The helper on the server, found (and uploaded if needed) on first
     /// use; the reason in words when none can run there.
-    pub async fn helper(&self) -> Result<Arc<Helper>, String> {
+    pub async fn helper(&self) -> Result<Arc<Helper>, install::NotHere> {
         let mut g = self.helper.lock().await;
         if let Some(r) = &*g {
             return r.clone();
@@ -118,7 +118,7 @@ impl Resume {
         // A transient failure (the connection dropped during the probe)
         // should not switch resume off for good: only a verdict is kept.
         let keep = found.as_ref().map_or_else(|e| !e.transient, |_| true);
-        let r = found.map(Arc::new).map_err(|e| e.why);
+        let r = found.map(Arc::new);
         match &r {
             Ok(h) => tracing::info!(
                 "resumable sessions: the remote helper is ready ({})",
@@ -126,7 +126,7 @@ impl Resume {
             ),
             Err(why) => tracing::warn!(
                 "resumable sessions are off for this server: {}",
-                crate::term::clean(why)
+                crate::term::clean(&why.why)
             ),
         }
         if keep {

@@ -414,7 +414,7 @@ impl Task {
         if let Command::Subsystem(name) = &command {
             let why = match (&self.helper.sftp, name.as_str()) {
                 (Ok(_), "sftp") => None,
-                (Err(why), "sftp") => Some(why.clone()),
+                (Err(why), "sftp") => Some(why.to_string()),
                 _ => Some("the helper runs only the sftp subsystem".to_owned()),
             };
             if let Some(why) = why {
@@ -595,11 +595,8 @@ impl Task {
                 .exec(true, self.helper.command("start"))
                 .await
                 .map_err(|e| e.to_string())?;
-            let id = match att.hello().await {
-                Ok((id, true)) => id,
-                Ok(_) => return Err("the helper did not start a new session".to_owned()),
-                Err(HelloErr::Refused(why) | HelloErr::Broken(why)) => return Err(why),
-            };
+            // Sent at once, not after the helper's greeting: it waits in the
+            // channel until the helper reads it, and a round trip is saved.
             let spec = wire::StartSpec {
                 secret: self.secret.clone(),
                 owner: self.resume.owner,
@@ -612,6 +609,11 @@ impl Task {
             att.send(&Frame::Start(Box::new(spec)))
                 .await
                 .map_err(|e| e.to_string())?;
+            let id = match att.hello().await {
+                Ok((id, true)) => id,
+                Ok(_) => return Err("the helper did not start a new session".to_owned()),
+                Err(HelloErr::Refused(why) | HelloErr::Broken(why)) => return Err(why),
+            };
             match att.next().await {
                 Ok(Some(Frame::Started)) => Ok(id),
                 Ok(Some(Frame::Refused(why))) => Err(why),
@@ -1040,6 +1042,14 @@ async fn attach(
             .exec(true, helper.command(&format!("attach {}", hex(&id))))
             .await
             .map_err(|e| AttachErr::Retry(e.to_string()))?;
+        // At once: the helper reads it after its greeting.
+        att.send(&Frame::Resume {
+            secret,
+            have_out,
+            have_err,
+        })
+        .await
+        .map_err(|e| AttachErr::Retry(e.to_string()))?;
         match att.hello().await {
             Ok((sid, false)) if sid == id => {}
             Ok(_) => {
@@ -1050,13 +1060,6 @@ async fn attach(
             Err(HelloErr::Refused(why)) => return Err(AttachErr::Gone(why)),
             Err(HelloErr::Broken(why)) => return Err(AttachErr::Retry(why)),
         }
-        att.send(&Frame::Resume {
-            secret,
-            have_out,
-            have_err,
-        })
-        .await
-        .map_err(|e| AttachErr::Retry(e.to_string()))?;
         match att.next().await {
             Ok(Some(Frame::Resumed { have_in })) => Ok(have_in),
             Ok(Some(Frame::Refused(why))) => Err(AttachErr::Gone(why)),

@@ -90,7 +90,7 @@ impl fmt::Debug for Authenticator {
 
 impl Authenticator {
     /// An authenticator for one hop.
-    pub fn new(h: &crate::spec::HostSpec) -> Self {
+    pub fn new(h: &crate::config::spec::HostSpec) -> Self {
         Authenticator {
             user: h.user.clone(),
             identities: h.identities.clone(),
@@ -473,7 +473,7 @@ mod tests {
 
     /// An authenticator for `user` with nothing configured.
     fn authenticator(user: &str) -> Authenticator {
-        Authenticator::new(&crate::spec::HostSpec {
+        Authenticator::new(&crate::config::spec::HostSpec {
             host: "h".into(),
             port: 22,
             user: user.into(),

@@ -136,7 +136,8 @@ impl Pool {
     pub fn new(cfg: Arc<UpConfig>) -> (Arc<Self>, mpsc::Receiver<ServerOpen>) {
         // One verifier and one authenticator per hop: jump hosts first,
         // the target last.
-        let hops: Vec<&crate::spec::HostSpec> = cfg.jumps.iter().chain([&cfg.target]).collect();
+        let hops: Vec<&crate::config::spec::HostSpec> =
+            cfg.jumps.iter().chain([&cfg.target]).collect();
         let verifier = hops
             .iter()
             .map(|h| HostKeyVerifier {
@@ -213,7 +214,7 @@ impl Pool {
         interactive: bool,
         generation: u64,
     ) -> Result<Connection, UpstreamError> {
-        let hops: Vec<&crate::spec::HostSpec> =
+        let hops: Vec<&crate::config::spec::HostSpec> =
             self.cfg.jumps.iter().chain([&self.cfg.target]).collect();
         let first = hops[0];
         let deadline = self.cfg.tuning.connect_timeout;

@@ -28,9 +28,33 @@ pub struct Spawned {
     pub pty: Option<OwnedFd>,
 }
 
-/// Starts what `spec` asks; the error says why in words (sent to the
-/// client in `Refused`).
-pub fn spawn(spec: &StartSpec) -> Result<Spawned, String> {
+/// Why a session's command could not start; its text is sent to the
+/// client in `Refused`.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// sshd serves the subsystem itself (internal-sftp).
+    #[error("sshd runs subsystem {0} inside itself (internal-sftp): there is no program to run")]
+    InternalSubsystem(String),
+    /// sshd's configuration has no such subsystem.
+    #[error("sshd's configuration ({}) names no subsystem {name}", config.display())]
+    NoSubsystem {
+        /// The subsystem asked for.
+        name: String,
+        /// The sshd_config read.
+        config: std::path::PathBuf,
+    },
+    /// The shell could not be started.
+    #[error("cannot start {}: {source}", shell.display())]
+    Start {
+        /// The login shell.
+        shell: std::path::PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// Starts what `spec` asks.
+pub fn spawn(spec: &StartSpec) -> Result<Spawned, SpawnError> {
     let shell = paths::login_shell();
     let shell_name = shell
         .file_name()
@@ -53,15 +77,13 @@ pub fn spawn(spec: &StartSpec) -> Result<Spawned, String> {
                 cmd.arg0(&shell_name).arg("-c").arg(p);
             }
             Some(sshd::Subsystem::Internal) => {
-                return Err(format!(
-                    "sshd runs subsystem {name} inside itself (internal-sftp): there is no program to run"
-                ));
+                return Err(SpawnError::InternalSubsystem(name.clone()));
             }
             None => {
-                return Err(format!(
-                    "sshd's configuration ({}) names no subsystem {name}",
-                    sshd::config_path().display()
-                ));
+                return Err(SpawnError::NoSubsystem {
+                    name: name.clone(),
+                    config: sshd::config_path(),
+                });
             }
         },
     }
@@ -73,7 +95,7 @@ pub fn spawn(spec: &StartSpec) -> Result<Spawned, String> {
         None => spawn_piped(cmd),
         Some(p) => spawn_pty(cmd, p),
     };
-    spawned.map_err(|e| format!("cannot start {}: {e}", shell.display()))
+    spawned.map_err(|source| SpawnError::Start { shell, source })
 }
 
 /// With three pipes.

@@ -397,7 +397,7 @@ impl Daemon {
                     }
                 },
                 Err(why) => {
-                    c.send(&Frame::Refused(why));
+                    c.send(&Frame::Refused(why.to_string()));
                     // Kept so `flush` lets the refusal out.
                     self.pending.insert(c.generation, c);
                     self.ending = true;

@@ -23,6 +23,37 @@ use std::process::ExitCode;
 
 use super::wire;
 
+/// Why a helper command failed; printed on stderr, which sshd passes to
+/// sshshim as extended data.
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    /// The arguments are not what the command takes (the text says what is).
+    #[error("{0}")]
+    Usage(&'static str),
+    /// Neither `XDG_CACHE_HOME` nor `HOME` says where the run directory is.
+    #[error("neither XDG_CACHE_HOME nor HOME is set")]
+    NoHome,
+    /// A step failed; `what` says which.
+    #[error("{what}: {source}")]
+    Step {
+        /// The step, e.g. "cannot bind PATH".
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A system call failed where the OS's own words say enough.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl HelperError {
+    /// A failed step with its cause.
+    fn step(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
+        let what = what.into();
+        move |source| HelperError::Step { what, source }
+    }
+}
+
 /// Runs `sshshim remote-helper ARGS...`. Called before any runtime or
 /// logging exists: `start` forks.
 pub fn main(args: Vec<OsString>) -> ExitCode {
@@ -39,13 +70,13 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         ["start"] => relay::start(),
         ["attach", id] => relay::attach(id),
         ["reap", owner, run] => relay::reap(owner, run),
-        _ => Err(
-            "usage: sshshim remote-helper version | start | attach ID | reap OWNER RUN".to_string(),
-        ),
+        _ => Err(HelperError::Usage(
+            "usage: sshshim remote-helper version | start | attach ID | reap OWNER RUN",
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e),
+        Err(e) => fail(&e.to_string()),
     }
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use super::rundir::{check_peer, hex, parse_id, run_dir, socket_path};
-use super::{child, daemon};
+use super::{HelperError, child, daemon};
 use crate::resume::wire::{self, Frame, SessionId};
 
 /// How long `reap` waits for one session's greeting.
@@ -24,7 +24,7 @@ const REAP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `start`: a new session. Its socket is bound before the fork, so the
 /// relay can connect at once and the daemon owns the listener.
-pub fn start() -> Result<(), String> {
+pub fn start() -> Result<(), HelperError> {
     let dir = run_dir()?;
     let id: SessionId = rand::random();
     let path = socket_path(&dir, &id);
@@ -33,14 +33,14 @@ pub fn start() -> Result<(), String> {
     let bound = UnixListener::bind(&path);
     // SAFETY: as above; the command inherits the user's own mask.
     unsafe { libc::umask(old) };
-    let listener = bound.map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    let listener = bound.map_err(HelperError::step(format!("cannot bind {}", path.display())))?;
     // SAFETY: no other thread exists yet (no runtime, no logging), so the
     // child may run arbitrary code after fork.
     match unsafe { libc::fork() } {
         -1 => {
             let e = io::Error::last_os_error();
             let _ = std::fs::remove_file(&path);
-            Err(format!("cannot fork the session's daemon: {e}"))
+            Err(HelperError::step("cannot fork the session's daemon")(e))
         }
         0 => {
             detach_from_sshd();
@@ -50,7 +50,7 @@ pub fn start() -> Result<(), String> {
         _ => {
             drop(listener);
             let sock = UnixStream::connect(&path)
-                .map_err(|e| format!("cannot reach the new session: {e}"))?;
+                .map_err(HelperError::step("cannot reach the new session"))?;
             relay(sock)
         }
     }
@@ -79,8 +79,8 @@ fn detach_from_sshd() {
 
 /// `attach ID`: relays to a held session, or answers for it when the
 /// session is gone: MAGIC and `Refused`, exit 0.
-pub fn attach(id: &str) -> Result<(), String> {
-    let id = parse_id(id).ok_or("a session id is 32 hexadecimal digits")?;
+pub fn attach(id: &str) -> Result<(), HelperError> {
+    let id = parse_id(id).ok_or(HelperError::Usage("a session id is 32 hexadecimal digits"))?;
     let path = socket_path(&run_dir()?, &id);
     let sock = match UnixStream::connect(&path) {
         Ok(s) => s,
@@ -93,15 +93,17 @@ pub fn attach(id: &str) -> Result<(), String> {
             out.extend_from_slice(wire::MAGIC);
             Frame::Refused("no such session (it ended)".into()).encode(&mut out);
             let mut stdout = io::stdout().lock();
-            stdout
-                .write_all(&out)
-                .and_then(|()| stdout.flush())
-                .map_err(|e| e.to_string())?;
+            stdout.write_all(&out).and_then(|()| stdout.flush())?;
             return Ok(());
         }
-        Err(e) => return Err(format!("cannot reach session {}: {e}", hex(&id))),
+        Err(e) => {
+            return Err(HelperError::step(format!(
+                "cannot reach session {}",
+                hex(&id)
+            ))(e));
+        }
     };
-    check_peer(&sock).map_err(|e| e.to_string())?;
+    check_peer(&sock)?;
     relay(sock)
 }
 
@@ -115,15 +117,11 @@ fn gone(e: &io::Error) -> bool {
 
 /// Copies stdin to `sock` and `sock` to stdout until either ends, then
 /// exits the process.
-fn relay(sock: UnixStream) -> Result<(), String> {
-    let dup = |fd: std::os::fd::BorrowedFd<'_>| {
-        fd.try_clone_to_owned()
-            .map(File::from)
-            .map_err(|e| e.to_string())
-    };
+fn relay(sock: UnixStream) -> Result<(), HelperError> {
+    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map(File::from);
     let stdin = dup(io::stdin().as_fd())?;
     let stdout = dup(io::stdout().as_fd())?;
-    let up = sock.try_clone().map_err(|e| e.to_string())?;
+    let up = sock.try_clone()?;
     std::thread::spawn(move || {
         copy(stdin, up);
         std::process::exit(0);
@@ -152,12 +150,12 @@ fn copy(mut from: impl Read, mut to: impl Write) {
 
 /// `reap OWNER RUN`: sends `Reap` to every held session (each decides);
 /// prints how many it asked.
-pub fn reap(owner: &str, run: &str) -> Result<(), String> {
-    let owner = parse_id(owner).ok_or("an owner is 32 hexadecimal digits")?;
-    let run = parse_id(run).ok_or("a run is 32 hexadecimal digits")?;
+pub fn reap(owner: &str, run: &str) -> Result<(), HelperError> {
+    let owner = parse_id(owner).ok_or(HelperError::Usage("an owner is 32 hexadecimal digits"))?;
+    let run = parse_id(run).ok_or(HelperError::Usage("a run is 32 hexadecimal digits"))?;
     let dir = run_dir()?;
     let mut asked = 0;
-    for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())? {
+    for entry in std::fs::read_dir(&dir)? {
         let Ok(entry) = entry else { continue };
         let path = entry.path();
         if path.extension().is_some_and(|x| x == "sock") && ask_reap(&path, owner, run) {

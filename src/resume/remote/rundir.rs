@@ -5,19 +5,20 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
+use super::HelperError;
 use crate::paths;
 use crate::resume::wire::SessionId;
 
 /// The run directory, created private (0700, owned by us) if missing and
 /// refused if someone else could have swapped it.
-pub fn run_dir() -> Result<PathBuf, String> {
+pub fn run_dir() -> Result<PathBuf, HelperError> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
         .or_else(|| paths::home_dir().map(|h| h.join(".cache")))
-        .ok_or("neither XDG_CACHE_HOME nor HOME is set")?;
+        .ok_or(HelperError::NoHome)?;
     let dir = base.join("sshshim").join("run");
-    paths::create_private_dir(&dir).map_err(|e| e.to_string())?;
+    paths::create_private_dir(&dir)?;
     Ok(dir)
 }
 

@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde::de::{self, Visitor};
 
 use super::value;
-use crate::spec::{Destination, ForwardSpec, Kind};
-use crate::ssh_config::HostConfig;
+use crate::config::spec::{Destination, ForwardSpec, Kind};
+use crate::config::ssh_config::HostConfig;
 
 /// The local endpoint of an ad-hoc `sshshim up` (a profile serves one only
 /// if it says `listen`).
@@ -70,7 +70,7 @@ pub struct Profile {
     pub jump: Option<String>,
 
     /// Upstream port (default: the destination's, ssh_config's, else 22).
-    #[arg(short, long, value_parser = crate::spec::parse_port)]
+    #[arg(short, long, value_parser = crate::config::spec::parse_port)]
     #[serde(default, deserialize_with = "value::port")]
     pub port: Option<u16>,
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::Deserializer;
 use serde::de::{self, IntoDeserializer, SeqAccess, Visitor};
 
+use crate::config::spec::{Destination, ForwardSpec, Kind};
 use crate::paths::expand_tilde;
-use crate::spec::{Destination, ForwardSpec, Kind};
 
 /// A value as it came, before it is checked against what its key wants.
 #[derive(Debug)]

@@ -37,6 +37,36 @@ pub fn file_identity(path: &Path) -> String {
         .to_string()
 }
 
+/// Why profiles could not be loaded or a profile found; the text names
+/// the file, line, profile and key, or the variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    /// The file exists (or was given) but cannot be read.
+    #[error("{file}: cannot read config file: {source}")]
+    Read {
+        /// The file, as shown to the user.
+        file: String,
+        /// Why it cannot be read.
+        source: std::io::Error,
+    },
+    /// The file's TOML or one of its values is wrong (file:line: ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// A `SSHSHIM_*` variable is wrong.
+    #[error("{0}")]
+    Env(String),
+    /// No profile of that name in the file.
+    #[error("no profile '{name}' in {file} ({known})")]
+    NoProfile {
+        /// The name asked for.
+        name: String,
+        /// The file, as shown to the user.
+        file: String,
+        /// "known: a, b" or "it has none".
+        known: String,
+    },
+}
+
 /// A loaded config file.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ConfigFile {
@@ -48,7 +78,7 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     /// The profile `name`, or an error that lists the profiles there are.
-    pub fn get(&self, name: &str) -> Result<&Profile, String> {
+    pub fn get(&self, name: &str) -> Result<&Profile, ProfileError> {
         self.profiles.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.profiles.keys().map(String::as_str).collect();
             let known = if known.is_empty() {
@@ -56,10 +86,11 @@ impl ConfigFile {
             } else {
                 format!("known: {}", known.join(", "))
             };
-            format!(
-                "no profile '{name}' in {} ({known})",
-                display_path(&self.path)
-            )
+            ProfileError::NoProfile {
+                name: name.to_owned(),
+                file: display_path(&self.path),
+                known,
+            }
         })
     }
 }
@@ -95,7 +126,7 @@ pub fn default_path() -> PathBuf {
 /// Loads and validates a file. A missing file at the default path is an
 /// empty config; a missing file given explicitly is an error. Every error
 /// names the file, the line and (where there is one) the profile and key.
-pub fn load(path: &Path, explicit: bool) -> Result<ConfigFile, String> {
+pub fn load(path: &Path, explicit: bool) -> Result<ConfigFile, ProfileError> {
     let shown = display_path(path);
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -105,31 +136,36 @@ pub fn load(path: &Path, explicit: bool) -> Result<ConfigFile, String> {
                 profiles: BTreeMap::new(),
             });
         }
-        Err(e) => return Err(format!("{shown}: cannot read config file: {e}")),
+        Err(source) => {
+            return Err(ProfileError::Read {
+                file: shown,
+                source,
+            });
+        }
     };
     Ok(ConfigFile {
         path: path.to_path_buf(),
-        profiles: parse(&shown, &text)?,
+        profiles: parse(&shown, &text).map_err(ProfileError::Invalid)?,
     })
 }
 
 /// Defaults from the environment: `SSHSHIM_<KEY>` for each of [`keys`].
 /// Booleans accept 1/0, true/false, yes/no, on/off; lists are
 /// comma-separated. Empty variables count as unset. Errors name the variable.
-pub fn from_env() -> Result<Profile, String> {
+pub fn from_env() -> Result<Profile, ProfileError> {
     from_vars(|name| std::env::var_os(name))
 }
 
 /// [`from_env`] over any variable lookup, so tests need not touch the
 /// process environment.
-fn from_vars(get: impl Fn(&str) -> Option<OsString>) -> Result<Profile, String> {
+fn from_vars(get: impl Fn(&str) -> Option<OsString>) -> Result<Profile, ProfileError> {
     let mut p = Profile::default();
     for key in keys() {
         let var = format!("SSHSHIM_{}", key.to_ascii_uppercase());
         let Some(raw) = get(&var) else { continue };
-        let raw = raw
-            .into_string()
-            .map_err(|_| format!("environment variable {var}: not valid UTF-8"))?;
+        let raw = raw.into_string().map_err(|_| {
+            ProfileError::Env(format!("environment variable {var}: not valid UTF-8"))
+        })?;
         let raw = raw.trim();
         if raw.is_empty() {
             continue;
@@ -140,10 +176,10 @@ fn from_vars(get: impl Fn(&str) -> Option<OsString>) -> Result<Profile, String> 
             value::EnvValue(raw),
         )));
         let set = Profile::deserialize(one).map_err(|e| {
-            format!(
+            ProfileError::Env(format!(
                 "environment variable {var}='{raw}': {}",
                 keyed(key, &e.to_string())
-            )
+            ))
         })?;
         p = p.or(set);
     }
@@ -218,7 +254,7 @@ fn parse(shown: &str, text: &str) -> Result<BTreeMap<String, Profile>, String> {
             let name = name.get_ref();
             // Names end up in ssh_config Host lines, unit files and socket
             // names: one that could break out of them is refused here.
-            if let Err(e) = crate::spec::check_name(name) {
+            if let Err(e) = crate::config::spec::check_name(name) {
                 return Err(format!("{shown}:{name_line}: {e}"));
             }
             let DeValue::Table(pt) = pv.get_ref() else {

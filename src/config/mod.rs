@@ -1,14 +1,32 @@
-//! The resolved settings of one running profile: [`UpConfig`], everything
-//! `sshshim up` needs as concrete values. Built by [`crate::resolve`] from
-//! flags, profiles, the environment and ssh_config, so nothing below it ever
-//! looks at flags.
+//! Configuration: everything that turns what the user wrote into what a
+//! running shim needs. The parts, lower ones first:
+//!
+//! - [`spec`] (ground: imports nothing): destinations, hosts, forwards and
+//!   names as parsed from the command line or a profile.
+//! - [`ssh_config`]: reads `ssh -G` output and the user's Host aliases.
+//! - [`profile`]: the profiles file (each setting declared once, shared
+//!   with `sshshim up`'s flags).
+//! - `resolve`: merges flag over profile over ssh_config over default into
+//!   an [`UpConfig`], the resolved settings of one running profile, so
+//!   nothing below it ever looks at flags.
+//! - [`host_blocks`]: writes the ssh_config Host blocks that point OpenSSH
+//!   at a running shim (`sshshim ssh-config --install`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::profile::Tuning;
-use crate::spec::{ForwardSpec, HostSpec};
+use profile::Tuning;
+use spec::{ForwardSpec, HostSpec};
+
+pub mod host_blocks;
+pub mod profile;
+mod resolve;
+pub mod spec;
+pub mod ssh_config;
+
+pub use profile::ProfileError;
+pub use resolve::{ResolveError, UpRequest, resolve_up};
 
 /// Everything `sshshim up` needs, resolved from flags, profiles, the
 /// environment and ssh_config into concrete values.
@@ -42,10 +60,10 @@ pub struct UpConfig {
     /// OpenSSH multiplexing socket; `None` serves none.
     pub mux: Option<PathBuf>,
     /// The profiles file this profile came from, as
-    /// [`crate::profile::file_identity`] names it; `None` when `up` was
+    /// [`crate::config::profile::file_identity`] names it; `None` when `up` was
     /// given a destination. Reported in status.
     pub config_file: Option<String>,
-    /// [`crate::profile::Profile::target_label`] of the profile that runs;
+    /// [`crate::config::profile::Profile::target_label`] of the profile that runs;
     /// `None` when not run from a profile. Reported in status.
     pub profile_destination: Option<String>,
 }

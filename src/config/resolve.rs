@@ -6,10 +6,32 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::config::UpConfig;
+use crate::config::profile::Profile;
+use crate::config::spec::{Destination, ForwardSpec, HostSpec, Kind};
+use crate::config::ssh_config::{self, HostConfig, ReadError, StrictHostKeyChecking};
 use crate::paths::{current_user, default_identities, expand_tilde};
-use crate::profile::Profile;
-use crate::spec::{Destination, ForwardSpec, HostSpec, Kind};
-use crate::ssh_config::{self, HostConfig, StrictHostKeyChecking};
+
+/// Why a profile or destination could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    /// The destination is not `[user@]host[:port]`.
+    #[error("{0}")]
+    Destination(String),
+    /// A jump host is not `[user@]host[:port]`.
+    #[error("jump host: {0}")]
+    Jump(String),
+    /// `ssh -G` failed for a hop.
+    #[error("reading ssh_config for '{host}': {source}")]
+    SshConfig {
+        /// The hop.
+        host: String,
+        /// What `ssh -G` said.
+        source: ReadError,
+    },
+    /// No runtime directory for the multiplexing socket.
+    #[error("{0}")]
+    RuntimeDir(#[source] std::io::Error),
+}
 
 /// What to resolve for `sshshim up` (and each supervised profile).
 pub struct UpRequest<'a> {
@@ -29,9 +51,12 @@ fn resolve_host(
     dest: &Destination,
     p: &Profile,
     ssh_config: Option<&Path>,
-) -> Result<(HostSpec, HostConfig), String> {
-    let hc = ssh_config::resolve(&dest.host, ssh_config)
-        .map_err(|e| format!("reading ssh_config for '{}': {e}", dest.host))?;
+) -> Result<(HostSpec, HostConfig), ResolveError> {
+    let hc =
+        ssh_config::resolve(&dest.host, ssh_config).map_err(|source| ResolveError::SshConfig {
+            host: dest.host.clone(),
+            source,
+        })?;
     let strict = hc.strict_host_key_checking;
     if strict == Some(StrictHostKeyChecking::No) {
         tracing::warn!(
@@ -95,10 +120,15 @@ fn resolve_host(
 }
 
 /// Resolves everything `sshshim up` needs.
-pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
+pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, ResolveError> {
     let p = req.profile;
     let label = p.target_label();
-    let dest: Destination = p.destination.as_deref().unwrap_or(req.name).parse()?;
+    let dest: Destination = p
+        .destination
+        .as_deref()
+        .unwrap_or(req.name)
+        .parse()
+        .map_err(ResolveError::Destination)?;
     let (target, hc) = resolve_host(&dest, &p, req.ssh_config)?;
     let jump_list: Vec<String> = match p.jump.as_deref() {
         Some(j) => j.split(',').map(str::to_owned).collect(),
@@ -106,7 +136,7 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
     };
     let mut jumps = Vec::new();
     for hop in jump_list.iter().filter(|h| !h.is_empty() && *h != "none") {
-        let d: Destination = hop.parse().map_err(|e| format!("jump host: {e}"))?;
+        let d: Destination = hop.parse().map_err(ResolveError::Jump)?;
         // A hop's own settings come from ssh_config, not from our flags.
         let (spec, _) = resolve_host(&d, &Profile::default(), req.ssh_config)?;
         jumps.push(spec);
@@ -146,7 +176,7 @@ pub fn resolve_up(req: UpRequest<'_>) -> Result<UpConfig, String> {
             Some(path) => Some(path),
             None => Some(
                 crate::paths::runtime_dir()
-                    .map_err(|e| e.to_string())?
+                    .map_err(ResolveError::RuntimeDir)?
                     .join(format!("{}.mux", crate::paths::safe_name(req.name))),
             ),
         },

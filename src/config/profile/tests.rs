@@ -3,10 +3,10 @@
 use super::*;
 use std::time::Duration;
 
-use crate::spec::{ForwardSpec, Kind};
+use crate::config::spec::{ForwardSpec, Kind};
 
 /// Writes `text` to a temp file and loads it explicitly.
-fn load_text(text: &str) -> (tempfile::TempDir, Result<ConfigFile, String>) {
+fn load_text(text: &str) -> (tempfile::TempDir, Result<ConfigFile, ProfileError>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.toml");
     std::fs::write(&path, text).unwrap();
@@ -17,7 +17,7 @@ fn load_text(text: &str) -> (tempfile::TempDir, Result<ConfigFile, String>) {
 /// Asserts that loading `text` fails naming `line`, and every one of `parts`.
 fn expect_err(text: &str, line: usize, parts: &[&str]) -> String {
     let (dir, r) = load_text(text);
-    let e = r.expect_err("should fail");
+    let e = r.expect_err("should fail").to_string();
     let file = display_path(&dir.path().join("config.toml"));
     assert!(
         e.starts_with(&format!("{file}:{line}:")),
@@ -94,7 +94,7 @@ fn good_file() {
     assert_eq!(prod.allow_non_loopback, Some(false));
     assert_eq!(prod.max_backoff, Some(Duration::from_secs(60)));
     assert_eq!(prod.host_key, Some(PathBuf::from("/etc/hk")));
-    let e = cf.get("nope").unwrap_err();
+    let e = cf.get("nope").unwrap_err().to_string();
     assert!(e.contains("lab, prod"), "{e}");
 }
 
@@ -104,7 +104,7 @@ fn missing_files() {
     let path = dir.path().join("absent.toml");
     let cf = load(&path, false).unwrap();
     assert!(cf.profiles.is_empty());
-    let e = load(&path, true).unwrap_err();
+    let e = load(&path, true).unwrap_err().to_string();
     assert!(e.contains("absent.toml"), "{e}");
     assert!(default_path().ends_with("sshshim/config.toml"));
 }
@@ -312,7 +312,9 @@ fn env_lookup() {
     assert_eq!(p.max_upstreams, Some(2));
 
     let bad = |name: &'static str, val: &'static str| {
-        from_vars(move |n: &str| (n == name).then(|| OsString::from(val))).unwrap_err()
+        from_vars(move |n: &str| (n == name).then(|| OsString::from(val)))
+            .unwrap_err()
+            .to_string()
     };
     let e = bad("SSHSHIM_PORT", "abc");
     assert!(e.contains("SSHSHIM_PORT") && e.contains("integer"), "{e}");
@@ -546,6 +548,7 @@ mod fuzz {
                         .find(|(k, _)| name == format!("SSHSHIM_{}", k.to_ascii_uppercase()))
                         .map(|(_, v)| v.into())
                 })
+                .map_err(|e| e.to_string())
             });
             if let Err(e) = r {
                 is_message("profile::from_vars", &e);
@@ -627,6 +630,8 @@ mod fuzz {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, b"[profile.p]\n\xff\xfe = 1\n").unwrap();
         let e = load(&path, true).unwrap_err();
+        assert!(matches!(e, ProfileError::Read { .. }), "{e}");
+        let e = e.to_string();
         assert!(e.contains("bad.toml") && e.contains("cannot read"), "{e}");
     }
 }
