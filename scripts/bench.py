@@ -1529,6 +1529,10 @@ SetEnv HOME=%s/home
                   "`-o ControlPath=SOCK -o ControlMaster=no`, the same `-p PORT` as the ControlMaster clients "
                   "(so neither client looks up the ssh service's port) and a host name that does not resolve "
                   "(a failing socket is an error, never a silent direct connection).")
+        md.append("- **sshshim endpoint, --resume** (exec, cat, 50 ms RTT exec; issue 20): a second sshshim "
+                  "(and a second one behind the delay proxy) with `--resume --mux none`, clients as for the "
+                  "endpoint; every session runs under the remote helper, which is uploaded before the "
+                  "first round. Its ratios are against the plain endpoint.")
         md.append("- -L tests: a Python sink/source behind the forward (recv_into 4 MiB buffers / os.sendfile); "
                   "time from request to last byte (upload: until the sink acknowledges all bytes).")
         md.append("- exec cat: `head -c N /dev/zero | ssh … 'cat > /dev/null'` and `ssh … 'head -c N /dev/zero'` "

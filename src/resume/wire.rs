@@ -299,37 +299,7 @@ impl Frame {
             }
             Frame::Start(s) => {
                 out.put_u8(tag::START);
-                out.put_slice(&s.secret.0);
-                out.put_slice(&s.owner);
-                out.put_slice(&s.run);
-                match &s.command {
-                    Command::Shell => out.put_u8(0),
-                    Command::Exec(c) => {
-                        out.put_u8(1);
-                        put_bytes(out, c);
-                    }
-                    Command::Subsystem(n) => {
-                        out.put_u8(2);
-                        put_bytes(out, n.as_bytes());
-                    }
-                }
-                match &s.pty {
-                    None => out.put_u8(0),
-                    Some(p) => {
-                        out.put_u8(1);
-                        put_bytes(out, p.term.as_bytes());
-                        for v in [p.cols, p.rows, p.px, p.py] {
-                            out.put_u32(v);
-                        }
-                        out.put_u32(p.modes.len() as u32);
-                        for (op, v) in &p.modes {
-                            out.put_u8(*op);
-                            out.put_u32(*v);
-                        }
-                    }
-                }
-                out.put_u32(s.timeout_secs);
-                out.put_u32(s.buffer);
+                encode_start(s, out);
             }
             Frame::Started => out.put_u8(tag::STARTED),
             Frame::Resume {
@@ -431,6 +401,41 @@ impl Frame {
         }
         Ok(Some(frame))
     }
+}
+
+/// The fields of a `Start` frame.
+fn encode_start(s: &StartSpec, out: &mut BytesMut) {
+    out.put_slice(&s.secret.0);
+    out.put_slice(&s.owner);
+    out.put_slice(&s.run);
+    match &s.command {
+        Command::Shell => out.put_u8(0),
+        Command::Exec(c) => {
+            out.put_u8(1);
+            put_bytes(out, c);
+        }
+        Command::Subsystem(n) => {
+            out.put_u8(2);
+            put_bytes(out, n.as_bytes());
+        }
+    }
+    match &s.pty {
+        None => out.put_u8(0),
+        Some(p) => {
+            out.put_u8(1);
+            put_bytes(out, p.term.as_bytes());
+            for v in [p.cols, p.rows, p.px, p.py] {
+                out.put_u32(v);
+            }
+            out.put_u32(p.modes.len() as u32);
+            for (op, v) in &p.modes {
+                out.put_u8(*op);
+                out.put_u32(*v);
+            }
+        }
+    }
+    out.put_u32(s.timeout_secs);
+    out.put_u32(s.buffer);
 }
 
 /// Reads fields off a frame body.
