@@ -20,20 +20,8 @@ fn shim_works(env: &TestEnv, shim: &Shim) -> bool {
 /// sshd, a fault proxy in front of it, and a shim that connects through the
 /// proxy (with a known_hosts entry for the proxy's port).
 fn proxied(env: &TestEnv, sshd: &Sshd, shim_args: &[&str]) -> (FaultProxy, Shim) {
-    let proxy = FaultProxy::start(sshd.port());
-    let kh = env.path(&format!("kh_proxy_{}", proxy.port()));
-    std::fs::write(
-        &kh,
-        format!("[127.0.0.1]:{} {}\n", proxy.port(), env.host_key_line()),
-    )
-    .unwrap();
-    let shim = env
-        .shim_builder(proxy.port())
-        .known_hosts(&kh)
-        .args(shim_args)
-        .env("RUST_LOG", "sshshim=debug")
-        .start();
-    (proxy, shim)
+    let (proxy, builder) = through_proxy(env, sshd);
+    (proxy, builder.args(shim_args).start())
 }
 
 /// Counts open file descriptors of a process.

@@ -15,21 +15,8 @@ use support::*;
 /// sshd, a fault proxy in front of it, and a shim with `--resume` (plus
 /// `args`) that connects through the proxy.
 fn proxied(env: &TestEnv, sshd: &Sshd, args: &[&str]) -> (FaultProxy, Shim) {
-    let proxy = FaultProxy::start(sshd.port());
-    let kh = env.path(&format!("kh_proxy_{}", proxy.port()));
-    std::fs::write(
-        &kh,
-        format!("[127.0.0.1]:{} {}\n", proxy.port(), env.host_key_line()),
-    )
-    .unwrap();
-    let shim = env
-        .shim_builder(proxy.port())
-        .known_hosts(&kh)
-        .arg("--resume")
-        .args(args)
-        .env("RUST_LOG", "sshshim=debug")
-        .start();
-    (proxy, shim)
+    let (proxy, builder) = through_proxy(env, sshd);
+    (proxy, builder.arg("--resume").args(args).start())
 }
 
 /// Kills a client process on drop, so a failing test leaves none behind.

@@ -451,3 +451,21 @@ impl Shim {
         )
     }
 }
+
+/// A fault proxy in front of `sshd`, and a shim builder that connects
+/// through it (with a known_hosts entry for the proxy's port) and logs at
+/// debug level, for the fault tests.
+pub fn through_proxy(env: &TestEnv, sshd: &Sshd) -> (super::FaultProxy, ShimBuilder) {
+    let proxy = super::FaultProxy::start(sshd.port());
+    let kh = env.path(&format!("kh_proxy_{}", proxy.port()));
+    fs::write(
+        &kh,
+        format!("[127.0.0.1]:{} {}\n", proxy.port(), env.host_key_line()),
+    )
+    .unwrap();
+    let builder = env
+        .shim_builder(proxy.port())
+        .known_hosts(&kh)
+        .env("RUST_LOG", "sshshim=debug");
+    (proxy, builder)
+}
