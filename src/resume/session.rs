@@ -521,6 +521,8 @@ impl Task {
             Command::Shell => wr.request_shell(true).await,
             Command::Exec(c) => wr.exec(true, c).await,
             Command::Subsystem(n) => wr.request_subsystem(true, n).await,
+            // Never asked by a local client.
+            Command::Forwards => Err(russh::Error::RequestDenied),
         };
         if sent.is_err() {
             self.emit(ChannelMsg::Failure).await;
@@ -589,6 +591,7 @@ impl Task {
             Command::Shell => "shell",
             Command::Exec(_) => "exec",
             Command::Subsystem(_) => "subsystem",
+            Command::Forwards => "forwards",
         };
         let started = async {
             att.wr

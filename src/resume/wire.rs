@@ -11,6 +11,27 @@
 //!
 //! A frame is a big-endian `u32` body length, then the body: a tag byte and
 //! the fields. Strings and byte strings are a `u32` length and the bytes.
+//!
+//! Forwarded TCP connections (issue 24) share one helper per sshshim: it
+//! is started like a session with [`Command::Forwards`], and every
+//! connection's frames travel wrapped in [`Frame::Conn`] with the
+//! connection's number, reusing the session frames:
+//! - `->` [`Frame::Connect`] opens it; `<-` [`Frame::Started`] or
+//!   [`Frame::OpenFailed`] (the channel-open failure sshd would give).
+//! - Bytes to the target are [`Stream::Stdin`], from it [`Stream::Stdout`],
+//!   with [`Frame::Data`], [`Frame::Ack`] and [`Frame::Eof`] (half-close)
+//!   as for a session.
+//! - `<-` [`Frame::Closed`]: the target connection is over (both ways
+//!   ended, or it failed); everything sent before it is still delivered.
+//!   `->` [`Frame::Done`] once the client has it all: the helper forgets
+//!   the connection. `->` [`Frame::Hangup`]: the local end is gone; the
+//!   helper closes the target connection and forgets it.
+//! - After a reconnect the client resumes the helper (`Resume`, with zero
+//!   offsets), then each connection it still has with a wrapped `Resume`
+//!   (its `have_out` is what it has from the target); the helper answers
+//!   `Resumed` (what it has written to the target) or `Refused` (it no
+//!   longer has it). A connection whose `Connect` was not yet answered is
+//!   answered later with `Started` or `OpenFailed` as usual.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -107,6 +128,9 @@ pub enum Command {
     Exec(Vec<u8>),
     /// `subsystem`: its name (the helper finds the program sshd names).
     Subsystem(String),
+    /// No command: the helper carries forwarded TCP connections
+    /// ([`Frame::Conn`]) and holds them while sshshim is away.
+    Forwards,
 }
 
 /// A pty the helper allocates for the command (sshd never gets a
@@ -243,6 +267,32 @@ pub enum Frame {
         /// Its current run.
         run: Run,
     },
+    /// Both ways, on a [`Command::Forwards`] helper: `frame` is about
+    /// forwarded connection `conn` (numbered by the client). Never nested.
+    Conn {
+        /// The connection.
+        conn: u32,
+        /// What about it.
+        frame: Box<Frame>,
+    },
+    /// `->` (in [`Frame::Conn`]) connect to `host`:`port`, as sshd's
+    /// `direct-tcpip` would.
+    Connect {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u32,
+    },
+    /// `<-` (in [`Frame::Conn`]) the connection could not be made: the
+    /// SSH channel-open failure code (RFC 4254 5.1) and its reason.
+    OpenFailed {
+        /// e.g. 2, `SSH_OPEN_CONNECT_FAILED`.
+        code: u32,
+        /// e.g. "Connection refused".
+        reason: String,
+    },
+    /// `<-` (in [`Frame::Conn`]) the target connection is over.
+    Closed,
 }
 
 /// A frame that cannot be decoded.
@@ -273,6 +323,10 @@ mod tag {
     pub const DONE: u8 = 13;
     pub const HANGUP: u8 = 14;
     pub const REAP: u8 = 15;
+    pub const CONN: u8 = 16;
+    pub const CONNECT: u8 = 17;
+    pub const OPEN_FAILED: u8 = 18;
+    pub const CLOSED: u8 = 19;
 }
 
 /// Appends a length-prefixed byte string.
@@ -368,6 +422,22 @@ impl Frame {
                 out.put_slice(owner);
                 out.put_slice(run);
             }
+            Frame::Conn { conn, frame } => {
+                out.put_u8(tag::CONN);
+                out.put_u32(*conn);
+                frame.encode(out);
+            }
+            Frame::Connect { host, port } => {
+                out.put_u8(tag::CONNECT);
+                put_bytes(out, host.as_bytes());
+                out.put_u32(*port);
+            }
+            Frame::OpenFailed { code, reason } => {
+                out.put_u8(tag::OPEN_FAILED);
+                out.put_u32(*code);
+                put_bytes(out, reason.as_bytes());
+            }
+            Frame::Closed => out.put_u8(tag::CLOSED),
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -418,6 +488,7 @@ fn encode_start(s: &StartSpec, out: &mut BytesMut) {
             out.put_u8(2);
             put_bytes(out, n.as_bytes());
         }
+        Command::Forwards => out.put_u8(3),
     }
     match &s.pty {
         None => out.put_u8(0),
@@ -502,6 +573,7 @@ fn parse(body: &mut Bytes) -> Result<Frame, WireError> {
                 0 => Command::Shell,
                 1 => Command::Exec(f.bytes()?.to_vec()),
                 2 => Command::Subsystem(f.string()?),
+                3 => Command::Forwards,
                 _ => return Err(WireError::Malformed("unknown command kind")),
             };
             let pty = if f.bool()? {
@@ -579,6 +651,32 @@ fn parse(body: &mut Bytes) -> Result<Frame, WireError> {
             owner: f.array()?,
             run: f.array()?,
         },
+        tag::CONN => {
+            let conn = f.u32()?;
+            let len = f.u32()? as usize;
+            f.need(len)?;
+            let mut inner = f.0.split_to(len);
+            let frame = parse(&mut inner)?;
+            if inner.has_remaining() {
+                return Err(WireError::Malformed("trailing bytes"));
+            }
+            if matches!(frame, Frame::Conn { .. }) {
+                return Err(WireError::Malformed("nested connection frame"));
+            }
+            Frame::Conn {
+                conn,
+                frame: Box::new(frame),
+            }
+        }
+        tag::CONNECT => Frame::Connect {
+            host: f.string()?,
+            port: f.u32()?,
+        },
+        tag::OPEN_FAILED => Frame::OpenFailed {
+            code: f.u32()?,
+            reason: f.string()?,
+        },
+        tag::CLOSED => Frame::Closed,
         _ => return Err(WireError::Malformed("unknown frame")),
     })
 }
@@ -774,6 +872,11 @@ mod tests {
                 ..spec.clone()
             })),
             Frame::Start(Box::new(StartSpec {
+                command: Command::Forwards,
+                pty: None,
+                ..spec.clone()
+            })),
+            Frame::Start(Box::new(StartSpec {
                 command: Command::Shell,
                 ..spec
             })),
@@ -812,6 +915,32 @@ mod tests {
             }),
             Frame::Done,
             Frame::Hangup,
+            Frame::Conn {
+                conn: 9,
+                frame: Box::new(Frame::Data {
+                    stream: Stream::Stdout,
+                    offset: 5,
+                    data: Bytes::from_static(b"down"),
+                }),
+            },
+            Frame::Conn {
+                conn: 3,
+                frame: Box::new(Frame::Connect {
+                    host: "localhost".into(),
+                    port: 5432,
+                }),
+            },
+            Frame::Conn {
+                conn: 3,
+                frame: Box::new(Frame::OpenFailed {
+                    code: 2,
+                    reason: "Connection refused".into(),
+                }),
+            },
+            Frame::Conn {
+                conn: u32::MAX,
+                frame: Box::new(Frame::Closed),
+            },
             Frame::Reap {
                 owner: [4; 16],
                 run: [5; 16],

@@ -43,6 +43,9 @@ pub enum SpawnError {
         /// The sshd_config read.
         config: std::path::PathBuf,
     },
+    /// A forwards helper runs no command (its daemon carries connections).
+    #[error("a helper for forwarded connections runs no command")]
+    NoCommand,
     /// The shell could not be started.
     #[error("cannot start {}: {source}", shell.display())]
     Start {
@@ -86,6 +89,7 @@ pub fn spawn(spec: &StartSpec) -> Result<Spawned, SpawnError> {
                 });
             }
         },
+        Command::Forwards => return Err(SpawnError::NoCommand),
     }
     if let Some(home) = paths::home_dir() {
         cmd.current_dir(home);
