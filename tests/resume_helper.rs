@@ -776,3 +776,59 @@ fn shell_is_a_login_shell_in_the_home_directory() {
     p.send(&Frame::Done);
     env.wait_no_socket(&id);
 }
+
+#[test]
+fn a_spec_on_the_command_line_starts_at_once_and_the_secret_follows() {
+    let env = Env::new();
+    let secret = Secret::random();
+    let s = spec(
+        "echo $$; read a; echo \"got $a\"; read b; echo \"and $b\"; exit 3",
+        &secret,
+    );
+    // No frame sent yet: the command runs and its greeting comes at once.
+    let mut p = env.relay(&["start", &s.to_arg()]);
+    let id = env.hello(&mut p);
+    assert_eq!(p.recv(), Frame::Started);
+    let mut got = Got::default();
+    let pid = first_line_pid(&mut p, &mut got);
+    p.send(&Frame::Start(Box::new(s.clone())));
+    let line = |at: u64, text: &'static [u8]| Frame::Data {
+        stream: Stream::Stdin,
+        offset: at,
+        data: Bytes::from_static(text),
+    };
+    // Its answer shows the daemon read the secret (frames are in order).
+    p.send(&line(0, b"hi\n"));
+    got.until(&mut p, true, |g| g.text().contains("got hi\n"));
+    p.kill();
+    assert!(!gone(pid), "held once its secret arrived");
+    let (mut p, have_in) = env.resume(&id, &secret, got.out.len() as u64, 0);
+    assert_eq!(have_in, 3);
+    p.send(&line(3, b"yo\n"));
+    got.until(&mut p, true, |g| g.exit.is_some());
+    assert_eq!(got.text(), format!("{pid}\ngot hi\nand yo\n"));
+    assert_eq!(got.exit, Some(Exit::Status(3)));
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
+}
+
+#[test]
+fn a_session_whose_secret_never_came_ends_with_its_relay() {
+    let env = Env::new();
+    let s = spec("echo $$; exec sleep 60", &Secret::random());
+    let mut p = env.relay(&["start", &s.to_arg()]);
+    let id = env.hello(&mut p);
+    assert_eq!(p.recv(), Frame::Started);
+    let mut got = Got::default();
+    let pid = first_line_pid(&mut p, &mut got);
+    p.kill();
+    // Nobody could resume it (the zeros placeholder is no secret).
+    env.wait_no_socket(&id);
+    assert!(
+        wait_until(|| gone(pid)),
+        "the command {pid} was left behind"
+    );
+    let bad = env.helper(&["start", "not-a-spec"]).output().unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a session spec"));
+}

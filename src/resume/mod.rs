@@ -197,10 +197,7 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Lower-case hex.
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+use wire::hex;
 
 /// Quotes `s` for a POSIX shell.
 fn shell_quote(s: &str) -> String {

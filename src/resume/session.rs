@@ -35,6 +35,10 @@ const FINISH_WAIT: Duration = Duration::from_secs(5);
 /// Output received unacknowledged that triggers an acknowledgement at once.
 const ACK_EVERY: u64 = 256 * 1024;
 
+/// The longest spec passed on the helper's command line (Linux takes at
+/// most 128 KiB per argument); a longer one goes in the `Start` frame.
+const MAX_SPEC_ARG: usize = 64 * 1024;
+
 /// What the local side asks of the session.
 enum Cmd {
     /// Stdin bytes (credits already taken).
@@ -594,12 +598,6 @@ impl Task {
             Command::Forwards => "forwards",
         };
         let started = async {
-            att.wr
-                .exec(true, self.helper.command("start"))
-                .await
-                .map_err(|e| e.to_string())?;
-            // Sent at once, not after the helper's greeting: it waits in the
-            // channel until the helper reads it, and a round trip is saved.
             let spec = wire::StartSpec {
                 secret: self.secret.clone(),
                 owner: self.resume.owner,
@@ -609,6 +607,20 @@ impl Task {
                 timeout_secs: self.resume.settings.timeout.as_secs().min(u32::MAX as u64) as u32,
                 buffer: super::BUFFER,
             };
+            // The spec (all but the secret) rides on the exec, so the command
+            // starts before sshd opens the channel's window: a `Start` frame
+            // alone would wait for that window, a round trip more.
+            let arg = spec.to_arg();
+            let args = if arg.len() <= MAX_SPEC_ARG {
+                format!("start {arg}")
+            } else {
+                "start".to_owned()
+            };
+            att.wr
+                .exec(true, self.helper.command(&args))
+                .await
+                .map_err(|e| e.to_string())?;
+            // Then the secret (or, for a long command, the whole spec).
             att.send(&Frame::Start(Box::new(spec)))
                 .await
                 .map_err(|e| e.to_string())?;

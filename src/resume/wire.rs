@@ -473,6 +473,47 @@ impl Frame {
     }
 }
 
+impl StartSpec {
+    /// The spec as one command-line argument for `remote-helper start`, so
+    /// the helper starts the command without waiting for a frame: sshd
+    /// opens a session channel's window only once the exec runs, so a
+    /// `Start` frame would cost a round trip more. The secret is left out
+    /// (zeros): it follows in the `Start` frame, never on a command line.
+    pub fn to_arg(&self) -> String {
+        let mut b = BytesMut::new();
+        Frame::Start(Box::new(StartSpec {
+            secret: Secret([0; 32]),
+            ..self.clone()
+        }))
+        .encode(&mut b);
+        hex(&b)
+    }
+
+    /// The spec from [`StartSpec::to_arg`]'s text; its secret is zeros.
+    pub fn from_arg(arg: &str) -> Result<StartSpec, WireError> {
+        let bytes = unhex(arg).ok_or(WireError::Malformed("not hexadecimal"))?;
+        match Frame::decode(&mut BytesMut::from(&bytes[..]))? {
+            Some(Frame::Start(spec)) => Ok(*spec),
+            _ => Err(WireError::Malformed("not a start spec")),
+        }
+    }
+}
+
+/// Lower-case hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Bytes from hexadecimal; `None` for anything else.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len() / 2)
+        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+        .collect()
+}
+
 /// The fields of a `Start` frame.
 fn encode_start(s: &StartSpec, out: &mut BytesMut) {
     out.put_slice(&s.secret.0);
@@ -948,6 +989,33 @@ mod tests {
         ] {
             round_trip(f);
         }
+    }
+
+    #[test]
+    fn a_start_spec_goes_on_the_command_line_without_its_secret() {
+        let spec = StartSpec {
+            secret: Secret([7; 32]),
+            owner: [1; 16],
+            run: [2; 16],
+            command: Command::Exec(b"printf '%s' \"$HOME\"".to_vec()),
+            pty: None,
+            timeout_secs: 600,
+            buffer: 4 << 20,
+        };
+        let arg = spec.to_arg();
+        assert!(arg.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(!arg.contains(&hex(&[7; 32])));
+        let back = StartSpec::from_arg(&arg).unwrap();
+        assert_eq!(back.secret, Secret([0; 32]));
+        assert_eq!(
+            StartSpec {
+                secret: Secret([7; 32]),
+                ..back
+            },
+            spec
+        );
+        assert!(StartSpec::from_arg("zz").is_err());
+        assert!(StartSpec::from_arg(&hex(&Frame::Done.to_bytes())).is_err());
     }
 
     #[test]

@@ -51,8 +51,15 @@ const KILL_AFTER: Duration = Duration::from_secs(5);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Runs the daemon for `listener` until its session ends; the socket at
-/// `path` is removed in any case.
-pub fn run(listener: std::os::unix::net::UnixListener, path: PathBuf, id: SessionId) {
+/// `path` is removed in any case. With `spec` (from `start`'s argument)
+/// the command starts at once, and the first connection is attached to
+/// it without waiting for a `Start` frame.
+pub fn run(
+    listener: std::os::unix::net::UnixListener,
+    path: PathBuf,
+    id: SessionId,
+    spec: Option<StartSpec>,
+) {
     /// Removes the socket when the daemon ends, however it ends.
     struct Remove(PathBuf);
     impl Drop for Remove {
@@ -86,7 +93,11 @@ pub fn run(listener: std::os::unix::net::UnixListener, path: PathBuf, id: Sessio
             session: None,
             timer: None,
             ending: false,
+            early: None,
         };
+        if let Some(spec) = spec {
+            d.start_early(spec);
+        }
         d.serve().await;
         d.flush().await;
     });
@@ -196,6 +207,15 @@ struct Daemon {
     timer: Option<Pin<Box<Sleep>>>,
     /// Set when the daemon should end.
     ending: bool,
+    /// A command started from `start`'s argument, until its first
+    /// connection attaches (`Ok`) or is told why it could not start.
+    early: Option<Result<(), String>>,
+}
+
+/// Whether the session's secret is still to come: a session started from
+/// `start`'s argument learns it from the first attachment's `Start`.
+fn secret_pending(s: &Session) -> bool {
+    s.spec.secret.matches(&wire::Secret([0; 32]))
 }
 
 impl Daemon {
@@ -305,6 +325,22 @@ impl Daemon {
         }
     }
 
+    /// Starts the command from `start`'s argument, before anyone connects.
+    fn start_early(&mut self, spec: StartSpec) {
+        let started = child::spawn(&spec)
+            .map_err(|e| e.to_string())
+            .and_then(|sp| {
+                Session::new(spec, sp).map_err(|e| format!("cannot watch the command: {e}"))
+            });
+        self.early = Some(match started {
+            Ok(s) => {
+                self.session = Some(s);
+                Ok(())
+            }
+            Err(why) => Err(why),
+        });
+    }
+
     /// A new connection: greeted, then pending until it starts or resumes.
     fn accepted(&mut self, stream: tokio::net::UnixStream) {
         if check_peer(&stream).is_err() {
@@ -336,12 +372,28 @@ impl Daemon {
         let magic = Bytes::from_static(wire::MAGIC);
         conn.queued.fetch_add(magic.len(), Ordering::Relaxed);
         let _ = conn.tx.send(magic);
+        let early = self.early.take();
         conn.send(&Frame::Hello {
             version: wire::VERSION,
             session: self.id,
-            fresh: self.session.is_none(),
+            fresh: self.session.is_none() || early.is_some(),
         });
-        self.pending.insert(generation, conn);
+        match early {
+            // The relay that started us: it has the command already.
+            Some(Ok(())) => {
+                conn.send(&Frame::Started);
+                self.attached = Some(conn);
+            }
+            Some(Err(why)) => {
+                conn.send(&Frame::Refused(why));
+                // Kept so `flush` lets the refusal out.
+                self.pending.insert(generation, conn);
+                self.ending = true;
+            }
+            None => {
+                self.pending.insert(generation, conn);
+            }
+        }
     }
 
     /// A connection's event.
@@ -373,7 +425,12 @@ impl Daemon {
         self.attached = None;
         match &self.session {
             Some(s) => {
-                let secs = u64::from(s.spec.timeout_secs);
+                // Without its secret nobody can resume it: end it now.
+                let secs = if secret_pending(s) {
+                    0
+                } else {
+                    u64::from(s.spec.timeout_secs)
+                };
                 self.timer = Some(Box::pin(tokio::time::sleep(Duration::from_secs(secs))));
             }
             None => self.ending = true,
@@ -412,7 +469,7 @@ impl Daemon {
                     c.send(&Frame::Refused("the session was never started".into()));
                     return;
                 };
-                if !s.spec.secret.matches(&secret) {
+                if secret_pending(s) || !s.spec.secret.matches(&secret) {
                     c.send(&Frame::Refused("wrong secret".into()));
                     return;
                 }
@@ -477,6 +534,12 @@ impl Daemon {
                 if let (None, Some(sig)) = (&s.exit, child::signal_number(&name)) {
                     child::kill(s.pid, sig);
                 }
+                Ok(())
+            }
+            Frame::Start(spec)
+                if secret_pending(s) && !spec.secret.matches(&wire::Secret([0; 32])) =>
+            {
+                s.spec.secret = spec.secret.clone();
                 Ok(())
             }
             Frame::Hangup | Frame::Done => {

@@ -3,8 +3,9 @@
 //! sshd starts it on an exec channel (stdin and stdout are the channel):
 //! - `version`: one line with the helper's and the protocol's version, then
 //!   how sshd runs the sftp subsystem ([`sshd`]).
-//! - `start`: binds a new session's socket, forks the session's daemon
-//!   ([`daemon`]) and relays the channel to it ([`relay`]).
+//! - `start [SPEC]`: binds a new session's socket, forks the session's
+//!   daemon ([`daemon`]) and relays the channel to it ([`relay`]); with
+//!   SPEC the command starts at once (its secret follows in a frame).
 //! - `attach ID`: relays the channel to a held session.
 //! - `reap OWNER RUN`: asks every held session to end if it belongs to
 //!   OWNER's previous runs.
@@ -67,11 +68,12 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             print!("{}", version_text());
             Ok(())
         }
-        ["start"] => relay::start(),
+        ["start"] => relay::start(None),
+        ["start", spec] => relay::start(Some(spec)),
         ["attach", id] => relay::attach(id),
         ["reap", owner, run] => relay::reap(owner, run),
         _ => Err(HelperError::Usage(
-            "usage: sshshim remote-helper version | start | attach ID | reap OWNER RUN",
+            "usage: sshshim remote-helper version | start [SPEC] | attach ID | reap OWNER RUN",
         )),
     };
     match result {

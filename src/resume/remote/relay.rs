@@ -22,9 +22,14 @@ use crate::resume::wire::{self, Frame, SessionId};
 /// How long `reap` waits for one session's greeting.
 const REAP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `start`: a new session. Its socket is bound before the fork, so the
-/// relay can connect at once and the daemon owns the listener.
-pub fn start() -> Result<(), HelperError> {
+/// `start [SPEC]`: a new session. Its socket is bound before the fork, so
+/// the relay can connect at once and the daemon owns the listener. With
+/// SPEC ([`wire::StartSpec::to_arg`]) the command starts at once.
+pub fn start(spec: Option<&str>) -> Result<(), HelperError> {
+    let spec = spec
+        .map(wire::StartSpec::from_arg)
+        .transpose()
+        .map_err(|_| HelperError::Usage("start's argument is not a session spec"))?;
     let dir = run_dir()?;
     let id: SessionId = rand::random();
     let path = socket_path(&dir, &id);
@@ -44,7 +49,7 @@ pub fn start() -> Result<(), HelperError> {
         }
         0 => {
             detach_from_sshd();
-            daemon::run(listener, path, id);
+            daemon::run(listener, path, id, spec);
             std::process::exit(0);
         }
         _ => {

@@ -22,21 +22,11 @@ pub fn run_dir() -> Result<PathBuf, HelperError> {
     Ok(dir)
 }
 
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::resume::wire::hex;
 
 /// 16 bytes from 32 hex digits; `None` for anything else.
 pub fn parse_id(s: &str) -> Option<[u8; 16]> {
-    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
+    crate::resume::wire::unhex(s)?.try_into().ok()
 }
 
 /// The socket of session `id` in `dir`.
