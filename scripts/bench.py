@@ -650,6 +650,8 @@ SetEnv HOME=%s/home
         for c in ("direct", "ControlMaster", "sshshim"):
             self.fwd[c] = self.open_forwards(c, False, {"sink": self.sink_port, "echo": self.echo_port})
             self.fwd[c + "@rtt"] = self.open_forwards(c, True, {"sink": self.sink_port})
+        # a client -L through the --resume shim (issue 24: resumable forwarded connections)
+        self.fwd["resume"] = self.open_forwards("resume", False, {"sink": self.sink_port, "echo": self.echo_port})
 
     def shim_env(self, name):
         """Private state, runtime (control socket) and config directories per
@@ -793,6 +795,21 @@ SetEnv HOME=%s/home
         finally:
             s.close()
 
+    def m_connect(self, contender):
+        """A forwarded connection's set-up: connect through the -L, one echo
+        round trip (the upstream channel is open by then), close."""
+        port = self.fwd[contender]["echo"]
+        t0 = time.perf_counter()
+        s = socket.create_connection(("127.0.0.1", port), timeout=self.a.timeout)
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(b"x\n")
+            if read_line(s) != "x":
+                raise RuntimeError("no echo")
+            return time.perf_counter() - t0
+        finally:
+            s.close()
+
     def m_cat(self, contender, direction, n, rtt=False):
         t = self.target(contender, rtt)
         if direction == "up":
@@ -855,10 +872,12 @@ SetEnv HOME=%s/home
         short = {"exec": "exec latency", "exec_cfg": "exec, ssh-config block", "fwd_up": "-L upload",
                  "fwd_down": "-L download", "cat_up": "cat upload", "cat_down": "cat download",
                  "sftp_put": "sftp put", "sftp_get": "sftp get", "rtt_exec": "RTT: exec latency",
-                 "rtt_fwd_down": "RTT: -L download", "rtt_cat_down": "RTT: cat download"}
+                 "rtt_fwd_down": "RTT: -L download", "rtt_cat_down": "RTT: cat download",
+                 "fwd_connect": "-L connection set-up"}
         three = ("direct", "ControlMaster", "sshshim")
         four = three + ("mux",)
         five = four + ("resume",)
+        fwd4 = three + ("resume",)
 
         # cs: the contenders of the test, interleaved in each round
         def add(key, label, kind, n, fn, cs, runs=1):
@@ -869,9 +888,11 @@ SetEnv HOME=%s/home
         add("exec_cfg", "exec `ssh … true`, endpoint through the `sshshim ssh-config` Host block (ms)",
             "latency", 0, lambda c: self.m_exec(c), ("ControlMaster", "sshshim-cfg"), a.exec_runs)
         add("fwd_up", "-L upload %s (MiB/s)" % sz(a.fwd_mib), "tput", a.fwd_mib * MiB,
-            lambda c: self.m_fwd(c, "up", a.fwd_mib * MiB), three)
+            lambda c: self.m_fwd(c, "up", a.fwd_mib * MiB), fwd4)
         add("fwd_down", "-L download %s (MiB/s)" % sz(a.fwd_mib), "tput", a.fwd_mib * MiB,
-            lambda c: self.m_fwd(c, "down", a.fwd_mib * MiB), three)
+            lambda c: self.m_fwd(c, "down", a.fwd_mib * MiB), fwd4)
+        add("fwd_connect", "-L connection: connect, one echo, close (ms)", "latency", 0,
+            lambda c: self.m_connect(c), fwd4, a.exec_runs)
         add("cat_up", "exec cat upload %s (MiB/s)" % sz(a.cat_mib), "tput", a.cat_mib * MiB,
             lambda c: self.m_cat(c, "up", a.cat_mib * MiB), five)
         add("cat_down", "exec cat download %s (MiB/s)" % sz(a.cat_mib), "tput", a.cat_mib * MiB,
@@ -902,10 +923,12 @@ SetEnv HOME=%s/home
         rtt = key.startswith("rtt_")
         client = self.fwd_proc.get(c + ("@rtt" if rtt else ""))
         names = {"direct": "ssh -L client", "ControlMaster": "ControlMaster process",
-                 "sshshim": "sshshim's ssh -L client"}
+                 "sshshim": "sshshim's ssh -L client", "resume": "the --resume sshshim's ssh -L client"}
         out = [("%s: %s" % (c, names[c]), client)] if client else []
         if c == "sshshim":
             out.append(("sshshim: sshshim", self.shim_pid_for(key)))
+        if c == "resume":
+            out.append(("resume: sshshim --resume", self.shim_res.pid))
         return out
 
     def run_rounds(self):
@@ -959,7 +982,7 @@ SetEnv HOME=%s/home
                     self.results[t["key"]][c].append(v)
 
     # ---- concurrency + memory ------------------------------------------
-    def many_connections(self, port, n):
+    def many_connections(self, port, n, shim):
         async def one(i, sem, held):
             async with sem:
                 try:
@@ -986,7 +1009,7 @@ SetEnv HOME=%s/home
             snap = {"open": len(held), "seconds": dt,
                     "errors": sum(1 for e in errs if e),
                     "kinds": sorted(set(e for e in errs if e))}
-            snap["shim_mem"] = proc_mem(self.shim.pid)
+            snap["shim_mem"] = proc_mem(shim.pid)
             # still alive? exchange once more on every held connection
             for w in held:
                 w.close()
@@ -1001,17 +1024,18 @@ SetEnv HOME=%s/home
         (the direct and ControlMaster phases do not touch it)."""
         n = self.a.conns
         self.hwm_reset_ok = reset_hwm(self.shim.pid) and getattr(self, "hwm_reset_ok", True)
-        for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L"):
+        for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L", "resume"):
             port = self.shim_owned_echo if c == "sshshim-owned -L" else self.fwd[c]["echo"]
             log("%d concurrent forwarded connections via %s" % (n, c if c.endswith("-L") else c + " (client -L)"))
-            if c.startswith("sshshim"):
-                self.hwm_reset_ok = reset_hwm(self.shim.pid) and self.hwm_reset_ok
-                before = proc_mem(self.shim.pid)["VmRSS"]
+            shim = self.shim_res if c == "resume" else self.shim
+            if c.startswith("sshshim") or c == "resume":
+                self.hwm_reset_ok = reset_hwm(shim.pid) and self.hwm_reset_ok
+                before = proc_mem(shim.pid)["VmRSS"]
             try:
-                self.conc[c] = self.many_connections(port, n)
-                if c.startswith("sshshim"):
+                self.conc[c] = self.many_connections(port, n, shim)
+                if c.startswith("sshshim") or c == "resume":
                     self.conc[c]["rss_before"] = before
-                    self.conc[c]["hwm"] = proc_mem(self.shim.pid)["VmHWM"]
+                    self.conc[c]["hwm"] = proc_mem(shim.pid)["VmHWM"]
                 log("  %s: %d errors, %.2f s, shim RSS %.1f MiB%s" %
                     (c, self.conc[c]["errors"], self.conc[c]["seconds"], self.conc[c]["shim_mem"]["VmRSS"],
                      ", peak %.1f MiB" % self.conc[c]["hwm"] if "hwm" in self.conc[c] else ""))
@@ -1377,6 +1401,14 @@ SetEnv HOME=%s/home
               "sshshim", True, 1.3)
         for k in ("cat_down", "cat_up"):
             ratio(i20, "%s with --resume ≥ 0.8× without" % lab(k), k, "r_res", "resume", "sshshim", False, 0.8)
+        i24 = "#24 resumable forwards"
+        ratio(i24, "%s with --resume ≤ 1.3× without" % lab("fwd_connect"), "fwd_connect", "r_res", "resume",
+              "sshshim", True, 1.3)
+        for k in ("fwd_up", "fwd_down"):
+            ratio(i24, "%s with --resume ≥ 0.8× without" % lab(k), k, "r_res", "resume", "sshshim", False, 0.8)
+        if a.conns:
+            mem(i24, "peak RSS, %d concurrent forwarded connections via the --resume sshshim (client -L) ≤ 64 MiB"
+                % a.conns, self.conc.get("resume"), 64)
         if a.tunnels:
             t = self.tun
             desc = "%d sshshim-owned -R tunnels in one supervise: " % a.tunnels
@@ -1403,7 +1435,7 @@ SetEnv HOME=%s/home
         tgt = self.targets(rows)
         tgt_hdr = ["issue", "target", "measured", "result"]
         conc_lines = []
-        for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L"):
+        for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L", "resume"):
             x = self.conc.get(c)
             name = c if c.endswith("-L") else c + " (client -L)"
             if x is None:
@@ -1433,7 +1465,8 @@ SetEnv HOME=%s/home
         for via, x in self.par.items():
             res_lines.append(["peak RSS during %d concurrent %d MiB downloads via %s" % (a.par_downloads, a.par_mib, via),
                               "%.1f MiB" % x["hwm"]])
-        for c, via in (("sshshim", "client -L"), ("sshshim-owned -L", "sshshim-owned -L")):
+        for c, via in (("sshshim", "client -L"), ("sshshim-owned -L", "sshshim-owned -L"),
+                       ("resume", "client -L, --resume")):
             if c in self.conc:
                 res_lines.append(["RSS with %d forwarded connections open (%s)" % (a.conns, via),
                                   "%.1f MiB" % self.conc[c]["shim_mem"]["VmRSS"]])
@@ -1529,10 +1562,12 @@ SetEnv HOME=%s/home
                   "`-o ControlPath=SOCK -o ControlMaster=no`, the same `-p PORT` as the ControlMaster clients "
                   "(so neither client looks up the ssh service's port) and a host name that does not resolve "
                   "(a failing socket is an error, never a silent direct connection).")
-        md.append("- **sshshim endpoint, --resume** (exec, cat, 50 ms RTT exec; issue 20): a second sshshim "
+        md.append("- **sshshim endpoint, --resume** (exec, cat, 50 ms RTT exec; issue 20; -L set-up, -L bulk and "
+                  "the 1,000 connections, issue 24): a second sshshim "
                   "(and a second one behind the delay proxy) with `--resume --mux none`, clients as for the "
-                  "endpoint; every session runs under the remote helper, which is uploaded before the "
-                  "first round. Its ratios are against the plain endpoint.")
+                  "endpoint (a client `ssh -L` for the forwards); every session runs under the remote helper, "
+                  "which is uploaded before the first round, and every forwarded connection goes through its "
+                  "forwards helper. Its ratios are against the plain endpoint.")
         md.append("- -L tests: a Python sink/source behind the forward (recv_into 4 MiB buffers / os.sendfile); "
                   "time from request to last byte (upload: until the sink acknowledges all bytes).")
         md.append("- exec cat: `head -c N /dev/zero | ssh … 'cat > /dev/null'` and `ssh … 'head -c N /dev/zero'` "
