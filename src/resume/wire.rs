@@ -325,10 +325,9 @@ impl Frame {
                 offset,
                 data,
             } => {
-                out.put_u8(tag::DATA);
-                out.put_u8(*stream as u8);
-                out.put_u64(*offset);
-                put_bytes(out, data);
+                // The header's own length prefix is rewritten below.
+                out.put_slice(&data_header(*stream, *offset, data.len())[4..]);
+                out.put_slice(data);
             }
             Frame::Ack { stream, upto } => {
                 out.put_u8(tag::ACK);
@@ -401,6 +400,21 @@ impl Frame {
         }
         Ok(Some(frame))
     }
+}
+
+/// Bytes of a data frame before its data.
+pub const DATA_HEADER: usize = 18;
+
+/// A data frame's header for `len` bytes of `stream` at `offset`: sent
+/// before the data itself, a frame is written without copying the data.
+pub fn data_header(stream: Stream, offset: u64, len: usize) -> [u8; DATA_HEADER] {
+    let mut h = [0u8; DATA_HEADER];
+    h[..4].copy_from_slice(&((DATA_HEADER - 4 + len) as u32).to_be_bytes());
+    h[4] = tag::DATA;
+    h[5] = stream as u8;
+    h[6..14].copy_from_slice(&offset.to_be_bytes());
+    h[14..].copy_from_slice(&(len as u32).to_be_bytes());
+    h
 }
 
 /// The fields of a `Start` frame.

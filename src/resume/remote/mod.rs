@@ -4,8 +4,8 @@
 //! - `version`: one line with the helper's and the protocol's version, then
 //!   how sshd runs the sftp subsystem ([`sshd`]).
 //! - `start`: binds a new session's socket, forks the session's daemon
-//!   ([`daemon`]) and relays the channel to it ([`relay`]).
-//! - `attach ID`: relays the channel to a held session.
+//!   ([`daemon`]) and hands the channel to it ([`relay`], [`handover`]).
+//! - `attach ID`: hands the channel to a held session.
 //! - `reap OWNER RUN`: asks every held session to end if it belongs to
 //!   OWNER's previous runs.
 //!
@@ -14,6 +14,7 @@
 
 mod child;
 mod daemon;
+mod handover;
 mod relay;
 mod rundir;
 mod sshd;
