@@ -29,7 +29,7 @@ pub const MAGIC: &[u8; 12] = b"\0sshshim-rh1";
 pub const MAX_FRAME: usize = 1 << 20;
 
 /// The largest data chunk put in one frame.
-pub const CHUNK: usize = 32 * 1024;
+pub const CHUNK: usize = 64 * 1024;
 
 /// A session id: 128 random bits, also the name of its rendezvous socket.
 pub type SessionId = [u8; 16];

@@ -44,6 +44,9 @@ use crate::resume::wire::{
 /// frames are made (the rest waits in the outboxes).
 const QUEUE_LIMIT: usize = 256 * 1024;
 
+/// The size asked for the channel's pipes (64 KiB by default).
+const CHANNEL_PIPE: libc::c_int = 256 * 1024;
+
 /// Room for each read of a connection's frames.
 const READ_ROOM: usize = 128 * 1024;
 
@@ -52,7 +55,7 @@ const MAX_IOV: usize = 64;
 
 /// Input written to the command between two acks while more is queued
 /// (so the client's window refills before the queue runs dry).
-const ACK_EVERY: u64 = 128 * 1024;
+const ACK_EVERY: u64 = 512 * 1024;
 
 /// How long a command may take to exit after SIGHUP before its process
 /// group gets SIGKILL.
@@ -721,22 +724,23 @@ async fn read_some(
         return std::future::pending().await;
     };
     scratch.reserve(wire::CHUNK);
-    match read_into(fd, scratch).await? {
+    match read_into(fd, scratch, wire::CHUNK).await? {
         0 => Ok(None),
         n => Ok(Some(scratch.split_to(n).freeze())),
     }
 }
 
 /// Reads what is there from `fd` into `buf`'s spare room (which must not
-/// be empty): how many bytes, 0 at its end. The read happens in the poll
-/// that completes, so cancelling loses nothing.
-async fn read_into(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut) -> io::Result<usize> {
+/// be empty), at most `max` bytes: how many, 0 at its end. The read
+/// happens in the poll that completes, so cancelling loses nothing.
+async fn read_into(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
     loop {
         let mut g = fd.readable().await?;
         let spare = buf.spare_capacity_mut();
+        let room = spare.len().min(max);
         let r = g.try_io(|inner| {
-            // SAFETY: `spare` is valid for writing `spare.len()` bytes.
-            let n = unsafe { libc::read(inner.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+            // SAFETY: `spare` is valid for writing `room` bytes.
+            let n = unsafe { libc::read(inner.as_raw_fd(), spare.as_mut_ptr().cast(), room) };
             if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -862,8 +866,13 @@ async fn transport(mut stream: tokio::net::UnixStream, greeting: &[u8]) -> io::R
         .await?;
     match first {
         First::Channel(rd, wr) => {
-            child::set_nonblocking(rd.as_raw_fd())?;
-            child::set_nonblocking(wr.as_raw_fd())?;
+            for fd in [&rd, &wr] {
+                child::set_nonblocking(fd.as_raw_fd())?;
+                // Fewer wakeups on both sides; sshd may give sockets instead
+                // of pipes, which keep their own buffers.
+                // SAFETY: fcntl on a descriptor we own.
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, CHANNEL_PIPE) };
+            }
             Ok(Transport {
                 rd: watch(rd)?,
                 wr: watch(wr)?,
@@ -912,7 +921,7 @@ async fn read_frames(
             }
         }
         buf.reserve(READ_ROOM);
-        match read_into(&rd, &mut buf).await {
+        match read_into(&rd, &mut buf, READ_ROOM).await {
             Ok(0) | Err(_) => {
                 let _ = events.send(Event::Closed(g));
                 return;
