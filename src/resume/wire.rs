@@ -758,6 +758,21 @@ mod tests {
     }
 
     #[test]
+    fn a_data_header_and_its_data_are_the_encoded_frame() {
+        let data = Bytes::from_static(b"some output");
+        let mut sent = data_header(Stream::Stdout, 1 << 33, data.len()).to_vec();
+        sent.extend_from_slice(&data);
+        let f = Frame::Data {
+            stream: Stream::Stdout,
+            offset: 1 << 33,
+            data,
+        };
+        assert_eq!(sent, f.to_bytes());
+        let mut buf = BytesMut::from(&sent[..]);
+        assert_eq!(Frame::decode(&mut buf), Ok(Some(f)));
+    }
+
+    #[test]
     fn every_frame_round_trips() {
         let spec = StartSpec {
             secret: Secret([7; 32]),
