@@ -33,7 +33,7 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 const FINISH_WAIT: Duration = Duration::from_secs(5);
 
 /// Output received unacknowledged that triggers an acknowledgement at once.
-const ACK_EVERY: u64 = 256 * 1024;
+const ACK_EVERY: u64 = 1024 * 1024;
 
 /// The longest spec passed on the helper's command line (Linux takes at
 /// most 128 KiB per argument); a longer one goes in the `Start` frame.

@@ -50,7 +50,7 @@ pub const MAGIC: &[u8; 12] = b"\0sshshim-rh1";
 pub const MAX_FRAME: usize = 1 << 20;
 
 /// The largest data chunk put in one frame.
-pub const CHUNK: usize = 32 * 1024;
+pub const CHUNK: usize = 64 * 1024;
 
 /// A session id: 128 random bits, also the name of its rendezvous socket.
 pub type SessionId = [u8; 16];
@@ -379,10 +379,9 @@ impl Frame {
                 offset,
                 data,
             } => {
-                out.put_u8(tag::DATA);
-                out.put_u8(*stream as u8);
-                out.put_u64(*offset);
-                put_bytes(out, data);
+                // The header's own length prefix is rewritten below.
+                out.put_slice(&data_header(*stream, *offset, data.len())[4..]);
+                out.put_slice(data);
             }
             Frame::Ack { stream, upto } => {
                 out.put_u8(tag::ACK);
@@ -512,6 +511,21 @@ pub fn unhex(s: &str) -> Option<Vec<u8>> {
     (0..s.len() / 2)
         .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
         .collect()
+}
+
+/// Bytes of a data frame before its data.
+pub const DATA_HEADER: usize = 18;
+
+/// A data frame's header for `len` bytes of `stream` at `offset`: sent
+/// before the data itself, a frame is written without copying the data.
+pub fn data_header(stream: Stream, offset: u64, len: usize) -> [u8; DATA_HEADER] {
+    let mut h = [0u8; DATA_HEADER];
+    h[..4].copy_from_slice(&((DATA_HEADER - 4 + len) as u32).to_be_bytes());
+    h[4] = tag::DATA;
+    h[5] = stream as u8;
+    h[6..14].copy_from_slice(&offset.to_be_bytes());
+    h[14..].copy_from_slice(&(len as u32).to_be_bytes());
+    h
 }
 
 /// The fields of a `Start` frame.
@@ -880,6 +894,21 @@ mod tests {
         assert_eq!(one, f);
         assert_eq!(two, f);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn a_data_header_and_its_data_are_the_encoded_frame() {
+        let data = Bytes::from_static(b"some output");
+        let mut sent = data_header(Stream::Stdout, 1 << 33, data.len()).to_vec();
+        sent.extend_from_slice(&data);
+        let f = Frame::Data {
+            stream: Stream::Stdout,
+            offset: 1 << 33,
+            data,
+        };
+        assert_eq!(sent, f.to_bytes());
+        let mut buf = BytesMut::from(&sent[..]);
+        assert_eq!(Frame::decode(&mut buf), Ok(Some(f)));
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! One session's daemon: owns the command, buffers its output, and serves
 //! the attachments that relays make to its socket, one at a time.
 //!
-//! Every connection is greeted (MAGIC, `Hello`); it becomes the attachment
-//! with `Start` (a fresh session) or a `Resume` with the right secret,
-//! which replaces any earlier attachment (a blackholed one may still look
-//! alive). Each connection has its own reader and writer task, so acks
-//! and input are read while a write is blocked. With no attachment, the
+//! A relay hands its channel's stdin and stdout over ([`handover`]), and
+//! the daemon speaks on them itself (a peer that does not, such as
+//! `reap`, speaks on the socket). Every connection is greeted (MAGIC,
+//! `Hello`); it becomes the attachment with `Start` (a fresh session) or
+//! a `Resume` with the right secret, which replaces any earlier attachment
+//! (a blackholed one may still look alive). Each connection has its own
+//! task that reads and writes, so acks and input are read while a write
+//! is blocked. With no attachment, the
 //! session is held for the spec's timeout, then ended as sshd would end
 //! it for a vanished client.
 
@@ -20,16 +23,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Buf;
 use bytes::{Bytes, BytesMut};
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixListener;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::Sleep;
+use tokio_util::sync::CancellationToken;
 
 use super::child::{self, Spawned};
+use super::handover::{self, First};
 use super::rundir::check_peer;
 use crate::resume::wire::{
     self, Exit, Frame, Inbox, Outbox, SessionId, StartSpec, Stream, WireError,
@@ -39,9 +44,18 @@ use crate::resume::wire::{
 /// frames are made (the rest waits in the outboxes).
 const QUEUE_LIMIT: usize = 256 * 1024;
 
+/// The size asked for the channel's pipes (64 KiB by default).
+const CHANNEL_PIPE: libc::c_int = 256 * 1024;
+
+/// Room for each read of a connection's frames.
+const READ_ROOM: usize = 128 * 1024;
+
+/// The most pieces one write takes (a data frame is two).
+const MAX_IOV: usize = 64;
+
 /// Input written to the command between two acks while more is queued
 /// (so the client's window refills before the queue runs dry).
-const ACK_EVERY: u64 = 128 * 1024;
+const ACK_EVERY: u64 = 512 * 1024;
 
 /// How long a command may take to exit after SIGHUP before its process
 /// group gets SIGKILL.
@@ -115,22 +129,35 @@ enum Event {
 struct Conn {
     /// Tells its events apart from a later connection's.
     generation: u64,
-    /// Encoded frames for its writer task.
+    /// Encoded frames (a data frame as its header and its data) for its task.
     tx: mpsc::UnboundedSender<Bytes>,
     /// Bytes queued and not yet written.
     queued: Arc<AtomicUsize>,
-    /// Signalled when the writer wrote a batch.
+    /// Signalled when the task wrote a batch.
     drained: Arc<Notify>,
-    /// Its reader task, stopped when the connection is dropped.
-    reader: JoinHandle<()>,
-    /// Its writer task, which ends once `tx` is dropped and all is out.
-    writer: JoinHandle<()>,
+    /// Cancelled when the connection is dropped: reading stops, and what
+    /// is queued has [`FLUSH_TIMEOUT`] to go out (a blackholed attachment
+    /// never takes it).
+    stop: CancellationToken,
+    /// Its task, which ends once `tx` is dropped and all is out.
+    task: JoinHandle<()>,
 }
 
 impl Conn {
     /// Queues a frame.
     fn send(&self, f: &Frame) {
-        let b = f.to_bytes();
+        self.push(f.to_bytes());
+    }
+
+    /// Queues a data frame; the data is not copied.
+    fn send_data(&self, stream: Stream, offset: u64, data: Bytes) {
+        let header = wire::data_header(stream, offset, data.len());
+        self.push(Bytes::copy_from_slice(&header));
+        self.push(data);
+    }
+
+    /// Queues bytes.
+    fn push(&self, b: Bytes) {
         self.queued.fetch_add(b.len(), Ordering::Relaxed);
         let _ = self.tx.send(b);
     }
@@ -143,8 +170,7 @@ impl Conn {
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        // The writer ends by itself once what is queued went out.
-        self.reader.abort();
+        self.stop.cancel();
     }
 }
 
@@ -298,11 +324,7 @@ impl Daemon {
             more = false;
             for (i, stream) in streams.iter().enumerate() {
                 if let Some((offset, data)) = s.out[i].next_chunk() {
-                    c.send(&Frame::Data {
-                        stream: *stream,
-                        offset,
-                        data,
-                    });
+                    c.send_data(*stream, offset, data);
                     more = true;
                 }
             }
@@ -348,36 +370,38 @@ impl Daemon {
         }
         let generation = self.next_gen;
         self.next_gen += 1;
-        let (rd, wr) = stream.into_split();
+        let early = self.early.take();
+        let mut greeting = BytesMut::from(&wire::MAGIC[..]);
+        Frame::Hello {
+            version: wire::VERSION,
+            session: self.id,
+            fresh: self.session.is_none() || early.is_some(),
+        }
+        .encode(&mut greeting);
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let drained = Arc::new(Notify::new());
-        let reader = tokio::spawn(read_frames(generation, rd, self.events_tx.clone()));
-        let writer = tokio::spawn(write_frames(
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(connection(
             generation,
-            wr,
-            rx,
-            queued.clone(),
-            drained.clone(),
+            stream,
+            greeting.freeze(),
+            Queue {
+                rx,
+                queued: queued.clone(),
+                drained: drained.clone(),
+            },
             self.events_tx.clone(),
+            stop.clone(),
         ));
         let conn = Conn {
             generation,
             tx,
             queued,
             drained,
-            reader,
-            writer,
+            stop,
+            task,
         };
-        let magic = Bytes::from_static(wire::MAGIC);
-        conn.queued.fetch_add(magic.len(), Ordering::Relaxed);
-        let _ = conn.tx.send(magic);
-        let early = self.early.take();
-        conn.send(&Frame::Hello {
-            version: wire::VERSION,
-            session: self.id,
-            fresh: self.session.is_none() || early.is_some(),
-        });
         match early {
             // The relay that started us: it has the command already.
             Some(Ok(())) => {
@@ -598,8 +622,8 @@ impl Daemon {
             .map(|mut c| {
                 let (tx, _) = mpsc::unbounded_channel();
                 drop(std::mem::replace(&mut c.tx, tx));
-                // The old sender is gone: the writer ends once it is done.
-                std::mem::replace(&mut c.writer, tokio::spawn(async {}))
+                // The old sender is gone: the task ends once it is done.
+                std::mem::replace(&mut c.task, tokio::spawn(async {}))
             })
             .collect();
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, async {
@@ -754,8 +778,7 @@ async fn sleep_opt(t: Option<&mut Pin<Box<Sleep>>>) {
 
 /// Reads what is there from `fd` into `scratch`'s spare room: `None` at
 /// its end. Small reads share one allocation (a line does not pin a
-/// whole chunk's memory while it waits for its ack). The read happens in
-/// the poll that completes, so cancelling loses nothing.
+/// whole chunk's memory while it waits for its ack).
 async fn read_some(
     fd: Option<&AsyncFd<OwnedFd>>,
     scratch: &mut BytesMut,
@@ -764,10 +787,20 @@ async fn read_some(
         return std::future::pending().await;
     };
     scratch.reserve(wire::CHUNK);
+    match read_into(fd, scratch, wire::CHUNK).await? {
+        0 => Ok(None),
+        n => Ok(Some(scratch.split_to(n).freeze())),
+    }
+}
+
+/// Reads what is there from `fd` into `buf`'s spare room (which must not
+/// be empty), at most `max` bytes: how many, 0 at its end. The read
+/// happens in the poll that completes, so cancelling loses nothing.
+async fn read_into(fd: &AsyncFd<OwnedFd>, buf: &mut BytesMut, max: usize) -> io::Result<usize> {
     loop {
         let mut g = fd.readable().await?;
-        let spare = scratch.spare_capacity_mut();
-        let room = spare.len().min(wire::CHUNK);
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len().min(max);
         let r = g.try_io(|inner| {
             // SAFETY: `spare` is valid for writing `room` bytes.
             let n = unsafe { libc::read(inner.as_raw_fd(), spare.as_mut_ptr().cast(), room) };
@@ -778,11 +811,10 @@ async fn read_some(
             }
         });
         match r {
-            Ok(Ok(0)) => return Ok(None),
             Ok(Ok(n)) => {
                 // SAFETY: read initialised the first `n` spare bytes.
-                unsafe { scratch.set_len(n) };
-                return Ok(Some(scratch.split_to(n).freeze()));
+                unsafe { buf.set_len(buf.len() + n) };
+                return Ok(n);
             }
             Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
             Ok(Err(e)) => return Err(e),
@@ -815,9 +847,127 @@ async fn write_some(fd: Option<&AsyncFd<OwnedFd>>, data: Option<&Bytes>) -> io::
     }
 }
 
-/// A connection's reader task: frames to the daemon, then `Closed`.
-async fn read_frames(g: u64, mut rd: OwnedReadHalf, events: mpsc::UnboundedSender<Event>) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+/// A connection's queue of encoded frames, from the daemon to its task.
+struct Queue {
+    /// The bytes to write, in order.
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    /// Bytes queued and not yet written.
+    queued: Arc<AtomicUsize>,
+    /// Signalled after each write.
+    drained: Arc<Notify>,
+}
+
+/// How a connection carries frames: the channel's own stdin and stdout,
+/// handed over by a relay, or the socket itself (`reap`, other versions).
+struct Transport {
+    /// Where frames come from.
+    rd: AsyncFd<OwnedFd>,
+    /// Where frames go.
+    wr: AsyncFd<OwnedFd>,
+    /// Bytes of frames already read.
+    read: Vec<u8>,
+    /// With a handover, the socket: the relay lives (and sshd keeps the
+    /// channel) until it closes.
+    relay: Option<tokio::net::UnixStream>,
+    /// Whether the greeting still has to go out on `wr`.
+    greet: bool,
+}
+
+/// A connection's task: greets it, takes the channel if a relay hands it
+/// over, then reads frames (to the daemon, then `Closed`) and writes the
+/// queued ones until the daemon drops it.
+async fn connection(
+    g: u64,
+    stream: tokio::net::UnixStream,
+    greeting: Bytes,
+    queue: Queue,
+    events: mpsc::UnboundedSender<Event>,
+    stop: CancellationToken,
+) {
+    let t = tokio::select! {
+        t = transport(stream, &greeting) => t,
+        () = stop.cancelled() => return,
+    };
+    let Ok(t) = t else {
+        let _ = events.send(Event::Closed(g));
+        return;
+    };
+    let Transport {
+        rd,
+        wr,
+        read,
+        relay,
+        greet,
+    } = t;
+    let reading = async {
+        tokio::select! {
+            () = read_frames(g, rd, read, &events) => {}
+            () = stop.cancelled() => {}
+        }
+    };
+    let give_up = async {
+        stop.cancelled().await;
+        tokio::time::sleep(FLUSH_TIMEOUT).await;
+    };
+    let writing = async {
+        tokio::select! {
+            () = write_frames(g, wr, greet.then_some(greeting.clone()), queue, &events) => {}
+            () = give_up => {}
+        }
+    };
+    tokio::join!(reading, writing);
+    // Closing the socket lets the relay exit.
+    drop(relay);
+}
+
+/// Greets a connection on the socket (a peer that speaks on it waits for
+/// that) and reads its first bytes: a relay's handover, or frames.
+async fn transport(mut stream: tokio::net::UnixStream, greeting: &[u8]) -> io::Result<Transport> {
+    stream.write_all(greeting).await?;
+    let first = stream
+        .async_io(Interest::READABLE, || handover::receive(stream.as_raw_fd()))
+        .await?;
+    match first {
+        First::Channel(rd, wr) => {
+            for fd in [&rd, &wr] {
+                child::set_nonblocking(fd.as_raw_fd())?;
+                // Fewer wakeups on both sides; sshd may give sockets instead
+                // of pipes, which keep their own buffers.
+                // SAFETY: fcntl on a descriptor we own.
+                unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, CHANNEL_PIPE) };
+            }
+            Ok(Transport {
+                rd: watch(rd)?,
+                wr: watch(wr)?,
+                read: Vec::new(),
+                relay: Some(stream),
+                greet: true,
+            })
+        }
+        First::Bytes(read) if read.is_empty() => Err(io::ErrorKind::UnexpectedEof.into()),
+        First::Bytes(read) => {
+            let wr = OwnedFd::from(stream.into_std()?);
+            let rd = wr.try_clone()?;
+            Ok(Transport {
+                rd: watch(rd)?,
+                wr: watch(wr)?,
+                read,
+                relay: None,
+                greet: false,
+            })
+        }
+    }
+}
+
+/// Reads frames off `rd` to the daemon, then `Closed`.
+async fn read_frames(
+    g: u64,
+    rd: AsyncFd<OwnedFd>,
+    read: Vec<u8>,
+    events: &mpsc::UnboundedSender<Event>,
+) {
+    let mut buf = BytesMut::with_capacity(READ_ROOM);
+    buf.extend_from_slice(&read);
     loop {
         loop {
             match Frame::decode(&mut buf) {
@@ -833,7 +983,8 @@ async fn read_frames(g: u64, mut rd: OwnedReadHalf, events: mpsc::UnboundedSende
                 }
             }
         }
-        match rd.read_buf(&mut buf).await {
+        buf.reserve(READ_ROOM);
+        match read_into(&rd, &mut buf, READ_ROOM).await {
             Ok(0) | Err(_) => {
                 let _ = events.send(Event::Closed(g));
                 return;
@@ -843,32 +994,83 @@ async fn read_frames(g: u64, mut rd: OwnedReadHalf, events: mpsc::UnboundedSende
     }
 }
 
-/// A connection's writer task: writes queued frames in batches until the
-/// queue's sender is dropped (or a write fails: then `Closed`).
+/// Writes `first`, then the queued bytes, several at a time and without
+/// copying them, until the queue's sender is dropped (or a write fails:
+/// then `Closed`).
 async fn write_frames(
     g: u64,
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    queued: Arc<AtomicUsize>,
-    drained: Arc<Notify>,
-    events: mpsc::UnboundedSender<Event>,
+    wr: AsyncFd<OwnedFd>,
+    first: Option<Bytes>,
+    mut queue: Queue,
+    events: &mpsc::UnboundedSender<Event>,
 ) {
-    let mut batch = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        batch.clear();
-        batch.extend_from_slice(&first);
-        while batch.len() < QUEUE_LIMIT {
-            match rx.try_recv() {
-                Ok(b) => batch.extend_from_slice(&b),
+    // The greeting is not counted in `queued`.
+    let mut uncounted = first.as_ref().map_or(0, Bytes::len);
+    let mut out: VecDeque<Bytes> = first.into_iter().collect();
+    loop {
+        if out.is_empty() {
+            match queue.rx.recv().await {
+                Some(b) => out.push_back(b),
+                None => return,
+            }
+        }
+        while out.len() < MAX_IOV {
+            match queue.rx.try_recv() {
+                Ok(b) => out.push_back(b),
                 Err(_) => break,
             }
         }
-        if wr.write_all(&batch).await.is_err() {
-            let _ = events.send(Event::Closed(g));
-            return;
+        let n = match writev_some(&wr, &out).await {
+            Ok(n) => n,
+            Err(_) => {
+                let _ = events.send(Event::Closed(g));
+                return;
+            }
+        };
+        let mut left = n;
+        while left > 0 {
+            let front = out.front_mut().expect("written bytes were queued");
+            if left >= front.len() {
+                left -= front.len();
+                out.pop_front();
+            } else {
+                front.advance(left);
+                left = 0;
+            }
         }
-        queued.fetch_sub(batch.len(), Ordering::Relaxed);
-        drained.notify_one();
+        let greeting = uncounted.min(n);
+        uncounted -= greeting;
+        queue.queued.fetch_sub(n - greeting, Ordering::Relaxed);
+        queue.drained.notify_one();
     }
-    let _ = wr.shutdown().await;
+}
+
+/// Writes some of `bufs` to `fd` with one writev.
+async fn writev_some(fd: &AsyncFd<OwnedFd>, bufs: &VecDeque<Bytes>) -> io::Result<usize> {
+    loop {
+        let mut g = fd.writable().await?;
+        let r = g.try_io(|inner| {
+            let iov: Vec<libc::iovec> = bufs
+                .iter()
+                .take(MAX_IOV)
+                .map(|b| libc::iovec {
+                    iov_base: b.as_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                })
+                .collect();
+            // SAFETY: every iovec points into a live `Bytes` of `bufs`,
+            // which is not touched during the call.
+            let n = unsafe { libc::writev(inner.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match r {
+            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Ok(r) => return r,
+            Err(_would_block) => {}
+        }
+    }
 }

@@ -4,9 +4,10 @@
 //! - `version`: one line with the helper's and the protocol's version, then
 //!   how sshd runs the sftp subsystem ([`sshd`]).
 //! - `start [SPEC]`: binds a new session's socket, forks the session's
-//!   daemon ([`daemon`]) and relays the channel to it ([`relay`]); with
-//!   SPEC the command starts at once (its secret follows in a frame).
-//! - `attach ID`: relays the channel to a held session.
+//!   daemon ([`daemon`]) and hands the channel to it ([`relay`],
+//!   [`handover`]); with SPEC the command starts at once (its secret
+//!   follows in a frame).
+//! - `attach ID`: hands the channel to a held session.
 //! - `reap OWNER RUN`: asks every held session to end if it belongs to
 //!   OWNER's previous runs.
 //!
@@ -15,6 +16,7 @@
 
 mod child;
 mod daemon;
+mod handover;
 mod relay;
 mod rundir;
 mod sshd;

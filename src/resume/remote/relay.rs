@@ -2,13 +2,13 @@
 //! (bind a session's socket, fork its daemon, relay), `attach` (relay to a
 //! held session), `reap` (ask held sessions of a previous run to end).
 //!
-//! A relay copies the channel (stdin, stdout) to the session's socket
-//! byte for byte, and exits when either side ends: the session's daemon
-//! stays, holding the command, until a new relay attaches.
+//! A relay hands the channel (stdin, stdout) to the session's daemon over
+//! the session's socket ([`handover`]) and waits until the daemon lets the
+//! attachment go: the daemon stays, holding the command, until a new
+//! relay attaches.
 
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use super::rundir::{check_peer, hex, parse_id, run_dir, socket_path};
-use super::{HelperError, child, daemon};
+use super::{HelperError, child, daemon, handover};
 use crate::resume::wire::{self, Frame, SessionId};
 
 /// How long `reap` waits for one session's greeting.
@@ -63,7 +63,7 @@ pub fn start(spec: Option<&str>) -> Result<(), HelperError> {
 
 /// The daemon's side of the fork: its own session (SIGHUP from sshd's
 /// session does not reach it), the home directory, stdio on /dev/null
-/// (the channel closes when the relay exits).
+/// (only attachments hold the channel open).
 fn detach_from_sshd() {
     // SAFETY: setsid takes no arguments; it fails only for a group leader,
     // which a fresh child is not.
@@ -74,7 +74,6 @@ fn detach_from_sshd() {
         .write(true)
         .open("/dev/null")
     {
-        use std::os::fd::AsRawFd;
         for fd in 0..3 {
             // SAFETY: dup2 onto the standard descriptors, which we own.
             unsafe { libc::dup2(null.as_raw_fd(), fd) };
@@ -120,37 +119,36 @@ fn gone(e: &io::Error) -> bool {
     )
 }
 
-/// Copies stdin to `sock` and `sock` to stdout until either ends, then
-/// exits the process.
+/// Hands stdin and stdout to the session's daemon, which serves the
+/// channel itself from then on, and stays until the daemon closes `sock`
+/// (sshd keeps the channel open while we live); then exits the process.
 fn relay(sock: UnixStream) -> Result<(), HelperError> {
-    let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map(File::from);
-    let stdin = dup(io::stdin().as_fd())?;
-    let stdout = dup(io::stdout().as_fd())?;
-    let up = sock.try_clone()?;
-    std::thread::spawn(move || {
-        copy(stdin, up);
-        std::process::exit(0);
-    });
-    copy(sock, stdout);
-    std::process::exit(0);
-}
-
-/// Copies until EOF or an error on either side; each read is written out
-/// at once (no buffering: latency matters).
-fn copy(mut from: impl Read, mut to: impl Write) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return,
+    handover::send(sock.as_raw_fd(), [0, 1])
+        .map_err(HelperError::step("cannot hand the channel to the session"))?;
+    // Only the daemon holds the channel now: its close is the channel's EOF.
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        for fd in 0..2 {
+            // SAFETY: dup2 onto the standard descriptors, which we own.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
         }
     }
+    // What comes on the socket (the daemon's greeting for peers that speak
+    // on it) is not ours: read until it closes.
+    let mut sock = sock;
+    let mut buf = [0u8; 512];
+    loop {
+        match sock.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    std::process::exit(0);
 }
 
 /// `reap OWNER RUN`: sends `Reap` to every held session (each decides);
