@@ -8,6 +8,11 @@
 //! and input are read while a write is blocked. With no attachment, the
 //! session is held for the spec's timeout, then ended as sshd would end
 //! it for a vanished client.
+//!
+//! A `Start` for [`wire::Command::Forwards`] makes it a forwards helper
+//! instead ([`forwarding`]).
+
+mod forwarding;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -32,7 +37,7 @@ use tokio::time::Sleep;
 use super::child::{self, Spawned};
 use super::rundir::check_peer;
 use crate::resume::wire::{
-    self, Exit, Frame, Inbox, Outbox, SessionId, StartSpec, Stream, WireError,
+    self, Command, Exit, Frame, Inbox, Outbox, SessionId, StartSpec, Stream, WireError,
 };
 
 /// Encoded bytes queued to one connection beyond which no more data
@@ -86,6 +91,7 @@ pub fn run(listener: std::os::unix::net::UnixListener, path: PathBuf, id: Sessio
             session: None,
             timer: None,
             ending: false,
+            forwarding: false,
         };
         d.serve().await;
         d.flush().await;
@@ -196,6 +202,8 @@ struct Daemon {
     timer: Option<Pin<Box<Sleep>>>,
     /// Set when the daemon should end.
     ending: bool,
+    /// Serving forwarded connections (a started helper with no command).
+    forwarding: bool,
 }
 
 impl Daemon {
@@ -339,7 +347,7 @@ impl Daemon {
         conn.send(&Frame::Hello {
             version: wire::VERSION,
             session: self.id,
-            fresh: self.session.is_none(),
+            fresh: self.session.is_none() && !self.forwarding,
         });
         self.pending.insert(generation, conn);
     }
@@ -383,6 +391,10 @@ impl Daemon {
     /// A frame on a connection that is not the attachment.
     async fn pending_frame(&mut self, c: Conn, f: Frame) {
         match f {
+            Frame::Start(spec) if self.session.is_none() && spec.command == Command::Forwards => {
+                Box::pin(self.serve_forwards(*spec, c)).await;
+                self.ending = true;
+            }
             Frame::Start(spec) if self.session.is_none() => match child::spawn(&spec) {
                 Ok(sp) => match Session::new(*spec, sp) {
                     Ok(s) => {

@@ -13,7 +13,9 @@
 //! ([`rundir`]). The command itself runs as sshd would run it ([`child`]).
 
 mod child;
+mod connect;
 mod daemon;
+mod forwards;
 mod relay;
 mod rundir;
 mod sshd;
