@@ -470,30 +470,43 @@ fn an_idle_forwarded_connection_is_usable_after_a_drop() {
     assert_eq!(st["resume"]["forwarded_connections"]["attached"], 1, "{st}");
 }
 
-/// Two shims on the same sshd, plain and `--resume` (direct, no proxy).
-fn plain_and_resumable(env: &TestEnv, sshd: &Sshd, args: &[&str]) -> (Shim, Shim) {
-    let start = |resume: bool| {
-        let b = env
-            .shim_builder(sshd.port())
-            .env("RUST_LOG", "sshshim=debug")
-            .args(args);
-        if resume { b.arg("--resume") } else { b }.start()
-    };
-    (start(false), start(true))
+/// A shim on `sshd` with `args`, plain or with `--resume` (one at a time:
+/// a profile runs once).
+fn shim(env: &TestEnv, sshd: &Sshd, resume: bool, args: &[&str]) -> Shim {
+    let b = env
+        .shim_builder(sshd.port())
+        .env("RUST_LOG", "sshshim=debug")
+        .args(args);
+    if resume { b.arg("--resume") } else { b }.start()
 }
 
 #[test]
 fn a_refused_target_fails_as_without_resume() {
     let env = TestEnv::new();
     let sshd = Sshd::start(&env);
-    let (plain, resumable) = plain_and_resumable(&env, &sshd, &[]);
     let dead = format!("127.0.0.1:{}", free_port());
-    let w = |shim: &Shim| run(&mut env.ssh_cmd(shim.port(), &["-W", &dead], &[]));
-    let (a, b) = (w(&plain), w(&resumable));
-    assert_eq!(stderr_text(&a), stderr_text(&b));
+    let w = |resume: bool| {
+        let shim = shim(&env, &sshd, resume, &[]);
+        // VERBOSE: ssh shows the refusal's code and reason.
+        let opts = ["-o", "LogLevel=VERBOSE", "-W", &dead];
+        let out = run(&mut env.ssh_cmd(shim.port(), &opts, &[]));
+        (out, shim)
+    };
+    let failure = |o: &std::process::Output| -> Vec<String> {
+        stderr_text(o)
+            .lines()
+            .filter(|l| l.contains("open failed") || l.contains("forwarding failed"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let (a, _) = w(false);
+    let (b, resumable) = w(true);
+    assert_eq!(failure(&a), failure(&b));
     assert_eq!(exit_code(&a.status), exit_code(&b.status));
     assert!(
-        stderr_text(&b).contains("open failed"),
+        failure(&b)
+            .iter()
+            .any(|l| l.contains("open failed: connect failed")),
         "{}",
         stderr_text(&b)
     );
@@ -549,24 +562,19 @@ fn half_close_is_carried_as_without_resume() {
             *h.lock().unwrap() = got;
         }
     });
-    let (lp, lr, fp, fr) = (free_port(), free_port(), free_port(), free_port());
+    let (l1, l2) = (free_port(), free_port());
     let fwd = |l: u16, t: u16| format!("127.0.0.1:{l}:127.0.0.1:{t}");
-    let start = |resume: bool, a: u16, b: u16| {
-        let s = env
-            .shim_builder(sshd.port())
-            .env("RUST_LOG", "sshshim=debug")
-            .args(&["-L", &fwd(a, reply_port), "-L", &fwd(b, first_port)]);
-        if resume { s.arg("--resume") } else { s }.start()
-    };
-    let plain = start(false, lp, fp);
-    let resumable = start(true, lr, fr);
-    let a = half_close(lp, fp, &heard);
-    let b = half_close(lr, fr, &heard);
+    let (f1, f2) = (fwd(l1, reply_port), fwd(l2, first_port));
+    let args = ["-L", f1.as_str(), "-L", f2.as_str()];
+    let plain = shim(&env, &sshd, false, &args);
+    let a = half_close(l1, l2, &heard);
+    drop(plain);
+    let resumable = shim(&env, &sshd, true, &args);
+    let b = half_close(l1, l2, &heard);
     assert_eq!(a, b);
     assert_eq!(a.0, b"got 9 bytes");
     assert_eq!(a.2, b"words after the target's EOF");
     assert_carried(&resumable);
-    drop(plain);
 }
 
 #[test]
