@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -514,6 +514,208 @@ fn failures_are_answered_as_sshd_answers_them() {
     p.conn(4, eof(10));
     cl.until_conn(&mut p, 4, |g| g.closed);
     assert_eq!(cl.get(4).out, b"still here");
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
+}
+
+#[test]
+fn a_dropped_relay_loses_nothing_either_way() {
+    let env = Env::new();
+    let secret = Secret::random();
+    let mut s = spec(&secret);
+    // Smaller than the download: the helper stops reading until acked.
+    s.buffer = 256 * 1024;
+    let (mut p, id) = env.start(&s);
+    let down = pattern(1 << 20, 7);
+    let up = pattern(600_000, 3);
+    let sent = down.clone();
+    let (port, got) = server(move |mut st: TcpStream| {
+        let mut w = st.try_clone().unwrap();
+        let sent = sent.clone();
+        let writer = std::thread::spawn(move || {
+            w.write_all(&sent).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let all = read_all(&mut st);
+        writer.join().unwrap();
+        all
+    });
+    let mut cl = Client::default();
+    p.conn(5, connect(port));
+    cl.until_conn(&mut p, 5, |g| g.started);
+    upload(&mut p, 5, &up[..300_000], 0);
+    cl.until_conn(&mut p, 5, |g| g.out.len() >= 200_000);
+    // Part of it acknowledged: the replay starts from what we have.
+    p.conn(
+        5,
+        Frame::Ack {
+            stream: Stream::Stdout,
+            upto: 100_000,
+        },
+    );
+    p.kill();
+    assert!(env.socket(&id).exists(), "the helper holds the connection");
+
+    let mut p = env.resume(&id, &secret);
+    let have = cl.get(5).out.len() as u64;
+    p.conn(
+        5,
+        Frame::Resume {
+            secret: secret.clone(),
+            have_out: have,
+            have_err: 0,
+        },
+    );
+    cl.until_conn(&mut p, 5, |g| g.resumed.is_some());
+    let have_in = cl.get(5).resumed.unwrap();
+    assert!(have_in <= 300_000, "{have_in}");
+    // Everything again from 0: what the helper has is not written twice.
+    cl.ack = true;
+    upload(&mut p, 5, &up, 0);
+    p.conn(5, eof(up.len()));
+    cl.until_conn(&mut p, 5, |g| g.closed);
+    assert!(cl.get(5).out == down, "the download arrived byte-exact");
+    assert!(
+        got.recv_timeout(WAIT).unwrap() == up,
+        "the upload arrived byte-exact"
+    );
+    p.conn(5, Frame::Done);
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
+}
+
+#[test]
+fn resumes_need_the_secret_and_a_lost_answer_comes_again() {
+    let env = Env::new();
+    let secret = Secret::random();
+    let (mut p, id) = env.start(&spec(&secret));
+    let (accepted, connected) = mpsc::channel();
+    let (port, echoed) = server(move |s: TcpStream| {
+        let _ = accepted.send(());
+        echo(s)
+    });
+    p.conn(1, connect(port));
+    connected.recv_timeout(WAIT).unwrap();
+    // Gone before the answer could be read.
+    p.kill();
+    let mut bad = env.relay(&["attach", &hex(&id)]);
+    assert!(matches!(bad.recv(), Frame::Hello { fresh: false, .. }));
+    bad.send(&Frame::Resume {
+        secret: Secret::random(),
+        have_out: 0,
+        have_err: 0,
+    });
+    assert_eq!(bad.recv(), Frame::Refused("wrong secret".into()));
+
+    let mut p = env.resume(&id, &secret);
+    let mut cl = Client::acking();
+    let resume = |secret: &Secret| Frame::Resume {
+        secret: secret.clone(),
+        have_out: 0,
+        have_err: 0,
+    };
+    p.conn(1, resume(&Secret::random()));
+    cl.until_conn(&mut p, 1, |g| g.refused.is_some());
+    assert_eq!(cl.get(1).refused.as_deref(), Some("wrong secret"));
+    p.conn(2, resume(&secret));
+    cl.until_conn(&mut p, 2, |g| g.refused.is_some());
+    assert_eq!(cl.get(2).refused.as_deref(), Some("no such connection"));
+    p.conn(1, resume(&secret));
+    cl.until_conn(&mut p, 1, |g| g.started);
+    assert_eq!(cl.get(1).resumed, Some(0));
+    p.conn(1, data(0, b"hi"));
+    p.conn(1, eof(2));
+    cl.until_conn(&mut p, 1, |g| g.closed);
+    assert_eq!(cl.get(1).out, b"hi");
+    assert_eq!(echoed.recv_timeout(WAIT).unwrap(), b"hi");
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
+}
+
+#[test]
+fn nobody_back_within_the_hold_closes_every_target_connection() {
+    let env = Env::new();
+    let secret = Secret::random();
+    let mut s = spec(&secret);
+    s.timeout_secs = 1;
+    let (mut p, id) = env.start(&s);
+    let (port, got) = server(|mut st: TcpStream| read_all(&mut st));
+    let mut cl = Client::acking();
+    for c in [1, 2] {
+        p.conn(c, connect(port));
+        p.conn(c, data(0, b"held"));
+        cl.until_conn(&mut p, c, |g| g.acked_in == 4);
+    }
+    p.kill();
+    // Held: the targets see nothing yet.
+    assert!(got.recv_timeout(Duration::from_millis(300)).is_err());
+    env.wait_no_socket(&id);
+    for _ in 0..2 {
+        assert_eq!(got.recv_timeout(WAIT).unwrap(), b"held");
+    }
+    let mut late = env.relay(&["attach", &hex(&id)]);
+    assert_eq!(
+        late.recv(),
+        Frame::Refused("no such session (it ended)".into())
+    );
+}
+
+#[test]
+fn reap_ends_a_previous_runs_forwards() {
+    let env = Env::new();
+    let secret = Secret::random();
+    let s = spec(&secret);
+    let (mut p, id) = env.start(&s);
+    let (port, got) = server(|mut st: TcpStream| read_all(&mut st));
+    let mut cl = Client::acking();
+    p.conn(1, connect(port));
+    cl.until_conn(&mut p, 1, |g| g.started);
+    p.kill();
+    let out = env
+        .helper(&["reap", &hex(&s.owner), &hex(&s.run)])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+    assert!(env.socket(&id).exists(), "its own run is not reaped");
+    let out = env
+        .helper(&["reap", &hex(&s.owner), &hex(&[3; 16])])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+    env.wait_no_socket(&id);
+    assert_eq!(got.recv_timeout(WAIT).unwrap(), b"");
+}
+
+#[test]
+fn hundreds_of_connections_share_one_helper() {
+    const N: u32 = 250;
+    let env = Env::new();
+    let secret = Secret::random();
+    let (mut p, id) = env.start(&spec(&secret));
+    let (port, echoed) = server(echo);
+    let mut cl = Client::acking();
+    for c in 0..N {
+        p.conn(c, connect(port));
+    }
+    cl.until(&mut p, |cl| {
+        cl.conns.len() == N as usize && cl.conns.values().all(|g| g.started)
+    });
+    let msg = |c: u32| format!("connection {c} ").repeat(50).into_bytes();
+    for c in 0..N {
+        let m = msg(c);
+        p.conn(c, data(0, &m));
+        p.conn(c, eof(m.len()));
+    }
+    cl.until(&mut p, |cl| cl.conns.values().all(|g| g.closed));
+    for c in 0..N {
+        assert_eq!(cl.get(c).out, msg(c), "connection {c}");
+        p.conn(c, Frame::Done);
+    }
+    let mut all: Vec<Vec<u8>> = (0..N).map(|_| echoed.recv_timeout(WAIT).unwrap()).collect();
+    let mut want: Vec<Vec<u8>> = (0..N).map(msg).collect();
+    all.sort();
+    want.sort();
+    assert!(all == want, "every target got its own bytes");
     p.send(&Frame::Done);
     env.wait_no_socket(&id);
 }
