@@ -178,7 +178,12 @@ impl Resume {
         }
         let helper = match self.helper().await {
             Ok(h) => h,
-            Err(_) => return Opened::Plain,
+            Err(why) => {
+                if !why.transient {
+                    self.forwards_off(format!("the helper cannot run there: {why}"));
+                }
+                return Opened::Plain;
+            }
         };
         if let Err(why) = &helper.forwarding {
             self.forwards_off(format!("the server does not allow it: {why}"));
