@@ -719,3 +719,80 @@ fn hundreds_of_connections_share_one_helper() {
     p.send(&Frame::Done);
     env.wait_no_socket(&id);
 }
+
+/// `remote-helper version`'s forwarding line as the child of a bash
+/// whose command line reads `sshd ... -f CFG` (as sshd's own does), with
+/// `cfg` as its configuration.
+fn forwarding_line(env: &Env, cfg: &str) -> String {
+    let path = env.dir.path().join("sshd_config");
+    std::fs::write(&path, cfg).unwrap();
+    let helper = env!("CARGO_BIN_EXE_sshshim");
+    // `; true`: bash would otherwise exec the helper, which then has no
+    // sshd-looking parent.
+    let script = format!(
+        "exec -a sshd bash -c '\"$0\" remote-helper version; true' '{helper}' -f '{}'",
+        path.display()
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(script)
+        .env("HOME", env.dir.path())
+        .env("XDG_CACHE_HOME", env.cache())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.starts_with("sshshim-remote-helper "), "{text}");
+    let fwd: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("forwarding "))
+        .collect();
+    assert_eq!(fwd.len(), 1, "{text}");
+    fwd[0].to_owned()
+}
+
+#[test]
+fn version_says_whether_sshd_lets_forwards_through_the_helper() {
+    let env = Env::new();
+    assert_eq!(forwarding_line(&env, "Port 22\n"), "forwarding tcp yes");
+    assert_eq!(
+        forwarding_line(&env, "AllowTcpForwarding local\nPermitOpen any\n"),
+        "forwarding tcp yes"
+    );
+    assert_eq!(
+        forwarding_line(&env, "AllowTcpForwarding remote\n"),
+        "forwarding tcp no (AllowTcpForwarding remote)"
+    );
+    assert_eq!(
+        forwarding_line(&env, "DisableForwarding yes\n"),
+        "forwarding tcp no (DisableForwarding yes)"
+    );
+    assert_eq!(
+        forwarding_line(&env, "PermitOpen 127.0.0.1:5432\n"),
+        "forwarding tcp no (PermitOpen 127.0.0.1:5432)"
+    );
+    assert_eq!(
+        forwarding_line(
+            &env,
+            "Port 22\nMatch User nobody\n  AllowTcpForwarding no\n"
+        ),
+        "forwarding tcp no (a Match block sets AllowTcpForwarding)"
+    );
+    // A key restricted in authorized_keys: sshd would refuse its forwards.
+    let ssh = env.dir.path().join(".ssh");
+    std::fs::create_dir(&ssh).unwrap();
+    let keys = ssh.join("authorized_keys");
+    std::fs::write(
+        &keys,
+        "ssh-ed25519 AAAAC3Nza one\nrestrict,pty ssh-ed25519 AAAAC3Nzb two\n",
+    )
+    .unwrap();
+    assert_eq!(
+        forwarding_line(&env, "Port 22\n"),
+        format!("forwarding tcp no ({}: a key has restrict)", keys.display())
+    );
+    assert_eq!(
+        forwarding_line(&env, "AuthorizedKeysFile .ssh/other_keys\n"),
+        "forwarding tcp yes"
+    );
+}
