@@ -604,5 +604,17 @@ fn without_the_helper_forwards_work_as_before_and_status_says_why() {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    assert!(why.starts_with("not resumable"), "{st}");
+    assert!(
+        why.starts_with("not resumable") && why.contains("AllowTcpForwarding"),
+        "{st}"
+    );
+    // A second connection goes the same way; the log said why once.
+    let mut s = connect(lport);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(s.read(&mut buf).unwrap_or(0), 0);
+    let log = resumable.stderr_text();
+    let said = log
+        .matches("forwarded connections are not resumable")
+        .count();
+    assert_eq!(said, 1, "{log}");
 }
