@@ -650,6 +650,8 @@ SetEnv HOME=%s/home
         for c in ("direct", "ControlMaster", "sshshim"):
             self.fwd[c] = self.open_forwards(c, False, {"sink": self.sink_port, "echo": self.echo_port})
             self.fwd[c + "@rtt"] = self.open_forwards(c, True, {"sink": self.sink_port})
+        # a client -L through the --resume shim: the helper carries it (issue 24)
+        self.fwd["resume"] = self.open_forwards("resume", False, {"sink": self.sink_port, "echo": self.echo_port})
 
     def shim_env(self, name):
         """Private state, runtime (control socket) and config directories per
@@ -762,6 +764,26 @@ SetEnv HOME=%s/home
         self.run_cmd(argv, 60)
         return time.perf_counter() - t0
 
+    def m_fwd_conn(self, contender):
+        """a new connection through the contender's -L to the echo service,
+        and one line echoed back: what a client waits for before its first
+        answer (with --resume the helper opens the target)"""
+        port = self.fwd[contender]["echo"]
+        t0 = time.perf_counter()
+        s = socket.create_connection(("127.0.0.1", port), timeout=self.a.timeout)
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(b"ping\n")
+            got = b""
+            while not got.endswith(b"\n"):
+                b = s.recv(64)
+                if not b:
+                    raise RuntimeError("the echo closed after %r" % got)
+                got += b
+            return time.perf_counter() - t0
+        finally:
+            s.close()
+
     def m_fwd(self, contender, direction, n, rtt=False):
         port = self.fwd[contender + ("@rtt" if rtt else "")]["sink"]
         s = socket.create_connection(("127.0.0.1", port), timeout=self.a.timeout)
@@ -855,10 +877,12 @@ SetEnv HOME=%s/home
         short = {"exec": "exec latency", "exec_cfg": "exec, ssh-config block", "fwd_up": "-L upload",
                  "fwd_down": "-L download", "cat_up": "cat upload", "cat_down": "cat download",
                  "sftp_put": "sftp put", "sftp_get": "sftp get", "rtt_exec": "RTT: exec latency",
-                 "rtt_fwd_down": "RTT: -L download", "rtt_cat_down": "RTT: cat download"}
+                 "rtt_fwd_down": "RTT: -L download", "rtt_cat_down": "RTT: cat download",
+                 "fwd_conn": "-L connection set-up"}
         three = ("direct", "ControlMaster", "sshshim")
         four = three + ("mux",)
         five = four + ("resume",)
+        three_res = three + ("resume",)
 
         # cs: the contenders of the test, interleaved in each round
         def add(key, label, kind, n, fn, cs, runs=1):
@@ -868,10 +892,12 @@ SetEnv HOME=%s/home
         add("exec", "exec `ssh … true` (ms)", "latency", 0, lambda c: self.m_exec(c), five, a.exec_runs)
         add("exec_cfg", "exec `ssh … true`, endpoint through the `sshshim ssh-config` Host block (ms)",
             "latency", 0, lambda c: self.m_exec(c), ("ControlMaster", "sshshim-cfg"), a.exec_runs)
+        add("fwd_conn", "-L connection set-up: connect, one echo round trip (ms)", "latency", 0,
+            lambda c: self.m_fwd_conn(c), three_res, a.exec_runs)
         add("fwd_up", "-L upload %s (MiB/s)" % sz(a.fwd_mib), "tput", a.fwd_mib * MiB,
-            lambda c: self.m_fwd(c, "up", a.fwd_mib * MiB), three)
+            lambda c: self.m_fwd(c, "up", a.fwd_mib * MiB), three_res)
         add("fwd_down", "-L download %s (MiB/s)" % sz(a.fwd_mib), "tput", a.fwd_mib * MiB,
-            lambda c: self.m_fwd(c, "down", a.fwd_mib * MiB), three)
+            lambda c: self.m_fwd(c, "down", a.fwd_mib * MiB), three_res)
         add("cat_up", "exec cat upload %s (MiB/s)" % sz(a.cat_mib), "tput", a.cat_mib * MiB,
             lambda c: self.m_cat(c, "up", a.cat_mib * MiB), five)
         add("cat_down", "exec cat download %s (MiB/s)" % sz(a.cat_mib), "tput", a.cat_mib * MiB,
@@ -902,7 +928,7 @@ SetEnv HOME=%s/home
         rtt = key.startswith("rtt_")
         client = self.fwd_proc.get(c + ("@rtt" if rtt else ""))
         names = {"direct": "ssh -L client", "ControlMaster": "ControlMaster process",
-                 "sshshim": "sshshim's ssh -L client"}
+                 "sshshim": "sshshim's ssh -L client", "resume": "sshshim --resume's ssh -L client"}
         out = [("%s: %s" % (c, names[c]), client)] if client else []
         if c == "sshshim":
             out.append(("sshshim: sshshim", self.shim_pid_for(key)))
@@ -959,7 +985,7 @@ SetEnv HOME=%s/home
                     self.results[t["key"]][c].append(v)
 
     # ---- concurrency + memory ------------------------------------------
-    def many_connections(self, port, n):
+    def many_connections(self, port, n, shim_pid=None):
         async def one(i, sem, held):
             async with sem:
                 try:
@@ -986,7 +1012,7 @@ SetEnv HOME=%s/home
             snap = {"open": len(held), "seconds": dt,
                     "errors": sum(1 for e in errs if e),
                     "kinds": sorted(set(e for e in errs if e))}
-            snap["shim_mem"] = proc_mem(self.shim.pid)
+            snap["shim_mem"] = proc_mem(shim_pid or self.shim.pid)
             # still alive? exchange once more on every held connection
             for w in held:
                 w.close()
@@ -1001,17 +1027,20 @@ SetEnv HOME=%s/home
         (the direct and ControlMaster phases do not touch it)."""
         n = self.a.conns
         self.hwm_reset_ok = reset_hwm(self.shim.pid) and getattr(self, "hwm_reset_ok", True)
-        for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L"):
+        for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L", "resume"):
             port = self.shim_owned_echo if c == "sshshim-owned -L" else self.fwd[c]["echo"]
             log("%d concurrent forwarded connections via %s" % (n, c if c.endswith("-L") else c + " (client -L)"))
-            if c.startswith("sshshim"):
-                self.hwm_reset_ok = reset_hwm(self.shim.pid) and self.hwm_reset_ok
-                before = proc_mem(self.shim.pid)["VmRSS"]
+            # --resume: its own shim, every connection carried by the helper
+            shim_pid = self.shim_res.pid if c == "resume" else self.shim.pid
+            measured = c.startswith("sshshim") or c == "resume"
+            if measured:
+                self.hwm_reset_ok = reset_hwm(shim_pid) and self.hwm_reset_ok
+                before = proc_mem(shim_pid)["VmRSS"]
             try:
-                self.conc[c] = self.many_connections(port, n)
-                if c.startswith("sshshim"):
+                self.conc[c] = self.many_connections(port, n, shim_pid)
+                if measured:
                     self.conc[c]["rss_before"] = before
-                    self.conc[c]["hwm"] = proc_mem(self.shim.pid)["VmHWM"]
+                    self.conc[c]["hwm"] = proc_mem(shim_pid)["VmHWM"]
                 log("  %s: %d errors, %.2f s, shim RSS %.1f MiB%s" %
                     (c, self.conc[c]["errors"], self.conc[c]["seconds"], self.conc[c]["shim_mem"]["VmRSS"],
                      ", peak %.1f MiB" % self.conc[c]["hwm"] if "hwm" in self.conc[c] else ""))
@@ -1377,6 +1406,14 @@ SetEnv HOME=%s/home
               "sshshim", True, 1.3)
         for k in ("cat_down", "cat_up"):
             ratio(i20, "%s with --resume ≥ 0.8× without" % lab(k), k, "r_res", "resume", "sshshim", False, 0.8)
+        i24 = "#24 resumable forwards"
+        ratio(i24, "-L connection set-up with --resume ≤ 1.3× without", "fwd_conn", "r_res", "resume", "sshshim",
+              True, 1.3)
+        for k in ("fwd_up", "fwd_down"):
+            ratio(i24, "%s with --resume ≥ 0.8× without" % lab(k), k, "r_res", "resume", "sshshim", False, 0.8)
+        if a.conns:
+            mem(i24, "peak RSS, %d concurrent resumable forwarded connections (client -L) ≤ 64 MiB" % a.conns,
+                self.conc.get("resume"), 64)
         if a.tunnels:
             t = self.tun
             desc = "%d sshshim-owned -R tunnels in one supervise: " % a.tunnels
@@ -1403,9 +1440,9 @@ SetEnv HOME=%s/home
         tgt = self.targets(rows)
         tgt_hdr = ["issue", "target", "measured", "result"]
         conc_lines = []
-        for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L"):
+        for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L", "resume"):
             x = self.conc.get(c)
-            name = c if c.endswith("-L") else c + " (client -L)"
+            name = c if c.endswith("-L") else (self.NAMES[c] if c == "resume" else c) + " (client -L)"
             if x is None:
                 if a.conns:
                     conc_lines.append([name, "error", "", "", "", ""])
@@ -1829,7 +1866,7 @@ def main():
                    help="sshshim-owned -R tunnels in one `supervise` for the start/drop test (0: skip)")
     p.add_argument("--delay-ms", type=float, default=25.0)
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--only", help="comma-separated test keys (exec,exec_cfg,fwd_up,fwd_down,cat_up,cat_down,"
+    p.add_argument("--only", help="comma-separated test keys (exec,exec_cfg,fwd_conn,fwd_up,fwd_down,cat_up,cat_down,"
                                   "sftp_put,sftp_get,rtt_exec,rtt_fwd_down,rtt_cat_down)")
     a = ap.parse_args()
     if a.cmd == "run":
