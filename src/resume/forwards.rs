@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use russh::ChannelMsg;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -43,6 +43,11 @@ const NOTIFY_EVERY: u64 = 64 * 1024;
 
 /// Frames the mux writes before it looks at what arrived again.
 const TURN: usize = 16;
+
+/// How long a connection's last word (`Done`, `Hangup`) is kept, to be
+/// said again after a reconnect: it may have been lost with a channel that
+/// looked alive (a blackhole is noticed only after the keepalives).
+const LAST_WORD_KEEP: Duration = Duration::from_secs(120);
 
 /// What the local ends and [`Resume`] ask of the mux.
 pub(super) enum Msg {
@@ -221,6 +226,7 @@ pub(super) async fn start(
         next: 1,
         ready: VecDeque::new(),
         acks: Vec::new(),
+        last_words: VecDeque::new(),
         counts,
     };
     tokio::spawn(mux.run(att));
@@ -384,6 +390,8 @@ struct Mux {
     ready: VecDeque<u32>,
     /// Connections with consumed output to acknowledge.
     acks: Vec<u32>,
+    /// Connections ended lately, with their last frame (see [`LAST_WORD_KEEP`]).
+    last_words: VecDeque<(u32, bool, Instant)>,
     /// For status.
     counts: Arc<Counts>,
 }
@@ -473,8 +481,11 @@ impl Mux {
         }
     }
 
-    /// Writes up to [`TURN`] frames, one connection after another.
+    /// Writes up to [`TURN`] frames, one connection after another, in one
+    /// write (a frame is a little over an SSH packet: written one by one,
+    /// each would cost a packet of its own for its last bytes).
     async fn write_turn(&mut self, att: &Attachment) -> Result<(), russh::Error> {
+        let mut out = BytesMut::new();
         let mut budget = TURN;
         while budget > 0
             && let Some(c) = self.ready.pop_front()
@@ -495,29 +506,45 @@ impl Mux {
                 };
                 k.queued = true;
                 self.ready.push_back(c);
-                att.send(&conn(c, f)).await?;
+                conn(c, f).encode(&mut out);
                 continue;
             }
             if k.input.eof_due() && !k.eof_sent {
                 k.eof_sent = true;
                 budget -= 1;
                 let at = k.input.end();
-                att.send(&conn(
-                    c,
-                    Frame::Eof {
-                        stream: Stream::Stdin,
-                        at,
-                    },
-                ))
-                .await?;
+                let eof = Frame::Eof {
+                    stream: Stream::Stdin,
+                    at,
+                };
+                conn(c, eof).encode(&mut out);
             }
             if k.hangup && k.opening.is_none() {
-                self.conns.remove(&c);
                 budget -= 1;
-                att.send(&conn(c, Frame::Hangup)).await?;
+                self.last_word(c, false).encode(&mut out);
             }
         }
-        Ok(())
+        if out.is_empty() {
+            return Ok(());
+        }
+        att.send_bytes(out.freeze()).await
+    }
+
+    /// Forgets connection `c` and returns its last frame, `Done` (all of
+    /// it arrived) or `Hangup` (the local end is gone), kept a while to be
+    /// said again after a reconnect.
+    fn last_word(&mut self, c: u32, done: bool) -> Frame {
+        self.conns.remove(&c);
+        let now = Instant::now();
+        while self
+            .last_words
+            .front()
+            .is_some_and(|(_, _, t)| now.duration_since(*t) > LAST_WORD_KEEP)
+        {
+            self.last_words.pop_front();
+        }
+        self.last_words.push_back((c, done, now));
+        conn(c, if done { Frame::Done } else { Frame::Hangup })
     }
 
     /// Queues connection `c` for a write turn.
@@ -712,8 +739,7 @@ impl Mux {
             }
             Frame::Closed => {
                 k.finish();
-                self.conns.remove(&c);
-                if att.send(&conn(c, Frame::Done)).await.is_err() {
+                if att.send(&self.last_word(c, true)).await.is_err() {
                     return Some(Ended::Lost);
                 }
             }
@@ -814,6 +840,10 @@ impl Mux {
     /// Asks the helper for each connection where it got to, and hangs up
     /// those whose local end went away meanwhile.
     async fn resume_conns(&mut self, att: &mut Attachment) -> Result<(), russh::Error> {
+        // Said again: the helper ignores them for connections it forgot.
+        for (c, done, _) in std::mem::take(&mut self.last_words) {
+            att.send(&self.last_word(c, done)).await?;
+        }
         let nums: Vec<u32> = self.conns.keys().copied().collect();
         for c in nums {
             let Some(k) = self.conns.get_mut(&c) else {
@@ -822,8 +852,7 @@ impl Mux {
             k.synced = false;
             k.eof_sent = false;
             if k.hangup && k.opening.is_none() {
-                self.conns.remove(&c);
-                att.send(&conn(c, Frame::Hangup)).await?;
+                att.send(&self.last_word(c, false)).await?;
                 continue;
             }
             let f = Frame::Resume {

@@ -303,8 +303,13 @@ impl Attachment {
 
     /// Sends one frame; fails if the channel is lost meanwhile.
     pub(super) async fn send(&self, f: &Frame) -> Result<(), russh::Error> {
+        self.send_bytes(f.to_bytes()).await
+    }
+
+    /// Sends encoded frames; fails if the channel is lost meanwhile.
+    pub(super) async fn send_bytes(&self, frames: Bytes) -> Result<(), russh::Error> {
         tokio::select! {
-            r = self.wr.data_bytes(f.to_bytes()) => r,
+            r = self.wr.data_bytes(frames) => r,
             () = self.lost.cancelled() => Err(russh::Error::Disconnect),
         }
     }
