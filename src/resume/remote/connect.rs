@@ -28,6 +28,10 @@ pub const CONNECT_FAILED: u32 = 2;
 /// What sshd's channel-open failure says when it sets no message.
 const OPEN_FAILED: &str = "open failed";
 
+/// Name lookups run at once (each takes a thread while it blocks): a
+/// burst of a thousand connects must not start a thousand threads.
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
 /// Why a connection could not be made, as sshd would word it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenFailure {
@@ -83,6 +87,9 @@ async fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>, OpenFailure> 
             CONNECT_FAILED,
             gai_message(libc::EAI_NONAME, 0),
         ));
+    };
+    let Ok(_turn) = LOOKUPS.acquire().await else {
+        return Err(OpenFailure::new(CONNECT_FAILED, OPEN_FAILED));
     };
     match tokio::task::spawn_blocking(move || getaddrinfo(&name, port)).await {
         Ok(r) => r.map_err(|msg| OpenFailure::new(CONNECT_FAILED, msg)),

@@ -505,7 +505,7 @@ impl Target {
     /// Tells the writer to shut down once all input up to the client's
     /// EOF was given to it (it writes in order).
     fn maybe_shut(&mut self) {
-        if self.shut || !self.stdin_eof.is_some_and(|at| self.inbox.have >= at) {
+        if self.shut || self.stdin_eof.is_none_or(|at| self.inbox.have < at) {
             return;
         }
         self.shut = true;
