@@ -340,12 +340,12 @@ fn socks5(socks: u16, port: u16) -> TcpStream {
 fn dynamic_forward_survives_a_drop() {
     let env = TestEnv::new();
     let sshd = Sshd::start(&env);
-    let (target, errors) = bulk_target(16);
+    let (target, errors) = bulk_target(32);
     let (proxy, shim) = proxied(&env, &sshd, &[]);
     let dport = free_port();
     let _c = ssh_n(&env, &shim, &["-D", &format!("127.0.0.1:{dport}")]);
     proxy.set_delay(Duration::from_millis(1));
-    let bulk = Bulk::start(socks5(dport, target), 16);
+    let bulk = Bulk::start(socks5(dport, target), 32);
     bulk.wait_quarter();
     proxy.drop_all();
     wait_resumed(&shim, 1);
@@ -365,7 +365,7 @@ fn shim_mux(env: &TestEnv) -> PathBuf {
 fn mux_forward_local_survives_a_drop() {
     let env = TestEnv::new();
     let sshd = Sshd::start(&env);
-    let (target, errors) = bulk_target(16);
+    let (target, errors) = bulk_target(32);
     let (proxy, shim) = proxied(&env, &sshd, &[]);
     let lport = free_port();
     let spec = format!("127.0.0.1:{lport}:127.0.0.1:{target}");
@@ -375,7 +375,7 @@ fn mux_forward_local_survives_a_drop() {
     ));
     assert_success(&out, "-O forward -L");
     proxy.set_delay(Duration::from_millis(1));
-    let bulk = Bulk::start(connect(lport), 16);
+    let bulk = Bulk::start(connect(lport), 32);
     bulk.wait_quarter();
     proxy.drop_all();
     wait_resumed(&shim, 1);
