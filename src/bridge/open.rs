@@ -286,3 +286,20 @@ impl Refused {
         self.error.reason()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The helper's codes read as russh reads sshd's, so the local client
+    /// gets the same refusal either way.
+    #[test]
+    fn failure_codes_map_as_russh_decodes_them() {
+        use russh::ChannelOpenFailure as F;
+        assert!(matches!(open_failure(1), F::AdministrativelyProhibited));
+        assert!(matches!(open_failure(2), F::ConnectFailed));
+        assert!(matches!(open_failure(3), F::UnknownChannelType));
+        assert!(matches!(open_failure(4), F::ResourceShortage));
+        assert_eq!(open_failure(9).code(), 9);
+    }
+}

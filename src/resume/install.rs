@@ -475,6 +475,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_forwarding_line_says_yes_or_why_not() {
+        assert_eq!(parse_forwarding("yes"), Ok(()));
+        assert_eq!(
+            parse_forwarding("no (AllowTcpForwarding remote)"),
+            Err("AllowTcpForwarding remote".to_owned())
+        );
+        assert_eq!(parse_forwarding("no"), Err("the helper says no".to_owned()));
+        assert!(
+            parse_forwarding("maybe").is_err(),
+            "anything but yes is a no"
+        );
+    }
+
+    #[test]
     fn the_local_platform_reads_like_uname() {
         let p = local_platform();
         let out = std::process::Command::new("uname")

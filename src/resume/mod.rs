@@ -186,7 +186,7 @@ impl Resume {
             }
         };
         if let Err(why) = &helper.forwarding {
-            self.forwards_off(format!("the server does not allow it: {why}"));
+            self.forwards_off(format!("the helper does not forward here: {why}"));
             return Opened::Plain;
         }
         let tx = {
