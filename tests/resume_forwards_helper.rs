@@ -8,7 +8,8 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -61,6 +62,8 @@ impl Env {
         let stdin = child.stdin.take().unwrap();
         let mut stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let paused = Arc::new(AtomicBool::new(false));
+        let pause = paused.clone();
         std::thread::spawn(move || {
             let mut magic = [0u8; 12];
             if stdout.read_exact(&mut magic).is_err() || &magic != wire::MAGIC {
@@ -74,13 +77,22 @@ impl Env {
                         return;
                     }
                 }
+                // Paused: the helper's output backs up, as on a slow link.
+                while pause.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 match stdout.read(&mut chunk) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
             }
         });
-        Peer { child, stdin, rx }
+        Peer {
+            child,
+            stdin,
+            rx,
+            paused,
+        }
     }
 
     /// Starts a forwards helper: the relay and its id.
@@ -145,6 +157,8 @@ struct Peer {
     child: Child,
     stdin: ChildStdin,
     rx: mpsc::Receiver<Frame>,
+    /// While set, the helper's output is not read.
+    paused: Arc<AtomicBool>,
 }
 
 impl Peer {
@@ -804,4 +818,50 @@ fn version_says_whether_sshd_lets_forwards_through_the_helper() {
         forwarding_line(&env, "AuthorizedKeysFile .ssh/other_keys\n"),
         "forwarding tcp yes"
     );
+}
+
+#[test]
+fn a_bulk_download_does_not_hold_up_another_connection() {
+    const BULK: usize = 8 << 20;
+    let env = Env::new();
+    let secret = Secret::random();
+    let mut s = spec(&secret);
+    s.buffer = 16 << 20;
+    let (mut p, id) = env.start(&s);
+    let (written, all_read) = mpsc::channel();
+    let (bulk_port, _) = server(move |mut st: TcpStream| {
+        let _ = st.write_all(&vec![b'x'; BULK]);
+        let _ = st.shutdown(Shutdown::Write);
+        let _ = written.send(());
+        read_all(&mut st)
+    });
+    let (accepted, pinged) = mpsc::channel();
+    let (echo_port, _) = server(move |mut st: TcpStream| {
+        let mut b = [0u8; 4];
+        st.read_exact(&mut b).unwrap();
+        st.write_all(&b).unwrap();
+        let _ = accepted.send(());
+        read_all(&mut st)
+    });
+    let mut cl = Client::acking();
+    p.conn(2, connect(echo_port));
+    cl.until_conn(&mut p, 2, |g| g.started);
+    // The link stalls while the download fills the helper's buffer.
+    p.paused.store(true, Ordering::Relaxed);
+    p.conn(1, connect(bulk_port));
+    // The helper took (nearly) all of it and waits for the link.
+    all_read.recv_timeout(WAIT).unwrap();
+    p.conn(2, data(0, b"ping"));
+    pinged.recv_timeout(WAIT).unwrap();
+    p.paused.store(false, Ordering::Relaxed);
+    cl.until_conn(&mut p, 2, |g| g.out == b"ping");
+    let before = cl.conns.get(&1).map_or(0, |g| g.out.len());
+    assert!(
+        before < 2 << 20,
+        "{before} bytes of the download went before the 4-byte answer"
+    );
+    cl.until_conn(&mut p, 1, |g| g.eof);
+    assert_eq!(cl.get(1).out.len(), BULK);
+    p.send(&Frame::Done);
+    env.wait_no_socket(&id);
 }
