@@ -650,7 +650,7 @@ SetEnv HOME=%s/home
         for c in ("direct", "ControlMaster", "sshshim"):
             self.fwd[c] = self.open_forwards(c, False, {"sink": self.sink_port, "echo": self.echo_port})
             self.fwd[c + "@rtt"] = self.open_forwards(c, True, {"sink": self.sink_port})
-        # a client -L through the --resume shim (issue 24: resumable forwarded connections)
+        # a client -L through the --resume shim: the helper carries it (issue 24)
         self.fwd["resume"] = self.open_forwards("resume", False, {"sink": self.sink_port, "echo": self.echo_port})
 
     def shim_env(self, name):
@@ -764,6 +764,26 @@ SetEnv HOME=%s/home
         self.run_cmd(argv, 60)
         return time.perf_counter() - t0
 
+    def m_fwd_conn(self, contender):
+        """a new connection through the contender's -L to the echo service,
+        and one line echoed back: what a client waits for before its first
+        answer (with --resume the helper opens the target)"""
+        port = self.fwd[contender]["echo"]
+        t0 = time.perf_counter()
+        s = socket.create_connection(("127.0.0.1", port), timeout=self.a.timeout)
+        try:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            s.sendall(b"ping\n")
+            got = b""
+            while not got.endswith(b"\n"):
+                b = s.recv(64)
+                if not b:
+                    raise RuntimeError("the echo closed after %r" % got)
+                got += b
+            return time.perf_counter() - t0
+        finally:
+            s.close()
+
     def m_fwd(self, contender, direction, n, rtt=False):
         port = self.fwd[contender + ("@rtt" if rtt else "")]["sink"]
         s = socket.create_connection(("127.0.0.1", port), timeout=self.a.timeout)
@@ -792,21 +812,6 @@ SetEnv HOME=%s/home
                 if got != n:
                     raise RuntimeError("short download: %d of %d bytes" % (got, n))
             return dt
-        finally:
-            s.close()
-
-    def m_connect(self, contender):
-        """A forwarded connection's set-up: connect through the -L, one echo
-        round trip (the upstream channel is open by then), close."""
-        port = self.fwd[contender]["echo"]
-        t0 = time.perf_counter()
-        s = socket.create_connection(("127.0.0.1", port), timeout=self.a.timeout)
-        try:
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            s.sendall(b"x\n")
-            if read_line(s) != "x":
-                raise RuntimeError("no echo")
-            return time.perf_counter() - t0
         finally:
             s.close()
 
@@ -873,11 +878,11 @@ SetEnv HOME=%s/home
                  "fwd_down": "-L download", "cat_up": "cat upload", "cat_down": "cat download",
                  "sftp_put": "sftp put", "sftp_get": "sftp get", "rtt_exec": "RTT: exec latency",
                  "rtt_fwd_down": "RTT: -L download", "rtt_cat_down": "RTT: cat download",
-                 "fwd_connect": "-L connection set-up"}
+                 "fwd_conn": "-L connection set-up"}
         three = ("direct", "ControlMaster", "sshshim")
         four = three + ("mux",)
         five = four + ("resume",)
-        fwd4 = three + ("resume",)
+        three_res = three + ("resume",)
 
         # cs: the contenders of the test, interleaved in each round
         def add(key, label, kind, n, fn, cs, runs=1):
@@ -887,12 +892,12 @@ SetEnv HOME=%s/home
         add("exec", "exec `ssh … true` (ms)", "latency", 0, lambda c: self.m_exec(c), five, a.exec_runs)
         add("exec_cfg", "exec `ssh … true`, endpoint through the `sshshim ssh-config` Host block (ms)",
             "latency", 0, lambda c: self.m_exec(c), ("ControlMaster", "sshshim-cfg"), a.exec_runs)
+        add("fwd_conn", "-L connection set-up: connect, one echo round trip (ms)", "latency", 0,
+            lambda c: self.m_fwd_conn(c), three_res, a.exec_runs)
         add("fwd_up", "-L upload %s (MiB/s)" % sz(a.fwd_mib), "tput", a.fwd_mib * MiB,
-            lambda c: self.m_fwd(c, "up", a.fwd_mib * MiB), fwd4)
+            lambda c: self.m_fwd(c, "up", a.fwd_mib * MiB), three_res)
         add("fwd_down", "-L download %s (MiB/s)" % sz(a.fwd_mib), "tput", a.fwd_mib * MiB,
-            lambda c: self.m_fwd(c, "down", a.fwd_mib * MiB), fwd4)
-        add("fwd_connect", "-L connection: connect, one echo, close (ms)", "latency", 0,
-            lambda c: self.m_connect(c), fwd4, a.exec_runs)
+            lambda c: self.m_fwd(c, "down", a.fwd_mib * MiB), three_res)
         add("cat_up", "exec cat upload %s (MiB/s)" % sz(a.cat_mib), "tput", a.cat_mib * MiB,
             lambda c: self.m_cat(c, "up", a.cat_mib * MiB), five)
         add("cat_down", "exec cat download %s (MiB/s)" % sz(a.cat_mib), "tput", a.cat_mib * MiB,
@@ -923,12 +928,10 @@ SetEnv HOME=%s/home
         rtt = key.startswith("rtt_")
         client = self.fwd_proc.get(c + ("@rtt" if rtt else ""))
         names = {"direct": "ssh -L client", "ControlMaster": "ControlMaster process",
-                 "sshshim": "sshshim's ssh -L client", "resume": "the --resume sshshim's ssh -L client"}
+                 "sshshim": "sshshim's ssh -L client", "resume": "sshshim --resume's ssh -L client"}
         out = [("%s: %s" % (c, names[c]), client)] if client else []
         if c == "sshshim":
             out.append(("sshshim: sshshim", self.shim_pid_for(key)))
-        if c == "resume":
-            out.append(("resume: sshshim --resume", self.shim_res.pid))
         return out
 
     def run_rounds(self):
@@ -982,7 +985,7 @@ SetEnv HOME=%s/home
                     self.results[t["key"]][c].append(v)
 
     # ---- concurrency + memory ------------------------------------------
-    def many_connections(self, port, n, shim):
+    def many_connections(self, port, n, shim_pid=None):
         async def one(i, sem, held):
             async with sem:
                 try:
@@ -1009,7 +1012,7 @@ SetEnv HOME=%s/home
             snap = {"open": len(held), "seconds": dt,
                     "errors": sum(1 for e in errs if e),
                     "kinds": sorted(set(e for e in errs if e))}
-            snap["shim_mem"] = proc_mem(shim.pid)
+            snap["shim_mem"] = proc_mem(shim_pid or self.shim.pid)
             # still alive? exchange once more on every held connection
             for w in held:
                 w.close()
@@ -1027,15 +1030,17 @@ SetEnv HOME=%s/home
         for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L", "resume"):
             port = self.shim_owned_echo if c == "sshshim-owned -L" else self.fwd[c]["echo"]
             log("%d concurrent forwarded connections via %s" % (n, c if c.endswith("-L") else c + " (client -L)"))
-            shim = self.shim_res if c == "resume" else self.shim
-            if c.startswith("sshshim") or c == "resume":
-                self.hwm_reset_ok = reset_hwm(shim.pid) and self.hwm_reset_ok
-                before = proc_mem(shim.pid)["VmRSS"]
+            # --resume: its own shim, every connection carried by the helper
+            shim_pid = self.shim_res.pid if c == "resume" else self.shim.pid
+            measured = c.startswith("sshshim") or c == "resume"
+            if measured:
+                self.hwm_reset_ok = reset_hwm(shim_pid) and self.hwm_reset_ok
+                before = proc_mem(shim_pid)["VmRSS"]
             try:
-                self.conc[c] = self.many_connections(port, n, shim)
-                if c.startswith("sshshim") or c == "resume":
+                self.conc[c] = self.many_connections(port, n, shim_pid)
+                if measured:
                     self.conc[c]["rss_before"] = before
-                    self.conc[c]["hwm"] = proc_mem(shim.pid)["VmHWM"]
+                    self.conc[c]["hwm"] = proc_mem(shim_pid)["VmHWM"]
                 log("  %s: %d errors, %.2f s, shim RSS %.1f MiB%s" %
                     (c, self.conc[c]["errors"], self.conc[c]["seconds"], self.conc[c]["shim_mem"]["VmRSS"],
                      ", peak %.1f MiB" % self.conc[c]["hwm"] if "hwm" in self.conc[c] else ""))
@@ -1402,13 +1407,13 @@ SetEnv HOME=%s/home
         for k in ("cat_down", "cat_up"):
             ratio(i20, "%s with --resume ≥ 0.8× without" % lab(k), k, "r_res", "resume", "sshshim", False, 0.8)
         i24 = "#24 resumable forwards"
-        ratio(i24, "%s with --resume ≤ 1.3× without" % lab("fwd_connect"), "fwd_connect", "r_res", "resume",
-              "sshshim", True, 1.3)
+        ratio(i24, "-L connection set-up with --resume ≤ 1.3× without", "fwd_conn", "r_res", "resume", "sshshim",
+              True, 1.3)
         for k in ("fwd_up", "fwd_down"):
             ratio(i24, "%s with --resume ≥ 0.8× without" % lab(k), k, "r_res", "resume", "sshshim", False, 0.8)
         if a.conns:
-            mem(i24, "peak RSS, %d concurrent forwarded connections via the --resume sshshim (client -L) ≤ 64 MiB"
-                % a.conns, self.conc.get("resume"), 64)
+            mem(i24, "peak RSS, %d concurrent resumable forwarded connections (client -L) ≤ 64 MiB" % a.conns,
+                self.conc.get("resume"), 64)
         if a.tunnels:
             t = self.tun
             desc = "%d sshshim-owned -R tunnels in one supervise: " % a.tunnels
@@ -1437,7 +1442,7 @@ SetEnv HOME=%s/home
         conc_lines = []
         for c in ("direct", "ControlMaster", "sshshim", "sshshim-owned -L", "resume"):
             x = self.conc.get(c)
-            name = c if c.endswith("-L") else c + " (client -L)"
+            name = c if c.endswith("-L") else (self.NAMES[c] if c == "resume" else c) + " (client -L)"
             if x is None:
                 if a.conns:
                     conc_lines.append([name, "error", "", "", "", ""])
@@ -1465,8 +1470,7 @@ SetEnv HOME=%s/home
         for via, x in self.par.items():
             res_lines.append(["peak RSS during %d concurrent %d MiB downloads via %s" % (a.par_downloads, a.par_mib, via),
                               "%.1f MiB" % x["hwm"]])
-        for c, via in (("sshshim", "client -L"), ("sshshim-owned -L", "sshshim-owned -L"),
-                       ("resume", "client -L, --resume")):
+        for c, via in (("sshshim", "client -L"), ("sshshim-owned -L", "sshshim-owned -L")):
             if c in self.conc:
                 res_lines.append(["RSS with %d forwarded connections open (%s)" % (a.conns, via),
                                   "%.1f MiB" % self.conc[c]["shim_mem"]["VmRSS"]])
@@ -1864,7 +1868,7 @@ def main():
                    help="sshshim-owned -R tunnels in one `supervise` for the start/drop test (0: skip)")
     p.add_argument("--delay-ms", type=float, default=25.0)
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--only", help="comma-separated test keys (exec,exec_cfg,fwd_up,fwd_down,cat_up,cat_down,"
+    p.add_argument("--only", help="comma-separated test keys (exec,exec_cfg,fwd_conn,fwd_up,fwd_down,cat_up,cat_down,"
                                   "sftp_put,sftp_get,rtt_exec,rtt_fwd_down,rtt_cat_down)")
     a = ap.parse_args()
     if a.cmd == "run":

@@ -39,9 +39,10 @@ fi
 # The `ci` profile: optimised like release, without its LTO (see Cargo.toml).
 cargo test --locked --profile ci "$@" -- --test-threads=2
 # Then the differential suites again, every session resumable (--resume):
-# what a client sees must stay what sshd shows it (issue 20). Skipped when
-# the caller chose tests.
+# what a client sees must stay what sshd shows it (issue 20); forward too,
+# its connections then carried by the helper (issue 24). Skipped when the
+# caller chose tests.
 if (($# == 0)); then
     SSHSHIM_TEST_RESUME=1 cargo test --locked --profile ci --test session --test mux \
-        -- --test-threads=2
+        --test forward -- --test-threads=2
 fi

@@ -199,9 +199,17 @@ impl StatusSource for Live {
             .collect();
         status.bytes_in = stats.bytes_in.load(Ordering::Relaxed);
         status.bytes_out = stats.bytes_out.load(Ordering::Relaxed);
-        status.resume = p.resume.as_ref().map(|r| crate::control::ResumeStatus {
-            helper: r.helper_state(),
-            held_sessions: r.held(),
+        status.resume = p.resume.as_ref().map(|r| {
+            let fwd = r.forwards_state();
+            crate::control::ResumeStatus {
+                helper: r.helper_state(),
+                held_sessions: r.held(),
+                forwarded_connections: crate::control::ForwardedConnections {
+                    attached: fwd.as_ref().map_or(0, |f| f.1 as u64),
+                    waiting: fwd.as_ref().map_or(0, |f| f.2 as u64),
+                },
+                forwards: fwd.map(|f| f.0),
+            }
         });
         status.forwards = forward_statuses(&p.forwards);
         status

@@ -324,6 +324,19 @@ fn the_same_through_the_mux_socket() {
 }
 
 /// Pids of sshd's session processes whose command line contains `needle`.
+/// Waits until `shim` holds a resumable session: the command may run on
+/// the server a moment before sshshim has the helper's answer (and sent
+/// the session's secret, without which it cannot be held).
+fn until_held(shim: &Shim) {
+    eventually(Duration::from_secs(20), "sshshim holds the session", || {
+        shim.status_json().is_some_and(|st| {
+            st["resume"]["held_sessions"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
+        })
+    });
+}
+
 fn remote(sshd: &Sshd, needle: &str) -> Vec<u32> {
     sshd.session_pids_containing(needle)
 }
@@ -337,6 +350,7 @@ fn held_session_ends_after_the_resume_timeout() {
     eventually(Duration::from_secs(20), "remote sleep", || {
         !remote(&sshd, "sleep 301").is_empty()
     });
+    until_held(&shim);
     proxy.set_mode(Mode::Refuse);
     proxy.drop_all();
     eventually(Duration::from_secs(15), "the held session ends", || {
@@ -364,6 +378,7 @@ fn a_client_gone_during_the_outage_ends_its_session_after_the_reconnect() {
     eventually(Duration::from_secs(20), "remote sleep", || {
         !remote(&sshd, "sleep 302").is_empty()
     });
+    until_held(&shim);
     proxy.set_mode(Mode::Refuse);
     proxy.drop_all();
     let st = shim.status_json().unwrap();
@@ -392,6 +407,7 @@ fn a_restarted_sshshim_ends_what_its_previous_run_held() {
     eventually(Duration::from_secs(20), "remote sleep", || {
         !remote(&sshd, "sleep 303").is_empty()
     });
+    until_held(&shim);
     shim.signal("KILL");
     shim.wait_exit(Duration::from_secs(5));
     thread::sleep(Duration::from_millis(500));

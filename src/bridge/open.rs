@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio_util::task::TaskTracker;
 
 use super::{Bridge, LocalIn, LocalOut, Options, Upstream};
-use crate::resume::{Helper, Resume, session};
+use crate::resume::{ConnRead, ConnWrite, Helper, Opened, Resume, session};
 use crate::upstream::{Open, OpenError, Pool};
 
 /// Opens upstream channels and bridges them; holds what every bridge of
@@ -68,6 +68,29 @@ impl Opener {
     pub async fn open(&self, what: Open, name: &str) -> Result<OpenChannel, Refused> {
         let session = what.is_session();
         let kind = what.kind();
+        if let (Some(r), Open::DirectTcpip { host, port, .. }) = (&self.resume, &what) {
+            match r.forward(host, *port).await {
+                Opened::Open(rd, wr) => {
+                    return Ok(OpenChannel {
+                        opener: self.clone(),
+                        session,
+                        kind,
+                        // Agent routes are per connection; a forwarded
+                        // connection has none.
+                        generation: 0,
+                        up: Up::Forwarded(rd, wr),
+                    });
+                }
+                Opened::Failed { code, reason } => {
+                    tracing::debug!("{name}: the helper could not connect: {reason}");
+                    // The same refusal sshd's own would give the client.
+                    let error =
+                        OpenError::Refused(russh::Error::ChannelOpenFailure(open_failure(code)));
+                    return Err(self.refused(error, session, kind, name));
+                }
+                Opened::Plain => {}
+            }
+        }
         match self.pool.open(what).await {
             Ok(o) => {
                 // The helper was looked for at connect; this waits only if
@@ -78,24 +101,29 @@ impl Opener {
                 };
                 Ok(OpenChannel {
                     opener: self.clone(),
-                    channel: o.channel,
                     session,
                     kind,
-                    hold: Box::new(o.load),
-                    congestion: o.congestion,
                     generation: o.generation,
-                    helper,
+                    up: Up::Ssh {
+                        channel: o.channel,
+                        hold: Box::new(o.load),
+                        congestion: o.congestion,
+                        helper,
+                    },
                 })
             }
-            Err(error) => {
-                let refused = Refused { error, session };
-                match refused.explanation() {
-                    Some(why) => tracing::warn!("{name}: refusing a session: {why}"),
-                    None => tracing::info!("{name}: upstream refused a {kind} channel: {refused}"),
-                }
-                Err(refused)
-            }
+            Err(error) => Err(self.refused(error, session, kind, name)),
         }
+    }
+
+    /// A refusal, logged.
+    fn refused(&self, error: OpenError, session: bool, kind: &str, name: &str) -> Refused {
+        let refused = Refused { error, session };
+        match refused.explanation() {
+            Some(why) => tracing::warn!("{name}: refusing a session: {why}"),
+            None => tracing::info!("{name}: upstream refused a {kind} channel: {refused}"),
+        }
+        refused
     }
 
     /// A channel the server opened (a connection to a remote forward, an
@@ -111,15 +139,50 @@ impl Opener {
     ) -> OpenChannel {
         OpenChannel {
             opener: self.clone(),
-            channel,
             session: false,
             kind,
-            hold,
-            congestion,
             generation,
-            helper: None,
+            up: Up::Ssh {
+                channel,
+                hold,
+                congestion,
+                helper: None,
+            },
         }
     }
+}
+
+/// The failure russh reports for an SSH reason code (as it would have
+/// decoded sshd's own refusal).
+fn open_failure(code: u32) -> russh::ChannelOpenFailure {
+    use russh::ChannelOpenFailure as F;
+    match code {
+        1 => F::AdministrativelyProhibited,
+        2 => F::ConnectFailed,
+        3 => F::UnknownChannelType,
+        4 => F::ResourceShortage,
+        code => F::Other {
+            code,
+            reason: format!("Unknown code {code}"),
+        },
+    }
+}
+
+/// What an [`OpenChannel`] bridges to.
+enum Up {
+    /// A channel of the upstream connection.
+    Ssh {
+        /// The channel.
+        channel: russh::Channel<russh::client::Msg>,
+        /// Held until the upstream channel is gone (its connection's load).
+        hold: Box<dyn Send + Sync>,
+        /// Its connection's congestion counter.
+        congestion: Arc<AtomicUsize>,
+        /// The remote helper, for a resumable session.
+        helper: Option<Arc<Helper>>,
+    },
+    /// A forwarded connection the forwards helper carries (`--resume`).
+    Forwarded(ConnRead, ConnWrite),
 }
 
 /// An upstream channel waiting for its local end. Dropped unbridged, it
@@ -127,20 +190,14 @@ impl Opener {
 pub struct OpenChannel {
     /// The shared settings.
     opener: Opener,
-    /// The channel.
-    channel: russh::Channel<russh::client::Msg>,
     /// A session channel.
     session: bool,
     /// Its SSH channel type, for the traffic meter.
     kind: &'static str,
-    /// Held until the upstream channel is gone (its connection's load).
-    hold: Box<dyn Send + Sync>,
-    /// Its connection's congestion counter.
-    congestion: Arc<AtomicUsize>,
     /// Which upstream connection it is on.
     generation: u64,
-    /// The remote helper, for a resumable session.
-    helper: Option<Arc<Helper>>,
+    /// The channel or forwarded connection.
+    up: Up,
 }
 
 impl OpenChannel {
@@ -168,16 +225,34 @@ impl OpenChannel {
             stall_limit: o.stall_limit,
             congestion: None,
         };
-        let upstream: Upstream = match (self.helper, &o.resume) {
-            (Some(helper), Some(resume)) => {
+        let upstream: Upstream = match (self.up, &o.resume) {
+            (
+                Up::Ssh {
+                    channel,
+                    hold,
+                    helper: Some(helper),
+                    ..
+                },
+                Some(resume),
+            ) => {
                 // The session counts its own channels, one after another.
-                session::start(resume.clone(), helper, self.channel, self.hold).into()
+                session::start(resume.clone(), helper, channel, hold).into()
             }
-            _ => {
-                opts.hold = Some(self.hold);
-                opts.congestion = Some(self.congestion);
-                self.channel.into()
+            (
+                Up::Ssh {
+                    channel,
+                    hold,
+                    congestion,
+                    ..
+                },
+                _,
+            ) => {
+                opts.hold = Some(hold);
+                opts.congestion = Some(congestion);
+                channel.into()
             }
+            // The helper's channel counts for all its connections.
+            (Up::Forwarded(rd, wr), _) => (rd, wr).into(),
         };
         super::spawn(local_in, local_out, upstream, opts, &o.tasks)
     }
@@ -209,5 +284,22 @@ impl Refused {
     /// "connect failed" with why there is no upstream.
     pub fn reason(&self) -> russh::ChannelOpenFailure {
         self.error.reason()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The helper's codes read as russh reads sshd's, so the local client
+    /// gets the same refusal either way.
+    #[test]
+    fn failure_codes_map_as_russh_decodes_them() {
+        use russh::ChannelOpenFailure as F;
+        assert!(matches!(open_failure(1), F::AdministrativelyProhibited));
+        assert!(matches!(open_failure(2), F::ConnectFailed));
+        assert!(matches!(open_failure(3), F::UnknownChannelType));
+        assert!(matches!(open_failure(4), F::ResourceShortage));
+        assert_eq!(open_failure(9).code(), 9);
     }
 }

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty, Sig, client};
 
 use crate::resume::wire::{Command, PtySpec};
-use crate::resume::{SessionRead, SessionWrite};
+use crate::resume::{ConnRead, ConnWrite, SessionRead, SessionWrite};
 
 /// Both halves of an upstream end.
 pub struct Upstream {
@@ -36,12 +36,23 @@ impl From<(SessionRead, SessionWrite)> for Upstream {
     }
 }
 
+impl From<(ConnRead, ConnWrite)> for Upstream {
+    fn from((r, w): (ConnRead, ConnWrite)) -> Upstream {
+        Upstream {
+            read: UpRead::Forwarded(r),
+            write: UpWrite::Forwarded(w),
+        }
+    }
+}
+
 /// The read half.
 pub enum UpRead {
     /// A russh channel's.
     Ssh(ChannelReadHalf),
     /// A resumable session's.
     Resumable(SessionRead),
+    /// A resumable forwarded connection's.
+    Forwarded(ConnRead),
 }
 
 impl UpRead {
@@ -50,6 +61,7 @@ impl UpRead {
         match self {
             UpRead::Ssh(r) => r.wait().await,
             UpRead::Resumable(r) => r.wait().await,
+            UpRead::Forwarded(r) => r.wait().await,
         }
     }
 }
@@ -61,11 +73,20 @@ pub enum UpWrite {
     /// A resumable session's (requests are answered on its read half, in
     /// order, as a server's are).
     Resumable(SessionWrite),
+    /// A resumable forwarded connection's (it takes no requests, as sshd's
+    /// direct-tcpip channels take none).
+    Forwarded(ConnWrite),
 }
 
 /// A resumable session that ended, as russh reports a closed channel.
 fn gone<T>(_: T) -> russh::Error {
     russh::Error::SendError
+}
+
+/// A request on a forwarded connection: refused, as sshd refuses requests
+/// on a direct-tcpip channel.
+fn denied() -> Result<(), russh::Error> {
+    Err(russh::Error::RequestDenied)
 }
 
 impl UpWrite {
@@ -74,6 +95,7 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.data_bytes(data).await,
             UpWrite::Resumable(w) => w.data(data).await.map_err(gone),
+            UpWrite::Forwarded(w) => w.data(data).await.map_err(gone),
         }
     }
 
@@ -81,7 +103,7 @@ impl UpWrite {
     pub async fn extended_data_bytes(&self, ext: u32, data: Bytes) -> Result<(), russh::Error> {
         match self {
             UpWrite::Ssh(w) => w.extended_data_bytes(ext, data).await,
-            UpWrite::Resumable(_) => Ok(()),
+            UpWrite::Resumable(_) | UpWrite::Forwarded(_) => Ok(()),
         }
     }
 
@@ -90,6 +112,7 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.eof().await,
             UpWrite::Resumable(w) => w.eof().map_err(gone),
+            UpWrite::Forwarded(w) => w.eof().map_err(gone),
         }
     }
 
@@ -98,6 +121,10 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.close().await,
             UpWrite::Resumable(w) => {
+                w.close();
+                Ok(())
+            }
+            UpWrite::Forwarded(w) => {
                 w.close();
                 Ok(())
             }
@@ -131,6 +158,7 @@ impl UpWrite {
                     modes: modes.iter().map(|(m, v)| (*m as u8, *v)).collect(),
                 })
                 .map_err(gone),
+            UpWrite::Forwarded(_) => denied(),
         }
     }
 
@@ -139,6 +167,7 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.request_shell(want_reply).await,
             UpWrite::Resumable(w) => w.command(Command::Shell).map_err(gone),
+            UpWrite::Forwarded(_) => denied(),
         }
     }
 
@@ -147,6 +176,7 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.exec(want_reply, command).await,
             UpWrite::Resumable(w) => w.command(Command::Exec(command)).map_err(gone),
+            UpWrite::Forwarded(_) => denied(),
         }
     }
 
@@ -159,6 +189,7 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.request_subsystem(want_reply, name).await,
             UpWrite::Resumable(w) => w.command(Command::Subsystem(name)).map_err(gone),
+            UpWrite::Forwarded(_) => denied(),
         }
     }
 
@@ -167,6 +198,7 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.agent_forward(want_reply).await,
             UpWrite::Resumable(w) => w.agent().map_err(gone),
+            UpWrite::Forwarded(_) => denied(),
         }
     }
 
@@ -180,6 +212,7 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.set_env(want_reply, name, value).await,
             UpWrite::Resumable(w) => w.env(name, value).map_err(gone),
+            UpWrite::Forwarded(_) => denied(),
         }
     }
 
@@ -194,6 +227,7 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.window_change(cols, rows, pix_width, pix_height).await,
             UpWrite::Resumable(w) => w.window(cols, rows, pix_width, pix_height).map_err(gone),
+            UpWrite::Forwarded(_) => denied(),
         }
     }
 
@@ -202,6 +236,7 @@ impl UpWrite {
         match self {
             UpWrite::Ssh(w) => w.signal(sig).await,
             UpWrite::Resumable(w) => w.signal(&sig).map_err(gone),
+            UpWrite::Forwarded(_) => denied(),
         }
     }
 }

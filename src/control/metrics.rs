@@ -137,6 +137,8 @@ struct Families {
     upstream_congested: Family,
     /// `sshshim_resumable_sessions`.
     resumable: Family,
+    /// `sshshim_resumable_forwarded_connections`.
+    resumable_forwarded: Family,
 }
 
 impl Families {
@@ -181,6 +183,11 @@ impl Families {
                 "sshshim_resumable_sessions",
                 "Sessions running under the remote helper (--resume), attached or \
                  waiting for the upstream (held by the server).",
+            ),
+            resumable_forwarded: Family::gauge(
+                "sshshim_resumable_forwarded_connections",
+                "Forwarded TCP connections the remote helper carries (--resume), \
+                 attached or waiting for the upstream (held by the server).",
             ),
         }
     }
@@ -234,6 +241,11 @@ impl Families {
                 self.resumable
                     .add(&[("profile", p), ("state", state)], n.to_string());
             }
+            let f = &r.forwarded_connections;
+            for (state, n) in [("attached", f.attached), ("waiting", f.waiting)] {
+                self.resumable_forwarded
+                    .add(&[("profile", p), ("state", state)], n.to_string());
+            }
         }
     }
 
@@ -251,6 +263,7 @@ impl Families {
             upstream_connections,
             upstream_congested,
             resumable,
+            resumable_forwarded,
         } = self;
         let mut out = String::new();
         for fam in [
@@ -264,6 +277,7 @@ impl Families {
             upstream_connections,
             upstream_congested,
             resumable,
+            resumable_forwarded,
         ] {
             fam.write(&mut out);
         }
@@ -725,6 +739,7 @@ mod tests {
                 "sshshim_upstream_connections gauge",
                 "sshshim_upstream_congested_connections gauge",
                 "sshshim_resumable_sessions gauge",
+                "sshshim_resumable_forwarded_connections gauge",
             ]
         );
         // Every sample sits right under its own family's header.

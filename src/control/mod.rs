@@ -31,4 +31,6 @@ pub use render::render;
 pub use socket::{
     Bound, ClientError, ServeError, bind, down, query, running, serve, socket_dir, socket_path,
 };
-pub use status::{ForwardStatus, ProfileStatus, ResumeStatus, StatusSource, UpstreamStatus};
+pub use status::{
+    ForwardStatus, ForwardedConnections, ProfileStatus, ResumeStatus, StatusSource, UpstreamStatus,
+};

@@ -106,6 +106,23 @@ pub struct ResumeStatus {
     /// Sessions running under the helper, attached or held while the
     /// upstream is away.
     pub held_sessions: Vec<crate::resume::HeldStatus>,
+    /// Forwarded TCP connections (`-L`, `-D`, `-W`): "resumable", or "not
+    /// resumable: REASON" (they then use plain direct-tcpip); null until
+    /// the first one.
+    #[serde(default)]
+    pub forwards: Option<String>,
+    /// Forwarded connections the helper carries.
+    #[serde(default)]
+    pub forwarded_connections: ForwardedConnections,
+}
+
+/// Forwarded connections the remote helper carries (`--resume`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ForwardedConnections {
+    /// While the upstream is there.
+    pub attached: u64,
+    /// Held by the server while the upstream is away.
+    pub waiting: u64,
 }
 
 /// Implemented by a running profile.
@@ -171,6 +188,11 @@ pub(super) fn sample(name: &str) -> ProfileStatus {
                 output_bytes: 34_567,
                 resumes: 1,
             }],
+            forwards: Some("resumable".into()),
+            forwarded_connections: ForwardedConnections {
+                attached: 2,
+                waiting: 0,
+            },
         }),
     }
 }

@@ -36,6 +36,9 @@ pub struct Helper {
     /// The sftp subsystem: the program sshd's config names for it, or why
     /// sftp sessions cannot run under the helper.
     pub sftp: Result<String, NoSftp>,
+    /// Whether the helper may carry forwarded TCP connections (sshd's
+    /// AllowTcpForwarding and PermitOpen allow them), or why not.
+    pub forwarding: Result<(), String>,
 }
 
 /// Why sftp sessions cannot run under the helper.
@@ -388,8 +391,11 @@ pub async fn diagnose(on: &impl Sessions, settings: &Settings) -> Result<String,
         match &h.sftp {
             Ok(_) => "; sftp sessions are resumable".to_owned(),
             Err(why) => format!("; sftp sessions are not resumable: {why}"),
-        }
-    ))
+        },
+    ) + &match &h.forwarding {
+        Ok(()) => "; forwarded TCP connections are resumable".to_owned(),
+        Err(why) => format!("; forwarded TCP connections are not resumable: {why}"),
+    })
 }
 
 /// Runs the helper's `version` there: it must answer with our protocol.
@@ -397,6 +403,7 @@ async fn check(pool: &impl Sessions, path: &str) -> Result<Helper, NotHere> {
     let probe = Helper {
         path: path.to_owned(),
         sftp: Err(NoSftp::NotNamed),
+        forwarding: Ok(()),
     };
     let ran = run_cmd(pool, &probe.command("version")).await?;
     let out = String::from_utf8_lossy(&ran.stdout).into_owned();
@@ -423,7 +430,12 @@ async fn check(pool: &impl Sessions, path: &str) -> Result<Helper, NotHere> {
         )));
     }
     let mut sftp = Err(NoSftp::NotNamed);
+    let mut forwarding =
+        Err("the helper does not say whether it may forward (an older version)".into());
     for line in lines {
+        if let Some(v) = line.strip_prefix("forwarding tcp ") {
+            forwarding = parse_forwarding(v);
+        }
         if let Some(cmd) = line.strip_prefix("subsystem sftp ") {
             sftp = if cmd.trim() == "internal" {
                 Err(NoSftp::Internal)
@@ -435,12 +447,46 @@ async fn check(pool: &impl Sessions, path: &str) -> Result<Helper, NotHere> {
     Ok(Helper {
         path: path.to_owned(),
         sftp,
+        forwarding,
     })
+}
+
+/// The helper's `forwarding tcp yes` or `forwarding tcp no (REASON)`.
+fn parse_forwarding(v: &str) -> Result<(), String> {
+    let v = v.trim();
+    if v == "yes" {
+        return Ok(());
+    }
+    let why = v
+        .strip_prefix("no")
+        .map(|r| {
+            r.trim()
+                .trim_start_matches('(')
+                .trim_end_matches(')')
+                .trim()
+        })
+        .filter(|r| !r.is_empty())
+        .unwrap_or("the helper says no");
+    Err(crate::term::clean(why))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_forwarding_line_says_yes_or_why_not() {
+        assert_eq!(parse_forwarding("yes"), Ok(()));
+        assert_eq!(
+            parse_forwarding("no (AllowTcpForwarding remote)"),
+            Err("AllowTcpForwarding remote".to_owned())
+        );
+        assert_eq!(parse_forwarding("no"), Err("the helper says no".to_owned()));
+        assert!(
+            parse_forwarding("maybe").is_err(),
+            "anything but yes is a no"
+        );
+    }
 
     #[test]
     fn the_local_platform_reads_like_uname() {

@@ -12,7 +12,10 @@
 //!   upstream connection.
 //! - [`session`]: one resumable session on sshshim's side; the bridge sees
 //!   it as an upstream channel that outlives connections.
+//! - [`forwards`]: forwarded TCP connections, all carried by one helper;
+//!   the bridge sees each as an upstream channel too.
 
+pub mod forwards;
 pub mod install;
 pub mod remote;
 pub mod session;
@@ -26,6 +29,7 @@ use std::time::{Duration, SystemTime};
 use sha2::Digest;
 
 use crate::upstream::Pool;
+pub use forwards::{ConnRead, ConnWrite, Opened};
 pub use install::Helper;
 pub use session::{SessionRead, SessionWrite};
 
@@ -83,6 +87,12 @@ pub struct Resume {
     held: Mutex<BTreeMap<u64, HeldStatus>>,
     /// Numbers for `held`.
     next: AtomicU64,
+    /// The forwards helper's mux, once started (see [`forwards`]).
+    forwards: tokio::sync::Mutex<Option<tokio::sync::mpsc::UnboundedSender<forwards::Msg>>>,
+    /// Why forwarded connections are not resumable, once known.
+    forwards_off: Mutex<Option<String>>,
+    /// Forwarded connections, for status.
+    forwards_counts: Arc<forwards::Counts>,
 }
 
 impl Resume {
@@ -104,6 +114,9 @@ impl Resume {
             helper: tokio::sync::Mutex::new(None),
             held: Mutex::default(),
             next: AtomicU64::new(0),
+            forwards: tokio::sync::Mutex::new(None),
+            forwards_off: Mutex::new(None),
+            forwards_counts: Arc::default(),
         })
     }
 
@@ -154,6 +167,89 @@ impl Resume {
     /// Held sessions, for status.
     pub fn held(&self) -> Vec<HeldStatus> {
         self.held.lock().unwrap().values().cloned().collect()
+    }
+
+    /// Opens a forwarded TCP connection to `host:port` through the forwards
+    /// helper (started on first use); [`Opened::Plain`] when the helper
+    /// cannot carry it (the reason is logged once and shown by status).
+    pub async fn forward(self: &Arc<Self>, host: &str, port: u32) -> Opened {
+        if self.forwards_off.lock().unwrap().is_some() {
+            return Opened::Plain;
+        }
+        let helper = match self.helper().await {
+            Ok(h) => h,
+            Err(why) => {
+                if !why.transient {
+                    self.forwards_off(format!("the helper cannot run there: {why}"));
+                }
+                return Opened::Plain;
+            }
+        };
+        if let Err(why) = &helper.forwarding {
+            self.forwards_off(format!("the helper does not forward here: {why}"));
+            return Opened::Plain;
+        }
+        let tx = {
+            let mut g = self.forwards.lock().await;
+            match &*g {
+                Some(tx) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    let counts = self.forwards_counts.clone();
+                    match forwards::start(self.clone(), helper, counts).await {
+                        Ok(tx) => g.insert(tx).clone(),
+                        Err(e) if e.transient => {
+                            tracing::debug!("the forwards helper did not start: {}", e.why);
+                            return Opened::Plain;
+                        }
+                        Err(e) => {
+                            self.forwards_off(format!("the helper could not start: {}", e.why));
+                            return Opened::Plain;
+                        }
+                    }
+                }
+            }
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let open = forwards::Msg::Open {
+            host: host.to_owned(),
+            port,
+            reply,
+        };
+        if tx.send(open).is_err() {
+            return Opened::Plain;
+        }
+        answer.await.unwrap_or(Opened::Plain)
+    }
+
+    /// Forwarded connections are not resumable, for good: says why, once.
+    fn forwards_off(&self, why: String) {
+        let mut g = self.forwards_off.lock().unwrap();
+        if g.is_none() {
+            tracing::warn!(
+                "forwarded connections are not resumable (they use plain direct-tcpip): {}",
+                crate::term::clean(&why)
+            );
+            *g = Some(why);
+        }
+    }
+
+    /// Forwarded connections for status: whether they are resumable (why
+    /// not), and how many the helper carries, attached or waiting; `None`
+    /// until the first forwarded connection.
+    pub fn forwards_state(&self) -> Option<(String, usize, usize)> {
+        if let Some(why) = &*self.forwards_off.lock().unwrap() {
+            return Some((format!("not resumable: {why}"), 0, 0));
+        }
+        let started = self.forwards.try_lock().ok()?.is_some();
+        if !started {
+            return None;
+        }
+        let n = self.forwards_counts.conns.load(Ordering::Relaxed);
+        Some(if self.forwards_counts.attached.load(Ordering::Relaxed) {
+            ("resumable".to_owned(), n, 0)
+        } else {
+            ("resumable".to_owned(), 0, n)
+        })
     }
 
     /// Registers a session for status; removed when the returned guard drops.

@@ -240,7 +240,7 @@ enum Ended {
 }
 
 /// One upstream channel running the helper.
-struct Attachment {
+pub(super) struct Attachment {
     /// Its messages, read ahead by a task. Unbounded on purpose: russh
     /// stalls the whole connection (window adjustments included) while a
     /// channel's queue is full, so a write waiting for window must never
@@ -248,7 +248,7 @@ struct Attachment {
     /// sends at most its buffer beyond what we acknowledged.
     msgs: mpsc::UnboundedReceiver<ChannelMsg>,
     /// Writes to it.
-    wr: ChannelWriteHalf<client::Msg>,
+    pub(super) wr: ChannelWriteHalf<client::Msg>,
     /// Set when the channel is gone. russh's writes wait for window
     /// forever when the connection dies under them, so every write races it.
     lost: CancellationToken,
@@ -268,7 +268,10 @@ impl Drop for Attachment {
 
 impl Attachment {
     /// Takes over a freshly opened channel.
-    fn new(channel: russh::Channel<client::Msg>, load: Box<dyn Send + Sync>) -> Attachment {
+    pub(super) fn new(
+        channel: russh::Channel<client::Msg>,
+        load: Box<dyn Send + Sync>,
+    ) -> Attachment {
         let (mut rd, wr) = channel.split();
         let (tx, msgs) = mpsc::unbounded_channel();
         let lost = CancellationToken::new();
@@ -295,7 +298,7 @@ impl Attachment {
     /// Sends the last frame (`Done`, `Hangup`) and lets the helper end the
     /// channel: closing it at once could lose the frame (sshd tears the
     /// relay down while the frame is still on its way to the helper).
-    async fn finish(&self, f: &Frame) {
+    pub(super) async fn finish(&self, f: &Frame) {
         if self.send(f).await.is_ok() {
             let _ = tokio::time::timeout(FINISH_WAIT, self.lost.cancelled()).await;
         }
@@ -303,16 +306,21 @@ impl Attachment {
     }
 
     /// Sends one frame; fails if the channel is lost meanwhile.
-    async fn send(&self, f: &Frame) -> Result<(), russh::Error> {
+    pub(super) async fn send(&self, f: &Frame) -> Result<(), russh::Error> {
+        self.send_bytes(f.to_bytes()).await
+    }
+
+    /// Sends encoded frames; fails if the channel is lost meanwhile.
+    pub(super) async fn send_bytes(&self, frames: Bytes) -> Result<(), russh::Error> {
         tokio::select! {
-            r = self.wr.data_bytes(f.to_bytes()) => r,
+            r = self.wr.data_bytes(frames) => r,
             () = self.lost.cancelled() => Err(russh::Error::Disconnect),
         }
     }
 
     /// The next frame; `None` when the channel is gone. The helper's
     /// stderr goes to the log.
-    async fn next(&mut self) -> Result<Option<Frame>, wire::WireError> {
+    pub(super) async fn next(&mut self) -> Result<Option<Frame>, wire::WireError> {
         loop {
             if let Some(f) = Frame::decode(&mut self.buf)? {
                 return Ok(Some(f));
@@ -331,7 +339,7 @@ impl Attachment {
 
     /// Reads up to the helper's [`wire::MAGIC`] and its `Hello`: `Err` with
     /// what arrived instead.
-    async fn hello(&mut self) -> Result<(wire::SessionId, bool), HelloErr> {
+    pub(super) async fn hello(&mut self) -> Result<(wire::SessionId, bool), HelloErr> {
         let broken = |s: String| Err(HelloErr::Broken(s));
         while self.buf.len() < wire::MAGIC.len() {
             match self.msgs.recv().await {
@@ -1018,7 +1026,7 @@ impl Task {
 }
 
 /// Why the helper's first words were not a greeting.
-enum HelloErr {
+pub(super) enum HelloErr {
     /// The helper refused (e.g. the session ended).
     Refused(String),
     /// Something else answered, or the channel broke.
@@ -1026,7 +1034,7 @@ enum HelloErr {
 }
 
 /// Why an attach attempt failed.
-enum AttachErr {
+pub(super) enum AttachErr {
     /// The session is gone on the server.
     Gone(String),
     /// Worth another try (no connection yet, a broken attempt).
@@ -1034,11 +1042,11 @@ enum AttachErr {
 }
 
 /// How long one attach attempt may take once a connection is there.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Opens a channel, runs the helper's `attach` and resumes: the
 /// attachment and how far the helper has the input.
-async fn attach(
+pub(super) async fn attach(
     resume: Arc<Resume>,
     helper: Arc<Helper>,
     id: wire::SessionId,
@@ -1090,7 +1098,7 @@ async fn attach(
 }
 
 /// A session's id as logs and status show it.
-fn short(id: &wire::SessionId) -> String {
+pub(super) fn short(id: &wire::SessionId) -> String {
     hex(&id[..4])
 }
 

@@ -11,6 +11,11 @@
 //! is blocked. With no attachment, the
 //! session is held for the spec's timeout, then ended as sshd would end
 //! it for a vanished client.
+//!
+//! A `Start` for [`wire::Command::Forwards`] makes it a forwards helper
+//! instead ([`forwarding`]).
+
+mod forwarding;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -37,7 +42,7 @@ use super::child::{self, Spawned};
 use super::handover::{self, First};
 use super::rundir::check_peer;
 use crate::resume::wire::{
-    self, Exit, Frame, Inbox, Outbox, SessionId, StartSpec, Stream, WireError,
+    self, Command, Exit, Frame, Inbox, Outbox, SessionId, StartSpec, Stream, WireError,
 };
 
 /// Encoded bytes queued to one connection beyond which no more data
@@ -108,6 +113,7 @@ pub fn run(
             timer: None,
             ending: false,
             early: None,
+            forwarding: false,
         };
         if let Some(spec) = spec {
             d.start_early(spec);
@@ -236,6 +242,8 @@ struct Daemon {
     /// A command started from `start`'s argument, until its first
     /// connection attaches (`Ok`) or is told why it could not start.
     early: Option<Result<(), String>>,
+    /// Serving forwarded connections (a started helper with no command).
+    forwarding: bool,
 }
 
 /// Whether the session's secret is still to come: a session started from
@@ -375,7 +383,7 @@ impl Daemon {
         Frame::Hello {
             version: wire::VERSION,
             session: self.id,
-            fresh: self.session.is_none() || early.is_some(),
+            fresh: (self.session.is_none() && !self.forwarding) || early.is_some(),
         }
         .encode(&mut greeting);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -464,6 +472,10 @@ impl Daemon {
     /// A frame on a connection that is not the attachment.
     async fn pending_frame(&mut self, c: Conn, f: Frame) {
         match f {
+            Frame::Start(spec) if self.session.is_none() && spec.command == Command::Forwards => {
+                Box::pin(self.serve_forwards(*spec, c)).await;
+                self.ending = true;
+            }
             Frame::Start(spec) if self.session.is_none() => match child::spawn(&spec) {
                 Ok(sp) => match Session::new(*spec, sp) {
                     Ok(s) => {

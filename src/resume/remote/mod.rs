@@ -2,7 +2,8 @@
 //!
 //! sshd starts it on an exec channel (stdin and stdout are the channel):
 //! - `version`: one line with the helper's and the protocol's version, then
-//!   how sshd runs the sftp subsystem ([`sshd`]).
+//!   how sshd runs the sftp subsystem ([`sshd`]), then whether forwarded
+//!   TCP connections may go through the helper ([`fwd_policy`]).
 //! - `start [SPEC]`: binds a new session's socket, forks the session's
 //!   daemon ([`daemon`]) and hands the channel to it ([`relay`],
 //!   [`handover`]); with SPEC the command starts at once (its secret
@@ -15,7 +16,10 @@
 //! ([`rundir`]). The command itself runs as sshd would run it ([`child`]).
 
 mod child;
+mod connect;
 mod daemon;
+mod forwards;
+mod fwd_policy;
 mod handover;
 mod relay;
 mod rundir;
@@ -92,7 +96,8 @@ fn fail(why: &str) -> ExitCode {
 
 /// What `version` prints: `sshshim-remote-helper VERSION PROTOCOL`, then
 /// `subsystem sftp COMMAND` or `subsystem sftp internal` when sshd's
-/// configuration names one.
+/// configuration names one, then `forwarding tcp yes` or `forwarding tcp
+/// no (WHY)`: whether sshd would open every forward the helper would.
 fn version_text() -> String {
     let mut s = format!(
         "sshshim-remote-helper {} {}\n",
@@ -103,6 +108,10 @@ fn version_text() -> String {
         Some(sshd::Subsystem::Internal) => s.push_str("subsystem sftp internal\n"),
         Some(sshd::Subsystem::Program(p)) => s.push_str(&format!("subsystem sftp {p}\n")),
         None => {}
+    }
+    match fwd_policy::tcp_forwarding() {
+        Ok(()) => s.push_str("forwarding tcp yes\n"),
+        Err(why) => s.push_str(&format!("forwarding tcp no ({})\n", why.replace('\n', " "))),
     }
     s
 }

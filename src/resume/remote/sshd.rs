@@ -177,7 +177,7 @@ fn read_include(pattern: &str) -> Vec<String> {
 }
 
 /// Whether `name` matches the glob `pat` (`*` and `?` only).
-fn wildcard(pat: &[u8], name: &[u8]) -> bool {
+pub(super) fn wildcard(pat: &[u8], name: &[u8]) -> bool {
     match (pat.first(), name.first()) {
         (None, None) => true,
         (Some(b'*'), _) => {
@@ -191,7 +191,7 @@ fn wildcard(pat: &[u8], name: &[u8]) -> bool {
 
 /// The first word of `s` (ended by whitespace or `=`, as sshd takes
 /// keywords) and the rest after the separator.
-fn split_word(s: &str) -> (&str, &str) {
+pub(super) fn split_word(s: &str) -> (&str, &str) {
     let s = s.trim_start();
     match s.find(|c: char| c.is_whitespace() || c == '=') {
         Some(i) => {
