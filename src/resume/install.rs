@@ -95,24 +95,43 @@ impl NotHere {
     }
 }
 
-/// This executable, its checksum and the name it gets on the server.
+/// This executable's checksum and size. Its bytes are read again for an
+/// upload, not kept: 8 MB is most of a running sshshim's memory.
 struct Local {
-    /// The executable's bytes.
-    bytes: Bytes,
+    /// Its size in bytes.
+    len: u64,
     /// Its SHA-256, hex.
     sha256: String,
 }
 
-/// Reads this executable once.
+/// This executable as the kernel runs it (the original even if the file
+/// was replaced on disk since).
+const OWN_EXE: &str = "/proc/self/exe";
+
+/// Hashes this executable once.
 fn local() -> Result<&'static Local, &'static OwnExeError> {
     static LOCAL: OnceLock<Result<Local, OwnExeError>> = OnceLock::new();
     LOCAL
         .get_or_init(|| {
-            let bytes = std::fs::read("/proc/self/exe").map_err(OwnExeError)?;
-            let sha256 = hex(&sha2::Sha256::digest(&bytes));
+            use std::io::Read;
+            let mut f = std::fs::File::open(OWN_EXE).map_err(OwnExeError)?;
+            let mut h = sha2::Sha256::new();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut len = 0u64;
+            loop {
+                match f.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        h.update(&buf[..n]);
+                        len += n as u64;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(OwnExeError(e)),
+                }
+            }
             Ok(Local {
-                bytes: bytes.into(),
-                sha256,
+                len,
+                sha256: hex(&h.finalize()),
             })
         })
         .as_ref()
@@ -349,10 +368,14 @@ async fn install(pool: &impl Sessions) -> Result<String, NotHere> {
     let file = helper_file(me);
     tracing::info!(
         "uploading the remote helper ({} KiB) to {}",
-        me.bytes.len() >> 10,
+        me.len >> 10,
         crate::term::clean(path)
     );
-    let up = run(pool, &upload_script(&file, &me.sha256), &me.bytes).await?;
+    let bytes = std::fs::read(OWN_EXE)
+        .map_err(|e| NotHere::verdict(OwnExeError(e).to_string()))?;
+    // The server checks the upload against the checksum hashed before.
+    let up = run(pool, &upload_script(&file, &me.sha256), &bytes).await?;
+    drop(bytes);
     if String::from_utf8_lossy(&up.stdout).trim() != "ok" {
         return Err(NotHere::verdict(format!(
             "the upload of the helper failed: {}",
@@ -376,7 +399,7 @@ pub async fn diagnose(on: &impl Sessions, settings: &Settings) -> Result<String,
         None => match locate(on).await? {
             Located::Have(path) => path,
             Located::Need(path) => {
-                let size = local().map_or(0, |l| l.bytes.len() >> 20);
+                let size = local().map_or(0, |l| l.len >> 20);
                 return Ok(format!(
                     "the helper is not on the server yet: `sshshim up` uploads it ({size} MiB) \
                      to {path} on its first connection"
