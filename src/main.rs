@@ -377,6 +377,12 @@ fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
+    // The remote helper starts on every resumable session: it skips the
+    // parse of the whole CLI (a millisecond of the session's start-up).
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().is_some_and(|a| a == "remote-helper") {
+        return sshshim::resume::remote::main(argv.collect());
+    }
     sshshim::completion::complete_if_asked(Cli::command);
     let cli = Cli::parse();
     // Before any runtime or logging: the helper forks its daemons.
