@@ -261,7 +261,7 @@ fn spawn(
         write: up_write,
     } = upstream.into();
     let bridge = Bridge::new(up_write, opts.session);
-    let resumable = up_read.can_wait();
+    let resumable = up_read.is_resumable();
     let queue = Arc::new(if resumable {
         SpillQueue::in_memory()
     } else {
@@ -404,9 +404,8 @@ struct Pump {
     stall_limit: Duration,
     /// See [`Options::congestion`].
     congestion: Option<Arc<AtomicUsize>>,
-    /// An upstream that may wait for the local reader as long as it takes
-    /// (nothing else waits on it, see [`UpRead::can_wait`]), so the queue
-    /// never spills.
+    /// A resumable upstream: it may wait for the local reader as long as
+    /// it takes (nothing else waits on it), so the queue never spills.
     resumable: bool,
 }
 

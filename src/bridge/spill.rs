@@ -140,9 +140,9 @@ impl SpillQueue {
 
     /// A queue that never spills: a full one answers `Full` at once, so
     /// the producer waits for the reader. For an upstream that can wait
-    /// without holding up anything else (a resumable forwarded connection,
-    /// whose helper keeps what is not yet acknowledged): a write and a read
-    /// of the spill file would cost every byte of a fast download twice.
+    /// without holding up the shared connection (a resumable session's
+    /// helper keeps what is not yet acknowledged): a write and a read of
+    /// the spill file would cost every byte of a fast download twice.
     pub fn in_memory() -> Self {
         let mut q = Self::default();
         q.memory_only = true;

@@ -56,15 +56,11 @@ pub enum UpRead {
 }
 
 impl UpRead {
-    /// Whether waiting for the local reader holds up nothing else: a
-    /// resumable forwarded connection's helper keeps what is not yet taken,
-    /// and its mux never waits for one connection's reader. Not a
-    /// resumable session: its task also carries the session's input and
-    /// the helper's acks for it, so a wait there could hold up a client
-    /// that writes while it reads (through the endpoint, russh stops
-    /// reading the client's connection while that input waits).
-    pub fn can_wait(&self) -> bool {
-        matches!(self, UpRead::Forwarded(_))
+    /// Whether the far end keeps what is not yet taken (a resumable
+    /// session or forwarded connection): then waiting for the local reader
+    /// holds up nothing else.
+    pub fn is_resumable(&self) -> bool {
+        !matches!(self, UpRead::Ssh(_))
     }
 
     /// The next message; `None` once the channel (or session) is gone.
