@@ -182,7 +182,7 @@ pub struct Profile {
     /// Seconds a local reader that stopped reading may hold its full buffer
     /// (the spill cap) before its channel is closed, with a message on its
     /// stderr [default: 5]. Meanwhile new channels use another upstream
-    /// connection. Resumable sessions (--resume) are waited for instead.
+    /// connection.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     #[serde(default, deserialize_with = "value::secs")]
     pub stall_limit: Option<u64>,
