@@ -261,12 +261,7 @@ fn spawn(
         write: up_write,
     } = upstream.into();
     let bridge = Bridge::new(up_write, opts.session);
-    let resumable = up_read.is_resumable();
-    let queue = Arc::new(if resumable {
-        SpillQueue::in_memory()
-    } else {
-        SpillQueue::new()
-    });
+    let queue = Arc::new(SpillQueue::new());
     let meter = Arc::new(opts.meter);
     let meter_up = meter.clone();
     let span = tracing::debug_span!("channel", what = %opts.what);
@@ -277,7 +272,6 @@ fn spawn(
         session: opts.session,
         stall_limit: opts.stall_limit,
         congestion: opts.congestion,
-        resumable,
     };
     let hold = opts.hold;
     let gone = bridge.upstream_gone.clone();
@@ -404,9 +398,6 @@ struct Pump {
     stall_limit: Duration,
     /// See [`Options::congestion`].
     congestion: Option<Arc<AtomicUsize>>,
-    /// A resumable upstream: it may wait for the local reader as long as
-    /// it takes (nothing else waits on it), so the queue never spills.
-    resumable: bool,
 }
 
 impl Pump {
@@ -512,10 +503,6 @@ impl Pump {
     async fn push_or_wait(&self, mut ev: Event) -> Result<(), PushError> {
         loop {
             match self.queue.push(ev) {
-                Err(PushError::Full(back)) if self.resumable => {
-                    self.queue.progressed().await;
-                    ev = back;
-                }
                 Err(PushError::Full(back)) => {
                     tracing::debug!("channel buffer full: waiting for the local reader");
                     let _congested = self.congestion.as_ref().map(|c| Congested::new(c.clone()));

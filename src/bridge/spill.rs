@@ -127,26 +127,12 @@ pub struct SpillQueue {
     ready: Notify,
     /// Wakes a producer waiting for room: the consumer took something.
     progress: Notify,
-    /// Never spill: the producer waits for room instead (see
-    /// [`SpillQueue::in_memory`]).
-    memory_only: bool,
 }
 
 impl SpillQueue {
     /// A new, empty queue.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// A queue that never spills: a full one answers `Full` at once, so
-    /// the producer waits for the reader. For an upstream that can wait
-    /// without holding up the shared connection (a resumable session's
-    /// helper keeps what is not yet acknowledged): a write and a read of
-    /// the spill file would cost every byte of a fast download twice.
-    pub fn in_memory() -> Self {
-        let mut q = Self::default();
-        q.memory_only = true;
-        q
     }
 
     /// Appends an event; never waits. Data goes to disk only while the
@@ -175,13 +161,7 @@ impl SpillQueue {
         let len = data.len();
         let spilling =
             g.mem + len > CHANNEL_MEMORY || IN_MEMORY.load(Ordering::Relaxed) + len > GLOBAL_MEMORY;
-        // An empty in-memory queue takes one item past the budgets, so its
-        // producer never waits for a reader with nothing to read.
-        if spilling && self.memory_only && g.mem > 0 {
-            drop(g);
-            return Err(PushError::Full(ev));
-        }
-        if spilling && !self.memory_only {
+        if spilling {
             if g.write_off - g.read_off + len as u64 > channel_disk() {
                 drop(g);
                 return Err(PushError::Full(ev));
@@ -310,34 +290,6 @@ mod tests {
 
     /// The memory budget is global: tests that fill it take turns.
     static BUDGET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-    #[tokio::test]
-    async fn an_in_memory_queue_hands_back_what_does_not_fit_and_never_spills() {
-        let _turn = BUDGET.lock().await;
-        let q = SpillQueue::in_memory();
-        let chunk = Bytes::from(vec![1u8; 512 * 1024]);
-        let mut held = 0;
-        let back = loop {
-            match q.push(Event::Data(chunk.clone())) {
-                Ok(()) => held += chunk.len(),
-                Err(PushError::Full(ev)) => break ev,
-                Err(PushError::Io(e)) => panic!("{e}"),
-            }
-        };
-        assert_eq!(held, CHANNEL_MEMORY);
-        assert_eq!(q.spilled(), 0);
-        // Once the reader took one, it fits again.
-        assert!(matches!(q.pop().await, Ok(Event::Data(_))));
-        assert!(q.push(back).is_ok());
-        assert_eq!(q.spilled(), 0);
-        // An empty queue takes an item past the budget: its producer must
-        // not wait for a reader with nothing to read.
-        let q = SpillQueue::in_memory();
-        assert!(
-            q.push(Event::Data(vec![0u8; CHANNEL_MEMORY + 1].into()))
-                .is_ok()
-        );
-    }
 
     #[tokio::test]
     async fn order_is_kept_across_memory_and_disk() {

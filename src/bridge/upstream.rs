@@ -56,13 +56,6 @@ pub enum UpRead {
 }
 
 impl UpRead {
-    /// Whether the far end keeps what is not yet taken (a resumable
-    /// session or forwarded connection): then waiting for the local reader
-    /// holds up nothing else.
-    pub fn is_resumable(&self) -> bool {
-        !matches!(self, UpRead::Ssh(_))
-    }
-
     /// The next message; `None` once the channel (or session) is gone.
     pub async fn wait(&mut self) -> Option<ChannelMsg> {
         match self {
