@@ -371,8 +371,7 @@ async fn install(pool: &impl Sessions) -> Result<String, NotHere> {
         me.len >> 10,
         crate::term::clean(path)
     );
-    let bytes = std::fs::read(OWN_EXE)
-        .map_err(|e| NotHere::verdict(OwnExeError(e).to_string()))?;
+    let bytes = std::fs::read(OWN_EXE).map_err(|e| NotHere::verdict(OwnExeError(e).to_string()))?;
     // The server checks the upload against the checksum hashed before.
     let up = run(pool, &upload_script(&file, &me.sha256), &bytes).await?;
     drop(bytes);
