@@ -403,17 +403,7 @@ impl Frame {
                 out.put_u8(tag::SIGNAL);
                 put_bytes(out, name.as_bytes());
             }
-            Frame::Exit(Exit::Status(s)) => {
-                out.put_u8(tag::EXIT);
-                out.put_u8(0);
-                out.put_u32(*s);
-            }
-            Frame::Exit(Exit::Signal { name, core_dumped }) => {
-                out.put_u8(tag::EXIT);
-                out.put_u8(1);
-                out.put_u8(*core_dumped as u8);
-                put_bytes(out, name.as_bytes());
-            }
+            Frame::Exit(e) => encode_exit(e, out),
             Frame::Done => out.put_u8(tag::DONE),
             Frame::Hangup => out.put_u8(tag::HANGUP),
             Frame::Reap { owner, run } => {
@@ -421,22 +411,10 @@ impl Frame {
                 out.put_slice(owner);
                 out.put_slice(run);
             }
-            Frame::Conn { conn, frame } => {
-                out.put_u8(tag::CONN);
-                out.put_u32(*conn);
-                frame.encode(out);
-            }
-            Frame::Connect { host, port } => {
-                out.put_u8(tag::CONNECT);
-                put_bytes(out, host.as_bytes());
-                out.put_u32(*port);
-            }
-            Frame::OpenFailed { code, reason } => {
-                out.put_u8(tag::OPEN_FAILED);
-                out.put_u32(*code);
-                put_bytes(out, reason.as_bytes());
-            }
-            Frame::Closed => out.put_u8(tag::CLOSED),
+            Frame::Conn { .. }
+            | Frame::Connect { .. }
+            | Frame::OpenFailed { .. }
+            | Frame::Closed => encode_forwarding(self, out),
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -526,6 +504,45 @@ pub fn data_header(stream: Stream, offset: u64, len: usize) -> [u8; DATA_HEADER]
     h[6..14].copy_from_slice(&offset.to_be_bytes());
     h[14..].copy_from_slice(&(len as u32).to_be_bytes());
     h
+}
+
+/// The fields of an `Exit` frame.
+fn encode_exit(e: &Exit, out: &mut BytesMut) {
+    out.put_u8(tag::EXIT);
+    match e {
+        Exit::Status(s) => {
+            out.put_u8(0);
+            out.put_u32(*s);
+        }
+        Exit::Signal { name, core_dumped } => {
+            out.put_u8(1);
+            out.put_u8(*core_dumped as u8);
+            put_bytes(out, name.as_bytes());
+        }
+    }
+}
+
+/// The frames of a [`Command::Forwards`] helper.
+fn encode_forwarding(f: &Frame, out: &mut BytesMut) {
+    match f {
+        Frame::Conn { conn, frame } => {
+            out.put_u8(tag::CONN);
+            out.put_u32(*conn);
+            frame.encode(out);
+        }
+        Frame::Connect { host, port } => {
+            out.put_u8(tag::CONNECT);
+            put_bytes(out, host.as_bytes());
+            out.put_u32(*port);
+        }
+        Frame::OpenFailed { code, reason } => {
+            out.put_u8(tag::OPEN_FAILED);
+            out.put_u32(*code);
+            put_bytes(out, reason.as_bytes());
+        }
+        Frame::Closed => out.put_u8(tag::CLOSED),
+        _ => unreachable!("not a forwarding frame"),
+    }
 }
 
 /// The fields of a `Start` frame.
@@ -620,47 +637,7 @@ fn parse(body: &mut Bytes) -> Result<Frame, WireError> {
             session: f.array()?,
             fresh: f.bool()?,
         },
-        tag::START => {
-            let secret = Secret(f.array()?);
-            let owner = f.array()?;
-            let run = f.array()?;
-            let command = match f.u8()? {
-                0 => Command::Shell,
-                1 => Command::Exec(f.bytes()?.to_vec()),
-                2 => Command::Subsystem(f.string()?),
-                3 => Command::Forwards,
-                _ => return Err(WireError::Malformed("unknown command kind")),
-            };
-            let pty = if f.bool()? {
-                let term = f.string()?;
-                let (cols, rows, px, py) = (f.u32()?, f.u32()?, f.u32()?, f.u32()?);
-                let n = f.u32()? as usize;
-                f.need(n.saturating_mul(5))?;
-                let mut modes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    modes.push((f.u8()?, f.u32()?));
-                }
-                Some(PtySpec {
-                    term,
-                    cols,
-                    rows,
-                    px,
-                    py,
-                    modes,
-                })
-            } else {
-                None
-            };
-            Frame::Start(Box::new(StartSpec {
-                secret,
-                owner,
-                run,
-                command,
-                pty,
-                timeout_secs: f.u32()?,
-                buffer: f.u32()?,
-            }))
-        }
+        tag::START => Frame::Start(Box::new(parse_start(&mut f)?)),
         tag::STARTED => Frame::Started,
         tag::RESUME => Frame::Resume {
             secret: Secret(f.array()?),
@@ -706,6 +683,59 @@ fn parse(body: &mut Bytes) -> Result<Frame, WireError> {
             owner: f.array()?,
             run: f.array()?,
         },
+        t @ (tag::CONN | tag::CONNECT | tag::OPEN_FAILED | tag::CLOSED) => {
+            parse_forwarding(t, &mut f)?
+        }
+        _ => return Err(WireError::Malformed("unknown frame")),
+    })
+}
+
+/// Parses a `Start` frame's fields.
+fn parse_start(f: &mut Fields<'_>) -> Result<StartSpec, WireError> {
+    let secret = Secret(f.array()?);
+    let owner = f.array()?;
+    let run = f.array()?;
+    let command = match f.u8()? {
+        0 => Command::Shell,
+        1 => Command::Exec(f.bytes()?.to_vec()),
+        2 => Command::Subsystem(f.string()?),
+        3 => Command::Forwards,
+        _ => return Err(WireError::Malformed("unknown command kind")),
+    };
+    let pty = if f.bool()? {
+        let term = f.string()?;
+        let (cols, rows, px, py) = (f.u32()?, f.u32()?, f.u32()?, f.u32()?);
+        let n = f.u32()? as usize;
+        f.need(n.saturating_mul(5))?;
+        let mut modes = Vec::with_capacity(n);
+        for _ in 0..n {
+            modes.push((f.u8()?, f.u32()?));
+        }
+        Some(PtySpec {
+            term,
+            cols,
+            rows,
+            px,
+            py,
+            modes,
+        })
+    } else {
+        None
+    };
+    Ok(StartSpec {
+        secret,
+        owner,
+        run,
+        command,
+        pty,
+        timeout_secs: f.u32()?,
+        buffer: f.u32()?,
+    })
+}
+
+/// Parses the fields of a [`Command::Forwards`] helper's frame `t`.
+fn parse_forwarding(t: u8, f: &mut Fields<'_>) -> Result<Frame, WireError> {
+    Ok(match t {
         tag::CONN => {
             let conn = f.u32()?;
             let len = f.u32()? as usize;
