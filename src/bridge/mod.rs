@@ -315,6 +315,11 @@ async fn forwarder(
             }
         };
         let last = matches!(ev, Event::Close);
+        let output = match &ev {
+            Event::Data(d) => Some((None, d.len())),
+            Event::Ext(e, d) => Some((Some(*e), d.len())),
+            _ => None,
+        };
         match ev {
             // The client discards stdout after eow@openssh.com and stops
             // granting window for it: never wait on it.
@@ -329,6 +334,9 @@ async fn forwarder(
                 gone = sent.is_err();
             }
             ev => gone = out.send(ev).await.is_err(),
+        }
+        if let Some((ext, n)) = output {
+            b.write.taken(ext, n);
         }
         if last {
             return;

@@ -107,6 +107,14 @@ impl UpWrite {
         }
     }
 
+    /// The local end took `n` bytes of output (`ext`: extended data), or
+    /// dropped them. A resumable session acknowledges output only then.
+    pub fn taken(&self, ext: Option<u32>, n: usize) {
+        if let UpWrite::Resumable(w) = self {
+            w.taken(ext, n);
+        }
+    }
+
     /// EOF.
     pub async fn eof(&self) -> Result<(), russh::Error> {
         match self {

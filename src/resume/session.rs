@@ -14,6 +14,7 @@
 //! the command.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -32,8 +33,10 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 /// How long the helper may take to end the channel after the last frame.
 const FINISH_WAIT: Duration = Duration::from_secs(5);
 
-/// Output received unacknowledged that triggers an acknowledgement at once.
-const ACK_EVERY: u64 = 1024 * 1024;
+/// Output taken by the local side and not yet acknowledged that triggers
+/// an acknowledgement at once (a quarter of the helper's window, so it
+/// never waits for the timer while the local reader keeps up).
+const ACK_EVERY: u64 = wire::WINDOW / 4;
 
 /// The longest spec passed on the helper's command line (Linux takes at
 /// most 128 KiB per argument); a longer one goes in the `Start` frame.
@@ -65,6 +68,26 @@ pub struct SessionWrite {
     tx: std::sync::Mutex<Option<mpsc::UnboundedSender<Cmd>>>,
     /// Bytes of input that may be buffered for replay.
     credits: Arc<Semaphore>,
+    /// What the local side took, for the task's acknowledgements.
+    flow: Arc<Flow>,
+}
+
+/// How far the local side got, shared with the task. Output is
+/// acknowledged to the helper once the local client took it, so a slow
+/// reader slows the command (as with sshd) instead of piling output up
+/// in sshshim. One exception breaks the cycle that would make: while the
+/// local side's input waits for credits, a local endpoint reads nothing
+/// else from that client's connection (its window adjustments included),
+/// so the output it could take waits on input that waits on the command,
+/// which waits on its output; then output is acknowledged on arrival.
+#[derive(Default)]
+struct Flow {
+    /// Stdout and stderr bytes the local side took (or dropped).
+    taken: [std::sync::atomic::AtomicU64; 2],
+    /// Set while input waits for credits.
+    input_waits: std::sync::atomic::AtomicBool,
+    /// Wakes the task when either changes.
+    wake: tokio::sync::Notify,
 }
 
 /// The read side: what the session yields, as a server channel would.
@@ -98,14 +121,32 @@ impl SessionWrite {
         while !data.is_empty() {
             let n = data.len().min(super::BUFFER as usize);
             let part = data.split_to(n);
-            self.credits
-                .acquire_many(n as u32)
-                .await
-                .map_err(|_| Gone)?
-                .forget();
+            match self.credits.try_acquire_many(n as u32) {
+                Ok(p) => p.forget(),
+                Err(tokio::sync::TryAcquireError::Closed) => return Err(Gone),
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    self.flow.input_waits.store(true, Ordering::Relaxed);
+                    self.flow.wake.notify_one();
+                    let got = self.credits.acquire_many(n as u32).await;
+                    self.flow.input_waits.store(false, Ordering::Relaxed);
+                    got.map_err(|_| Gone)?.forget();
+                }
+            }
             self.send(Cmd::Data(part))?;
         }
         Ok(())
+    }
+
+    /// The local side took `n` bytes of output (`ext` 1: stderr), or
+    /// dropped them: the helper may forget them.
+    pub fn taken(&self, ext: Option<u32>, n: usize) {
+        let i = match ext {
+            None => 0,
+            Some(1) => 1,
+            Some(_) => return,
+        };
+        self.flow.taken[i].fetch_add(n as u64, Ordering::Relaxed);
+        self.flow.wake.notify_one();
     }
 
     /// Stdin ends.
@@ -200,7 +241,9 @@ pub fn start(
     let (tx, cmds) = mpsc::unbounded_channel();
     let (out, rx) = mpsc::channel(8);
     let credits = Arc::new(Semaphore::new(super::BUFFER as usize));
+    let flow = Arc::new(Flow::default());
     let task = Task {
+        flow: flow.clone(),
         resume,
         helper,
         cmds,
@@ -227,6 +270,7 @@ pub fn start(
         SessionWrite {
             tx: std::sync::Mutex::new(Some(tx)),
             credits,
+            flow,
         },
     )
 }
@@ -387,6 +431,8 @@ struct Task {
     out: mpsc::Sender<ChannelMsg>,
     /// Freed as the helper acknowledges input.
     credits: Arc<Semaphore>,
+    /// What the local side took.
+    flow: Arc<Flow>,
     /// Proves this sshshim started the session.
     secret: Secret,
     /// The helper's session, once started.
@@ -711,13 +757,32 @@ impl Task {
         Ok(())
     }
 
-    /// Acknowledges the output received.
+    /// How far each output stream may be acknowledged (see [`Flow`]).
+    fn ack_limits(&self) -> [u64; 2] {
+        if self.flow.input_waits.load(Ordering::Relaxed) {
+            [u64::MAX; 2]
+        } else {
+            [0, 1].map(|i| self.flow.taken[i].load(Ordering::Relaxed))
+        }
+    }
+
+    /// Output that may be acknowledged now.
+    fn ackable(&self) -> u64 {
+        let [out, err] = self.ack_limits();
+        self.stdout.ackable(out) + self.stderr.ackable(err)
+    }
+
+    /// Acknowledges the output the local side took.
     async fn send_acks(&mut self, att: &Attachment) -> Result<(), russh::Error> {
-        for (stream, inbox) in [
+        let limits = self.ack_limits();
+        for (i, (stream, inbox)) in [
             (Stream::Stdout, &mut self.stdout),
             (Stream::Stderr, &mut self.stderr),
-        ] {
-            if let Some(upto) = inbox.take_ack() {
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if let Some(upto) = inbox.take_ack(limits[i]) {
                 att.send(&Frame::Ack { stream, upto }).await?;
             }
         }
@@ -780,11 +845,12 @@ impl Task {
                     ack_at = None;
                     self.send_acks(att).await
                 }
+                () = self.flow.wake.notified() => Ok(()),
             };
             if sent.is_err() {
                 return Ended::Lost;
             }
-            let unacked = self.stdout.unacked + self.stderr.unacked;
+            let unacked = self.ackable();
             if unacked >= ACK_EVERY {
                 ack_at = None;
                 if self.send_acks(att).await.is_err() {

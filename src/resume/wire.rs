@@ -52,6 +52,13 @@ pub const MAX_FRAME: usize = 1 << 20;
 /// The largest data chunk put in one frame.
 pub const CHUNK: usize = 64 * 1024;
 
+/// Output the helper sends beyond what was acknowledged, per stream, while
+/// attached. sshshim acknowledges output once its local client took it,
+/// so this is also what sshshim holds for a slow reader: within its
+/// in-memory budget per channel (2 MiB), so a resumable download never
+/// goes through the spill file. As large as an SSH channel's window.
+pub const WINDOW: u64 = 2 * 1024 * 1024 - 2 * CHUNK as u64;
+
 /// A session id: 128 random bits, also the name of its rendezvous socket.
 pub type SessionId = [u8; 16];
 
@@ -811,6 +818,16 @@ impl Outbox {
         self.len
     }
 
+    /// Bytes not yet sent on the current attachment.
+    pub fn unsent(&self) -> u64 {
+        self.end() - self.sent
+    }
+
+    /// Bytes sent and not yet acknowledged.
+    pub fn in_flight(&self) -> u64 {
+        self.sent - self.base
+    }
+
     /// Whether everything pushed was acknowledged.
     pub fn all_acked(&self) -> bool {
         self.len == 0
@@ -881,8 +898,8 @@ impl Outbox {
 pub struct Inbox {
     /// Bytes received (the offset expected next).
     pub have: u64,
-    /// Bytes received since the last acknowledgement.
-    pub unacked: u64,
+    /// Acknowledged up to here.
+    pub acked: u64,
 }
 
 impl Inbox {
@@ -895,18 +912,22 @@ impl Inbox {
         let seen = ((self.have - offset) as usize).min(data.len());
         data.advance(seen);
         self.have += data.len() as u64;
-        self.unacked += data.len() as u64;
         Ok(data)
     }
 
-    /// The acknowledgement to send now, if any.
-    pub fn take_ack(&mut self) -> Option<u64> {
-        if self.unacked == 0 {
-            None
-        } else {
-            self.unacked = 0;
-            Some(self.have)
-        }
+    /// The acknowledgement to send now, if any: up to `limit` (what the
+    /// local side took, or all received), never beyond what was received.
+    pub fn take_ack(&mut self, limit: u64) -> Option<u64> {
+        let upto = limit.min(self.have);
+        (upto > self.acked).then(|| {
+            self.acked = upto;
+            upto
+        })
+    }
+
+    /// Bytes that [`Inbox::take_ack`] with `limit` would acknowledge.
+    pub fn ackable(&self, limit: u64) -> u64 {
+        limit.min(self.have).saturating_sub(self.acked)
     }
 }
 
@@ -1117,8 +1138,13 @@ mod tests {
         assert_eq!(i.accept(1, Bytes::from_static(b"bcde")).unwrap(), "de");
         assert_eq!(i.accept(0, Bytes::from_static(b"ab")).unwrap(), "");
         assert!(i.accept(9, Bytes::from_static(b"x")).is_err());
-        assert_eq!(i.take_ack(), Some(5));
-        assert_eq!(i.take_ack(), None);
+        // Never beyond what was received, nor twice.
+        assert_eq!(i.ackable(3), 3);
+        assert_eq!(i.take_ack(3), Some(3));
+        assert_eq!(i.take_ack(3), None);
+        assert_eq!(i.take_ack(u64::MAX), Some(5));
+        assert_eq!(i.take_ack(u64::MAX), None);
+        assert_eq!(i.ackable(u64::MAX), 0);
     }
 
     proptest! {
@@ -1154,7 +1180,7 @@ mod tests {
                 }
                 dropped_last = false;
                 got.extend_from_slice(&inb.accept(off, chunk).unwrap());
-                if let Some(a) = inb.take_ack() {
+                if let Some(a) = inb.take_ack(u64::MAX) {
                     out.ack(a).unwrap();
                 }
             }

@@ -129,7 +129,9 @@ impl ShimBuilder {
 
     /// Spawns the shim and waits (20 s) for its "listening on" line.
     pub fn start(self) -> Shim {
-        let desc = format!("{:?}", self.command());
+        let cmd = self.command();
+        let desc = format!("{cmd:?}");
+        let resumable = cmd.get_args().any(|a| a == "--resume");
         let mut child = self
             .command()
             .spawn()
@@ -143,6 +145,7 @@ impl ShimBuilder {
             stdout,
             stderr,
             exited: None,
+            resumable,
         };
         let ready = shim
             .stdout
@@ -199,6 +202,8 @@ pub struct Shim {
     stderr: Capture,
     /// Exit status once observed.
     exited: Option<ExitStatus>,
+    /// Started with `--resume` (sessions run under the remote helper).
+    resumable: bool,
 }
 
 impl Shim {
@@ -419,6 +424,25 @@ impl TestEnv {
 }
 
 impl Shim {
+    /// Whether the shim runs its sessions under the remote helper
+    /// (`--resume`, also from `SSHSHIM_TEST_RESUME`).
+    pub fn resumable(&self) -> bool {
+        self.resumable
+    }
+
+    /// Output received by the resumable sessions sshshim holds, per
+    /// `sshshim status` (None if it does not answer).
+    pub fn held_output_bytes(&self) -> Option<u64> {
+        let st = self.status_json()?;
+        Some(
+            st["resume"]["held_sessions"]
+                .as_array()?
+                .iter()
+                .filter_map(|h| h["output_bytes"].as_u64())
+                .sum(),
+        )
+    }
+
     /// `sshshim status --json` of this shim (the first profile listed by
     /// its runtime directory), or None if it does not answer.
     pub fn status_json(&self) -> Option<serde_json::Value> {

@@ -52,6 +52,10 @@ const QUEUE_LIMIT: usize = 256 * 1024;
 /// The size asked for the channel's pipes (64 KiB by default).
 const CHANNEL_PIPE: libc::c_int = 256 * 1024;
 
+/// Output read but not yet sent beyond which an attached session stops
+/// reading the command's output until the connection takes more.
+const READ_AHEAD: u64 = wire::CHUNK as u64;
+
 /// Room for each read of a connection's frames.
 const READ_ROOM: usize = 128 * 1024;
 
@@ -272,8 +276,16 @@ impl Daemon {
                 }
                 continue;
             };
-            let can_read = [0, 1]
-                .map(|i| s.readers[i].is_some() && s.out[i].buffered() < s.spec.buffer as usize);
+            // Attached, output is read only as fast as it goes out: then
+            // each read takes what piled up in the pipe meanwhile, instead
+            // of a frame and a wake-up per small write of the command.
+            // Detached, it is read ahead into the buffer.
+            let attached = self.attached.is_some();
+            let can_read = [0, 1].map(|i| {
+                s.readers[i].is_some()
+                    && s.out[i].buffered() < s.spec.buffer as usize
+                    && (!attached || s.out[i].unsent() < READ_AHEAD)
+            });
             let can_write = s.stdin.is_some() && !s.stdin_queue.is_empty();
             let running = s.exit.is_none();
             let [scratch_out, scratch_err] = &mut s.scratch;
@@ -331,6 +343,9 @@ impl Daemon {
         while more && c.has_room() {
             more = false;
             for (i, stream) in streams.iter().enumerate() {
+                if s.out[i].in_flight() >= wire::WINDOW {
+                    continue;
+                }
                 if let Some((offset, data)) = s.out[i].next_chunk() {
                     c.send_data(*stream, offset, data);
                     more = true;
