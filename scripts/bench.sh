@@ -126,6 +126,10 @@ trap 'exit 130' INT TERM HUP
 
 # copy the binary: other people may rebuild target/ while we measure
 cp "$bin" "$dir/sshshim"
+# and the remote helper built beside it, which --resume uploads
+if [[ -x "$(dirname "$bin")/sshshim-remote-helper" ]]; then
+    cp "$(dirname "$bin")/sshshim-remote-helper" "$dir/"
+fi
 version="$("$dir/sshshim" --version 2>/dev/null || echo sshshim)"
 rev="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
 if [[ -n "$(git -C "$root" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]]; then

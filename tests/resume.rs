@@ -96,6 +96,14 @@ fn command_survives_two_drops_byte_exact_with_its_exit_status() {
     assert_eq!(out.text(), sixty_lines());
     assert_eq!(err.text(), "done\n");
     assert!(shim.stderr_text().contains("the server holds the session"));
+    // What went to the server is the helper built beside sshshim (under a
+    // tenth of sshshim's size), not sshshim itself.
+    let helper = format!("/sshshim-remote-helper-{}-", env!("CARGO_PKG_VERSION"));
+    assert!(
+        shim.stderr_text().contains(&helper),
+        "{}",
+        shim.stderr_text()
+    );
     // The helper ends with its session: nothing is left on the server.
     eventually(Duration::from_secs(10), "no helper left", || {
         remote(&sshd, "remote-helper").is_empty()
@@ -508,4 +516,36 @@ fn a_forced_command_is_detected_and_sessions_run_as_before() {
         .unwrap_or_default()
         .to_owned();
     assert!(helper.contains("ForceCommand"), "{st}");
+}
+
+#[test]
+fn without_its_own_helper_beside_it_sshshim_uploads_itself() {
+    let env = TestEnv::new();
+    let sshd = Sshd::start(&env);
+    // sshshim alone in a directory, beside a helper from another build.
+    let dir = env.path("alone");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_sshshim"), dir.join("sshshim")).unwrap();
+    let other = dir.join("sshshim-remote-helper");
+    std::fs::write(&other, "#!/bin/sh\necho 'sshshim-remote-helper 0.0.1 1'\n").unwrap();
+    std::fs::set_permissions(&other, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let shim = env
+        .shim_builder(sshd.port())
+        .binary(dir.join("sshshim"))
+        .arg("--resume")
+        .start();
+    let (mut c, out, err) = spawn(env.ssh(shim.port(), &[SIXTY_LINES]), Stdio::null());
+    assert!(out.wait_for(Duration::from_secs(30), |t| t.contains("line 10\n")));
+    until_held(&shim);
+    assert_eq!(
+        finish(&mut c, Duration::from_secs(30), &shim),
+        7,
+        "{}",
+        err.text()
+    );
+    assert_eq!(out.text(), sixty_lines());
+    let log = shim.stderr_text();
+    let itself = format!("/sshshim-{}-", env!("CARGO_PKG_VERSION"));
+    assert!(log.contains(&itself), "{log}");
+    assert!(!log.contains("sshshim-remote-helper-"), "{log}");
 }

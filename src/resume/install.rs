@@ -11,6 +11,7 @@
 //! noexec home, an old libc or a ForceCommand each end up as a reason in
 //! words, and sessions then work as without `--resume`.
 
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -95,9 +96,17 @@ impl NotHere {
     }
 }
 
-/// This executable's checksum and size. Its bytes are read again for an
-/// upload, not kept: 8 MB is most of a running sshshim's memory.
+/// The helper sshshim uploads: `sshshim-remote-helper` when it is
+/// installed beside this executable and from the same build (under 1 MB:
+/// a tenth of the upload, and it starts sooner, which every resumable
+/// command waits for), else this executable itself. Its bytes are read
+/// again for an upload, not kept: 8 MB is most of a running sshshim's
+/// memory.
 struct Local {
+    /// The file.
+    path: PathBuf,
+    /// Its name on the server, before the version.
+    name: &'static str,
     /// Its size in bytes.
     len: u64,
     /// Its SHA-256, hex.
@@ -108,33 +117,108 @@ struct Local {
 /// was replaced on disk since).
 const OWN_EXE: &str = "/proc/self/exe";
 
-/// Hashes this executable once.
+/// The helper's own binary, built beside `sshshim` (src/bin).
+const HELPER_BIN: &str = "sshshim-remote-helper";
+
+/// How long the helper beside us may take to say its version.
+const SIBLING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Finds and hashes the helper to upload, once.
 fn local() -> Result<&'static Local, &'static OwnExeError> {
     static LOCAL: OnceLock<Result<Local, OwnExeError>> = OnceLock::new();
     LOCAL
         .get_or_init(|| {
-            use std::io::Read;
-            let mut f = std::fs::File::open(OWN_EXE).map_err(OwnExeError)?;
-            let mut h = sha2::Sha256::new();
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut len = 0u64;
-            loop {
-                match f.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        h.update(&buf[..n]);
-                        len += n as u64;
+            if let Some(path) = sibling() {
+                match hash(&path) {
+                    Ok((len, sha256)) => {
+                        return Ok(Local {
+                            path,
+                            name: HELPER_BIN,
+                            len,
+                            sha256,
+                        });
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(OwnExeError(e)),
+                    Err(e) => tracing::debug!("{}: {e}", path.display()),
                 }
             }
+            let (len, sha256) = hash(Path::new(OWN_EXE)).map_err(OwnExeError)?;
             Ok(Local {
+                path: OWN_EXE.into(),
+                name: "sshshim",
                 len,
-                sha256: hex(&h.finalize()),
+                sha256,
             })
         })
         .as_ref()
+}
+
+/// `sshshim-remote-helper` beside this executable, if it is there and
+/// from this build: its `version` line must be ours (an upgrade on disk
+/// under a running sshshim leaves a newer one there).
+fn sibling() -> Option<PathBuf> {
+    let path = std::env::current_exe().ok()?.parent()?.join(HELPER_BIN);
+    if !path.is_file() {
+        return None;
+    }
+    let mut child = std::process::Command::new(&path)
+        .args(["remote-helper", "version"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let reader = child.stdout.take()?;
+    let read = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut s = String::new();
+        let _ = reader.take(4096).read_to_string(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + SIBLING_TIMEOUT;
+    while child.try_wait().ok()?.is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let out = read.join().ok()?;
+    let ours = format!(
+        "sshshim-remote-helper {} {}",
+        env!("CARGO_PKG_VERSION"),
+        wire::VERSION
+    );
+    if out.lines().next() == Some(ours.as_str()) {
+        Some(path)
+    } else {
+        tracing::debug!(
+            "{} is from another build: uploading sshshim itself",
+            path.display()
+        );
+        None
+    }
+}
+
+/// The size and SHA-256 (hex) of a file, read in pieces.
+fn hash(path: &Path) -> std::io::Result<(u64, String)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut len = 0u64;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                h.update(&buf[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((len, hex(&h.finalize())))
 }
 
 /// `uname -sm` of this machine, as the remote's `uname -sm` prints it.
@@ -354,7 +438,12 @@ async fn locate(pool: &impl Sessions) -> Result<Located, NotHere> {
 
 /// The helper's file name on the server: by version and checksum.
 fn helper_file(me: &Local) -> String {
-    format!("sshshim-{}-{}", env!("CARGO_PKG_VERSION"), &me.sha256[..16])
+    format!(
+        "{}-{}-{}",
+        me.name,
+        env!("CARGO_PKG_VERSION"),
+        &me.sha256[..16]
+    )
 }
 
 /// Makes sure sshshim's own helper is in the server's cache: returns its path.
@@ -371,7 +460,8 @@ async fn install(pool: &impl Sessions) -> Result<String, NotHere> {
         me.len >> 10,
         crate::term::clean(path)
     );
-    let bytes = std::fs::read(OWN_EXE).map_err(|e| NotHere::verdict(OwnExeError(e).to_string()))?;
+    let bytes = std::fs::read(&me.path)
+        .map_err(|e| NotHere::verdict(format!("cannot read {}: {e}", me.path.display())))?;
     // The server checks the upload against the checksum hashed before.
     let up = run(pool, &upload_script(&file, &me.sha256), &bytes).await?;
     drop(bytes);
@@ -398,9 +488,9 @@ pub async fn diagnose(on: &impl Sessions, settings: &Settings) -> Result<String,
         None => match locate(on).await? {
             Located::Have(path) => path,
             Located::Need(path) => {
-                let size = local().map_or(0, |l| l.len >> 20);
+                let size = local().map_or(0, |l| l.len >> 10);
                 return Ok(format!(
-                    "the helper is not on the server yet: `sshshim up` uploads it ({size} MiB) \
+                    "the helper is not on the server yet: `sshshim up` uploads it ({size} KiB) \
                      to {path} on its first connection"
                 ));
             }

@@ -34,6 +34,8 @@ pub struct ShimBuilder {
     args: Vec<String>,
     /// Environment overrides applied last.
     envs: Vec<(String, String)>,
+    /// The executable (default: the one cargo built).
+    binary: PathBuf,
 }
 
 impl ShimBuilder {
@@ -47,7 +49,15 @@ impl ShimBuilder {
             default_args: true,
             args: Vec::new(),
             envs: Vec::new(),
+            binary: PathBuf::from(env!("CARGO_BIN_EXE_sshshim")),
         }
+    }
+
+    /// Runs another copy of sshshim (e.g. one without the remote helper
+    /// beside it).
+    pub fn binary(mut self, path: impl AsRef<Path>) -> Self {
+        self.binary = path.as_ref().to_path_buf();
+        self
     }
 
     /// Uses a different `--known-hosts` file (e.g. for host-key mismatch).
@@ -90,7 +100,7 @@ impl ShimBuilder {
     /// The full command (stdin null, stdout/stderr piped).
     pub fn command(&self) -> Command {
         let e = &self.env;
-        let mut c = Command::new(env!("CARGO_BIN_EXE_sshshim"));
+        let mut c = Command::new(&self.binary);
         if self.default_args {
             c.arg("up")
                 .args(["--listen", &self.listen])

@@ -211,7 +211,7 @@ pub struct Profile {
     pub resume_timeout: Option<u64>,
 
     /// The helper to run on the server for resumable sessions (an sshshim
-    /// you installed there), instead of uploading this one.
+    /// or sshshim-remote-helper you installed there), instead of uploading one.
     #[arg(long, value_name = "PATH")]
     #[serde(default, deserialize_with = "value::remote_path")]
     pub remote_helper: Option<String>,

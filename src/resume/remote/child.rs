@@ -16,7 +16,8 @@ use crate::resume::wire::{Command, PtySpec, StartSpec};
 
 /// A started command and our ends of its stdio (all non-blocking).
 pub struct Spawned {
-    /// The process (its pid is also its process group and session).
+    /// The process (its pid is also its process group; with a pty, its
+    /// session too).
     pub child: tokio::process::Child,
     /// Where its input goes: a pipe, or the pty master.
     pub stdin: OwnedFd,
@@ -110,15 +111,12 @@ fn spawn_piped(mut cmd: tokio::process::Command) -> io::Result<Spawned> {
     cmd.stdin(Stdio::from(in_r))
         .stdout(Stdio::from(out_w))
         .stderr(Stdio::from(err_w));
-    // SAFETY: setsid is async-signal-safe and touches no memory.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // Its own process group, for signals and the hang-up. The daemon
+    // already left sshd's session and has no controlling terminal, so the
+    // command has none either. Without a pre_exec hook std can use
+    // posix_spawn (no copy of the daemon's page tables): a resumable
+    // command starts about a millisecond sooner.
+    cmd.process_group(0);
     let child = cmd.spawn()?;
     // `cmd` held the child's ends; they close with it here.
     drop(cmd);
