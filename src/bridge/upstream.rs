@@ -108,10 +108,13 @@ impl UpWrite {
     }
 
     /// The local end took `n` bytes of output (`ext`: extended data), or
-    /// dropped them. A resumable session acknowledges output only then.
+    /// dropped them. A resumable session or forwarded connection
+    /// acknowledges output only then.
     pub fn taken(&self, ext: Option<u32>, n: usize) {
-        if let UpWrite::Resumable(w) = self {
-            w.taken(ext, n);
+        match self {
+            UpWrite::Resumable(w) => w.taken(ext, n),
+            UpWrite::Forwarded(w) if ext.is_none() => w.taken(n),
+            _ => {}
         }
     }
 

@@ -37,10 +37,6 @@ const ACK_DELAY: Duration = Duration::from_millis(20);
 /// Output consumed unacknowledged (per connection) that is acknowledged at once.
 const ACK_EVERY: u64 = 256 * 1024;
 
-/// Output a reader consumes between two notices to the mux while more
-/// is queued (an empty queue always notifies).
-const NOTIFY_EVERY: u64 = 64 * 1024;
-
 /// Frames the mux writes before it looks at what arrived again.
 const TURN: usize = 16;
 
@@ -97,33 +93,14 @@ pub(super) struct Counts {
 
 /// The read side of a forwarded connection: what the target sent.
 pub struct ConnRead {
-    /// The connection's number.
-    c: u32,
     /// From the mux.
     rx: mpsc::UnboundedReceiver<ChannelMsg>,
-    /// To the mux: what was consumed.
-    tx: mpsc::UnboundedSender<Msg>,
-    /// Output bytes taken so far.
-    consumed: Arc<AtomicU64>,
-    /// `consumed` as last told to the mux.
-    told: u64,
 }
 
 impl ConnRead {
     /// The next message; `None` once the connection is gone.
     pub async fn wait(&mut self) -> Option<ChannelMsg> {
-        let m = self.rx.recv().await?;
-        if let ChannelMsg::Data { data } = &m {
-            let n = self
-                .consumed
-                .fetch_add(data.len() as u64, Ordering::Relaxed)
-                + data.len() as u64;
-            if n - self.told >= NOTIFY_EVERY || self.rx.is_empty() {
-                self.told = n;
-                let _ = self.tx.send(Msg::Consumed(self.c));
-            }
-        }
-        Some(m)
+        self.rx.recv().await
     }
 }
 
@@ -135,6 +112,11 @@ pub struct ConnWrite {
     tx: mpsc::UnboundedSender<Msg>,
     /// Bytes of input that may be kept for replay.
     credits: Arc<Semaphore>,
+    /// Output the local end took (what is acknowledged).
+    consumed: Arc<AtomicU64>,
+    /// Set while input waits for credits: output is then acknowledged as
+    /// it arrives (see the session's `Flow` for the cycle this breaks).
+    input_waits: Arc<AtomicBool>,
 }
 
 /// The connection is gone.
@@ -147,14 +129,27 @@ impl ConnWrite {
         while !data.is_empty() {
             let n = data.len().min(super::BUFFER as usize);
             let part = data.split_to(n);
-            self.credits
-                .acquire_many(n as u32)
-                .await
-                .map_err(|_| Gone)?
-                .forget();
+            match self.credits.try_acquire_many(n as u32) {
+                Ok(p) => p.forget(),
+                Err(tokio::sync::TryAcquireError::Closed) => return Err(Gone),
+                Err(tokio::sync::TryAcquireError::NoPermits) => {
+                    self.input_waits.store(true, Ordering::Relaxed);
+                    let _ = self.tx.send(Msg::Consumed(self.c));
+                    let got = self.credits.acquire_many(n as u32).await;
+                    self.input_waits.store(false, Ordering::Relaxed);
+                    got.map_err(|_| Gone)?.forget();
+                }
+            }
             self.tx.send(Msg::Data(self.c, part)).map_err(|_| Gone)?;
         }
         Ok(())
+    }
+
+    /// The local end took `n` bytes of output (or dropped them): the
+    /// helper may forget them.
+    pub fn taken(&self, n: usize) {
+        self.consumed.fetch_add(n as u64, Ordering::Relaxed);
+        let _ = self.tx.send(Msg::Consumed(self.c));
     }
 
     /// The local client sends no more (half-close).
@@ -296,6 +291,8 @@ struct Conn {
     output: Inbox,
     /// Output the local end took (what is acknowledged).
     consumed: Arc<AtomicU64>,
+    /// See [`ConnWrite::input_waits`].
+    input_waits: Arc<AtomicBool>,
     /// Output acknowledged so far.
     acked: u64,
     /// Where the output ends, once the helper said.
@@ -329,6 +326,7 @@ impl Conn {
             input: Outbox::default(),
             output: Inbox::default(),
             consumed: Arc::default(),
+            input_waits: Arc::default(),
             acked: 0,
             eof_at: None,
             eof_emitted: false,
@@ -623,7 +621,11 @@ impl Mux {
                 self.acks.swap_remove(i);
                 continue;
             };
-            let upto = k.consumed.load(Ordering::Relaxed);
+            let upto = if k.input_waits.load(Ordering::Relaxed) {
+                k.output.have
+            } else {
+                k.consumed.load(Ordering::Relaxed)
+            };
             if upto > k.acked && upto - k.acked >= min.max(1) {
                 k.acked = upto;
                 k.ack_queued = false;
@@ -672,6 +674,9 @@ impl Mux {
             } => match k.output.accept(offset, data) {
                 Ok(new) if !new.is_empty() => {
                     let _ = k.out.send(ChannelMsg::Data { data: new });
+                    if k.input_waits.load(Ordering::Relaxed) {
+                        self.want_ack(c);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => return protocol(e),
@@ -715,17 +720,13 @@ impl Mux {
                 let (Some(reply), Some(rx)) = (k.opening.take(), k.rx.take()) else {
                     return None;
                 };
-                let read = ConnRead {
-                    c,
-                    rx,
-                    tx: self.tx.clone(),
-                    consumed: k.consumed.clone(),
-                    told: 0,
-                };
+                let read = ConnRead { rx };
                 let write = ConnWrite {
                     c,
                     tx: self.tx.clone(),
                     credits: k.credits.clone(),
+                    consumed: k.consumed.clone(),
+                    input_waits: k.input_waits.clone(),
                 };
                 // An opener that gave up drops the ends, which hangs up.
                 let _ = reply.send(Opened::Open(read, write));
@@ -860,7 +861,8 @@ impl Mux {
                 have_out: k.output.have,
                 have_err: 0,
             };
-            if k.consumed.load(Ordering::Relaxed) > k.acked {
+            if k.consumed.load(Ordering::Relaxed) > k.acked || k.input_waits.load(Ordering::Relaxed)
+            {
                 self.want_ack(c);
             }
             att.send(&conn(c, f)).await?;

@@ -568,7 +568,10 @@ impl Target {
             });
             self.acked_in = written;
         }
-        if let Some((offset, data)) = self.out.next_chunk() {
+        // At most a window beyond what the client's reader took.
+        if self.out.in_flight() < wire::WINDOW
+            && let Some((offset, data)) = self.out.next_chunk()
+        {
             send(Frame::Data {
                 stream: Stream::Stdout,
                 offset,

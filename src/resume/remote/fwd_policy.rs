@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::sshd::{self, split_word, wildcard};
+use super::sshd::{self, split_word};
 use crate::paths;
 
 /// The sshd_config keywords that decide (lower case). A keyword's first
@@ -230,34 +230,11 @@ fn key_options(line: &str) -> Vec<String> {
     opts
 }
 
-/// The texts of the files an `Include` pattern names (relative ones are
-/// under /etc/ssh, wildcards in the file name), in sorted order; fails
-/// for a file that exists but cannot be read.
+/// The texts of the files an `Include` pattern names (see
+/// [`sshd::include_paths`]); fails for a file that exists but cannot be
+/// read.
 fn read_include(pattern: &str) -> Result<Vec<String>, String> {
-    let path = PathBuf::from("/etc/ssh").join(pattern);
-    let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
-        return Ok(Vec::new());
-    };
-    let file = file.to_string_lossy();
-    let mut names: Vec<PathBuf> = if file.contains(['*', '?']) {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| {
-                let n = e.file_name();
-                let n = n.to_string_lossy();
-                !n.starts_with('.') && wildcard(file.as_bytes(), n.as_bytes())
-            })
-            .map(|e| e.path())
-            .collect()
-    } else if path.exists() {
-        vec![path.clone()]
-    } else {
-        Vec::new()
-    };
-    names.sort();
-    names
+    sshd::include_paths(pattern)
         .iter()
         .map(|p| {
             std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
@@ -268,6 +245,7 @@ fn read_include(pattern: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resume::remote::sshd::wildcard;
 
     /// The verdict for a configuration text (includes from `files`).
     fn config(text: &str, files: &[(&str, &str)]) -> Result<(), String> {

@@ -146,17 +146,30 @@ fn find_in(
     None
 }
 
-/// The texts of the files an `Include` pattern names, in sorted order as
-/// sshd's glob gives them; a relative pattern is under /etc/ssh. Wildcards
-/// (`*`, `?`) are taken in the file name only.
+/// The texts of the files an `Include` pattern names (unreadable ones
+/// are skipped).
 fn read_include(pattern: &str) -> Vec<String> {
+    include_paths(pattern)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .collect()
+}
+
+/// The files an `Include` pattern names, in sorted order as sshd's glob
+/// gives them; a relative pattern is under /etc/ssh. Wildcards (`*`,
+/// `?`) are taken in the file name only.
+pub(super) fn include_paths(pattern: &str) -> Vec<PathBuf> {
     let path = PathBuf::from("/etc/ssh").join(pattern);
     let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
         return Vec::new();
     };
     let file = file.to_string_lossy();
     if !file.contains(['*', '?']) {
-        return std::fs::read_to_string(&path).into_iter().collect();
+        return if path.exists() {
+            vec![path]
+        } else {
+            Vec::new()
+        };
     }
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .into_iter()
@@ -171,9 +184,6 @@ fn read_include(pattern: &str) -> Vec<String> {
         .collect();
     names.sort();
     names
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(p).ok())
-        .collect()
 }
 
 /// Whether `name` matches the glob `pat` (`*` and `?` only).
