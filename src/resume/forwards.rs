@@ -115,7 +115,7 @@ pub struct ConnWrite {
     /// Output the local end took (what is acknowledged).
     consumed: Arc<AtomicU64>,
     /// Set while input waits for credits: output is then acknowledged as
-    /// it arrives (see the session's `Flow` for the cycle this breaks).
+    /// it arrives (see `take_credits` for the cycle this breaks).
     input_waits: Arc<AtomicBool>,
 }
 
@@ -129,17 +129,11 @@ impl ConnWrite {
         while !data.is_empty() {
             let n = data.len().min(super::BUFFER as usize);
             let part = data.split_to(n);
-            match self.credits.try_acquire_many(n as u32) {
-                Ok(p) => p.forget(),
-                Err(tokio::sync::TryAcquireError::Closed) => return Err(Gone),
-                Err(tokio::sync::TryAcquireError::NoPermits) => {
-                    self.input_waits.store(true, Ordering::Relaxed);
-                    let _ = self.tx.send(Msg::Consumed(self.c));
-                    let got = self.credits.acquire_many(n as u32).await;
-                    self.input_waits.store(false, Ordering::Relaxed);
-                    got.map_err(|_| Gone)?.forget();
-                }
-            }
+            super::take_credits(&self.credits, n as u32, &self.input_waits, || {
+                let _ = self.tx.send(Msg::Consumed(self.c));
+            })
+            .await
+            .map_err(|_| Gone)?;
             self.tx.send(Msg::Data(self.c, part)).map_err(|_| Gone)?;
         }
         Ok(())

@@ -286,6 +286,34 @@ impl Drop for HeldGuard {
     }
 }
 
+/// Takes `n` credits for input (room in the replay buffer); while it has
+/// to wait, `waits` is set and `wake` called first, so output is then
+/// acknowledged as it arrives: through the local endpoint, input that
+/// waits holds up the client's window adjustments for the output, and
+/// output waiting for the reader would in turn hold up the input's acks.
+async fn take_credits(
+    credits: &tokio::sync::Semaphore,
+    n: u32,
+    waits: &std::sync::atomic::AtomicBool,
+    wake: impl FnOnce(),
+) -> Result<(), tokio::sync::AcquireError> {
+    use tokio::sync::TryAcquireError;
+    match credits.try_acquire_many(n) {
+        Ok(p) => p.forget(),
+        Err(TryAcquireError::Closed) => {
+            credits.acquire_many(n).await?.forget();
+        }
+        Err(TryAcquireError::NoPermits) => {
+            waits.store(true, Ordering::Relaxed);
+            wake();
+            let got = credits.acquire_many(n).await;
+            waits.store(false, Ordering::Relaxed);
+            got?.forget();
+        }
+    }
+    Ok(())
+}
+
 /// Unix seconds now.
 fn unix_now() -> u64 {
     SystemTime::now()

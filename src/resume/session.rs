@@ -121,17 +121,11 @@ impl SessionWrite {
         while !data.is_empty() {
             let n = data.len().min(super::BUFFER as usize);
             let part = data.split_to(n);
-            match self.credits.try_acquire_many(n as u32) {
-                Ok(p) => p.forget(),
-                Err(tokio::sync::TryAcquireError::Closed) => return Err(Gone),
-                Err(tokio::sync::TryAcquireError::NoPermits) => {
-                    self.flow.input_waits.store(true, Ordering::Relaxed);
-                    self.flow.wake.notify_one();
-                    let got = self.credits.acquire_many(n as u32).await;
-                    self.flow.input_waits.store(false, Ordering::Relaxed);
-                    got.map_err(|_| Gone)?.forget();
-                }
-            }
+            super::take_credits(&self.credits, n as u32, &self.flow.input_waits, || {
+                self.flow.wake.notify_one()
+            })
+            .await
+            .map_err(|_| Gone)?;
             self.send(Cmd::Data(part))?;
         }
         Ok(())
