@@ -6,93 +6,29 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sshshim::resume::wire::{self, Frame, Secret, SessionId, StartSpec, Stream};
 
-/// Bound for any one wait.
-const WAIT: Duration = Duration::from_secs(15);
+mod support;
+use support::{HELPER_WAIT as WAIT, HelperEnv, Peer, hex};
 
-/// A private HOME (and cache) per test; on drop, every process still
-/// running with it (daemons) is killed by pid.
-struct Env {
-    dir: tempfile::TempDir,
+/// The helper's private HOME, with this file's steps.
+struct Env(HelperEnv);
+
+impl std::ops::Deref for Env {
+    type Target = HelperEnv;
+    fn deref(&self) -> &HelperEnv {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn cache(&self) -> PathBuf {
-        self.dir.path().join("cache")
-    }
-
-    fn socket(&self, id: &SessionId) -> PathBuf {
-        self.cache()
-            .join("sshshim/run")
-            .join(format!("{}.sock", hex(id)))
-    }
-
-    fn helper(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_sshshim"));
-        c.arg("remote-helper")
-            .args(args)
-            .env("HOME", self.dir.path())
-            .env("XDG_CACHE_HOME", self.cache());
-        c
-    }
-
-    /// Starts a relay (`start` or `attach ID`) and reads its MAGIC.
-    fn relay(&self, args: &[&str]) -> Peer {
-        let mut child = self
-            .helper(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("run the helper");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let paused = Arc::new(AtomicBool::new(false));
-        let pause = paused.clone();
-        std::thread::spawn(move || {
-            let mut magic = [0u8; 12];
-            if stdout.read_exact(&mut magic).is_err() || &magic != wire::MAGIC {
-                return;
-            }
-            let mut buf = BytesMut::new();
-            let mut chunk = vec![0u8; 64 * 1024];
-            loop {
-                while let Some(f) = Frame::decode(&mut buf).expect("a valid frame") {
-                    if tx.send(f).is_err() {
-                        return;
-                    }
-                }
-                // Paused: the helper's output backs up, as on a slow link.
-                while pause.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                match stdout.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        });
-        Peer {
-            child,
-            stdin,
-            rx,
-            paused,
-        }
+        Env(HelperEnv::new())
     }
 
     /// Starts a forwards helper: the relay and its id.
@@ -113,93 +49,9 @@ impl Env {
 
     /// Attaches to helper `id` and resumes it (its answer is checked).
     fn resume(&self, id: &SessionId, secret: &Secret) -> Peer {
-        let mut p = self.relay(&["attach", &hex(id)]);
-        match p.recv() {
-            Frame::Hello {
-                session,
-                fresh: false,
-                ..
-            } => assert_eq!(&session, id),
-            f => panic!("expected Hello, got {f:?}"),
-        }
-        p.send(&Frame::Resume {
-            secret: secret.clone(),
-            have_out: 0,
-            have_err: 0,
-        });
-        assert_eq!(p.recv(), Frame::Resumed { have_in: 0 });
+        let (p, answer) = self.attach(id, secret, 0, 0);
+        assert_eq!(answer, Frame::Resumed { have_in: 0 });
         p
-    }
-
-    /// Waits until the helper's socket is gone (its daemon ended).
-    fn wait_no_socket(&self, id: &SessionId) {
-        let path = self.socket(id);
-        assert!(
-            wait_until(|| !path.exists()),
-            "the helper's socket {} was not removed",
-            path.display()
-        );
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let mark = format!("XDG_CACHE_HOME={}", self.cache().display());
-        for pid in pids_with_env(&mark) {
-            // SAFETY: kill takes plain integers.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    }
-}
-
-/// One relay process and the frames it prints.
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    rx: mpsc::Receiver<Frame>,
-    /// While set, the helper's output is not read.
-    paused: Arc<AtomicBool>,
-}
-
-impl Peer {
-    fn send(&mut self, f: &Frame) {
-        self.stdin.write_all(&f.to_bytes()).expect("write a frame");
-        self.stdin.flush().unwrap();
-    }
-
-    /// Sends `f` about connection `conn`.
-    fn conn(&mut self, conn: u32, f: Frame) {
-        self.send(&Frame::Conn {
-            conn,
-            frame: Box::new(f),
-        });
-    }
-
-    fn recv(&mut self) -> Frame {
-        self.rx
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|e| panic!("no frame from the helper: {e}"))
-    }
-
-    /// The next frame about a connection.
-    fn recv_conn(&mut self) -> (u32, Frame) {
-        match self.recv() {
-            Frame::Conn { conn, frame } => (conn, *frame),
-            f => panic!("expected a connection's frame, got {f:?}"),
-        }
-    }
-
-    /// Kills the relay (what a dropped connection does to it).
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -299,10 +151,6 @@ impl Client {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn spec(secret: &Secret) -> StartSpec {
     StartSpec {
         secret: secret.clone(),
@@ -344,34 +192,6 @@ fn upload(p: &mut Peer, c: u32, bytes: &[u8], from: usize) {
         p.conn(c, data(at, chunk));
         at += chunk.len();
     }
-}
-
-fn wait_until(f: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-/// PIDs whose environment holds exactly `entry`.
-fn pids_with_env(entry: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let environ = std::fs::read(e.path().join("environ")).ok()?;
-            environ
-                .split(|b| *b == 0)
-                .any(|kv| kv == entry.as_bytes())
-                .then_some(pid)
-        })
-        .collect()
 }
 
 /// A TCP server on 127.0.0.1 running `serve` for each connection on its
@@ -747,7 +567,7 @@ fn hundreds_of_connections_share_one_helper() {
 /// whose command line reads `sshd ... -f CFG` (as sshd's own does), with
 /// `cfg` as its configuration.
 fn forwarding_line(env: &Env, cfg: &str) -> String {
-    let path = env.dir.path().join("sshd_config");
+    let path = env.home().join("sshd_config");
     std::fs::write(&path, cfg).unwrap();
     let helper = env!("CARGO_BIN_EXE_sshshim");
     // `; true`: bash would otherwise exec the helper, which then has no
@@ -759,7 +579,7 @@ fn forwarding_line(env: &Env, cfg: &str) -> String {
     let out = Command::new("bash")
         .arg("-c")
         .arg(script)
-        .env("HOME", env.dir.path())
+        .env("HOME", env.home())
         .env("XDG_CACHE_HOME", env.cache())
         .output()
         .unwrap();
@@ -802,7 +622,7 @@ fn version_says_whether_sshd_lets_forwards_through_the_helper() {
         "forwarding tcp no (a Match block sets AllowTcpForwarding)"
     );
     // A key restricted in authorized_keys: sshd would refuse its forwards.
-    let ssh = env.dir.path().join(".ssh");
+    let ssh = env.home().join(".ssh");
     std::fs::create_dir(&ssh).unwrap();
     let keys = ssh.join("authorized_keys");
     std::fs::write(
@@ -847,13 +667,13 @@ fn a_bulk_download_does_not_hold_up_another_connection() {
     p.conn(2, connect(echo_port));
     cl.until_conn(&mut p, 2, |g| g.started);
     // The link stalls while the download fills the helper's buffer.
-    p.paused.store(true, Ordering::Relaxed);
+    p.pause(true);
     p.conn(1, connect(bulk_port));
     // The helper took (nearly) all of it and waits for the link.
     all_read.recv_timeout(WAIT).unwrap();
     p.conn(2, data(0, b"ping"));
     pinged.recv_timeout(WAIT).unwrap();
-    p.paused.store(false, Ordering::Relaxed);
+    p.pause(false);
     cl.until_conn(&mut p, 2, |g| g.out == b"ping");
     let before = cl.conns.get(&1).map_or(0, |g| g.out.len());
     assert!(

@@ -3,89 +3,30 @@
 //! needed. Killing a relay process is what a dropped connection does to
 //! it on the server.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use sshshim::resume::wire::{self, Exit, Frame, PtySpec, Secret, SessionId, StartSpec, Stream};
 
-/// Bound for any one wait.
-const WAIT: Duration = Duration::from_secs(15);
+mod support;
+use support::{HelperEnv, Peer, hex, wait_until};
 
-/// A private HOME (and cache) per test; on drop, every process still
-/// running with it (daemons, commands) is killed by pid.
-struct Env {
-    dir: tempfile::TempDir,
+/// The helper's private HOME, with this file's session steps.
+struct Env(HelperEnv);
+
+impl std::ops::Deref for Env {
+    type Target = HelperEnv;
+    fn deref(&self) -> &HelperEnv {
+        &self.0
+    }
 }
 
 impl Env {
     fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn cache(&self) -> PathBuf {
-        self.dir.path().join("cache")
-    }
-
-    fn run_dir(&self) -> PathBuf {
-        self.cache().join("sshshim/run")
-    }
-
-    fn socket(&self, id: &SessionId) -> PathBuf {
-        self.run_dir().join(format!("{}.sock", hex(id)))
-    }
-
-    fn helper(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_sshshim"));
-        c.arg("remote-helper")
-            .args(args)
-            .env("HOME", self.dir.path())
-            .env("XDG_CACHE_HOME", self.cache());
-        c
-    }
-
-    /// Starts a relay (`start` or `attach ID`) and reads its MAGIC.
-    fn relay(&self, args: &[&str]) -> Peer {
-        self.relay_with(self.helper(args))
-    }
-
-    /// [`Env::relay`] with the command given.
-    fn relay_with(&self, mut cmd: Command) -> Peer {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("run the helper");
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut magic = [0u8; 12];
-            if stdout.read_exact(&mut magic).is_err() || &magic != wire::MAGIC {
-                return;
-            }
-            let mut buf = BytesMut::new();
-            let mut chunk = vec![0u8; 64 * 1024];
-            loop {
-                while let Some(f) = Frame::decode(&mut buf).expect("a valid frame") {
-                    if tx.send(f).is_err() {
-                        return;
-                    }
-                }
-                match stdout.read(&mut chunk) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        });
-        Peer { child, stdin, rx }
+        Env(HelperEnv::new())
     }
 
     /// Starts a session running `spec`: its id.
@@ -113,90 +54,10 @@ impl Env {
 
     /// Attaches to session `id` and resumes it.
     fn resume(&self, id: &SessionId, secret: &Secret, have_out: u64, have_err: u64) -> (Peer, u64) {
-        let mut p = self.relay(&["attach", &hex(id)]);
-        match p.recv() {
-            Frame::Hello {
-                session,
-                fresh: false,
-                ..
-            } => assert_eq!(&session, id),
-            f => panic!("expected Hello, got {f:?}"),
+        match self.attach(id, secret, have_out, have_err) {
+            (p, Frame::Resumed { have_in }) => (p, have_in),
+            (_, f) => panic!("expected Resumed, got {f:?}"),
         }
-        p.send(&Frame::Resume {
-            secret: secret.clone(),
-            have_out,
-            have_err,
-        });
-        match p.recv() {
-            Frame::Resumed { have_in } => (p, have_in),
-            f => panic!("expected Resumed, got {f:?}"),
-        }
-    }
-
-    /// Waits until no file is left in the run directory.
-    fn wait_no_socket(&self, id: &SessionId) {
-        let path = self.socket(id);
-        assert!(
-            wait_until(|| !path.exists()),
-            "the session's socket {} was not removed",
-            path.display()
-        );
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let mark = format!("XDG_CACHE_HOME={}", self.cache().display());
-        for pid in pids_with_env(&mark) {
-            // SAFETY: kill takes plain integers.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    }
-}
-
-/// One relay process and the frames it prints.
-struct Peer {
-    child: Child,
-    stdin: ChildStdin,
-    rx: mpsc::Receiver<Frame>,
-}
-
-impl Peer {
-    fn send(&mut self, f: &Frame) {
-        self.stdin.write_all(&f.to_bytes()).expect("write a frame");
-        self.stdin.flush().unwrap();
-    }
-
-    fn recv(&mut self) -> Frame {
-        self.rx
-            .recv_timeout(WAIT)
-            .unwrap_or_else(|e| panic!("no frame from the helper: {e}"))
-    }
-
-    /// Kills the relay (what a dropped connection does to it).
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Waits (bounded) for the relay to exit by itself.
-    fn wait_exit(mut self) {
-        let deadline = Instant::now() + WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        panic!("the relay did not exit");
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -260,10 +121,6 @@ impl Got {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn spec(cmd: &str, secret: &Secret) -> StartSpec {
     StartSpec {
         secret: secret.clone(),
@@ -276,17 +133,6 @@ fn spec(cmd: &str, secret: &Secret) -> StartSpec {
     }
 }
 
-fn wait_until(f: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
 /// Whether process `pid` is gone (or a zombie nobody reaped yet).
 fn gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -295,23 +141,6 @@ fn gone(pid: u32) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
     }
-}
-
-/// PIDs whose environment holds exactly `entry`.
-fn pids_with_env(entry: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
-            let environ = std::fs::read(e.path().join("environ")).ok()?;
-            environ
-                .split(|b| *b == 0)
-                .any(|kv| kv == entry.as_bytes())
-                .then_some(pid)
-        })
-        .collect()
 }
 
 /// The command's first output line: the pid it printed.
@@ -596,7 +425,7 @@ fn version_names_the_sftp_subsystem_of_the_sshd_above() {
         ),
         ("Subsystem other /bin/other", None),
     ] {
-        let cfg = env.dir.path().join("sshd_config");
+        let cfg = env.home().join("sshd_config");
         std::fs::write(&cfg, format!("Port 22\n{line}\n")).unwrap();
         let out = under_fake_sshd(&env, &cfg, "version");
         let text = String::from_utf8_lossy(&out).into_owned();
@@ -618,7 +447,7 @@ fn fake_sshd(env: &Env, cfg: &Path, sub: &str) -> Command {
     let mut c = Command::new("bash");
     c.arg("-c")
         .arg(script)
-        .env("HOME", env.dir.path())
+        .env("HOME", env.home())
         .env("XDG_CACHE_HOME", env.cache());
     c
 }
@@ -633,7 +462,7 @@ fn under_fake_sshd(env: &Env, cfg: &Path, sub: &str) -> Vec<u8> {
 #[test]
 fn subsystems_run_the_program_sshd_names_and_internal_sftp_is_refused() {
     let env = Env::new();
-    let cfg = env.dir.path().join("sshd_config");
+    let cfg = env.home().join("sshd_config");
     std::fs::write(
         &cfg,
         "Subsystem upper tr a-z A-Z\nSubsystem sftp internal-sftp\n",
@@ -693,7 +522,7 @@ fn a_full_buffer_stops_reading_the_command_until_acked() {
     got.until(&mut p, false, |g| g.out.len() >= 64 * 1024);
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(500) {
-        if let Ok(f) = p.rx.recv_timeout(Duration::from_millis(50)) {
+        if let Some(f) = p.recv_within(Duration::from_millis(50)) {
             got.take(&mut p, f, false);
         }
     }
@@ -767,7 +596,7 @@ fn shell_is_a_login_shell_in_the_home_directory() {
     let base = Path::new(shell.trim())
         .file_name()
         .map_or("sh".into(), |n| n.to_string_lossy().into_owned());
-    let want = format!("argv0=-{base} pwd={}", env.dir.path().display());
+    let want = format!("argv0=-{base} pwd={}", env.home().display());
     assert!(
         got.text().contains(&want),
         "{:?} lacks {want:?}",

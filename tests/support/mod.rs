@@ -21,6 +21,7 @@
 //! - `process`: signals, waits, process trees, [`ProcStats`]
 //! - `util`: the current user, hashes, test data, [`eventually`]
 //! - `evil_server`: a malicious upstream (russh server)
+//! - `helper`: [`HelperEnv`], [`Peer`] (the remote helper without SSH)
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code)]
 
@@ -29,6 +30,7 @@ use std::time::Duration;
 mod agent;
 mod env;
 pub mod evil_server;
+mod helper;
 mod master;
 mod net;
 mod output;
@@ -42,8 +44,8 @@ mod util;
 // A test binary that uses nothing of a file would warn about its glob.
 #[allow(unused_imports)]
 pub use self::{
-    agent::*, env::*, master::*, net::*, output::*, process::*, proxy::*, pty::*, shim::*, sshd::*,
-    util::*,
+    agent::*, env::*, helper::*, master::*, net::*, output::*, process::*, proxy::*, pty::*,
+    shim::*, sshd::*, util::*,
 };
 
 /// Loopback address used for every endpoint in the tests.

@@ -59,7 +59,7 @@ pub(super) fn descendants(root: u32) -> Vec<u32> {
 }
 
 /// PIDs whose environment contains exactly `entry` (`NAME=VALUE`).
-pub(super) fn pids_with_env(entry: &str) -> Vec<u32> {
+pub fn pids_with_env(entry: &str) -> Vec<u32> {
     fs::read_dir("/proc")
         .into_iter()
         .flatten()
