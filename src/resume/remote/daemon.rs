@@ -855,11 +855,23 @@ async fn write_some(fd: Option<&AsyncFd<OwnedFd>>, data: Option<&Bytes>) -> io::
     let (Some(fd), Some(data)) = (fd, data) else {
         return std::future::pending().await;
     };
+    // SAFETY: `data` is valid for reading `data.len()` bytes.
+    write_with(fd, |raw| unsafe {
+        libc::write(raw, data.as_ptr().cast(), data.len())
+    })
+    .await
+}
+
+/// Runs the write `op` on `fd` once it is writable, again until it does
+/// not block: how many bytes it wrote.
+async fn write_with(
+    fd: &AsyncFd<OwnedFd>,
+    mut op: impl FnMut(std::os::fd::RawFd) -> isize,
+) -> io::Result<usize> {
     loop {
         let mut g = fd.writable().await?;
         let r = g.try_io(|inner| {
-            // SAFETY: `data` is valid for reading `data.len()` bytes.
-            let n = unsafe { libc::write(inner.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+            let n = op(inner.as_raw_fd());
             if n < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -1074,30 +1086,18 @@ async fn write_frames(
 
 /// Writes some of `bufs` to `fd` with one writev.
 async fn writev_some(fd: &AsyncFd<OwnedFd>, bufs: &VecDeque<Bytes>) -> io::Result<usize> {
-    loop {
-        let mut g = fd.writable().await?;
-        let r = g.try_io(|inner| {
-            let iov: Vec<libc::iovec> = bufs
-                .iter()
-                .take(MAX_IOV)
-                .map(|b| libc::iovec {
-                    iov_base: b.as_ptr() as *mut libc::c_void,
-                    iov_len: b.len(),
-                })
-                .collect();
-            // SAFETY: every iovec points into a live `Bytes` of `bufs`,
-            // which is not touched during the call.
-            let n = unsafe { libc::writev(inner.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
-        match r {
-            Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-            Ok(r) => return r,
-            Err(_would_block) => {}
-        }
-    }
+    write_with(fd, |raw| {
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .take(MAX_IOV)
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every iovec points into a live `Bytes` of `bufs`, which
+        // is not touched during the call.
+        unsafe { libc::writev(raw, iov.as_ptr(), iov.len() as i32) }
+    })
+    .await
 }
