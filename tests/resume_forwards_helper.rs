@@ -16,43 +16,11 @@ use sshshim::resume::wire::{self, Frame, Secret, SessionId, StartSpec, Stream};
 mod support;
 use support::{HELPER_WAIT as WAIT, HelperEnv, Peer, hex};
 
-/// The helper's private HOME, with this file's steps.
-struct Env(HelperEnv);
-
-impl std::ops::Deref for Env {
-    type Target = HelperEnv;
-    fn deref(&self) -> &HelperEnv {
-        &self.0
-    }
-}
-
-impl Env {
-    fn new() -> Env {
-        Env(HelperEnv::new())
-    }
-
-    /// Starts a forwards helper: the relay and its id.
-    fn start(&self, spec: &StartSpec) -> (Peer, SessionId) {
-        let mut p = self.relay(&["start"]);
-        let id = match p.recv() {
-            Frame::Hello {
-                session,
-                fresh: true,
-                ..
-            } => session,
-            f => panic!("expected a fresh Hello, got {f:?}"),
-        };
-        p.send(&Frame::Start(Box::new(spec.clone())));
-        assert_eq!(p.recv(), Frame::Started);
-        (p, id)
-    }
-
-    /// Attaches to helper `id` and resumes it (its answer is checked).
-    fn resume(&self, id: &SessionId, secret: &Secret) -> Peer {
-        let (p, answer) = self.attach(id, secret, 0, 0);
-        assert_eq!(answer, Frame::Resumed { have_in: 0 });
-        p
-    }
+/// Attaches to helper `id` and resumes it (its answer is checked).
+fn resume(env: &HelperEnv, id: &SessionId, secret: &Secret) -> Peer {
+    let (p, answer) = env.attach(id, secret, 0, 0);
+    assert_eq!(answer, Frame::Resumed { have_in: 0 });
+    p
 }
 
 /// What the client side keeps of one forwarded connection.
@@ -256,7 +224,7 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
 
 #[test]
 fn data_both_ways_with_half_close_each_way() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let (mut p, id) = env.start(&spec(&secret));
     let mut cl = Client::acking();
@@ -306,7 +274,7 @@ fn data_both_ways_with_half_close_each_way() {
 
 #[test]
 fn failures_are_answered_as_sshd_answers_them() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let (mut p, id) = env.start(&spec(&secret));
     let mut cl = Client::acking();
@@ -354,7 +322,7 @@ fn failures_are_answered_as_sshd_answers_them() {
 
 #[test]
 fn a_dropped_relay_loses_nothing_either_way() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let mut s = spec(&secret);
     // Smaller than the download: the helper stops reading until acked.
@@ -390,7 +358,7 @@ fn a_dropped_relay_loses_nothing_either_way() {
     p.kill();
     assert!(env.socket(&id).exists(), "the helper holds the connection");
 
-    let mut p = env.resume(&id, &secret);
+    let mut p = resume(&env, &id, &secret);
     let have = cl.get(5).out.len() as u64;
     p.conn(
         5,
@@ -420,7 +388,7 @@ fn a_dropped_relay_loses_nothing_either_way() {
 
 #[test]
 fn resumes_need_the_secret_and_a_lost_answer_comes_again() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let (mut p, id) = env.start(&spec(&secret));
     let (accepted, connected) = mpsc::channel();
@@ -441,7 +409,7 @@ fn resumes_need_the_secret_and_a_lost_answer_comes_again() {
     });
     assert_eq!(bad.recv(), Frame::Refused("wrong secret".into()));
 
-    let mut p = env.resume(&id, &secret);
+    let mut p = resume(&env, &id, &secret);
     let mut cl = Client::acking();
     let resume = |secret: &Secret| Frame::Resume {
         secret: secret.clone(),
@@ -468,7 +436,7 @@ fn resumes_need_the_secret_and_a_lost_answer_comes_again() {
 
 #[test]
 fn nobody_back_within_the_hold_closes_every_target_connection() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let mut s = spec(&secret);
     s.timeout_secs = 1;
@@ -496,7 +464,7 @@ fn nobody_back_within_the_hold_closes_every_target_connection() {
 
 #[test]
 fn reap_ends_a_previous_runs_forwards() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let s = spec(&secret);
     let (mut p, id) = env.start(&s);
@@ -523,7 +491,7 @@ fn reap_ends_a_previous_runs_forwards() {
 #[test]
 fn hundreds_of_connections_share_one_helper() {
     const N: u32 = 250;
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let (mut p, id) = env.start(&spec(&secret));
     let (port, echoed) = server(echo);
@@ -566,7 +534,7 @@ fn hundreds_of_connections_share_one_helper() {
 /// `remote-helper version`'s forwarding line as the child of a bash
 /// whose command line reads `sshd ... -f CFG` (as sshd's own does), with
 /// `cfg` as its configuration.
-fn forwarding_line(env: &Env, cfg: &str) -> String {
+fn forwarding_line(env: &HelperEnv, cfg: &str) -> String {
     let path = env.home().join("sshd_config");
     std::fs::write(&path, cfg).unwrap();
     let helper = env!("CARGO_BIN_EXE_sshshim");
@@ -596,7 +564,7 @@ fn forwarding_line(env: &Env, cfg: &str) -> String {
 
 #[test]
 fn version_says_whether_sshd_lets_forwards_through_the_helper() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     assert_eq!(forwarding_line(&env, "Port 22\n"), "forwarding tcp yes");
     assert_eq!(
         forwarding_line(&env, "AllowTcpForwarding local\nPermitOpen any\n"),
@@ -643,7 +611,7 @@ fn version_says_whether_sshd_lets_forwards_through_the_helper() {
 #[test]
 fn a_bulk_download_does_not_hold_up_another_connection() {
     const BULK: usize = 8 << 20;
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let mut s = spec(&secret);
     s.buffer = 16 << 20;

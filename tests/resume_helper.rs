@@ -14,50 +14,18 @@ use sshshim::resume::wire::{self, Exit, Frame, PtySpec, Secret, SessionId, Start
 mod support;
 use support::{HelperEnv, Peer, hex, wait_until};
 
-/// The helper's private HOME, with this file's session steps.
-struct Env(HelperEnv);
-
-impl std::ops::Deref for Env {
-    type Target = HelperEnv;
-    fn deref(&self) -> &HelperEnv {
-        &self.0
-    }
-}
-
-impl Env {
-    fn new() -> Env {
-        Env(HelperEnv::new())
-    }
-
-    /// Starts a session running `spec`: its id.
-    fn start(&self, spec: &StartSpec) -> (Peer, SessionId) {
-        let mut p = self.relay(&["start"]);
-        let id = self.hello(&mut p);
-        p.send(&Frame::Start(Box::new(spec.clone())));
-        assert_eq!(p.recv(), Frame::Started);
-        (p, id)
-    }
-
-    /// A fresh session's greeting: its id.
-    fn hello(&self, p: &mut Peer) -> SessionId {
-        let id = match p.recv() {
-            Frame::Hello {
-                version,
-                session,
-                fresh: true,
-            } if version == wire::VERSION => session,
-            f => panic!("expected a fresh Hello, got {f:?}"),
-        };
-        assert!(self.socket(&id).exists(), "the session's socket");
-        id
-    }
-
-    /// Attaches to session `id` and resumes it.
-    fn resume(&self, id: &SessionId, secret: &Secret, have_out: u64, have_err: u64) -> (Peer, u64) {
-        match self.attach(id, secret, have_out, have_err) {
-            (p, Frame::Resumed { have_in }) => (p, have_in),
-            (_, f) => panic!("expected Resumed, got {f:?}"),
-        }
+/// Attaches to session `id` and resumes it: the relay and how much
+/// input the helper has.
+fn resume(
+    env: &HelperEnv,
+    id: &SessionId,
+    secret: &Secret,
+    have_out: u64,
+    have_err: u64,
+) -> (Peer, u64) {
+    match env.attach(id, secret, have_out, have_err) {
+        (p, Frame::Resumed { have_in }) => (p, have_in),
+        (_, f) => panic!("expected Resumed, got {f:?}"),
     }
 }
 
@@ -158,7 +126,7 @@ fn sixty_lines() -> String {
 
 #[test]
 fn output_survives_a_dropped_relay_byte_exact() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let (mut p, id) = env.start(&spec(SIXTY, &secret));
     let mut got = Got::default();
@@ -167,7 +135,7 @@ fn output_survives_a_dropped_relay_byte_exact() {
     p.kill();
     // The daemon holds the session; its socket stays.
     assert!(env.socket(&id).exists());
-    let (mut p, have_in) = env.resume(&id, &secret, got.out.len() as u64, 0);
+    let (mut p, have_in) = resume(&env, &id, &secret, got.out.len() as u64, 0);
     assert_eq!(have_in, 0);
     got.until(&mut p, true, |g| g.exit.is_some());
     assert_eq!(got.text(), sixty_lines());
@@ -180,7 +148,7 @@ fn output_survives_a_dropped_relay_byte_exact() {
 
 #[test]
 fn a_wrong_secret_is_refused_and_the_session_stays_resumable() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let (p, id) = env.start(&spec("sleep 0.5; echo ok", &secret));
     p.kill();
@@ -193,7 +161,7 @@ fn a_wrong_secret_is_refused_and_the_session_stays_resumable() {
     });
     assert_eq!(bad.recv(), Frame::Refused("wrong secret".into()));
     bad.wait_exit();
-    let (mut p, _) = env.resume(&id, &secret, 0, 0);
+    let (mut p, _) = resume(&env, &id, &secret, 0, 0);
     let mut got = Got::default();
     got.until(&mut p, true, |g| g.exit.is_some());
     assert_eq!(got.text(), "ok\n");
@@ -204,7 +172,7 @@ fn a_wrong_secret_is_refused_and_the_session_stays_resumable() {
 
 #[test]
 fn attaching_to_an_ended_session_is_refused_in_the_protocol() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let mut p = env.relay(&["attach", &"ab".repeat(16)]);
     assert_eq!(
         p.recv(),
@@ -216,7 +184,7 @@ fn attaching_to_an_ended_session_is_refused_in_the_protocol() {
 
 #[test]
 fn stdin_is_replayed_and_each_byte_seen_once() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
     let (mut p, id) = env.start(&spec("sha256sum", &secret));
@@ -227,7 +195,7 @@ fn stdin_is_replayed_and_each_byte_seen_once() {
         data: Bytes::copy_from_slice(&data[..200_000]),
     });
     p.kill();
-    let (mut p, have_in) = env.resume(&id, &secret, 0, 0);
+    let (mut p, have_in) = resume(&env, &id, &secret, 0, 0);
     assert!(have_in <= 200_000, "{have_in}");
     // Everything again from 0: what the helper has is not written twice.
     for (i, chunk) in data.chunks(wire::CHUNK).enumerate() {
@@ -251,7 +219,7 @@ fn stdin_is_replayed_and_each_byte_seen_once() {
 
 #[test]
 fn a_session_nobody_resumes_ends_after_its_timeout() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let mut s = spec("echo $$; exec sleep 60", &secret);
     s.timeout_secs = 1;
@@ -274,7 +242,7 @@ fn a_session_nobody_resumes_ends_after_its_timeout() {
 
 #[test]
 fn hangup_ends_the_command() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let (mut p, id) = env.start(&spec("echo $$; exec sleep 60", &secret));
     let mut got = Got::default();
@@ -290,7 +258,7 @@ fn hangup_ends_the_command() {
 
 #[test]
 fn signals_reach_the_command_and_come_back_as_its_exit() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let (mut p, id) = env.start(&spec("echo $$; exec sleep 60", &secret));
     let mut got = Got::default();
@@ -310,7 +278,7 @@ fn signals_reach_the_command_and_come_back_as_its_exit() {
 
 #[test]
 fn reap_ends_the_previous_runs_sessions_of_its_owner_only() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let mine = spec("echo $$; exec sleep 60", &secret);
     let theirs = StartSpec {
@@ -355,7 +323,7 @@ fn reap_ends_the_previous_runs_sessions_of_its_owner_only() {
 
 #[test]
 fn a_pty_session_has_a_terminal_its_size_and_resizes() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let mut s = spec(
         "tty; echo \"SSH_TTY=$SSH_TTY TERM=$TERM\"; stty size; read x; stty size",
@@ -400,7 +368,7 @@ fn a_pty_session_has_a_terminal_its_size_and_resizes() {
 
 #[test]
 fn version_names_the_sftp_subsystem_of_the_sshd_above() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let out = env.helper(&["version"]).output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -438,7 +406,7 @@ fn version_names_the_sftp_subsystem_of_the_sshd_above() {
 
 /// `remote-helper SUB` as the child of a bash whose command line reads
 /// `sshd ... -f CFG` (as sshd's own does).
-fn fake_sshd(env: &Env, cfg: &Path, sub: &str) -> Command {
+fn fake_sshd(env: &HelperEnv, cfg: &Path, sub: &str) -> Command {
     let helper = env!("CARGO_BIN_EXE_sshshim");
     let script = format!(
         "exec -a sshd bash -c '\"$0\" remote-helper {sub}; true' '{helper}' -f '{}'",
@@ -453,7 +421,7 @@ fn fake_sshd(env: &Env, cfg: &Path, sub: &str) -> Command {
 }
 
 /// Runs [`fake_sshd`] to its end: its stdout.
-fn under_fake_sshd(env: &Env, cfg: &Path, sub: &str) -> Vec<u8> {
+fn under_fake_sshd(env: &HelperEnv, cfg: &Path, sub: &str) -> Vec<u8> {
     let out = fake_sshd(env, cfg, sub).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     out.stdout
@@ -461,7 +429,7 @@ fn under_fake_sshd(env: &Env, cfg: &Path, sub: &str) -> Vec<u8> {
 
 #[test]
 fn subsystems_run_the_program_sshd_names_and_internal_sftp_is_refused() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let cfg = env.home().join("sshd_config");
     std::fs::write(
         &cfg,
@@ -510,7 +478,7 @@ fn subsystems_run_the_program_sshd_names_and_internal_sftp_is_refused() {
 
 #[test]
 fn a_full_buffer_stops_reading_the_command_until_acked() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     // 2 MiB out, then a word on stderr once stdout was all taken.
     let mut s = spec("head -c 2097152 /dev/zero; echo written >&2", &secret);
@@ -547,12 +515,12 @@ fn a_full_buffer_stops_reading_the_command_until_acked() {
 
 #[test]
 fn a_resume_replaces_an_attachment_that_still_looks_alive() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let (old, id) = env.start(&spec("read x; echo \"got $x\"", &secret));
     // The old relay still runs (a blackholed connection): the new one
     // takes over, and the old one is closed.
-    let (mut p, have_in) = env.resume(&id, &secret, 0, 0);
+    let (mut p, have_in) = resume(&env, &id, &secret, 0, 0);
     assert_eq!(have_in, 0);
     old.wait_exit();
     p.send(&Frame::Data {
@@ -569,7 +537,7 @@ fn a_resume_replaces_an_attachment_that_still_looks_alive() {
 
 #[test]
 fn shell_is_a_login_shell_in_the_home_directory() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let mut s = spec("", &secret);
     s.command = wire::Command::Shell;
@@ -609,7 +577,7 @@ fn shell_is_a_login_shell_in_the_home_directory() {
 
 #[test]
 fn a_spec_on_the_command_line_starts_at_once_and_the_secret_follows() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let secret = Secret::random();
     let s = spec(
         "echo $$; read a; echo \"got $a\"; read b; echo \"and $b\"; exit 3",
@@ -632,7 +600,7 @@ fn a_spec_on_the_command_line_starts_at_once_and_the_secret_follows() {
     got.until(&mut p, true, |g| g.text().contains("got hi\n"));
     p.kill();
     assert!(!gone(pid), "held once its secret arrived");
-    let (mut p, have_in) = env.resume(&id, &secret, got.out.len() as u64, 0);
+    let (mut p, have_in) = resume(&env, &id, &secret, got.out.len() as u64, 0);
     assert_eq!(have_in, 3);
     p.send(&line(3, b"yo\n"));
     got.until(&mut p, true, |g| g.exit.is_some());
@@ -644,7 +612,7 @@ fn a_spec_on_the_command_line_starts_at_once_and_the_secret_follows() {
 
 #[test]
 fn a_session_whose_secret_never_came_ends_with_its_relay() {
-    let env = Env::new();
+    let env = HelperEnv::new();
     let s = spec("echo $$; exec sleep 60", &Secret::random());
     let mut p = env.relay(&["start", &s.to_arg()]);
     let id = env.hello(&mut p);

@@ -12,7 +12,7 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use sshshim::resume::wire::{self, Frame, Secret, SessionId};
+use sshshim::resume::wire::{self, Frame, Secret, SessionId, StartSpec};
 
 use super::process::pids_with_env;
 
@@ -110,6 +110,30 @@ impl HelperEnv {
             rx,
             paused,
         }
+    }
+
+    /// Starts a session (or forwards helper) with `spec`: the relay and
+    /// the session's id.
+    pub fn start(&self, spec: &StartSpec) -> (Peer, SessionId) {
+        let mut p = self.relay(&["start"]);
+        let id = self.hello(&mut p);
+        p.send(&Frame::Start(Box::new(spec.clone())));
+        assert_eq!(p.recv(), Frame::Started);
+        (p, id)
+    }
+
+    /// A fresh session's greeting (our protocol, its socket in place): its id.
+    pub fn hello(&self, p: &mut Peer) -> SessionId {
+        let id = match p.recv() {
+            Frame::Hello {
+                version,
+                session,
+                fresh: true,
+            } if version == wire::VERSION => session,
+            f => panic!("expected a fresh Hello, got {f:?}"),
+        };
+        assert!(self.socket(&id).exists(), "the session's socket");
+        id
     }
 
     /// A relay attached to session `id` (its `Hello` checked), and its
